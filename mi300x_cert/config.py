@@ -1,0 +1,368 @@
+"""Profiles: what one certification run of one host measures, validated into typed models.
+
+A profile is a YAML file (``include/profiles/<name>.yaml``). Unknown keys and bad values raise
+one :class:`~mi300x_cert.errors.ProfileError` that names the file and the field.
+
+Batch configurations follow the seed report's Appendix tables: ``"BxN"`` is a batch of ``B``
+images, repeated ``N`` times per process (``1x512`` … ``128x4`` all make 512 images per process;
+the per-image latency of ``128x4`` is the batch latency / 128).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import CardError, ModelSourceError, ProfileError
+
+__all__ = [
+    "REPO_ROOT",
+    "INCLUDE_DIR",
+    "PROFILES_DIR",
+    "MODELS_DIR",
+    "BatchConfig",
+    "Profile",
+    "load_profile",
+    "list_profiles",
+    "parse_card_spec",
+    "parse_batch_config",
+    "resolve_model_source",
+    "REPORT_BATCH_CONFIGS",
+    "REPORT_PROCESS_COUNTS",
+]
+
+REPO_ROOT = Path(os.environ.get("MI300X_CERT_HOME", Path(__file__).resolve().parent.parent))
+INCLUDE_DIR = REPO_ROOT / "include"
+PROFILES_DIR = INCLUDE_DIR / "profiles"
+MODELS_DIR = INCLUDE_DIR / "models"
+
+REPORT_BATCH_CONFIGS = ["1x512", "2x256", "4x128", "8x64", "16x32", "32x16", "64x8", "128x4"]
+REPORT_PROCESS_COUNTS = [1, 2, 4, 8, 16]
+
+_BATCH_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+class BatchConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    batch_size: int = Field(gt=0)
+    n_batches: int = Field(gt=0)
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch_size}x{self.n_batches}"
+
+    @property
+    def images(self) -> int:
+        return self.batch_size * self.n_batches
+
+
+def parse_batch_config(value: str | BatchConfig) -> BatchConfig:
+    if isinstance(value, BatchConfig):
+        return value
+    m = _BATCH_RE.match(str(value))
+    if not m:
+        raise ValueError(f"batch config {value!r} is not of the form BxN (e.g. 8x64)")
+    b, n = int(m.group(1)), int(m.group(2))
+    if b <= 0 or n <= 0:
+        raise ValueError(f"batch config {value!r} needs positive numbers")
+    return BatchConfig(batch_size=b, n_batches=n)
+
+
+def parse_card_spec(spec: Any, known: list[int] | None = None, groups: dict[str, list[int]] | None = None) -> list[int]:
+    """Cards from ``[0,2,5]``, ``"12-15"``, ``"[12-15]"``, ``"0,2,5-7"`` or a group name.
+
+    Raises CardError naming the bad id when ``known`` is given and a card is not in it.
+    """
+    groups = groups or {}
+    cards: list[int] = []
+    if isinstance(spec, str) and spec.strip() in groups:
+        cards = list(groups[spec.strip()])
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        cards = [spec]
+    elif isinstance(spec, (list, tuple)):
+        for item in spec:
+            cards.extend(parse_card_spec(item, None, groups))
+    elif isinstance(spec, str):
+        text = spec.strip().strip("[]").strip()
+        if not text:
+            raise CardError(f"empty card set {spec!r}")
+        for part in text.split(","):
+            part = part.strip().replace("–", "-")
+            if not part:
+                continue
+            if re.fullmatch(r"\d+", part):
+                cards.append(int(part))
+            elif m := re.fullmatch(r"(\d+)\s*-\s*(\d+)", part):
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if hi < lo:
+                    raise CardError(f"card range {part!r} runs backwards")
+                cards.extend(range(lo, hi + 1))
+            else:
+                raise CardError(f"card set {spec!r}: {part!r} is neither a card id, a range nor a group name")
+    else:
+        raise CardError(f"card set {spec!r} is not a list, range or group name")
+    seen: list[int] = []
+    for c in cards:
+        if c not in seen:
+            seen.append(c)
+    if known is not None:
+        bad = [c for c in seen if c not in known]
+        if bad:
+            raise CardError(f"unknown card id(s) {bad}: this host has cards {_ranges(known)}")
+    return seen
+
+
+def _ranges(cards: list[int]) -> str:
+    if cards and cards == list(range(cards[0], cards[-1] + 1)):
+        return f"[{cards[0]}-{cards[-1]}]"
+    return str(cards)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HostSpec(_Strict):
+    name: str = "localhost"
+    cards: int | list[int] = 16
+    groups: dict[str, list[int] | str] = Field(default_factory=dict)
+    xgmi_domains: list[list[int]] | None = None
+
+    @property
+    def card_ids(self) -> list[int]:
+        return list(range(self.cards)) if isinstance(self.cards, int) else list(self.cards)
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> "HostSpec":
+        known = self.card_ids
+        resolved: dict[str, list[int]] = {}
+        for name, spec in self.groups.items():
+            try:
+                resolved[name] = parse_card_spec(spec, known)
+            except CardError as e:
+                raise ValueError(f"group {name!r}: {e}") from None
+        self.groups = resolved  # type: ignore[assignment]
+        return self
+
+
+class SimulatedSpec(_Strict):
+    """Knobs of the simulated backend (a deterministic MI300X-like thermal/power model)."""
+
+    hot_cards: dict[int, float] = Field(default_factory=dict, description="extra °C added to these cards")
+    broken_sensor_cards: list[int] = Field(default_factory=list, description="these cards read None for junction temperature")
+    throttle_cards: list[int] = Field(default_factory=list, description="these cards report thermal throttling while active")
+    time_scale: float = Field(20.0, gt=0, description="thermal time-constant speed-up, so short CPU runs heat up")
+
+
+class TelemetrySpec(_Strict):
+    backend: Literal["simulated", "amdsmi", "nvml"] = "simulated"
+    rate_hz: float = Field(10.0, gt=0, le=100)
+    simulated: SimulatedSpec = Field(default_factory=SimulatedSpec)
+
+
+class NetworkSpec(_Strict):
+    mode: Literal["observed", "enforced", "auto"] = "auto"
+    rate_hz: float = Field(2.0, gt=0, le=50)
+    exclude_interfaces: list[str] = Field(default_factory=lambda: ["lo"])
+
+
+class CompileSpec(_Strict):
+    enabled: bool = False
+    backend: str = "inductor"
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "max-autotune"
+
+
+class _ExperimentBase(_Strict):
+    enabled: bool = True
+    timeout_s: float = Field(1800.0, gt=0, description="per worker process")
+    warmup_batches: int = Field(1, ge=0)
+
+
+class BareMetalSpec(_ExperimentBase):
+    groups: list[str | list[int]] = Field(default_factory=lambda: ["[12-15]", "[0-3]"])
+    idle_s: float = Field(5.0, ge=0)
+    active_s: float = Field(10.0, gt=0, description="minimum active time per group; batches repeat until reached")
+    cooldown_s: float = Field(10.0, ge=0)
+    batch_size: int = Field(1, gt=0)
+
+
+class SDThroughputSpec(_ExperimentBase):
+    process_counts: list[int] = Field(default_factory=lambda: list(REPORT_PROCESS_COUNTS))
+    batch_configs: list[str] = Field(default_factory=lambda: list(REPORT_BATCH_CONFIGS))
+    repetitions: int = Field(1, gt=0)
+    cards: str | list[int] = "all"
+    procs_per_card: int = Field(1, gt=0, description=">1 shares one card between processes (labelled in results)")
+
+    @field_validator("batch_configs")
+    @classmethod
+    def _bc(cls, v: list[str]) -> list[str]:
+        return [parse_batch_config(x).label for x in v]
+
+    @field_validator("process_counts")
+    @classmethod
+    def _pc(cls, v: list[int]) -> list[int]:
+        if not v or any(p <= 0 for p in v):
+            raise ValueError("process counts must be positive integers")
+        return v
+
+
+class WhisperSpec(_ExperimentBase):
+    model: str = "synthetic:whisper-large-v3"
+    cards: str | list[int] = "[0]"
+    batch_size: int = Field(16, gt=0)
+    new_tokens: int = Field(128, gt=0, description="tokens generated per clip (forced, no early stop)")
+    clips: int = Field(0, ge=0, description="0 = every clip in include/audio; more repeats them")
+    repetitions: int = Field(1, gt=0)
+    compile: CompileSpec = Field(default_factory=lambda: CompileSpec(enabled=True, mode="max-autotune"))
+
+
+class ResNetSpec(_ExperimentBase):
+    model: str = "synthetic:resnet-50"
+    cards: str | list[int] = "[0]"
+    image_sizes: list[int] = Field(default_factory=lambda: [224, 384, 512])
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 128])
+    iterations: int = Field(10, gt=0)
+    modes: list[Literal["eager", "compiled"]] = Field(default_factory=lambda: ["eager", "compiled"])
+    compile: CompileSpec = Field(default_factory=lambda: CompileSpec(enabled=True, mode="default"))
+
+
+class ExperimentsSpec(_Strict):
+    bare_metal: BareMetalSpec = Field(default_factory=BareMetalSpec, alias="bare-metal")
+    sd_throughput: SDThroughputSpec = Field(default_factory=SDThroughputSpec, alias="sd-throughput")
+    whisper: WhisperSpec = Field(default_factory=WhisperSpec)
+    resnet50: ResNetSpec = Field(default_factory=ResNetSpec)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SDSpec(_Strict):
+    """Stable Diffusion settings shared by bare-metal and sd-throughput."""
+
+    model: str = "synthetic:sd-v1-4"
+    height: int = Field(512, gt=0, multiple_of=8)
+    width: int = Field(512, gt=0, multiple_of=8)
+    steps: int = Field(50, gt=0)
+    guidance: float = Field(7.5, ge=0)
+    scheduler: Literal["pndm", "ddim", "euler", "dpm++"] = "pndm"
+    prompts: str = "include/prompts/prompts.txt"
+
+
+class Profile(_Strict):
+    name: str
+    description: str = ""
+    sku: str = Field(description="thresholds set: expectations/params/<sku>.yaml")
+    host: HostSpec = Field(default_factory=HostSpec)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    path: Literal["stock", "optimized"] = "stock"
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    seed: int = 0
+    telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
+    sd: SDSpec = Field(default_factory=SDSpec)
+    experiments: ExperimentsSpec = Field(default_factory=ExperimentsSpec)
+    thresholds: str | None = Field(None, description="override of the thresholds set (defaults to sku)")
+    source_file: str | None = Field(None, exclude=True)
+
+    @property
+    def thresholds_set(self) -> str:
+        return self.thresholds or self.sku
+
+    def cards(self, spec: Any) -> list[int]:
+        """Resolve a card spec ('all', a group name, a range or a list) against this host."""
+        if spec == "all":
+            return self.host.card_ids
+        return parse_card_spec(spec, self.host.card_ids, self.host.groups)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _check_cards(self) -> "Profile":
+        exps = self.experiments
+        try:
+            for g in exps.bare_metal.groups:
+                self.cards(g)
+            for spec in (exps.sd_throughput.cards, exps.whisper.cards, exps.resnet50.cards):
+                self.cards(spec)
+            for c in list(self.telemetry.simulated.hot_cards) + self.telemetry.simulated.broken_sensor_cards:
+                self.cards([c])
+        except CardError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+def _format_pydantic(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""))
+    return "; ".join(parts)
+
+
+def list_profiles(directory: Path | None = None) -> list[Path]:
+    directory = directory or PROFILES_DIR
+    return sorted(directory.glob("*.yaml"))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Profile:
+    """Load ``include/profiles/<name>.yaml`` (or a path) and apply ``overrides`` (a nested dict).
+
+    Raises ProfileError naming the file and the bad field.
+    """
+    p = Path(name_or_path)
+    if not p.suffix and not p.exists():
+        p = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        known = ", ".join(x.stem for x in list_profiles())
+        raise ProfileError(f"profile {str(name_or_path)!r} not found (known profiles: {known})")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        prof = Profile.model_validate(data)
+    except ValidationError as e:
+        raise ProfileError(f"{p}: {_format_pydantic(e)}") from None
+    prof.source_file = str(p)
+    return prof
+
+
+def resolve_model_source(source: str) -> tuple[str, Path]:
+    """``synthetic:<arch>`` → ('synthetic', include/models/<arch>); a directory → ('local', dir).
+
+    Raises ModelSourceError when the arch is unknown or the directory is missing.
+    """
+    if source.startswith("synthetic:"):
+        arch = source.split(":", 1)[1]
+        d = MODELS_DIR / arch
+        if not arch or not d.is_dir():
+            known = ", ".join(sorted(x.name for x in MODELS_DIR.iterdir() if x.is_dir())) if MODELS_DIR.is_dir() else ""
+            raise ModelSourceError(f"unknown synthetic architecture {arch!r} (known: {known})")
+        return "synthetic", d
+    d = Path(os.path.expanduser(source))
+    if not d.is_absolute():
+        d = (Path.cwd() / d)
+    if not d.is_dir():
+        raise ModelSourceError(f"model weights directory {source!r} does not exist")
+    if not any(d.iterdir()):
+        raise ModelSourceError(f"model weights directory {source!r} is empty")
+    return "local", d

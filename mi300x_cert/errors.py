@@ -1,0 +1,91 @@
+"""One exception tree for the whole package.
+
+    CertError                      base; every error a user can cause or see
+    ├── ProfileError               a profile / fleet file is malformed (names the file and field)
+    ├── CardError                  an unknown or unusable card id
+    ├── ModelSourceError           a missing weights directory / unknown synthetic arch
+    ├── TelemetryError             a telemetry backend cannot start or read
+    ├── NetworkIsolationError      enforced isolation requested but not available
+    ├── WorkerError                a workload worker failed, hung or crashed
+    ├── RunDirError                a run directory is missing, incomplete or inconsistent
+    ├── ValidationError            a suite could not be evaluated (not: an expectation failed)
+    ├── BundleError                a bundle cannot be built
+    │   └── VerifyError            a signature or digest does not check out
+    └── StorageError               the object store refused or could not be reached
+
+CLI exit codes: 0 success/certified, 1 an expectation failed, 2 any CertError, 3 unexpected bug.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CertError",
+    "ProfileError",
+    "CardError",
+    "ModelSourceError",
+    "TelemetryError",
+    "NetworkIsolationError",
+    "WorkerError",
+    "RunDirError",
+    "ValidationError",
+    "BundleError",
+    "VerifyError",
+    "StorageError",
+    "EXIT_OK",
+    "EXIT_FAILED_EXPECTATION",
+    "EXIT_ERROR",
+    "EXIT_BUG",
+]
+
+EXIT_OK = 0
+EXIT_FAILED_EXPECTATION = 1
+EXIT_ERROR = 2
+EXIT_BUG = 3
+
+
+class CertError(Exception):
+    """Base of every error mi300x-cert raises on purpose."""
+
+
+class ProfileError(CertError):
+    pass
+
+
+class CardError(CertError):
+    pass
+
+
+class ModelSourceError(CertError):
+    pass
+
+
+class TelemetryError(CertError):
+    pass
+
+
+class NetworkIsolationError(CertError):
+    pass
+
+
+class WorkerError(CertError):
+    pass
+
+
+class RunDirError(CertError):
+    pass
+
+
+class ValidationError(CertError):
+    pass
+
+
+class BundleError(CertError):
+    pass
+
+
+class VerifyError(BundleError):
+    pass
+
+
+class StorageError(CertError):
+    pass

@@ -1,0 +1,108 @@
+"""The one set of functions that the CLI and the Airflow DAGs both call.
+
+Each step takes and returns plain values (paths, dicts) so a DAG task body is one call and XCom
+carries only paths/URIs. Heavy libraries are imported inside the modules that need them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "prepare_run",
+    "plan_cases",
+    "run_case",
+    "finalize_experiment",
+    "run_experiment",
+    "finish_run",
+    "validate",
+    "report",
+    "sign",
+    "publish",
+    "verify",
+]
+
+
+def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = None, run_id: str | None = None) -> str:
+    """Validate the profile (cards, model sources), create the run directory, write inventory.
+
+    Bad input raises before anything is created. Returns the run directory path.
+    """
+    from .experiments import prepare_run as _prepare
+
+    return str(_prepare(profile, out, overrides=overrides, run_id=run_id))
+
+
+def plan_cases(run_dir: str | Path, experiment: str) -> list[dict]:
+    """Small JSON-able case dicts of one experiment (e.g. one per process count × batch config × repetition)."""
+    from .experiments import get_experiment
+    from .rundir import RunDir
+
+    rd = RunDir(run_dir)
+    return get_experiment(experiment).plan(rd, rd.load_profile())
+
+
+def run_case(run_dir: str | Path, experiment: str, case: dict) -> dict:
+    """Run one case (idempotent: a case already done is skipped). Returns its status dict."""
+    from .experiments import run_case as _run_case
+
+    return _run_case(run_dir, experiment, case)
+
+
+def finalize_experiment(run_dir: str | Path, experiment: str) -> dict:
+    """Concatenate case rows, compute statistics tables and conditions. Returns a summary."""
+    from .experiments import finalize_experiment as _fin
+
+    return _fin(run_dir, experiment)
+
+
+def run_experiment(run_dir: str | Path, experiment: str, progress: bool = False) -> dict:
+    """plan → run every case → finalize (the CLI path; the DAG maps run_case over plan_cases)."""
+    from .experiments import run_experiment as _run
+
+    return _run(run_dir, experiment, progress=progress)
+
+
+def finish_run(run_dir: str | Path) -> str:
+    """Mark the run complete when every enabled experiment is finalized, else failed with the reason."""
+    from .experiments import finish_run as _finish
+
+    return _finish(run_dir)
+
+
+def validate(run_dir: str | Path, suite: str | None = None) -> dict:
+    """Run one GX suite (or all) on a complete run directory. Returns the verdict dict
+    ``{"suite", "success", "failures": [...], "evaluated", "declared", "data_docs"}`` (or
+    ``{"success", "suites": {...}}`` for all). Never raises for a failed expectation."""
+    from .validation import validate as _validate
+
+    return _validate(run_dir, suite)
+
+
+def report(run_dir: str | Path) -> str:
+    """Figures 1–7, Appendix tables and verdicts as one self-contained HTML page. Returns its path."""
+    from .report import build_report
+
+    return str(build_report(run_dir))
+
+
+def sign(run_dir: str | Path, key: str | None = None) -> str:
+    """Build the bundle (manifest + in-toto Statement in a DSSE envelope). Returns the bundle dir."""
+    from .bundle import build_bundle
+
+    return str(build_bundle(run_dir, key=key))
+
+
+def publish(bundle_dir: str | Path, store: dict | None = None) -> str:
+    """Upload the bundle to S3 (checksummed, idempotent). Returns the s3:// URI of its prefix."""
+    from .storage import publish_bundle
+
+    return publish_bundle(bundle_dir, store)
+
+
+def verify(target: str | Path, key: str | None = None, store: dict | None = None) -> dict:
+    """Check a bundle dir or s3:// URI: signature and every digest. Raises VerifyError."""
+    from .bundle import verify_bundle
+
+    return verify_bundle(target, key=key, store=store)

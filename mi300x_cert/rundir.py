@@ -1,0 +1,266 @@
+"""The run directory: everything one certification run measured, laid out so nothing is lost on a crash.
+
+Layout (``RunDir.root``)::
+
+    run.json                        identity and state: running | complete | failed (+ error)
+    profile.yaml                    the resolved profile the run used
+    inventory.json                  host, cards (serial, bus id, domain), driver and library versions
+    results/<experiment>/cases/<case_id>.rows.csv      per-batch rows of one case (streamed as they arrive)
+    results/<experiment>/cases/<case_id>.json          case status: ok | failed (+ reason), written last
+    results/<experiment>/rows.csv                      all rows of the experiment (written by finalize)
+    telemetry/<stem>.csv            per-card samples (streamed)
+    events/<stem>.csv               phase and batch markers (streamed)
+    network/<stem>.csv              interface byte counters (streamed)
+    sockets/<stem>.csv              connections opened by workload processes (streamed)
+    stats/<table>.csv               Appendix A/B tables
+    conditions.json                 the conditions of every figure/table, per experiment
+    validation/ report/ bundle/     later steps
+
+A case whose ``<case_id>.json`` exists with status ``ok`` is complete and is never run again, so a
+retried task (or a restarted worker) only runs what is missing. Whole files are written atomically
+(temporary file + rename); streamed CSVs are flushed line by line.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import RunDirError
+
+__all__ = ["RunDir", "atomic_write_text", "atomic_write_json", "CsvStream", "read_json", "utcnow"]
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON: {e}") from None
+
+
+class CsvStream:
+    """Append rows to a CSV file, header first, flushed per row (thread-safe).
+
+    Columns are fixed by the first row (or ``columns``); later keys outside them raise.
+    """
+
+    def __init__(self, path: Path, columns: list[str] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._columns = list(columns) if columns else None
+        exists = self.path.exists() and self.path.stat().st_size > 0
+        if exists:
+            with open(self.path, newline="") as f:
+                header = next(csv.reader(f), None)
+            self._columns = header
+        self._f = open(self.path, "a", newline="", buffering=1)
+        self._writer: csv.DictWriter | None = None
+        self._header_written = exists
+        if self._columns:
+            self._make_writer()
+
+    def _make_writer(self) -> None:
+        self._writer = csv.DictWriter(self._f, fieldnames=self._columns, extrasaction="raise")
+        if not self._header_written:
+            self._writer.writeheader()
+            self._header_written = True
+
+    @property
+    def columns(self) -> list[str] | None:
+        return self._columns
+
+    def write(self, row: dict) -> None:
+        with self._lock:
+            if self._writer is None:
+                self._columns = list(row.keys())
+                self._make_writer()
+            self._writer.writerow({k: ("" if v is None else v) for k, v in row.items()})  # type: ignore[union-attr]
+            self._f.flush()
+
+    def write_many(self, rows: Iterable[dict]) -> None:
+        for r in rows:
+            self.write(r)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+
+    def __enter__(self) -> "CsvStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RunDir:
+    """Accessor for one run directory. ``RunDir.create`` makes a new one; ``RunDir(path)`` opens one."""
+
+    STATES = ("running", "complete", "failed")
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        if not (self.root / "run.json").is_file():
+            raise RunDirError(f"{self.root} is not a run directory (no run.json)")
+
+    # ---- creation and state ----------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path | str, *, host: str, profile_name: str, sku: str, profile_yaml: str,
+               run_id: str | None = None) -> "RunDir":
+        root = Path(root)
+        if (root / "run.json").exists():
+            raise RunDirError(f"{root} already holds a run; choose a new --out or resume it")
+        if root.exists() and any(root.iterdir()):
+            raise RunDirError(f"{root} exists and is not empty")
+        root.mkdir(parents=True, exist_ok=True)
+        run_id = run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+        atomic_write_text(root / "profile.yaml", profile_yaml)
+        atomic_write_json(root / "run.json", {
+            "run_id": run_id, "host": host, "profile": profile_name, "sku": sku,
+            "state": "running", "started": utcnow(), "finished": None, "error": None, "experiments": {},
+        })
+        return cls(root)
+
+    @property
+    def meta(self) -> dict:
+        return read_json(self.root / "run.json")
+
+    def _update_meta(self, **changes: Any) -> dict:
+        meta = self.meta
+        meta.update(changes)
+        atomic_write_json(self.root / "run.json", meta)
+        return meta
+
+    @property
+    def run_id(self) -> str:
+        return self.meta["run_id"]
+
+    @property
+    def state(self) -> str:
+        return self.meta["state"]
+
+    def set_experiment_state(self, experiment: str, state: str, **info: Any) -> None:
+        meta = self.meta
+        meta.setdefault("experiments", {})[experiment] = {"state": state, "at": utcnow(), **info}
+        atomic_write_json(self.root / "run.json", meta)
+
+    def mark_complete(self) -> None:
+        self._update_meta(state="complete", finished=utcnow(), error=None)
+
+    def mark_failed(self, error: str) -> None:
+        self._update_meta(state="failed", finished=utcnow(), error=error)
+
+    def require_complete(self) -> None:
+        if self.state != "complete":
+            raise RunDirError(f"run {self.root} is not complete (state: {self.state}; error: {self.meta.get('error')})")
+
+    def load_profile(self):
+        from .config import Profile
+        import yaml
+
+        data = yaml.safe_load((self.root / "profile.yaml").read_text())
+        return Profile.model_validate(data)
+
+    # ---- paths ----------------------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def experiment_dir(self, experiment: str) -> Path:
+        d = self.root / "results" / experiment
+        (d / "cases").mkdir(parents=True, exist_ok=True)
+        return d
+
+    def case_rows_path(self, experiment: str, case_id: str) -> Path:
+        return self.experiment_dir(experiment) / "cases" / f"{case_id}.rows.csv"
+
+    def case_status_path(self, experiment: str, case_id: str) -> Path:
+        return self.experiment_dir(experiment) / "cases" / f"{case_id}.json"
+
+    def case_status(self, experiment: str, case_id: str) -> dict | None:
+        p = self.case_status_path(experiment, case_id)
+        return read_json(p) if p.exists() else None
+
+    def case_done(self, experiment: str, case_id: str) -> bool:
+        st = self.case_status(experiment, case_id)
+        return bool(st and st.get("status") == "ok")
+
+    def write_case_status(self, experiment: str, case_id: str, status: str, **info: Any) -> None:
+        atomic_write_json(self.case_status_path(experiment, case_id), {"case_id": case_id, "status": status, "at": utcnow(), **info})
+
+    def stream(self, kind: str, stem: str, columns: list[str] | None = None) -> CsvStream:
+        """A streamed CSV under ``telemetry/``, ``events/``, ``network/`` or ``sockets/``."""
+        if kind not in ("telemetry", "events", "network", "sockets"):
+            raise ValueError(kind)
+        return CsvStream(self.root / kind / f"{stem}.csv", columns)
+
+    def write_json(self, rel: str, obj: Any) -> Path:
+        p = self.root / rel
+        atomic_write_json(p, obj)
+        return p
+
+    def write_text(self, rel: str, text: str) -> Path:
+        p = self.root / rel
+        atomic_write_text(p, text)
+        return p
+
+    def read_json(self, rel: str) -> Any:
+        return read_json(self.root / rel)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+
+def csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
+    buf = io.StringIO()
+    if not rows and not columns:
+        return ""
+    w = csv.DictWriter(buf, fieldnames=columns or list(rows[0].keys()))
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
