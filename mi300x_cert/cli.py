@@ -1,0 +1,216 @@
+"""``mi300x-cert`` command line. Every subcommand is one call into :mod:`mi300x_cert.pipeline`
+(or a sibling module), the same functions the Airflow DAGs call.
+
+Exit codes: 0 success / certified, 1 an expectation failed, 2 a CertError (bad input, missing
+file, unreachable store, failed verification), 3 an unexpected bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import EXIT_BUG, EXIT_ERROR, EXIT_FAILED_EXPECTATION, EXIT_OK, CertError
+
+EXPERIMENTS = ["bare-metal", "sd-throughput", "whisper", "resnet50"]
+
+
+def _print(obj) -> None:
+    if isinstance(obj, (dict, list)):
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        print(obj)
+
+
+def cmd_profiles(args) -> int:
+    from .config import list_profiles, load_profile
+
+    bad = 0
+    paths = [Path(p) for p in args.check] if args.check else list_profiles()
+    for p in paths:
+        try:
+            prof = load_profile(p)
+            exps = [n for n in EXPERIMENTS if getattr(prof.experiments, n.replace("-", "_")).enabled]
+            print(f"ok    {p.stem:<12} sku={prof.sku:<8} backend={prof.telemetry.backend:<9} cards={len(prof.host.card_ids):<3} experiments={','.join(exps)}")
+        except CertError as e:
+            bad += 1
+            print(f"ERROR {e}", file=sys.stderr)
+    return EXIT_ERROR if bad else EXIT_OK
+
+
+def cmd_inventory(args) -> int:
+    from .inventory import collect_inventory
+    from .config import load_profile
+
+    prof = load_profile(args.profile)
+    _print(collect_inventory(prof))
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from . import pipeline
+
+    names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
+    run_dir = pipeline.prepare_run(args.profile, args.out, run_id=args.run_id)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    from .experiments import run_all
+
+    result = run_all(run_dir, names, progress=not args.quiet)
+    _print(result)
+    return EXIT_OK if result.get("state") == "complete" else EXIT_ERROR
+
+
+def cmd_validate(args) -> int:
+    from . import pipeline
+
+    verdict = pipeline.validate(args.run_dir, args.suite)
+    from .validation import format_verdict
+
+    print(format_verdict(verdict))
+    return EXIT_OK if verdict["success"] else EXIT_FAILED_EXPECTATION
+
+
+def cmd_report(args) -> int:
+    from . import pipeline
+
+    print(pipeline.report(args.run_dir))
+    return EXIT_OK
+
+
+def cmd_sign(args) -> int:
+    from . import pipeline
+
+    print(pipeline.sign(args.run_dir, key=args.key))
+    return EXIT_OK
+
+
+def cmd_publish(args) -> int:
+    from . import pipeline
+
+    print(pipeline.publish(args.bundle_dir))
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from . import pipeline
+
+    result = pipeline.verify(args.target, key=args.key)
+    _print(result)
+    return EXIT_OK
+
+
+def cmd_certify(args) -> int:
+    from .certify import certify
+
+    outcome = certify(args.profile, args.out, run_id=args.run_id, progress=not args.quiet,
+                      publish=not args.no_publish)
+    return EXIT_OK if outcome["certified"] else EXIT_FAILED_EXPECTATION
+
+
+def cmd_alerts(args) -> int:
+    from . import alerts
+
+    if args.ack:
+        _print(alerts.acknowledge(args.ack, by=args.by or os.environ.get("USER", "operator"), note=args.note or ""))
+        return EXIT_OK
+    rows = alerts.list_alerts(include_acknowledged=args.all)
+    if not rows:
+        print("no alerts" if args.all else "no open alerts")
+    for a in rows:
+        print(alerts.format_alert(a))
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mi300x-cert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"mi300x-cert {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("profiles", help="list profiles and check them")
+    s.add_argument("check", nargs="*", help="profile files to check (default: every include/profiles/*.yaml)")
+    s.set_defaults(func=cmd_profiles)
+
+    s = sub.add_parser("inventory", help="host, cards, serials, drivers and library versions")
+    s.add_argument("--profile", default="smoke")
+    s.set_defaults(func=cmd_inventory)
+
+    s = sub.add_parser("run", help="run one experiment or all into a new run directory")
+    s.add_argument("experiment", choices=EXPERIMENTS + ["all"])
+    s.add_argument("--profile", required=True)
+    s.add_argument("--out", required=True, help="new run directory")
+    s.add_argument("--run-id")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("validate", help="run the Great Expectations suites on a run directory")
+    s.add_argument("run_dir")
+    s.add_argument("--suite", help="one suite (latency, thermal, network, whisper, resnet50); default all")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("report", help="figures, tables and verdicts as one HTML page")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("sign", help="build the signed bundle of a validated run")
+    s.add_argument("run_dir")
+    s.add_argument("--key", help="private key PEM (default: configured key, else the local development key)")
+    s.set_defaults(func=cmd_sign)
+
+    s = sub.add_parser("publish", help="upload a bundle to S3")
+    s.add_argument("bundle_dir")
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("verify", help="check a bundle's signature and every digest (dir or s3://…)")
+    s.add_argument("target")
+    s.add_argument("--key", help="public key PEM")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("certify", help="run → validate → report → sign → publish")
+    s.add_argument("--profile", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--run-id")
+    s.add_argument("--no-publish", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_certify)
+
+    s = sub.add_parser("alerts", help="list or acknowledge expectation-failure alerts")
+    s.add_argument("--all", action="store_true", help="include acknowledged alerts")
+    s.add_argument("--ack", metavar="ALERT_ID")
+    s.add_argument("--by")
+    s.add_argument("--note")
+    s.set_defaults(func=cmd_alerts)
+
+    s = sub.add_parser("bench", help="stock vs compile recipe vs optimized workloads on a GPU")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception:  # a bug, not a user error
+        traceback.print_exc()
+        return EXIT_BUG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
