@@ -1,0 +1,62 @@
+"""``certify``: run → validate → report → sign → publish, in one process (the CLI path).
+
+The Airflow DAGs run the same steps as separate tasks through :mod:`mi300x_cert.pipeline`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import pipeline
+from .cli import EXPERIMENTS
+
+__all__ = ["certify"]
+
+
+def _say(msg: str) -> None:
+    print(f"[certify] {msg}", file=sys.stderr, flush=True)
+
+
+def certify(profile: str | Path, out: str | Path, *, run_id: str | None = None, progress: bool = True,
+            publish: bool = True, overrides: dict | None = None, store: dict | None = None) -> dict:
+    """Certify one host. Returns ``{"certified", "run_dir", "verdicts", "report", "bundle", "uri"}``.
+
+    ``certified`` is True only when the run completed and every suite passed. A run that could
+    not complete is validated and reported (the failed cases fail the latency suite) but not
+    signed: a certificate is only issued over complete measurements.
+    """
+    from .experiments import run_all
+
+    run_dir = pipeline.prepare_run(profile, out, overrides=overrides, run_id=run_id)
+    _say(f"run directory: {run_dir}")
+    result = run_all(run_dir, EXPERIMENTS, progress=progress)
+    _say(f"measurements: {result.get('state')}")
+
+    verdicts = pipeline.validate(run_dir)
+    from .validation import format_verdict
+
+    print(format_verdict(verdicts))
+    report = pipeline.report(run_dir)
+    _say(f"report: {report}")
+    data_docs = Path(run_dir) / "validation" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    if data_docs.exists():
+        _say(f"data docs: {data_docs}")
+
+    outcome = {"certified": False, "run_dir": run_dir, "verdicts": verdicts, "report": report,
+               "bundle": None, "uri": None, "state": result.get("state")}
+    if result.get("state") != "complete":
+        _say("measurements incomplete: no certificate is signed (see run.json for the failed cases)")
+        return outcome
+    bundle = pipeline.sign(run_dir)
+    outcome["bundle"] = bundle
+    _say(f"signed bundle: {bundle}")
+    if publish:
+        uri = pipeline.publish(bundle, store)
+        outcome["uri"] = uri
+        checked = pipeline.verify(uri, store=store)
+        _say(f"published and verified: {uri} ({checked.get('artifacts')} artifacts)")
+    outcome["certified"] = bool(verdicts.get("success")) and result.get("state") == "complete"
+    _say("CERTIFIED" if outcome["certified"] else "NOT CERTIFIED: expectations failed (see above)")
+    return outcome
+
