@@ -1,0 +1,34 @@
+"""Workloads: Stable Diffusion, Whisper and ResNet-50 behind one contract (see ``base.Workload``).
+
+    wl = load_workload("sd" | "whisper" | "resnet50", params, device)
+
+Importing this package does not import torch; the workload modules are imported on demand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import WorkerError
+from .base import Workload
+
+__all__ = ["load_workload", "Workload", "KINDS"]
+
+KINDS = {
+    "sd": ("sd", "SDWorkload"),
+    "whisper": ("whisper", "WhisperWorkload"),
+    "resnet50": ("resnet", "ResNetWorkload"),
+}
+_ALIASES = {"stable-diffusion": "sd", "resnet": "resnet50", "resnet-50": "resnet50"}
+
+
+def load_workload(kind: str, params: dict[str, Any], device: str | None = None) -> Workload:
+    """Load the model of workload ``kind`` once; raises ModelSourceError / WorkerError."""
+    k = _ALIASES.get(kind, kind)
+    if k not in KINDS:
+        raise WorkerError(f"unknown workload kind {kind!r} (known: {', '.join(KINDS)})")
+    import importlib
+
+    mod_name, cls_name = KINDS[k]
+    cls = getattr(importlib.import_module(f".{mod_name}", __name__), cls_name)
+    return cls(params, device)
