@@ -1,0 +1,337 @@
+"""Signed, tamper-evident certificate bundles: build and verify.
+
+A bundle is ``<run_dir>/bundle/``, self-contained (it uploads and verifies alone)::
+
+    artifacts/<name>        a byte copy of every file of the run directory (bundle/ excluded)
+    manifest.json           every artifact: name, path in the bundle, sha256, size (sorted by name)
+    SHA256SUMS              the same digests in ``sha256sum -c`` form
+    statement.json          the in-toto Statement v1 (subjects = artifacts; test-result predicate)
+    envelope.dsse.json      DSSE envelope of statement.json, ECDSA P-256 signature
+    signer.pub.pem          the public key that signed
+    key-info.json           {keyid, scheme, development_key}
+
+The signed statement carries the sha256 of ``manifest.json`` and ``SHA256SUMS`` and the signer block
+that ``key-info.json`` repeats; every JSON file is written in one canonical form that verification
+re-creates, so a change to any byte of any file of the bundle fails :func:`verify_bundle`.
+See docs/certificates.md for checking a bundle with OpenSSL and coreutils alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..errors import BundleError, RunDirError, VerifyError
+from .manifest import (
+    ARTIFACTS_DIR,
+    MANIFEST_SCHEMA,
+    canonical_json,
+    list_artifacts,
+    manifest_dict,
+    parse_sha256sums,
+    sha256_bytes,
+    sha256_file,
+    sha256sums_text,
+)
+
+__all__ = ["build_bundle", "verify_bundle", "BUNDLE_FILES", "BUNDLE_DIR"]
+
+BUNDLE_DIR = "bundle"
+BUNDLE_FILES = ("manifest.json", "SHA256SUMS", "statement.json", "envelope.dsse.json", "signer.pub.pem", "key-info.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------------------------
+
+def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` and return (sha256, size) of the bytes written."""
+    h = hashlib.sha256()
+    size = 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while True:
+            chunk = fi.read(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+            fo.write(chunk)
+            size += len(chunk)
+        fo.flush()
+        os.fsync(fo.fileno())
+    return h.hexdigest(), size
+
+
+def _optional_json(path: Path, name: str, notes: list[str]) -> Any | None:
+    if not path.is_file():
+        notes.append(f"{name} is missing")
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        notes.append(f"{name} could not be read: {e}")
+        return None
+
+
+def _versions(inventory: dict | None) -> dict:
+    from importlib import metadata
+
+    out: dict[str, Any] = {"python": platform.python_version()}
+    for dist in ("mi300x-cert", "securesystemslib", "cryptography"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    if isinstance(inventory, dict):
+        inv_versions = inventory.get("versions")
+        if isinstance(inv_versions, dict):
+            out["inventory"] = inv_versions
+        for k, v in inventory.items():
+            if isinstance(k, str) and ("driver" in k or k.endswith("_version")) and not isinstance(v, (dict, list)):
+                out.setdefault("inventory_fields", {})[k] = v
+    return out
+
+
+def build_bundle(run_dir: str | Path, key: str | Path | None = None) -> Path:
+    """Build ``<run_dir>/bundle/`` from a complete run directory and sign it. Returns its path.
+
+    ``key``: a PEM private key (ECDSA P-256, PKCS#8); default ``$MI300X_CERT_SIGNING_KEY``, else the
+    local development key. The bundle is assembled in a temporary sibling directory and renamed into
+    place when whole; an existing bundle is replaced. Raises RunDirError for a run that is not
+    complete (nothing is written), BundleError for a key or artifact problem.
+    """
+    from ..rundir import RunDir
+    from .keys import load_signer
+    from .signing import build_statement, sign_payload
+
+    rd = RunDir(run_dir)
+    rd.require_complete()
+    meta = rd.meta
+    root = rd.root
+    signer = load_signer(key)  # key problems surface before anything is written
+
+    tmp = root / f".bundle.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        names = list_artifacts(root)
+        entries = []
+        for name in names:
+            digest, size = _copy_hashed(root / name, tmp / ARTIFACTS_DIR / name)
+            entries.append({"name": name, "sha256": digest, "size": size})
+
+        manifest_bytes = canonical_json(manifest_dict(meta, entries))
+        sums_bytes = sha256sums_text(entries).encode("utf-8")
+
+        notes: list[str] = []
+        arts = tmp / ARTIFACTS_DIR
+        inventory = _optional_json(arts / "inventory.json", "inventory.json", notes)
+        conditions = _optional_json(arts / "conditions.json", "conditions.json", notes)
+        verdicts = _optional_json(arts / "validation" / "verdicts.json", "validation/verdicts.json", notes)
+        by_name = {e["name"]: e for e in entries}
+        profile_digest = by_name.get("profile.yaml", {}).get("sha256")
+        if profile_digest is None:
+            notes.append("profile.yaml is missing")
+        if signer.development_key:
+            notes.append("signed with a local development key: not a production certificate")
+
+        signer_block = {"keyid": signer.keyid, "scheme": signer.scheme, "development_key": signer.development_key}
+        statement = build_statement(
+            subjects=entries, meta=meta, inventory=inventory if isinstance(inventory, dict) else None,
+            conditions=conditions, verdicts=verdicts, profile_digest=profile_digest,
+            bundle_digests={"manifest.json": sha256_bytes(manifest_bytes), "SHA256SUMS": sha256_bytes(sums_bytes)},
+            signer_block=signer_block, versions=_versions(inventory if isinstance(inventory, dict) else None),
+            notes=notes)
+        statement_bytes = canonical_json(statement)
+        envelope = sign_payload(statement_bytes, signer.signer)
+
+        (tmp / "manifest.json").write_bytes(manifest_bytes)
+        (tmp / "SHA256SUMS").write_bytes(sums_bytes)
+        (tmp / "statement.json").write_bytes(statement_bytes)
+        (tmp / "signer.pub.pem").write_bytes(signer.public_pem)
+        (tmp / "key-info.json").write_bytes(canonical_json(signer_block))
+        # the envelope last: a bundle directory without it is never taken for a signed one
+        (tmp / "envelope.dsse.json").write_bytes(canonical_json(envelope))
+
+        final = root / BUNDLE_DIR
+        old = None
+        if final.exists():
+            old = root / f".bundle.old-{uuid.uuid4().hex[:12]}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (BundleError, RunDirError)) or not isinstance(e, Exception):
+            raise
+        raise BundleError(f"bundle of {root} could not be built: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------------
+
+def _read(bundle: Path, name: str) -> bytes:
+    try:
+        return (bundle / name).read_bytes()
+    except FileNotFoundError:
+        raise VerifyError(f"{name} is missing from bundle {bundle}") from None
+    except OSError as e:
+        raise VerifyError(f"{name} in bundle {bundle} cannot be read: {e}") from e
+
+
+def _json(data: bytes, name: str) -> Any:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VerifyError(f"{name} is not valid JSON: {e}") from e
+    if canonical_json(obj) != data:
+        raise VerifyError(f"{name} is not in the canonical form it was written in (modified?)")
+    return obj
+
+
+def _bundle_files(bundle: Path) -> tuple[set[str], set[str]]:
+    """(top-level entries, artifact names under artifacts/); non-regular files are refused."""
+    top: set[str] = set()
+    arts: set[str] = set()
+    for entry in bundle.iterdir():
+        top.add(entry.name)
+    art_root = bundle / ARTIFACTS_DIR
+    if art_root.is_dir() and not art_root.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(art_root):
+            for n in dirnames + filenames:
+                p = Path(dirpath) / n
+                if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                    raise VerifyError(f"{p.relative_to(bundle).as_posix()} is not a regular file")
+            for n in filenames:
+                arts.add((Path(dirpath) / n).relative_to(art_root).as_posix())
+    return top, arts
+
+
+def _verify_dir(bundle: Path, key: str | Path | None) -> dict:
+    from .keys import load_public_key, public_key_from_pem, public_pem, trusted_keyids
+    from .signing import CERTIFICATION_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, envelope_from_bytes, verify_envelope
+
+    if not bundle.is_dir():
+        raise VerifyError(f"bundle {bundle} is not a directory")
+    top, art_names = _bundle_files(bundle)
+    expected_top = set(BUNDLE_FILES) | {ARTIFACTS_DIR}
+    for name in sorted(expected_top - top):
+        raise VerifyError(f"{name} is missing from bundle {bundle}")
+    for name in sorted(top - expected_top):
+        raise VerifyError(f"{name} is not part of a bundle (extra file in {bundle})")
+    for name in BUNDLE_FILES:
+        p = bundle / name
+        if p.is_symlink() or not p.is_file():
+            raise VerifyError(f"{name} is not a regular file")
+
+    # signature
+    env_bytes = _read(bundle, "envelope.dsse.json")
+    envelope = envelope_from_bytes(env_bytes)
+    _json(env_bytes, "envelope.dsse.json")
+    pub_bytes = _read(bundle, "signer.pub.pem")
+    try:
+        bundle_key, bundle_pub = public_key_from_pem(pub_bytes, "signer.pub.pem")
+    except BundleError as e:
+        raise VerifyError(str(e)) from e
+    if public_pem(bundle_pub) != pub_bytes:
+        raise VerifyError("signer.pub.pem is not in the canonical PEM form it was written in (modified?)")
+    verify_key = load_public_key(key) if key else bundle_key
+    keyid = verify_envelope(envelope, verify_key)
+
+    # statement = the signed payload, byte for byte
+    statement_bytes = _read(bundle, "statement.json")
+    if envelope.payload != statement_bytes:
+        raise VerifyError("statement.json differs from the statement signed in envelope.dsse.json")
+    statement = _json(statement_bytes, "statement.json")
+    if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
+        raise VerifyError(f"statement.json is not an in-toto {STATEMENT_TYPE} with predicate {PREDICATE_TYPE}")
+    predicate = statement.get("predicate") or {}
+    bundle_block = predicate.get("bundle") or {}
+    signer_block = bundle_block.get("signer") or {}
+    if signer_block.get("keyid") != keyid or bundle_key.keyid != keyid:
+        raise VerifyError("signer.pub.pem is not the key named in the signed statement")
+    if _read(bundle, "key-info.json") != canonical_json(signer_block):
+        raise VerifyError("key-info.json differs from the signer block of the signed statement")
+
+    # manifest and SHA256SUMS are covered by digests inside the statement
+    files = bundle_block.get("files") or {}
+    for name in ("manifest.json", "SHA256SUMS"):
+        want = (files.get(name) or {}).get("sha256")
+        if not want or sha256_bytes(_read(bundle, name)) != want:
+            raise VerifyError(f"{name} does not match the digest in the signed statement")
+    manifest = _json(_read(bundle, "manifest.json"), "manifest.json")
+    if manifest.get("schema") != MANIFEST_SCHEMA or not isinstance(manifest.get("artifacts"), list):
+        raise VerifyError(f"manifest.json is not a {MANIFEST_SCHEMA} manifest")
+    entries = manifest["artifacts"]
+    names = [e.get("name") for e in entries]
+    if names != sorted(set(names)):
+        raise VerifyError("manifest.json artifact names are not sorted and unique")
+    for e in entries:
+        if e.get("path") != f"{ARTIFACTS_DIR}/{e.get('name')}":
+            raise VerifyError(f"manifest.json: artifact {e.get('name')} has path {e.get('path')!r}")
+    subjects = [(s.get("name"), (s.get("digest") or {}).get("sha256")) for s in statement.get("subject") or []]
+    if subjects != [(e["name"], e.get("sha256")) for e in entries]:
+        raise VerifyError("manifest.json disagrees with the subjects of the signed statement")
+    try:
+        sums = parse_sha256sums(_read(bundle, "SHA256SUMS").decode("utf-8"))
+    except (BundleError, UnicodeDecodeError) as e:
+        raise VerifyError(f"SHA256SUMS: {e}") from e
+    if sums != [(e["sha256"], e["path"]) for e in entries]:
+        raise VerifyError("SHA256SUMS disagrees with manifest.json")
+
+    # the artifacts themselves
+    listed = set(names)
+    for extra in sorted(art_names - listed):
+        raise VerifyError(f"{ARTIFACTS_DIR}/{extra} is not listed in manifest.json (extra artifact)")
+    for missing in sorted(listed - art_names):
+        raise VerifyError(f"{ARTIFACTS_DIR}/{missing} is listed in manifest.json but missing")
+    for e in entries:
+        digest, size = sha256_file(bundle / e["path"])
+        if digest != e["sha256"] or size != e.get("size"):
+            raise VerifyError(f"{e['path']} does not match its signed digest (sha256 {digest}, {size} bytes)")
+
+    trusted = bool(key) or keyid in trusted_keyids()
+    cert = predicate.get("certification") or {}
+    return {
+        "ok": True,
+        "keyid": keyid,
+        "artifacts": len(entries),
+        "development_key": bool(signer_block.get("development_key")),
+        "trusted": trusted,
+        "result": predicate.get("result"),
+        "certified": bool(cert.get("certified")) if cert.get("_type") == CERTIFICATION_TYPE else None,
+        "run_id": cert.get("run_id"),
+        "host": cert.get("host"),
+        "bundle": str(bundle),
+    }
+
+
+def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict | None = None) -> dict:
+    """Check a bundle directory or ``s3://bucket/prefix``: the DSSE signature (with ``key``, a public
+    PEM, else the bundle's own ``signer.pub.pem``), the statement, manifest, SHA256SUMS and every
+    artifact's digest. Raises VerifyError naming the first file that does not check out.
+
+    Returns {"ok", "keyid", "artifacts", "development_key", "trusted", "result", ...}; ``trusted`` is
+    true when ``key`` was given or the signer is ``$MI300X_CERT_VERIFY_KEY`` / the configured
+    signing key.
+    """
+    t = str(target)
+    if t.startswith("s3://"):
+        from ..storage import fetch_bundle
+
+        with tempfile.TemporaryDirectory(prefix="mi300x-cert-verify-") as tmpd:
+            local = fetch_bundle(t, Path(tmpd) / BUNDLE_DIR, store)
+            out = _verify_dir(Path(local), key)
+            out["bundle"] = t
+            out["uri"] = t
+            return out
+    return _verify_dir(Path(target), key)

@@ -1,0 +1,208 @@
+"""The in-toto Statement of a run and its DSSE envelope (securesystemslib; no hand-written crypto).
+
+The statement is one in-toto Statement v1 whose predicate is an in-toto ``test-result/v0.1``
+predicate (``result``, ``configuration``, ``passedTests``/``warnedTests``/``failedTests``) extended
+with two blocks of this project:
+
+``certification``  (``"_type": "https://mi300x-cert.dev/certification/v1"``) host, run id, profile,
+                   sku, cards and serials, verdict summary, conditions, versions, start/finish times
+``bundle``         sha256 of ``manifest.json`` and ``SHA256SUMS`` and the signer block (keyid, scheme,
+                   development_key) so every file of a bundle is covered by the one signature
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from ..errors import VerifyError
+
+__all__ = [
+    "STATEMENT_TYPE",
+    "PREDICATE_TYPE",
+    "CERTIFICATION_TYPE",
+    "PAYLOAD_TYPE",
+    "summarize_verdicts",
+    "build_statement",
+    "sign_payload",
+    "envelope_from_bytes",
+    "verify_envelope",
+    "pae",
+]
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://in-toto.io/attestation/test-result/v0.1"
+CERTIFICATION_TYPE = "https://mi300x-cert.dev/certification/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+
+
+def _suite_entries(verdicts: Any) -> dict[str, dict]:
+    """{suite: verdict dict} from the shapes validation writes: ``{"suites": {...}}``, one suite
+    ``{"suite": name, ...}``, or a list of those."""
+    if isinstance(verdicts, list):
+        out: dict[str, dict] = {}
+        for i, v in enumerate(verdicts):
+            if isinstance(v, dict):
+                out[str(v.get("suite", f"suite-{i}"))] = v
+        return out
+    if isinstance(verdicts, dict):
+        if isinstance(verdicts.get("suites"), dict):
+            return {str(k): v for k, v in verdicts["suites"].items() if isinstance(v, dict)}
+        if "suite" in verdicts:
+            return {str(verdicts["suite"]): verdicts}
+    return {}
+
+
+def _failure_label(suite: str, f: Any) -> str:
+    if isinstance(f, dict):
+        what = f.get("expectation") or f.get("expectation_type") or f.get("type") or f.get("name") or "expectation"
+        col = f.get("column")
+        return f"{suite}/{what}" + (f"[{col}]" if col else "")
+    return f"{suite}/{f}"
+
+
+def summarize_verdicts(verdicts: Any | None) -> dict:
+    """The test-result fields and a verdict summary from ``validation/verdicts.json`` (or None).
+
+    Returns {"result", "passedTests", "warnedTests", "failedTests", "summary"}. Without verdicts
+    the result is FAILED (nothing was evaluated, so nothing is certified) and the summary says why.
+    """
+    if verdicts is None:
+        return {"result": "FAILED", "passedTests": [], "warnedTests": [], "failedTests": [],
+                "summary": {"present": False, "success": None,
+                            "note": "validation/verdicts.json is missing: no expectation was evaluated"}}
+    suites = _suite_entries(verdicts)
+    passed, warned, failed = [], [], []
+    details: dict[str, dict] = {}
+    for name in sorted(suites):
+        v = suites[name]
+        success = v.get("success")
+        failures = v.get("failures") or []
+        if success is True:
+            passed.append(name)
+        elif success is False:
+            failed.append(name)
+            failed.extend(_failure_label(name, f) for f in failures)
+        else:
+            warned.append(name)
+        details[name] = {k: v.get(k) for k in ("success", "evaluated", "declared") if k in v}
+        details[name]["failures"] = len(failures) if isinstance(failures, list) else failures
+    overall = verdicts.get("success") if isinstance(verdicts, dict) else None
+    if not suites:
+        result, note = "FAILED", "validation/verdicts.json holds no suite verdict"
+    elif failed or overall is False:
+        result, note = "FAILED", None
+    elif warned:
+        result, note = "WARNED", None
+    else:
+        result, note = "PASSED", None
+    summary: dict[str, Any] = {"present": True, "success": result == "PASSED", "suites": details}
+    if note:
+        summary["note"] = note
+    return {"result": result, "passedTests": passed, "warnedTests": warned, "failedTests": failed,
+            "summary": summary}
+
+
+def build_statement(*, subjects: list[dict], meta: dict, inventory: dict | None, conditions: Any | None,
+                    verdicts: Any | None, profile_digest: str | None, bundle_digests: dict[str, str],
+                    signer_block: dict, versions: dict, notes: list[str]) -> dict:
+    """The in-toto Statement v1 of one run. ``subjects``: [{name, sha256}] sorted by name."""
+    tr = summarize_verdicts(verdicts)
+    inv = inventory if isinstance(inventory, dict) else {}
+    cards = inv.get("cards") if isinstance(inv.get("cards"), list) else []
+    card_keys = ("index", "name", "serial", "bus_id", "domain", "vendor")
+    cards_out = [{k: c.get(k) for k in card_keys if k in c} if isinstance(c, dict) else c for c in cards]
+    serials = [c.get("serial") for c in cards if isinstance(c, dict)]
+    configuration = [{
+        "name": "profile.yaml",
+        "uri": f"mi300x-cert:profile/{meta.get('profile')}",
+        "annotations": {"profile": meta.get("profile"), "sku": meta.get("sku")},
+    }]
+    if profile_digest:
+        configuration[0]["digest"] = {"sha256": profile_digest}
+    certification = {
+        "_type": CERTIFICATION_TYPE,
+        "run_id": meta.get("run_id"),
+        "host": meta.get("host") or inv.get("host"),
+        "profile": meta.get("profile"),
+        "sku": meta.get("sku"),
+        "state": meta.get("state"),
+        "started": meta.get("started"),
+        "finished": meta.get("finished"),
+        "experiments": meta.get("experiments") or {},
+        "cards": cards_out,
+        "serials": serials,
+        "inventory_present": inventory is not None,
+        "verdict": tr["summary"],
+        "certified": tr["result"] == "PASSED",
+        "conditions": conditions,
+        "conditions_present": conditions is not None,
+        "versions": versions,
+        "notes": notes,
+    }
+    predicate = {
+        "result": tr["result"],
+        "configuration": configuration,
+        "passedTests": tr["passedTests"],
+        "warnedTests": tr["warnedTests"],
+        "failedTests": tr["failedTests"],
+        "certification": certification,
+        "bundle": {"files": {k: {"sha256": v} for k, v in sorted(bundle_digests.items())},
+                   "signer": signer_block},
+    }
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": s["name"], "digest": {"sha256": s["sha256"]}} for s in subjects],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": predicate,
+    }
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE pre-authentication encoding (the bytes the signature covers), via securesystemslib."""
+    from securesystemslib.dsse import Envelope
+
+    return Envelope(payload=payload, payload_type=payload_type, signatures={}).pae()
+
+
+def sign_payload(payload: bytes, signer: Any) -> dict:
+    """A DSSE envelope dict (``payload`` base64, ``payloadType``, ``signatures``) signed by ``signer``."""
+    from securesystemslib.dsse import Envelope
+
+    env = Envelope(payload=payload, payload_type=PAYLOAD_TYPE, signatures={})
+    env.sign(signer)
+    return env.to_dict()
+
+
+def envelope_from_bytes(data: bytes, origin: str = "envelope.dsse.json"):
+    """Parse an envelope file into a securesystemslib Envelope; malformed → VerifyError naming it."""
+    from securesystemslib.dsse import Envelope
+
+    try:
+        d = json.loads(data)
+        if not isinstance(d, dict) or set(d) != {"payload", "payloadType", "signatures"}:
+            raise ValueError("expected exactly the keys payload, payloadType, signatures")
+        base64.b64decode(d["payload"], validate=True)
+        return Envelope.from_dict(d)
+    except VerifyError:
+        raise
+    except Exception as e:  # json, base64, KeyError, securesystemslib format errors
+        raise VerifyError(f"{origin} is not a valid DSSE envelope: {e}") from e
+
+
+def verify_envelope(envelope: Any, public_key: Any, origin: str = "envelope.dsse.json") -> str:
+    """Check the envelope's signature with ``public_key`` (SSlibKey); returns the keyid that signed."""
+    from securesystemslib.exceptions import VerificationError
+
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise VerifyError(f"{origin}: payloadType is {envelope.payload_type!r}, expected {PAYLOAD_TYPE!r}")
+    try:
+        accepted = envelope.verify([public_key], 1)
+    except VerificationError as e:
+        raise VerifyError(f"{origin}: signature does not verify with key {public_key.keyid[:16]}…: {e}") from e
+    except Exception as e:
+        raise VerifyError(f"{origin}: signature cannot be checked: {e}") from e
+    if public_key.keyid not in accepted:
+        raise VerifyError(f"{origin}: not signed by key {public_key.keyid[:16]}…")
+    return public_key.keyid
