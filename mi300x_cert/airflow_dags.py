@@ -1,0 +1,691 @@
+"""Builds the Airflow DAGs from ``include/fleet.yaml``: the one place that decides queues, pools and executors.
+
+* ``recertify_<host>`` — one per fleet server, on the server's cron schedule. Task chain::
+
+    preflight → bare_metal → plan_sd → run_sd_case (mapped over small case dicts) → finalize_sd
+      → whisper → resnet50 → finish_run → validate_{latency,thermal,network,whisper,resnet50}
+      → report → sign → publish → record_outcome
+
+  GPU tasks run on queue ``gpu-<host>`` in pool ``gpu-<host>`` (one slot per card; a GPU task takes
+  every slot, so measurements on one host never overlap) with the executor named by
+  ``$MI300X_CERT_GPU_EXECUTOR`` (unset: the default executor). A failed validation fails its task
+  with a readable summary and writes an alert; report/sign/publish still run (``all_done``) so the
+  evidence is published, and ``record_outcome`` writes the outcome record and fails the run when the
+  host is NOT certified.
+
+* ``manual_certify`` and ``manual_<experiment>`` — schedule None, a typed trigger form (Params). The
+  first task cross-validates the form against the host's profile (``config.load_profile(overrides=…)``),
+  then the run is handed to ``recertify_<host>`` (so it runs on that host's queue and pool) and
+  awaited.
+
+Every task body is one call into :mod:`mi300x_cert.pipeline` (or :mod:`mi300x_cert.alerts`).
+This module imports Airflow's SDK, PyYAML and pydantic only; torch, Great Expectations and boto3
+are imported inside the pipeline functions at run time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Param, TaskGroup, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from .fleet import Fleet, Server, load_fleet
+
+__all__ = [
+    "EXPERIMENTS",
+    "SUITES",
+    "SUITE_EXPERIMENTS",
+    "MANUAL_EXPERIMENTS",
+    "GPU_EXECUTOR_ENV",
+    "gpu_task_kwargs",
+    "pool_specs",
+    "runs_root",
+    "conf_to_request",
+    "check_request",
+    "manual_params",
+    "build_recertify_dag",
+    "build_recertify_dags",
+    "build_manual_dag",
+]
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ["bare-metal", "sd-throughput", "whisper", "resnet50"]
+SUITES = ["latency", "thermal", "network", "whisper", "resnet50"]
+# A suite is evaluated when one of its experiments ran (network: whenever anything ran).
+SUITE_EXPERIMENTS: dict[str, list[str]] = {
+    "latency": ["sd-throughput"],
+    "thermal": ["bare-metal", "sd-throughput"],
+    "network": list(EXPERIMENTS),
+    "whisper": ["whisper"],
+    "resnet50": ["resnet50"],
+}
+# manual DAG name → experiments it runs
+MANUAL_EXPERIMENTS: dict[str, list[str]] = {
+    "certify": list(EXPERIMENTS),
+    "bare_metal": ["bare-metal"],
+    "sd_throughput": ["sd-throughput"],
+    "whisper": ["whisper"],
+    "resnet50": ["resnet50"],
+}
+GPU_EXECUTOR_ENV = "MI300X_CERT_GPU_EXECUTOR"
+RUNS_DIR_ENV = "MI300X_CERT_RUNS_DIR"
+BATCH_CONFIG_CHOICES = ["1x512", "2x256", "4x128", "8x64", "16x32", "32x16", "64x8", "128x4",
+                        "1x1", "1x2", "2x1", "2x2", "4x1"]
+PROCESS_COUNT_CHOICES = [1, 2, 4, 8, 16]
+DTYPES = ["float32", "float16", "bfloat16"]
+THRESHOLD_SETS = ["smoke", "mi300x", "h100"]
+PROFILE_DEFAULT = "profile"
+CUSTOM = "custom"
+CUSTOM_CARDS_PATTERN = r"^\s*(\[?\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*\]?)?\s*$"
+MODEL_SOURCE_PATTERN = r"^(|synthetic:[A-Za-z0-9._-]+|[^:\s][^:]*)$"
+BATCH_CONFIG_PATTERN = r"^\d+x\d+$"
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "gpu-fleet",
+    "retries": 1,
+    "retry_delay": _dt.timedelta(minutes=1),
+}
+
+
+# ---- queue / pool / executor: the one place ------------------------------------------------------
+def gpu_task_kwargs(server: Server) -> dict[str, Any]:
+    """Operator arguments of a task that uses the host's GPUs: its queue, its pool (all slots: a
+    measurement owns the host) and the executor from ``$MI300X_CERT_GPU_EXECUTOR`` if set."""
+    kw: dict[str, Any] = {"queue": server.queue, "pool": server.pool, "pool_slots": server.cards}
+    executor = os.environ.get(GPU_EXECUTOR_ENV) or None
+    if executor:
+        kw["executor"] = executor
+    return kw
+
+
+def host_task_kwargs(server: Server) -> dict[str, Any]:
+    """Light tasks that still read the host's run directory (validation, report, sign, publish):
+    same queue and executor, no pool slots."""
+    kw: dict[str, Any] = {"queue": server.queue}
+    executor = os.environ.get(GPU_EXECUTOR_ENV) or None
+    if executor:
+        kw["executor"] = executor
+    return kw
+
+
+def pool_specs(fleet: Fleet | None = None) -> list[dict[str, Any]]:
+    """``[{"name", "slots", "description"}]`` — one pool per fleet host, sized to its card count."""
+    fleet = fleet or load_fleet()
+    return [{"name": s.pool, "slots": s.cards, "description": f"GPU cards of {s.name} ({s.cards})"}
+            for s in fleet.servers]
+
+
+def runs_root() -> Path:
+    if os.environ.get(RUNS_DIR_ENV):
+        return Path(os.environ[RUNS_DIR_ENV])
+    from .alerts import state_dir
+
+    return state_dir() / "runs"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---- task bodies (plain functions; each is one pipeline call plus bookkeeping) -------------------
+def _experiment_enabled(run_dir: str, experiment: str) -> bool:
+    from .rundir import RunDir
+
+    prof = RunDir(run_dir).load_profile()
+    return bool(getattr(prof.experiments, experiment.replace("-", "_")).enabled)
+
+
+def _run_overrides(params: dict) -> dict:
+    """Profile overrides of one recertification run: the conf's ``overrides`` plus the experiment selection."""
+    overrides = dict(params.get("overrides") or {})
+    selected = params.get("experiments") or list(EXPERIMENTS)
+    unknown = [e for e in selected if e not in EXPERIMENTS]
+    if unknown:
+        raise AirflowFailException(f"conf field 'experiments': unknown experiment(s) {unknown} (known: {EXPERIMENTS})")
+    enable = {e: {"enabled": e in selected} for e in EXPERIMENTS}
+    return _deep_merge({"experiments": enable}, overrides)
+
+
+def preflight_body(server: Server, params: dict, run_id: str) -> str:
+    """Validate profile + overrides (cards, model sources), create the run directory, write the inventory."""
+    from . import pipeline
+    from .errors import CertError
+
+    out = runs_root() / server.name / _safe(run_id)
+    if (out / "run.json").is_file():  # a retried preflight: the run directory already exists
+        return str(out)
+    try:
+        return pipeline.prepare_run(server.profile, out, overrides=_run_overrides(params), run_id=_safe(run_id))
+    except CertError as e:  # bad input does not get better on retry
+        raise AirflowFailException(f"preflight on {server.name}: {e}") from e
+
+
+def validation_body(server: Server, suite: str, run_dir: str, dag_id: str, run_id: str, context: dict) -> dict:
+    """Run one GX suite; on a failed expectation write the alert, notify, and fail with a summary."""
+    from . import alerts, pipeline
+
+    ran = [e for e in SUITE_EXPERIMENTS[suite] if _experiment_enabled(run_dir, e)]
+    if not ran:
+        raise AirflowSkipException(f"suite {suite}: none of its experiments ({SUITE_EXPERIMENTS[suite]}) ran")
+    verdict = pipeline.validate(run_dir, suite)
+    context["ti"].xcom_push(key="verdict", value=verdict)
+    if verdict.get("success"):
+        return verdict
+    failures = list(verdict.get("failures") or [])
+    alert = alerts.raise_alert(
+        suite=suite, failures=failures, host=server.name, dag_id=dag_id, run_id=run_id, run_dir=run_dir,
+        data_docs=verdict.get("data_docs"), recipients=server.alerts.email,
+        smtp_conn_id=server.alerts.smtp_conn_id, slack_conn_id=server.alerts.slack_conn_id, context=context,
+    )
+    summary = alerts.summary_text(suite, failures, host=server.name)
+    raise AirflowFailException(f"{summary}\nalert {alert['id']} (notified: {', '.join(alert['notified']) or 'record only'})")
+
+
+def outcome_body(server: Server, dag_id: str, run_id: str, run_dir: str | None, verdicts: dict,
+                 report: str | None, bundle: str | None, uri: str | None) -> dict:
+    from . import alerts
+    from .rundir import RunDir, atomic_write_json
+
+    state, error = None, None
+    if run_dir:
+        try:
+            meta = RunDir(run_dir).meta
+            state, error = meta.get("state"), meta.get("error")
+        except Exception as e:  # the run directory itself is the problem
+            state, error = "missing", str(e)
+    failed_suites = sorted(s for s, v in verdicts.items() if v is not None and not v.get("success"))
+    missing_suites = sorted(s for s, v in verdicts.items() if v is None)
+    data_docs = next((v.get("data_docs") for v in verdicts.values() if v and v.get("data_docs")), None)
+    reasons = []
+    if state != "complete":
+        reasons.append(f"measurements {state or 'not started'}" + (f": {error}" if error else ""))
+    if failed_suites:
+        reasons.append(f"failed suites: {', '.join(failed_suites)}")
+    if missing_suites:
+        reasons.append(f"suites not evaluated: {', '.join(missing_suites)}")
+    if not bundle:
+        reasons.append("no signed bundle")
+    outcome = {
+        "host": server.name, "dag_id": dag_id, "run_id": run_id, "run_dir": run_dir,
+        "profile": server.profile, "sku": server.sku, "certified": not reasons, "reasons": reasons,
+        "state": state, "verdicts": {s: (None if v is None else bool(v.get("success"))) for s, v in verdicts.items()},
+        "report": report, "data_docs": data_docs, "bundle": bundle, "bundle_uri": uri,
+        "s3_endpoint": os.environ.get("MI300X_CERT_S3_ENDPOINT"),
+    }
+    path = alerts.write_outcome(outcome)
+    outcome["record"] = str(path)
+    if run_dir and Path(run_dir).is_dir():
+        atomic_write_json(Path(run_dir) / "outcome.json", outcome)
+    alerts.update_run_links(run_id, run_dir, report=report, data_docs=data_docs, bundle_uri=uri)
+    return outcome
+
+
+# ---- the recertification DAG --------------------------------------------------------------------
+RECERTIFY_DOC = """\
+### Recertify `{name}`
+
+Measures the host with profile **{profile}** (thresholds **{sku}**), validates the results with the
+Great Expectations suites, builds the report, signs the bundle and publishes it to S3.
+
+* queue `{queue}`, pool `{pool}` ({cards} slots; every GPU task takes all of them)
+* schedule: `{schedule}` (UTC)
+* a failed suite fails its `validate_<suite>` task with the failed expectations, writes an alert
+  (dashboard: *Certification* in the nav bar; CLI: `mi300x-cert alerts`) and notifies {recipients};
+  report, sign and publish still run, and `record_outcome` marks the run **NOT certified**.
+
+Trigger with conf `{{"overrides": {{...profile overrides...}}, "experiments": [...]}}` to change a run
+(e.g. `{{"overrides": {{"telemetry": {{"simulated": {{"hot_cards": {{"3": 40}}}}}}}}}}`).
+"""
+
+
+def _recertify_params() -> dict[str, Param]:
+    return {
+        "experiments": Param(list(EXPERIMENTS), type="array", title="Experiments",
+                             items={"type": "string", "enum": list(EXPERIMENTS)}, examples=list(EXPERIMENTS),
+                             minItems=1, uniqueItems=True, description="experiments to run (default: all)"),
+        "overrides": Param({}, type="object", title="Profile overrides",
+                           description="nested profile fields, merged over the host profile (advanced)"),
+    }
+
+
+def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str | None = None) -> DAG:
+    """The recertification DAG of one fleet server."""
+    from . import alerts as _alerts  # noqa: F401  (light; fail at parse if the package is broken)
+
+    dag_id = dag_id or server.dag_id
+    if schedule == "fleet":
+        schedule = server.schedule
+    if isinstance(schedule, str):
+        from airflow.sdk import CronTriggerTimetable
+
+        schedule = CronTriggerTimetable(schedule, timezone="UTC")
+    gpu = gpu_task_kwargs(server)
+    light = host_task_kwargs(server)
+    recipients = ", ".join(server.alerts.email) or "nobody (record only)"
+
+    with DAG(
+        dag_id=dag_id,
+        schedule=schedule,
+        catchup=False,
+        max_active_runs=1,
+        tags=["mi300x-cert", "recertify", f"host:{server.name}", f"sku:{server.sku}", *server.tags],
+        default_args=dict(DEFAULT_ARGS),
+        doc_md=RECERTIFY_DOC.format(name=server.name, profile=server.profile, sku=server.sku, queue=server.queue,
+                                    pool=server.pool, cards=server.cards, schedule=server.schedule or "manual only",
+                                    recipients=recipients),
+        params=_recertify_params(),
+        dagrun_timeout=_dt.timedelta(hours=12),
+    ) as dag:
+
+        @task(task_id="preflight", **gpu)
+        def preflight() -> str:
+            ctx = get_current_context()
+            return preflight_body(server, dict(ctx["params"]), ctx["run_id"])
+
+        @task(task_id="bare_metal", **gpu)
+        def bare_metal(run_dir: str) -> dict:
+            from . import pipeline
+
+            if not _experiment_enabled(run_dir, "bare-metal"):
+                return {"experiment": "bare-metal", "state": "disabled"}
+            return pipeline.run_experiment(run_dir, "bare-metal")
+
+        @task(task_id="plan_sd", **light)
+        def plan_sd(run_dir: str, _after: Any = None) -> list[dict]:
+            from . import pipeline
+
+            if not _experiment_enabled(run_dir, "sd-throughput"):
+                return []
+            return pipeline.plan_cases(run_dir, "sd-throughput")
+
+        @task(task_id="run_sd_case", map_index_template="{{ case_label }}", **gpu)
+        def run_sd_case(run_dir: str, case: dict) -> dict:
+            from . import pipeline
+
+            ctx = get_current_context()
+            ctx["case_label"] = str(case.get("case_id") or case)  # type: ignore[index]
+            status = pipeline.run_case(run_dir, "sd-throughput", case)
+            if str(status.get("status", "ok")) not in ("ok", "skipped", "done"):
+                raise RuntimeError(f"case {case.get('case_id')}: {status.get('reason') or status}")
+            return status
+
+        @task(task_id="finalize_sd", trigger_rule="none_failed", **light)
+        def finalize_sd(run_dir: str) -> dict:
+            from . import pipeline
+
+            if not _experiment_enabled(run_dir, "sd-throughput"):
+                return {"experiment": "sd-throughput", "state": "disabled"}
+            return pipeline.finalize_experiment(run_dir, "sd-throughput")
+
+        @task(task_id="whisper", **gpu)
+        def whisper(run_dir: str) -> dict:
+            from . import pipeline
+
+            if not _experiment_enabled(run_dir, "whisper"):
+                return {"experiment": "whisper", "state": "disabled"}
+            return pipeline.run_experiment(run_dir, "whisper")
+
+        @task(task_id="resnet50", **gpu)
+        def resnet50(run_dir: str) -> dict:
+            from . import pipeline
+
+            if not _experiment_enabled(run_dir, "resnet50"):
+                return {"experiment": "resnet50", "state": "disabled"}
+            return pipeline.run_experiment(run_dir, "resnet50")
+
+        @task(task_id="finish_run", trigger_rule="all_done", retries=0, **light)
+        def finish_run() -> str:
+            from . import pipeline
+
+            run_dir = _pull("preflight")
+            if not run_dir:
+                raise AirflowFailException("no run directory: preflight did not succeed")
+            state = pipeline.finish_run(run_dir)
+            if state != "complete":
+                from .rundir import RunDir
+
+                raise AirflowFailException(f"run {run_dir} is {state}: {RunDir(run_dir).meta.get('error')}")
+            return state
+
+        def make_validate(suite: str):
+            @task(task_id=f"validate_{suite}", **light)
+            def validate_suite(run_dir: str) -> dict:
+                ctx = get_current_context()
+                return validation_body(server, suite, run_dir, dag_id, ctx["run_id"], ctx)  # type: ignore[arg-type]
+
+            return validate_suite
+
+        @task(task_id="report", trigger_rule="all_done", **light)
+        def report() -> str:
+            from . import pipeline
+
+            run_dir = _pull("preflight")
+            if not run_dir:
+                raise AirflowSkipException("no run directory: nothing to report")
+            return pipeline.report(run_dir)
+
+        @task(task_id="sign", trigger_rule="all_done", **light)
+        def sign() -> str:
+            from . import pipeline
+            from .rundir import RunDir
+
+            run_dir = _pull("preflight")
+            if not run_dir or RunDir(run_dir).state != "complete":
+                raise AirflowSkipException("measurements incomplete: a certificate is only signed over complete runs")
+            return pipeline.sign(run_dir)
+
+        @task(task_id="publish", trigger_rule="all_done", **light)
+        def publish() -> str:
+            from . import pipeline
+
+            bundle = _pull("sign")
+            if not bundle:
+                raise AirflowSkipException("no signed bundle to publish")
+            return pipeline.publish(bundle)
+
+        @task(task_id="record_outcome", trigger_rule="all_done", retries=0, **light)
+        def record_outcome() -> dict:
+            ctx = get_current_context()
+            verdicts = {s: _pull(f"validate_{s}", key="verdict") for s in SUITES}
+            run_dir = _pull("preflight")
+            if run_dir:  # suites skipped because their experiment did not run are not required
+                verdicts = {s: v for s, v in verdicts.items()
+                            if v is not None or any(_enabled_quiet(run_dir, e) for e in SUITE_EXPERIMENTS[s])}
+            outcome = outcome_body(server, dag_id, ctx["run_id"], run_dir, verdicts,
+                                   _pull("report"), _pull("sign"), _pull("publish"))
+            if not outcome["certified"]:
+                raise AirflowFailException(f"{server.name} NOT certified: {'; '.join(outcome['reasons'])} "
+                                           f"(outcome record {outcome['record']})")
+            return outcome
+
+        run_dir = preflight()
+        bm = bare_metal(run_dir)
+        cases = plan_sd(run_dir, bm)
+        mapped = run_sd_case.partial(run_dir=run_dir).expand(case=cases)
+        fin = finalize_sd(run_dir)
+        mapped >> fin
+        w = whisper(run_dir)
+        fin >> w
+        r = resnet50(run_dir)
+        w >> r
+        done = finish_run()
+        r >> done
+        with TaskGroup("validation", tooltip="one Great Expectations suite per task") as validation:
+            vals = [make_validate(s)(run_dir) for s in SUITES]
+        done >> validation
+        rep, sg, pub, rec = report(), sign(), publish(), record_outcome()
+        for v in vals:
+            v >> rep
+        done >> rep >> sg >> pub >> rec
+    return dag
+
+
+def _pull(task_id: str, key: str = "return_value") -> Any:
+    ti = get_current_context()["ti"]
+    for tid in (task_id, f"validation.{task_id}"):
+        try:
+            value = ti.xcom_pull(task_ids=tid, key=key)
+        except Exception:  # no value: the task failed or was skipped
+            value = None
+        if value is not None:
+            return value
+    return None
+
+
+def _enabled_quiet(run_dir: str, experiment: str) -> bool:
+    try:
+        return _experiment_enabled(run_dir, experiment)
+    except Exception:
+        return True
+
+
+def build_recertify_dags(fleet: Fleet | None = None) -> dict[str, DAG]:
+    fleet = fleet or load_fleet()
+    return {s.dag_id: build_recertify_dag(s) for s in fleet.servers}
+
+
+# ---- manual DAGs with trigger forms -------------------------------------------------------------
+def _card_set_choices(fleet: Fleet) -> tuple[list[str], dict[str, str]]:
+    groups = fleet.card_groups()
+    values = [PROFILE_DEFAULT, *groups.keys(), "all", CUSTOM]
+    display = {PROFILE_DEFAULT: "As in the host profile", "all": "All cards of the host",
+               CUSTOM: "Custom (enter the list below)"}
+    for name, cards in groups.items():
+        display[name] = f"Cards {name} ({len(cards)} cards)"
+    return values, display
+
+
+def manual_params(kind: str, fleet: Fleet | None = None) -> dict[str, Param]:
+    """The typed trigger form of ``manual_<kind>``."""
+    fleet = fleet or load_fleet()
+    hosts = fleet.names
+    card_values, card_display = _card_set_choices(fleet)
+    p: dict[str, Param] = {
+        "host": Param(hosts[0], type="string", enum=hosts, title="Host",
+                      values_display={s.name: f"{s.name} ({s.profile}, {s.cards} cards)" for s in fleet.servers},
+                      description="fleet server to certify (include/fleet.yaml)", section="Target"),
+        "card_set": Param(PROFILE_DEFAULT, type="string", enum=card_values, values_display=card_display,
+                          title="Card set", description="named card group, all cards, or custom", section="Target"),
+        "custom_cards": Param("", type="string", pattern=CUSTOM_CARDS_PATTERN, title="Custom card list",
+                              description_md="Used when *Card set* is **custom**: e.g. `[0,2,5-7]` or `12-15`.",
+                              section="Target"),
+    }
+    if kind in ("certify", "sd_throughput"):
+        p["batch_configs"] = Param(None, type=["array", "null"], title="Batch configurations",
+                                   items={"type": "string", "pattern": BATCH_CONFIG_PATTERN},
+                                   examples=BATCH_CONFIG_CHOICES, uniqueItems=True,
+                                   description="BxN: batches of B images, N per process (empty: the profile's)",
+                                   section="Matrix")
+        p["process_counts"] = Param(None, type=["array", "null"], title="Process counts",
+                                    items={"enum": PROCESS_COUNT_CHOICES + [str(x) for x in PROCESS_COUNT_CHOICES]},
+                                    examples=PROCESS_COUNT_CHOICES, uniqueItems=True,
+                                    description="parallel processes, one per card (empty: the profile's)",
+                                    section="Matrix")
+    if kind in ("certify", "sd_throughput", "whisper"):
+        p["repetitions"] = Param(1, type="integer", minimum=1, maximum=100, title="Repetitions",
+                                 description="repetitions of every case", section="Matrix")
+    p["dtype"] = Param(PROFILE_DEFAULT, type="string", enum=[PROFILE_DEFAULT, *DTYPES], title="Data type",
+                       values_display={PROFILE_DEFAULT: "As in the host profile"}, section="Model")
+    p["model_source"] = Param("", type="string", pattern=MODEL_SOURCE_PATTERN, title="Model source",
+                              description_md="`synthetic:<arch>` (e.g. `synthetic:sd-v1-4`) or a local weights "
+                                             "directory on the host; empty: the profile's.", section="Model")
+    p["thresholds"] = Param(PROFILE_DEFAULT, type="string", enum=[PROFILE_DEFAULT, *THRESHOLD_SETS],
+                            title="Thresholds set", values_display={PROFILE_DEFAULT: "The host's SKU"},
+                            section="Model")
+    return p
+
+
+def conf_to_request(kind: str, conf: dict, fleet: Fleet | None = None) -> dict:
+    """Form values → ``{"host", "profile", "experiments", "overrides"}`` (no validation against the profile)."""
+    from .config import parse_card_spec
+    from .errors import CardError, ProfileError
+
+    fleet = fleet or load_fleet()
+    if kind not in MANUAL_EXPERIMENTS:
+        raise ProfileError(f"unknown manual DAG kind {kind!r} (known: {list(MANUAL_EXPERIMENTS)})")
+    host = conf.get("host") or fleet.names[0]
+    try:
+        server = fleet.server(host)
+    except ProfileError as e:
+        raise ProfileError(f"field 'host': {e}") from None
+    experiments = MANUAL_EXPERIMENTS[kind]
+    ov: dict[str, Any] = {}
+    exps: dict[str, Any] = {}
+
+    card_set = conf.get("card_set") or PROFILE_DEFAULT
+    cards: Any = None
+    if card_set == CUSTOM:
+        text = (conf.get("custom_cards") or "").strip()
+        if not text:
+            raise ProfileError("field 'custom_cards': card set is 'custom' but no card list was given")
+        try:
+            cards = parse_card_spec(text)
+        except CardError as e:
+            raise ProfileError(f"field 'custom_cards': {e}") from None
+    elif card_set == "all":
+        cards = "all"
+    elif card_set != PROFILE_DEFAULT:
+        groups = server.card_groups or {}
+        if card_set in groups:
+            cards = list(groups[card_set])  # type: ignore[arg-type]
+        else:
+            try:
+                cards = parse_card_spec(card_set)
+            except CardError as e:
+                raise ProfileError(f"field 'card_set': {e}") from None
+    if cards is not None:
+        if "bare-metal" in experiments:
+            exps.setdefault("bare-metal", {})["groups"] = [cards] if cards != "all" else ["all"]
+        if "sd-throughput" in experiments:
+            exps.setdefault("sd-throughput", {})["cards"] = cards
+        for e in ("whisper", "resnet50"):
+            if kind == e:
+                exps.setdefault(e, {})["cards"] = cards
+
+    if conf.get("batch_configs"):
+        exps.setdefault("sd-throughput", {})["batch_configs"] = list(conf["batch_configs"])
+    if conf.get("process_counts"):
+        try:
+            exps.setdefault("sd-throughput", {})["process_counts"] = [int(x) for x in conf["process_counts"]]
+        except (TypeError, ValueError):
+            raise ProfileError(f"field 'process_counts': {conf['process_counts']!r} are not integers") from None
+    reps = conf.get("repetitions")
+    if reps not in (None, "") and kind in ("certify", "sd_throughput", "whisper"):
+        if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+            raise ProfileError(f"field 'repetitions': {reps!r} is not an integer ≥ 1")
+        target = "whisper" if kind == "whisper" else "sd-throughput"
+        exps.setdefault(target, {})["repetitions"] = reps
+    dtype = conf.get("dtype") or PROFILE_DEFAULT
+    if dtype != PROFILE_DEFAULT:
+        ov["dtype"] = dtype
+    src = (conf.get("model_source") or "").strip()
+    if src:
+        if kind in ("certify", "bare_metal", "sd_throughput"):
+            ov["sd"] = {"model": src}
+        else:
+            exps.setdefault(kind, {})["model"] = src
+    thresholds = conf.get("thresholds") or PROFILE_DEFAULT
+    if thresholds != PROFILE_DEFAULT:
+        ov["thresholds"] = thresholds
+    # only the selected experiments run
+    for e in EXPERIMENTS:
+        exps.setdefault(e, {})["enabled"] = e in experiments
+    ov["experiments"] = exps
+    return {"host": server.name, "profile": server.profile, "experiments": experiments, "overrides": ov}
+
+
+_FIELD_OF = [  # profile field → form field, to name the form field in error messages
+    (r"experiments\.(sd-throughput|sd_throughput)\.batch_configs", "batch_configs"),
+    (r"experiments\.(sd-throughput|sd_throughput)\.process_counts", "process_counts"),
+    (r"\.repetitions", "repetitions"),
+    (r"experiments\.[a-z_0-9-]+\.(cards|groups)|unknown card|card id|card set|card range", "card_set"),
+    (r"(^|[ :;.])dtype", "dtype"),
+    (r"sd\.model|\.model|model weights|synthetic architecture", "model_source"),
+    (r"thresholds", "thresholds"),
+]
+
+
+def _form_field(message: str) -> str | None:
+    for pattern, fld in _FIELD_OF:
+        if re.search(pattern, message):
+            return fld
+    return None
+
+
+def check_request(kind: str, conf: dict, fleet: Fleet | None = None) -> dict:
+    """Cross-validate a trigger form against the host's profile. Raises ProfileError naming the form
+    field (and the profile field) when the profile would reject it. Returns the request."""
+    from .config import load_profile, resolve_model_source
+    from .errors import CertError, ProfileError
+
+    req = conf_to_request(kind, conf, fleet)
+    try:
+        prof = load_profile(req["profile"], overrides=req["overrides"])
+        if (conf.get("model_source") or "").strip():
+            resolve_model_source(conf["model_source"].strip())
+        thr = prof.thresholds_set
+        from .config import REPO_ROOT
+
+        params_dir = REPO_ROOT / "expectations" / "params"
+        if params_dir.is_dir() and not (params_dir / f"{thr}.yaml").is_file():
+            known = sorted(p.stem for p in params_dir.glob("*.yaml"))
+            raise ProfileError(f"thresholds: set {thr!r} not found (known: {known})")
+    except CertError as e:
+        fld = _form_field(str(e))
+        prefix = f"field '{fld}': " if fld else ""
+        raise ProfileError(f"{prefix}{e}") from None
+    return req
+
+
+MANUAL_DOC = """\
+### Manual {title}
+
+Fill in the form (*Trigger*): host, card set, {matrix}data type, model source and thresholds set.
+The form is checked twice: by its JSON schema when you submit (bad values are refused naming the
+field) and by `check_conf` against the host's profile (e.g. a card the host does not have).
+The run then executes as a `recertify_<host>` run on that host's queue and pool, with the form as
+profile overrides; this run waits for it and fails when it fails.
+"""
+
+
+def build_manual_dag(kind: str, fleet: Fleet | None = None) -> DAG:
+    """``manual_<kind>``: a typed form, a conf check, then the host's recertification DAG with overrides."""
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    fleet = fleet or load_fleet()
+    title = {"certify": "certification (all experiments)", "bare_metal": "bare-metal thermal run",
+             "sd_throughput": "Stable Diffusion throughput matrix", "whisper": "Whisper token throughput",
+             "resnet50": "ResNet-50 benchmark"}[kind]
+    matrix = "batch configs, process counts, repetitions, " if kind in ("certify", "sd_throughput") else (
+        "repetitions, " if kind == "whisper" else "")
+    with DAG(
+        dag_id=f"manual_{kind}",
+        schedule=None,
+        catchup=False,
+        max_active_runs=4,
+        tags=["mi300x-cert", "manual", f"experiment:{kind}"],
+        default_args=dict(DEFAULT_ARGS),
+        doc_md=MANUAL_DOC.format(title=title, matrix=matrix),
+        params=manual_params(kind, fleet),
+        render_template_as_native_obj=True,
+    ) as dag:
+
+        @task(task_id="check_conf", retries=0)
+        def check_conf() -> dict:
+            from .errors import CertError
+
+            ctx = get_current_context()
+            try:
+                req = check_request(kind, dict(ctx["params"]), fleet)
+            except CertError as e:
+                raise AirflowFailException(f"bad trigger form: {e}") from e
+            return {"experiments": req["experiments"], "overrides": req["overrides"],
+                    "requested_by": f"{ctx['dag'].dag_id}/{ctx['run_id']}"}
+
+        conf = check_conf()
+        run = TriggerDagRunOperator(
+            task_id="run_on_host",
+            trigger_dag_id="recertify_{{ params.host }}",
+            conf=conf,
+            wait_for_completion=True,
+            poke_interval=5,
+            allowed_states=["success"],
+            failed_states=["failed"],
+            retries=0,
+        )
+        conf >> run
+    return dag

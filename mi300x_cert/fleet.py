@@ -1,0 +1,163 @@
+"""The fleet: which servers are recertified, with which profile, on which schedule, and who is alerted.
+
+``include/fleet.yaml`` (or ``$MI300X_CERT_FLEET``) is validated into :class:`Fleet`. A bad file raises
+one :class:`~mi300x_cert.errors.ProfileError` naming the file and the field
+(e.g. ``servers.1.schedule``). This module imports only PyYAML and pydantic: the Airflow DAG files
+read it at parse time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .config import INCLUDE_DIR, _format_pydantic, parse_card_spec
+from .errors import CardError, ProfileError
+
+__all__ = ["AlertSpec", "Server", "Fleet", "load_fleet", "fleet_path", "DEFAULT_FLEET"]
+
+DEFAULT_FLEET = INCLUDE_DIR / "fleet.yaml"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_CONN_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AlertSpec(_Strict):
+    """Who hears about a failed expectation. An alert record is always written; these add notifications."""
+
+    email: list[str] = Field(default_factory=list)
+    smtp_conn_id: str = "smtp_default"
+    slack_conn_id: str | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _emails(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            if not _EMAIL_RE.match(addr):
+                raise ValueError(f"{addr!r} is not an e-mail address")
+        return v
+
+    @field_validator("smtp_conn_id", "slack_conn_id")
+    @classmethod
+    def _conn(cls, v: str | None) -> str | None:
+        if v is not None and not _CONN_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid Airflow connection id")
+        return v
+
+
+class Server(_Strict):
+    name: str
+    profile: str
+    sku: str
+    cards: int = Field(gt=0, le=256, description="GPU cards; the host's pool has one slot per card")
+    card_groups: dict[str, list[int] | str] = Field(default_factory=dict)
+    schedule: str | None = None
+    alerts: AlertSpec = Field(default_factory=AlertSpec)
+    queue: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} must be lower-case letters, digits and '-' (it names a DAG, queue and pool)")
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        fields = v.split()
+        if len(fields) != 5 or not all(re.fullmatch(r"[0-9*/,\-A-Za-z?]+", f) for f in fields):
+            raise ValueError(f"{v!r} is not a 5-field cron expression (e.g. '0 3 * * *')")
+        return v
+
+    @model_validator(mode="after")
+    def _groups(self) -> "Server":
+        known = list(range(self.cards))
+        resolved: dict[str, list[int]] = {}
+        for gname, spec in self.card_groups.items():
+            try:
+                resolved[gname] = parse_card_spec(spec, known)
+            except CardError as e:
+                raise ValueError(f"card_groups[{gname!r}]: {e}") from None
+        self.card_groups = resolved  # type: ignore[assignment]
+        if self.queue is None:
+            self.queue = f"gpu-{self.name}"
+        return self
+
+    @property
+    def dag_id(self) -> str:
+        return f"recertify_{self.name}"
+
+    @property
+    def pool(self) -> str:
+        return f"gpu-{self.name}"
+
+    @property
+    def card_ids(self) -> list[int]:
+        return list(range(self.cards))
+
+
+class Fleet(_Strict):
+    servers: list[Server] = Field(min_length=1)
+    source_file: str | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Fleet":
+        seen: set[str] = set()
+        for s in self.servers:
+            if s.name in seen:
+                raise ValueError(f"server name {s.name!r} appears twice")
+            seen.add(s.name)
+        return self
+
+    def server(self, name: str) -> Server:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise ProfileError(f"{self.source_file}: host {name!r} is not in the fleet (hosts: {', '.join(self.names)})")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.servers]
+
+    def card_groups(self) -> dict[str, list[int]]:
+        """Every named card group of the fleet, in file order (the union offered by the trigger forms)."""
+        out: dict[str, list[int]] = {}
+        for s in self.servers:
+            for gname, cards in s.card_groups.items():
+                out.setdefault(gname, list(cards))  # type: ignore[arg-type]
+        return out
+
+
+def fleet_path() -> Path:
+    return Path(os.environ.get("MI300X_CERT_FLEET") or DEFAULT_FLEET)
+
+
+def load_fleet(path: str | Path | None = None) -> Fleet:
+    """Load and validate the fleet file. Raises ProfileError naming the file and the bad field."""
+    p = Path(path) if path else fleet_path()
+    if not p.is_file():
+        raise ProfileError(f"fleet file {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{p}: top level must be a mapping with 'servers', got {type(data).__name__}")
+    try:
+        fleet = Fleet.model_validate(data)
+    except ValidationError as e:
+        raise ProfileError(f"{p}: {_format_pydantic(e)}") from None
+    fleet.source_file = str(p)
+    return fleet
