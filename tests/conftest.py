@@ -1,0 +1,69 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+# ---- certificate bundles and S3 ---------------------------------------------------------------
+
+@pytest.fixture
+def signing_env(tmp_path, monkeypatch):
+    """No configured keys; the development key lives under a per-test home dir."""
+    for var in ("MI300X_CERT_SIGNING_KEY", "MI300X_CERT_VERIFY_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "cert-home"
+    monkeypatch.setenv("MI300X_CERT_HOME_DIR", str(home))
+    return home
+
+
+@pytest.fixture
+def make_complete_run(tmp_path, signing_env):
+    """Factory: a tiny complete run directory (run.json, profile, inventory, a result CSV, verdicts)."""
+    import itertools
+
+    from mi300x_cert.rundir import RunDir
+
+    counter = itertools.count()
+
+    def make(*, verdicts=True, success=True, complete=True, host="gpu-node-07"):
+        rd = RunDir.create(tmp_path / f"run{next(counter)}", host=host, profile_name="smoke", sku="mi300x",
+                           profile_yaml="name: smoke\nsku: mi300x\n")
+        rd.write_json("inventory.json", {"host": host, "cards": [
+            {"index": 0, "name": "AMD Instinct MI300X", "serial": "SN-0", "bus_id": "0000:05:00.0", "domain": 0},
+            {"index": 1, "name": "AMD Instinct MI300X", "serial": "SN-1", "bus_id": "0000:15:00.0", "domain": 0},
+        ], "versions": {"torch": "2.13.0", "rocm": "7.0"}})
+        rd.write_text("results/sd-throughput/rows.csv", "case_id,batch_size,latency_s\nc0,1,2.05\nc0,1,2.07\n")
+        rd.write_json("conditions.json", {"sd-throughput": {"model": "synthetic:sd-v1-4", "dtype": "fp32"}})
+        if verdicts:
+            rd.write_json("validation/verdicts.json", {"success": success, "suites": {
+                "latency": {"suite": "latency", "success": True, "failures": [], "evaluated": 3, "declared": 3},
+                "thermal": {"suite": "thermal", "success": success, "evaluated": 2, "declared": 2,
+                            "failures": [] if success else [{"expectation_type": "expect_column_max_to_be_between",
+                                                              "column": "junction_c"}]},
+            }})
+        if complete:
+            rd.mark_complete()
+        return rd
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint over HTTP (moto) on a free loopback port, for the whole session."""
+    from mi300x_cert import s3local
+
+    srv = s3local.start(port=0)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def s3_store(s3_server):
+    """A store dict for a fresh bucket on the session's S3 server (fast retries)."""
+    import uuid
+
+    return s3_server.store(f"test-{uuid.uuid4().hex[:12]}", backoff_s=0.01, attempts=3, connect_timeout=1)
