@@ -195,7 +195,7 @@ class SDWorkload(Workload):
         texts = list(prompts) + ([""] * len(prompts) if self.do_cfg else [])
         if self.tokenizer is not None:
             ids = self.tokenizer(
-                texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                texts, padding="max_length", max_length=min(int(self.tokenizer.model_max_length), self.max_length),
                 truncation=True, return_tensors="pt",
             ).input_ids
         else:

@@ -122,6 +122,31 @@ def test_sd_local_weights_match_synthetic(tmp_path, monkeypatch):
         local.close()
 
 
+def test_sd_local_clip_tokenizer_is_used(tmp_path):
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": 26 + i for i, c in enumerate(letters)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    syn = load_workload("sd", dict(SD, steps=2), "cpu")
+    syn.pipe.save_pretrained(tmp_path / "sd")
+    tok.save_pretrained(tmp_path / "sd" / "tokenizer")
+    syn.close()
+    wl = load_workload("sd", dict(SD, steps=2, model=str(tmp_path / "sd")), "cpu")
+    try:
+        assert wl.conditions()["tokenizer"] == "CLIPTokenizer"
+        ids = wl.tokenize(["a red fox"])
+        assert tuple(ids.shape) == (2, 77)  # prompt + unconditional (CFG)
+        assert ids[0, :4].tolist() == [52, 26, 17, 4] and ids[1, :2].tolist() == [52, 53]
+        _check_row(wl.run_batch(1, 0), 1)
+    finally:
+        wl.close()
+
+
 def test_sd_hash_tokenizer_layout():
     from mi300x_cert.workloads.sd import hash_tokenize
 
@@ -249,6 +274,26 @@ def test_whisper_compile_is_recorded():
     try:
         assert wl.conditions()["compile_mode"] == "eager:default"
         assert wl.run_batch(1, 0)["tokens"] == 2
+    finally:
+        wl.close()
+
+
+def test_whisper_text_and_wer_with_a_tokenizer():
+    class EchoTokenizer:  # stands in for a real tokenizer: "decodes" to the reference text
+        def __init__(self, texts):
+            self.texts = texts
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return self.texts[: len(ids)]
+
+    wl = load_workload("whisper", dict(WHISPER, new_tokens=2), "cpu")
+    try:
+        refs = [c["text"] for c in wl.select_clips(2, 0)]
+        wl.tokenizer = EchoTokenizer(refs)
+        row = wl.run_batch(2, 0)
+        assert wl.last_text == refs and row["wer"] == 0.0
+        wl.tokenizer = EchoTokenizer(["", ""])
+        assert wl.run_batch(2, 0)["wer"] == 1.0
     finally:
         wl.close()
 
