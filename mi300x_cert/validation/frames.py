@@ -1,0 +1,535 @@
+"""Build the metric frame each suite checks from a run directory.
+
+One frame per suite, one row per thing a verdict names (a card in a phase, a batch config at a
+process count, a case, an interface in a phase, a connection). Every frame has a ``subject``
+column, a unique human label of its row (``card 13 active``, ``N=4 8x64``), which GX returns
+for each unexpected row so that a failure names what failed.
+
+Fail closed: a missing file or column is recorded in ``Frame.problems`` (each one becomes a
+failure of the suite) and the metric columns derived from it are left out of the frame, so the
+suite's expectations on them fail as well instead of passing vacuously.
+
+Frames (columns documented in ``docs/verdicts.md``):
+
+* ``thermal``  — bare-metal telemetry aggregated per card × role (idle / active / unloaded /
+  cooldown), from ``telemetry/bare-metal*.csv`` + phase markers in ``events/bare-metal*.csv``.
+* ``latency``  — sd-throughput rows per process count × batch config (kind ``config``) and one
+  row per case status file (kind ``case``).
+* ``network``  — external-interface traffic per experiment × interface × phase (kinds
+  ``traffic_active`` / ``traffic_other``), one row per socket (``socket``), one ``summary`` row.
+* ``whisper``  — per batch (``batch``: tokens per clip) and per case (``case``: tokens/s, status).
+* ``resnet50`` — per case: images/s and status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["Frame", "build_frame", "FRAME_BUILDERS", "SUITE_EXPERIMENT", "c_to_f"]
+
+# suite → the experiment whose data it checks (None: any experiment's data)
+SUITE_EXPERIMENT: dict[str, str | None] = {
+    "latency": "sd-throughput",
+    "thermal": "bare-metal",
+    "network": None,
+    "whisper": "whisper",
+    "resnet50": "resnet50",
+}
+
+
+def c_to_f(c: float | None) -> float | None:
+    if c is None or (isinstance(c, float) and math.isnan(c)):
+        return None
+    return c * 9.0 / 5.0 + 32.0
+
+
+@dataclass
+class Frame:
+    suite: str
+    df: Any  # pandas.DataFrame
+    problems: list[str] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    return pd.read_csv(path, low_memory=False)
+
+
+def _read_many(root: Path, kind: str, pattern: str, problems: list[str], required: list[str]):
+    """Concatenate ``<root>/<kind>/<pattern>`` CSVs with a ``stem`` column; record missing files/columns."""
+    import pandas as pd
+
+    files = sorted((root / kind).glob(pattern))
+    if not files:
+        problems.append(f"missing file: {kind}/{pattern}")
+        return None
+    parts = []
+    for f in files:
+        try:
+            d = _read_csv(f)
+        except Exception as e:  # an empty or corrupt stream is a missing metric
+            problems.append(f"unreadable file {kind}/{f.name}: {type(e).__name__}: {e}")
+            continue
+        d["stem"] = f.stem
+        parts.append(d)
+    if not parts:
+        return None
+    df = pd.concat(parts, ignore_index=True)
+    for col in required:
+        if col not in df.columns:
+            problems.append(f"missing column {col!r} in {kind}/{pattern}")
+    return df
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "y", "t")
+    try:
+        return bool(v) and not (isinstance(v, float) and math.isnan(v))
+    except Exception:
+        return False
+
+
+def _parse_cards(v: Any) -> list[int]:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return []
+    if isinstance(v, (int, float)):
+        return [int(v)]
+    text = str(v).strip().strip("[]()")
+    out = []
+    for part in text.replace(";", ",").replace(" ", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(float(part)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- thermal
+THERMAL_COLUMNS = ["subject", "card", "role", "samples", "junction_readable", "memory_readable",
+                   "junction_mean_c", "junction_max_c", "memory_mean_c", "memory_max_c",
+                   "junction_mean_f", "junction_max_f", "memory_max_f", "idle_mean_c", "delta_active_idle_c",
+                   "recovery_s", "throttle_events", "power_mean_w"]
+
+
+def _segments(events, problems: list[str]) -> list[dict]:
+    """Phase segments from event markers: [{stem, t0, t1, phase, cards}]."""
+    segs: list[dict] = []
+    if events is None or not {"t", "kind", "phase"}.issubset(events.columns):
+        return segs
+    ph = events[events["kind"].astype(str) == "phase"].sort_values(["stem", "t"])
+    for stem, g in ph.groupby("stem", sort=False):
+        rows = g.to_dict("records")
+        for i, r in enumerate(rows):
+            t1 = rows[i + 1]["t"] if i + 1 < len(rows) else math.inf
+            segs.append({"stem": stem, "t0": float(r["t"]), "t1": float(t1), "phase": str(r["phase"]),
+                         "cards": _parse_cards(r.get("cards"))})
+    if not segs:
+        problems.append("no phase markers (kind=phase) in events/bare-metal*.csv")
+    return segs
+
+
+def thermal_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
+    import numpy as np
+    import pandas as pd
+
+    problems: list[str] = []
+    tel = _read_many(run_dir, "telemetry", "bare-metal*.csv", problems,
+                     ["t", "card", "phase", "junction_c", "memory_c", "throttle"])
+    ev = _read_many(run_dir, "events", "bare-metal*.csv", problems, ["t", "kind", "phase", "cards"])
+    segs = _segments(ev, problems)
+    if tel is None or not {"t", "card", "phase"}.issubset(tel.columns):
+        return Frame("thermal", pd.DataFrame({"subject": pd.Series([], dtype=str)}), problems)
+    tel = tel.sort_values("t").reset_index(drop=True)
+    tel["card"] = tel["card"].astype(int)
+    has_j, has_m = "junction_c" in tel.columns, "memory_c" in tel.columns
+    for col in ("junction_c", "memory_c", "power_w"):
+        if col in tel.columns:
+            tel[col] = pd.to_numeric(tel[col], errors="coerce")
+
+    # role of each sample: idle | active (this card loaded) | unloaded (another group loaded) | cooldown
+    role = np.array(["other"] * len(tel), dtype=object)
+    seg_id = np.full(len(tel), -1)
+    tv, cv, sv = tel["t"].to_numpy(float), tel["card"].to_numpy(int), tel["stem"].to_numpy(object)
+    for i, s in enumerate(segs):
+        m = (sv == s["stem"]) & (tv >= s["t0"]) & (tv < s["t1"])
+        seg_id[m] = i
+        if s["phase"] == "active":
+            loaded = np.isin(cv, s["cards"])
+            role[m & loaded] = "active"
+            role[m & ~loaded] = "unloaded"
+        elif s["phase"] in ("idle", "cooldown"):
+            role[m] = s["phase"]
+    if not segs:  # no markers: fall back to the sampler's phase column, but active cards are unknown
+        role = tel["phase"].astype(str).to_numpy(object)
+    tel["role"] = role
+    tel["seg"] = seg_id
+    throttle = tel["throttle"].map(_truthy) if "throttle" in tel.columns else None
+
+    rows = []
+    idle_means: dict[int, float] = {}
+    if has_j:
+        idle_means = tel[tel["role"] == "idle"].groupby("card")["junction_c"].mean().to_dict()
+    margin = float(params.get("recovery_margin_c", 3.0))
+    for (card, r), g in tel[tel["role"].isin(["idle", "active", "unloaded", "cooldown"])].groupby(["card", "role"]):
+        row: dict[str, Any] = {"subject": f"card {card} {r}", "card": int(card), "role": r, "samples": len(g)}
+        if has_j:
+            j = g["junction_c"]
+            row.update(junction_readable=float(j.notna().mean()), junction_mean_c=j.mean(), junction_max_c=j.max())
+        if has_m:
+            mm = g["memory_c"]
+            row.update(memory_readable=float(mm.notna().mean()), memory_mean_c=mm.mean(), memory_max_c=mm.max())
+        if "power_w" in g.columns:
+            row["power_mean_w"] = g["power_w"].mean()
+        if r == "active":
+            if throttle is not None:
+                row["throttle_events"] = int(throttle[g.index].sum())
+            if has_j:
+                idle = idle_means.get(card, np.nan)
+                row["idle_mean_c"] = idle
+                row["delta_active_idle_c"] = row["junction_mean_c"] - idle
+                row["recovery_s"] = _recovery(tel, card, g, segs, idle, margin)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in THERMAL_COLUMNS:
+        derived_from_missing = ((not has_j and ("junction" in col or col in ("idle_mean_c", "delta_active_idle_c",
+                                                                            "recovery_s")))
+                                or (not has_m and "memory" in col) or (throttle is None and col == "throttle_events"))
+        if col not in df.columns and not derived_from_missing:
+            df[col] = np.nan
+    if has_j:
+        df["junction_mean_f"] = df["junction_mean_c"].map(c_to_f)
+        df["junction_max_f"] = df["junction_max_c"].map(c_to_f)
+    if has_m:
+        df["memory_max_f"] = df["memory_max_c"].map(c_to_f)
+    df = df[[c for c in THERMAL_COLUMNS if c in df.columns]]
+    if not (df["role"] == "active").any() if len(df) else True:
+        problems.append("no card was active in the bare-metal telemetry")
+    return Frame("thermal", df, problems, {"recovery_margin_c": margin})
+
+
+def _recovery(tel, card: int, active, segs: list[dict], idle: float, margin: float) -> float:
+    """Seconds from the end of the card's (last) active segment until its junction is within
+    ``margin`` °C of its idle mean; NaN when it never gets there (or idle is unknown)."""
+    if idle != idle or not segs:  # NaN
+        return float("nan")
+    seg_ids = sorted(set(int(s) for s in active["seg"] if s >= 0))
+    if not seg_ids:
+        return float("nan")
+    end = segs[seg_ids[-1]]["t1"]
+    after = tel[(tel["card"] == card) & (tel["t"] >= end) & (tel["stem"] == segs[seg_ids[-1]]["stem"])]
+    after = after[after["junction_c"].notna()]
+    ok = after[after["junction_c"] <= idle + margin]
+    if ok.empty:
+        return float("nan")
+    return float(ok["t"].iloc[0] - end)
+
+
+# --------------------------------------------------------------------------------------------- results
+def _rows(run_dir: Path, experiment: str, problems: list[str], required: list[str]):
+    p = run_dir / "results" / experiment / "rows.csv"
+    if not p.is_file():
+        problems.append(f"missing file: results/{experiment}/rows.csv")
+        return None
+    try:
+        df = _read_csv(p)
+    except Exception as e:
+        problems.append(f"unreadable file results/{experiment}/rows.csv: {type(e).__name__}: {e}")
+        return None
+    for col in required:
+        if col not in df.columns:
+            problems.append(f"missing column {col!r} in results/{experiment}/rows.csv")
+    if "status" in df.columns:
+        df["status"] = df["status"].astype(str)
+    # warm-up batches are not measurements
+    if "warmup" in df.columns:
+        df = df[~df["warmup"].map(_truthy)]
+    if "batch_index" in df.columns:
+        df = df[pd_numeric(df["batch_index"]).fillna(0) >= 0]
+    return df
+
+
+def pd_numeric(s):
+    import pandas as pd
+
+    return pd.to_numeric(s, errors="coerce")
+
+
+def _cases(run_dir: Path, experiment: str, problems: list[str]) -> list[dict]:
+    d = run_dir / "results" / experiment / "cases"
+    out = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            st = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            problems.append(f"unreadable case status {p.name}: {e}")
+            st = {"case_id": p.stem, "status": "unreadable"}
+        out.append({"case_id": str(st.get("case_id", p.stem)), "status": str(st.get("status", "missing")),
+                    "reason": st.get("reason") or st.get("error") or ""})
+    if not out:
+        problems.append(f"no case status files in results/{experiment}/cases/")
+    return out
+
+
+def _case_rows(cases: list[dict], extra: dict | None = None) -> list[dict]:
+    rows = []
+    for c in cases:
+        r = {"subject": f"case {c['case_id']}", "kind": "case", "case_id": c["case_id"], "case_status": c["status"],
+             "reason": c["reason"]}
+        r.update(extra or {})
+        rows.append(r)
+    return rows
+
+
+def _bc_key(bc: str) -> tuple:
+    try:
+        b, n = str(bc).lower().split("x")
+        return (int(b), int(n))
+    except ValueError:
+        return (10**9, str(bc))
+
+
+def latency_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
+    import numpy as np
+    import pandas as pd
+
+    problems: list[str] = []
+    df = _rows(run_dir, "sd-throughput", problems, ["process_count", "batch_config", "per_image_s", "status"])
+    cases = _cases(run_dir, "sd-throughput", problems)
+    spec = getattr(getattr(profile, "experiments", None), "sd_throughput", None)
+    planned = [(int(n), str(bc)) for n in (spec.process_counts if spec else []) for bc in (spec.batch_configs if spec else [])]
+    limits = params.get("per_image_max_s_by_batch_config") or {}
+    default_limit = params.get("per_image_max_s")
+    have_metric = df is not None and {"process_count", "batch_config", "per_image_s"}.issubset(df.columns)
+    rows: list[dict] = []
+    if have_metric:
+        df = df.copy()
+        df["process_count"] = pd_numeric(df["process_count"]).astype("Int64")
+        df["batch_config"] = df["batch_config"].astype(str)
+        df["per_image_s"] = pd_numeric(df["per_image_s"])
+        ok = df[df["status"] == "ok"] if "status" in df.columns else df
+        keys = sorted(set(planned) | {(int(n), str(b)) for n, b in df[["process_count", "batch_config"]].dropna().itertuples(index=False)},
+                      key=lambda k: (k[0], _bc_key(k[1])))
+        medians = {}
+        for n, bc in keys:
+            g = ok[(ok["process_count"] == n) & (ok["batch_config"] == bc)]["per_image_s"].dropna()
+            allg = df[(df["process_count"] == n) & (df["batch_config"] == bc)]
+            med = float(g.median()) if len(g) else np.nan
+            medians[(n, bc)] = med
+            mean = float(g.mean()) if len(g) else np.nan
+            std = float(g.std(ddof=1)) if len(g) > 1 else (0.0 if len(g) == 1 else np.nan)
+            rows.append({
+                "subject": f"N={n} {bc}", "kind": "config", "process_count": n, "batch_config": bc,
+                "n_rows": int(len(g)),
+                "failed_rows": int((allg["status"] != "ok").sum()) if "status" in allg.columns else 0,
+                "median_per_image_s": med, "mean_per_image_s": mean, "std_per_image_s": std,
+                "min_per_image_s": float(g.min()) if len(g) else np.nan,
+                "max_per_image_s": float(g.max()) if len(g) else np.nan,
+                "cv_per_image": (std / mean) if len(g) and mean > 0 else np.nan,
+                "per_process_images_per_s": (1.0 / med) if med and med == med and med > 0 else np.nan,
+                "per_image_limit_s": float(limits.get(bc, default_limit)) if (limits.get(bc, default_limit) is not None) else np.nan,
+            })
+        counts = sorted({n for n, _ in keys})
+        base_n = 1 if 1 in counts else (counts[0] if counts else 1)
+        for r in rows:
+            base = medians.get((base_n, r["batch_config"]), np.nan)
+            r["baseline_process_count"] = base_n
+            r["per_process_scaling"] = (base / r["median_per_image_s"]) if (base == base and r["median_per_image_s"] == r["median_per_image_s"] and r["median_per_image_s"] > 0) else np.nan
+    rows += _case_rows(cases)
+    out = pd.DataFrame(rows)
+    if "subject" not in out.columns:
+        out["subject"] = pd.Series([], dtype=str)
+    if "kind" not in out.columns:
+        out["kind"] = pd.Series([], dtype=str)
+    if have_metric:
+        for col in ("process_count", "batch_config", "n_rows", "failed_rows", "median_per_image_s", "cv_per_image",
+                    "per_process_scaling", "per_image_limit_s"):
+            if col not in out.columns:
+                out[col] = np.nan
+    if "case_status" not in out.columns:
+        out["case_status"] = pd.Series([None] * len(out), dtype=object)
+    return Frame("latency", out, problems)
+
+
+def whisper_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
+    import numpy as np
+    import pandas as pd
+
+    problems: list[str] = []
+    df = _rows(run_dir, "whisper", problems, ["tokens", "items", "t_start", "t_end", "case_id"])
+    cases = _cases(run_dir, "whisper", problems)
+    spec = getattr(getattr(profile, "experiments", None), "whisper", None)
+    configured = int(spec.new_tokens) if spec else np.nan
+    rows: list[dict] = []
+    if df is not None and {"tokens", "items", "case_id"}.issubset(df.columns):
+        df = df.copy()
+        for c in ("tokens", "items", "t_start", "t_end"):
+            if c in df.columns:
+                df[c] = pd_numeric(df[c])
+        for i, r in enumerate(df.to_dict("records")):
+            items = r.get("items")
+            rows.append({"subject": f"case {r['case_id']} batch {r.get('batch_index', i)}", "kind": "batch",
+                         "case_id": str(r["case_id"]),
+                         "tokens_per_clip": (r["tokens"] / items) if items and items == items else np.nan,
+                         "configured_tokens": configured})
+        for cid, g in df.groupby("case_id"):
+            ok = g[g["status"] == "ok"] if "status" in g.columns else g
+            wall = (ok["t_end"].max() - ok["t_start"].min()) if {"t_start", "t_end"}.issubset(ok.columns) and len(ok) else np.nan
+            rows.append({"subject": f"case {cid} total", "kind": "total", "case_id": str(cid),
+                         "tokens_total": float(ok["tokens"].sum()), "wall_s": wall,
+                         "tokens_per_s": (float(ok["tokens"].sum()) / wall) if wall and wall == wall and wall > 0 else np.nan})
+    rows += _case_rows(cases)
+    out = pd.DataFrame(rows)
+    for col in ("subject", "kind", "case_status"):
+        if col not in out.columns:
+            out[col] = pd.Series([None] * len(out), dtype=object)
+    if df is not None and {"tokens", "items", "case_id"}.issubset(df.columns):
+        for col in ("tokens_per_clip", "configured_tokens", "tokens_per_s"):
+            if col not in out.columns:
+                out[col] = np.nan
+    return Frame("whisper", out, problems)
+
+
+def resnet_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
+    import numpy as np
+    import pandas as pd
+
+    problems: list[str] = []
+    df = _rows(run_dir, "resnet50", problems, ["case_id", "items", "latency_s"])
+    cases = _cases(run_dir, "resnet50", problems)
+    rows: list[dict] = []
+    if df is not None and {"case_id", "items", "latency_s"}.issubset(df.columns):
+        df = df.copy()
+        df["items"], df["latency_s"] = pd_numeric(df["items"]), pd_numeric(df["latency_s"])
+        for cid, g in df.groupby("case_id"):
+            ok = g[g["status"] == "ok"] if "status" in g.columns else g
+            lat = float(ok["latency_s"].sum())
+            label = " ".join(f"{c}={g[c].iloc[0]}" for c in ("mode", "image_size", "batch_size") if c in g.columns)
+            rows.append({"subject": f"case {cid}" + (f" ({label})" if label else ""), "kind": "throughput",
+                         "case_id": str(cid), "images": float(ok["items"].sum()), "compute_s": lat,
+                         "images_per_s": (float(ok["items"].sum()) / lat) if lat > 0 else np.nan,
+                         **{c: g[c].iloc[0] for c in ("mode", "image_size", "batch_size") if c in g.columns}})
+    rows += _case_rows(cases)
+    out = pd.DataFrame(rows)
+    for col in ("subject", "kind", "case_status"):
+        if col not in out.columns:
+            out[col] = pd.Series([None] * len(out), dtype=object)
+    if df is not None and {"case_id", "items", "latency_s"}.issubset(df.columns) and "images_per_s" not in out.columns:
+        out["images_per_s"] = np.nan
+    return Frame("resnet50", out, problems)
+
+
+# --------------------------------------------------------------------------------------------- network
+def network_mode(run_dir: Path) -> str | None:
+    """The isolation mode the run recorded (enforced | observed), wherever the engine put it."""
+    for rel in ("run.json", "conditions.json", "network/summary.json"):
+        p = run_dir / rel
+        if not p.is_file():
+            continue
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        found = _find_mode(data)
+        if found:
+            return found
+    return None
+
+
+def _find_mode(obj: Any, depth: int = 0) -> str | None:
+    if depth > 4:
+        return None
+    if isinstance(obj, dict):
+        for k in ("network_mode", "isolation_mode", "effective_mode", "isolation"):
+            v = obj.get(k)
+            if isinstance(v, str):
+                return v
+        net = obj.get("network")
+        if isinstance(net, dict):
+            for k in ("mode", "effective_mode", "isolation", "isolation_mode"):
+                if isinstance(net.get(k), str) and net.get(k) != "auto":
+                    return net[k]
+        for v in obj.values():
+            if isinstance(v, (dict, list)):
+                f = _find_mode(v, depth + 1)
+                if f:
+                    return f
+    elif isinstance(obj, list):
+        for v in obj:
+            f = _find_mode(v, depth + 1)
+            if f:
+                return f
+    return None
+
+
+def network_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
+    import pandas as pd
+
+    problems: list[str] = []
+    net = _read_many(run_dir, "network", "*.csv", problems, ["phase", "interface", "d_sent", "d_recv"])
+    socks = _read_many(run_dir, "sockets", "*.csv", problems, ["pid", "raddr", "external"])
+    excluded = set(getattr(getattr(profile, "network", None), "exclude_interfaces", None) or []) | {"lo"}
+    rows: list[dict] = []
+    total_active = 0.0
+    have_traffic = net is not None and {"phase", "interface", "d_sent", "d_recv"}.issubset(net.columns)
+    if have_traffic:
+        net = net.copy()
+        net["interface"] = net["interface"].astype(str)
+        ext = net[~net["interface"].isin(excluded) & ~net["interface"].str.startswith("lo")]
+        for (stem, itf, phase), g in ext.groupby(["stem", "interface", "phase"]):
+            sent, recv = float(pd_numeric(g["d_sent"]).fillna(0).sum()), float(pd_numeric(g["d_recv"]).fillna(0).sum())
+            kind = "traffic_active" if str(phase) == "active" else "traffic_other"
+            if kind == "traffic_active":
+                total_active += sent + recv
+            rows.append({"subject": f"{stem} {itf} {phase}", "kind": kind, "experiment": stem, "interface": itf,
+                         "phase": str(phase), "bytes_sent": sent, "bytes_recv": recv, "samples": len(g)})
+    n_external = 0
+    have_socks = socks is not None and {"pid", "raddr", "external"}.issubset(socks.columns)
+    if have_socks:
+        for r in socks.to_dict("records"):
+            external = _truthy(r.get("external"))
+            n_external += int(external)
+            rows.append({"subject": f"pid {r.get('pid')} → {r.get('raddr')} ({r.get('stem')}, {r.get('phase', '')})",
+                         "kind": "socket", "experiment": r.get("stem"), "phase": str(r.get("phase", "")),
+                         "pid": r.get("pid"), "raddr": str(r.get("raddr")), "external": external})
+    mode = network_mode(run_dir)
+    summary: dict[str, Any] = {"subject": "run summary", "kind": "summary", "mode": mode}
+    if have_traffic:
+        summary["external_bytes_active"] = total_active
+    if have_socks:
+        summary["external_connections"] = n_external
+    rows.append(summary)
+    out = pd.DataFrame(rows)
+    for col in ("bytes_sent", "bytes_recv") if have_traffic else ():
+        if col not in out.columns:
+            out[col] = float("nan")
+    if have_socks and "external" not in out.columns:
+        out["external"] = None
+    if have_traffic and not any(r["kind"] == "traffic_active" for r in rows):
+        # no external interface during an active phase: nothing can have left the host
+        pass
+    return Frame("network", out, problems, {"excluded_interfaces": sorted(excluded), "mode": mode})
+
+
+FRAME_BUILDERS: dict[str, Callable[[Path, Any, dict], Frame]] = {
+    "latency": latency_frame,
+    "thermal": thermal_frame,
+    "network": network_frame,
+    "whisper": whisper_frame,
+    "resnet50": resnet_frame,
+}
+
+
+def build_frame(suite: str, run_dir: Path | str, profile: Any, params: dict | None = None) -> Frame:
+    """The metric frame of ``suite`` (see the module docstring)."""
+    return FRAME_BUILDERS[suite](Path(run_dir), profile, params or {})
