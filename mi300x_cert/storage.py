@@ -178,7 +178,7 @@ def make_client(cfg: StoreConfig) -> Any:
     conf = Config(
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,
-        retries={"max_attempts": cfg.botocore_attempts, "mode": "standard"},
+        retries={"total_max_attempts": cfg.botocore_attempts, "mode": "standard"},
         s3={"addressing_style": "path"} if cfg.endpoint else None,
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
