@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .base import TelemetryBackend, domain_of
@@ -61,7 +61,6 @@ class _Card:
     busy: bool = False
     energy_j: float = 0.0
     last: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class SimulatedBackend(TelemetryBackend):

@@ -6,7 +6,6 @@ import importlib.metadata as md
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
