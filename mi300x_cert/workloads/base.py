@@ -140,13 +140,13 @@ def load_optimizer(kind: str) -> Any:
     """The ``optimize_<kind>`` function of ``mi300x_cert.workloads.optimized`` (path "optimized")."""
     name = f"optimize_{kind}"
     try:
-        from . import optimized  # type: ignore[attr-defined]
-    except ModuleNotFoundError as e:
-        if e.name and e.name.endswith("optimized"):
-            raise WorkerError(
-                f"path 'optimized' requested for {kind!r} but mi300x_cert.workloads.optimized is not installed"
-            ) from e
-        raise
+        import importlib
+
+        optimized = importlib.import_module(f"{__package__}.optimized")
+    except ImportError as e:
+        raise WorkerError(
+            f"path 'optimized' requested for {kind!r} but mi300x_cert.workloads.optimized cannot be imported: {e}"
+        ) from e
     fn = getattr(optimized, name, None)
     if fn is None:
         raise WorkerError(f"path 'optimized' requested for {kind!r} but mi300x_cert.workloads.optimized has no {name}()")

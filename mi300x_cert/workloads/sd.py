@@ -291,9 +291,17 @@ class SDWorkload(Workload):
         return int(len(sched.timesteps))
 
     def attention_backend(self) -> str:
-        if self.attention == "eager":
-            return "eager (AttnProcessor)"
-        return "sdpa (torch.nn.functional.scaled_dot_product_attention)"
+        """The attention processors the UNet actually holds (truthful after the optimized path swaps them)."""
+        try:
+            names = sorted({type(proc).__name__ for proc in self.unet.attn_processors.values()})
+        except AttributeError:  # a replaced / compiled UNet without the diffusers attribute
+            names = []
+        label = ", ".join(names) or "unknown"
+        if names == ["AttnProcessor2_0"]:
+            label += " (torch.nn.functional.scaled_dot_product_attention)"
+        elif names == ["AttnProcessor"]:
+            label += " (eager matmul + softmax)"
+        return label
 
     def _conditions(self) -> dict[str, Any]:
         return {
@@ -306,7 +314,8 @@ class SDWorkload(Workload):
             "unet_batch_factor": 2 if self.do_cfg else 1,
             "height": self.height,
             "width": self.width,
-            "attention": self.attention_backend(),
+            "attention": self.attention,
+            "attention_backend": self.attention_backend(),
             "tokenizer": self.tokenizer_note,
             "prompts": len(self.prompts),
             "latency_counts": "text encoder + denoising + VAE decode",

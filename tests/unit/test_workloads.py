@@ -53,7 +53,8 @@ def test_sd_synthetic_batch_and_conditions():
         assert c["model"] == "synthetic:sd-tiny" and c["synthetic"] is True
         assert c["scheduler"] == "pndm" and c["unet_evals"] == 5 and c["unet_batch_factor"] == 2
         assert c["tokenizer"] == "hash (synthetic; no CLIP vocab)"
-        assert c["attention"].startswith("sdpa") and c["compile_mode"] == "none" and c["path"] == "stock"
+        assert c["attention"] == "sdpa" and c["attention_backend"].startswith("AttnProcessor2_0 (torch")
+        assert c["compile_mode"] == "none" and c["path"] == "stock"
         assert c["versions"]["torch"] == torch.__version__ and "diffusers" in c["versions"]
         # the pieces the optimized path replaces are reachable
         for name in ("pipe", "unet", "vae", "text_encoder", "scheduler"):
@@ -98,7 +99,8 @@ def test_sd_eager_attention():
         from diffusers.models.attention_processor import AttnProcessor
 
         assert all(isinstance(p, AttnProcessor) for p in wl.unet.attn_processors.values())
-        assert wl.conditions()["attention"].startswith("eager")
+        c = wl.conditions()
+        assert c["attention"] == "eager" and c["attention_backend"].startswith("AttnProcessor (eager")
         _check_row(wl.run_batch(1, 0), 1)
     finally:
         wl.close()
@@ -196,8 +198,10 @@ def test_optimized_path_without_module_is_a_clear_error(monkeypatch):
     from mi300x_cert.workloads.base import load_optimizer
 
     monkeypatch.setitem(sys.modules, "mi300x_cert.workloads.optimized", None)
-    with pytest.raises(WorkerError, match="optimized"):
+    with pytest.raises(WorkerError, match="path 'optimized' requested for 'sd'"):
         load_optimizer("sd")
+    with pytest.raises(WorkerError, match="path 'optimized'"):
+        load_workload("sd", dict(SD, path="optimized"), "cpu")
 
 
 def test_shipped_configs_are_the_published_architectures():
