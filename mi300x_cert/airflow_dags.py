@@ -61,7 +61,7 @@ SUITES = ["latency", "thermal", "network", "whisper", "resnet50"]
 # A suite is evaluated when one of its experiments ran (network: whenever anything ran).
 SUITE_EXPERIMENTS: dict[str, list[str]] = {
     "latency": ["sd-throughput"],
-    "thermal": ["bare-metal", "sd-throughput"],
+    "thermal": ["bare-metal"],
     "network": list(EXPERIMENTS),
     "whisper": ["whisper"],
     "resnet50": ["resnet50"],

@@ -126,6 +126,18 @@ def cmd_alerts(args) -> int:
     return EXIT_OK
 
 
+def cmd_airflow_smoke(args) -> int:
+    from .airflow_local import cli_smoke
+
+    return cli_smoke(args.home, args.out, args.hot_card, as_json=args.json)
+
+
+def cmd_airflow_standalone(args) -> int:
+    from .airflow_local import cli_standalone
+
+    return cli_standalone(args.home, args.port)
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -190,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by")
     s.add_argument("--note")
     s.set_defaults(func=cmd_alerts)
+
+    s = sub.add_parser("airflow-smoke", help="run the smoke recertification DAG in a local Airflow home (dag.test)")
+    s.add_argument("--home", help="AIRFLOW_HOME to create or reuse (default ./.airflow)")
+    s.add_argument("--out", help="directory for run directories (default <home>/mi300x-cert/runs)")
+    s.add_argument("--hot-card", type=int, metavar="N", help="make simulated card N run hot (the thermal suite fails)")
+    s.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    s.set_defaults(func=cmd_airflow_smoke)
+
+    s = sub.add_parser("airflow-standalone", help="airflow standalone with this project's DAGs, plugin and a local S3")
+    s.add_argument("--home", help="AIRFLOW_HOME (default ./.airflow)")
+    s.add_argument("--port", type=int, default=8080)
+    s.set_defaults(func=cmd_airflow_standalone)
 
     s = sub.add_parser("bench", help="stock vs compile recipe vs optimized workloads on a GPU")
     s.add_argument("rest", nargs=argparse.REMAINDER)

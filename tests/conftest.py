@@ -67,3 +67,24 @@ def s3_store(s3_server):
     import uuid
 
     return s3_server.store(f"test-{uuid.uuid4().hex[:12]}", backoff_s=0.01, attempts=3, connect_timeout=1)
+
+
+# ---- Airflow -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def airflow_standalone(tmp_path_factory, s3_server):
+    """One real ``airflow standalone`` per test session (temp AIRFLOW_HOME, free loopback port,
+    bundles to the session's S3 server). Shared by the Airflow integration and browser tests;
+    its whole process group is stopped at the end."""
+    from mi300x_cert.airflow_local import start_standalone
+
+    home = tmp_path_factory.mktemp("airflow-home")
+    sa = start_standalone(home, extra_env={
+        "MI300X_CERT_S3_ENDPOINT": s3_server.endpoint, "MI300X_CERT_S3_BUCKET": "airflow-standalone",
+        "MI300X_CERT_S3_CREATE_BUCKET": "true", "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+    })
+    try:
+        sa.wait_ready(timeout=420)
+        yield sa
+    finally:
+        sa.stop()
