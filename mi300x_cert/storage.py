@@ -23,8 +23,9 @@ server of :mod:`mi300x_cert.s3local` at http://127.0.0.1:9000, bucket ``mi300x-c
 use, versioned). Start it with ``python -m mi300x_cert.s3local --port 9000``.
 
 Object keys: ``<prefix>/<host>/<YYYY-MM-DD of the run start, UTC>/<run id>/<path in the bundle>``.
-Every object is written with a SHA-256 checksum computed here, read back (``ChecksumMode=ENABLED``)
-and compared here (some servers do not validate checksums). Artifacts go first; ``manifest.json`` and
+Every object is written with a SHA-256 checksum computed here, then read back (``ChecksumMode=ENABLED``)
+and its bytes hashed and compared here (some servers store a claimed checksum without checking it);
+a mismatch deletes that version and uploads again. Artifacts go first; ``manifest.json`` and
 ``envelope.dsse.json`` last: the envelope is the commit marker a reader waits for. Re-publishing the
 same bundle skips objects already present with the same digest; a different object at the same key is
 an error (certificates are immutable). When publishing fails after retries, the objects this attempt
@@ -41,6 +42,7 @@ import json
 import mimetypes
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -246,16 +248,20 @@ def _is_connection_error(e: Exception) -> bool:
 
 
 def _is_transient(e: Exception) -> bool:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, FlexibleChecksumError
 
-    if _is_connection_error(e):
+    if _is_connection_error(e) or isinstance(e, FlexibleChecksumError):
         return True
     if isinstance(e, ClientError):
         return _code(e) in _TRANSIENT_CODES or _status(e) >= 500
-    return isinstance(e, _ChecksumMismatch)
+    return isinstance(e, (_ChecksumMismatch, _Conflict))
 
 
 class _ChecksumMismatch(Exception):
+    pass
+
+
+class _Conflict(Exception):
     pass
 
 
@@ -367,20 +373,20 @@ def _remote_sha256(client: Any, bucket: str, key: str, head: dict) -> str:
 def _put_one(client: Any, cfg: StoreConfig, key: str, data: bytes, sha_hex: str, content_type: str,
              created: list[tuple[str, str | None]]) -> str:
     """Put one object (skip when identical is present). Returns "uploaded" or "skipped"."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, FlexibleChecksumError
 
     want = _b64(sha_hex)
-    put_tried = False
+    maybe_landed = False  # a put whose answer was lost may still have stored the object
 
     def attempt() -> str:
-        nonlocal put_tried
+        nonlocal maybe_landed
         head = _head(client, cfg.bucket, key)
         if head is not None:
             have = _remote_sha256(client, cfg.bucket, key, head)
             if have != want:
                 raise StorageError(f"s3://{cfg.bucket}/{key} already exists with different content "
                                    f"(sha256 {base64.b64decode(have).hex()}, ours {sha_hex}): certificates are immutable")
-            if put_tried:  # our own earlier put landed though its answer was lost
+            if maybe_landed:  # our own earlier put landed though its answer was lost: ours to roll back
                 created.append((key, head.get("VersionId")))
                 return "uploaded"
             return "skipped"
@@ -393,21 +399,34 @@ def _put_one(client: Any, cfg: StoreConfig, key: str, data: bytes, sha_hex: str,
             kwargs["ObjectLockMode"] = cfg.retention_mode
             kwargs["ObjectLockRetainUntilDate"] = (_dt.datetime.now(_dt.timezone.utc)
                                                    + _dt.timedelta(days=cfg.retention_days))
-        put_tried = True
         try:
             resp = client.put_object(**kwargs)
         except ClientError as e:
             if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return attempt()  # someone wrote the key meanwhile: compare with it
+                # someone wrote the key meanwhile: the next attempt compares with it
+                raise _Conflict(f"s3://{cfg.bucket}/{key} was written concurrently") from e
+            raise
+        except Exception:
+            maybe_landed = True
             raise
         version = resp.get("VersionId")
         created.append((key, version))
-        back = client.head_object(Bucket=cfg.bucket, Key=key, ChecksumMode="ENABLED",
-                                  **({"VersionId": version} if version else {}))
-        if _remote_sha256(client, cfg.bucket, key, back) != want:
+        # read it back and hash the bytes here: a server may store a claimed checksum unchecked
+        problem = None
+        try:
+            back = client.get_object(Bucket=cfg.bucket, Key=key, ChecksumMode="ENABLED",
+                                     **({"VersionId": version} if version else {}))
+            body = back["Body"].read()
+            if hashlib.sha256(body).hexdigest() != sha_hex:
+                problem = "stored bytes differ from ours"
+            elif back.get("ChecksumSHA256") and back["ChecksumSHA256"] != want:
+                problem = "stored SHA-256 checksum differs from ours"
+        except FlexibleChecksumError as e:
+            problem = f"stored bytes do not match the stored checksum: {e}"
+        if problem:
             _delete(client, cfg, key, version)
             created.remove((key, version))
-            raise _ChecksumMismatch(f"s3://{cfg.bucket}/{key}: stored checksum differs from ours")
+            raise _ChecksumMismatch(f"s3://{cfg.bucket}/{key}: {problem}")
         return "uploaded"
 
     return _retry(cfg, f"upload of s3://{cfg.bucket}/{key}", attempt)
@@ -501,7 +520,19 @@ def fetch_bundle(uri: str, dest: str | Path, store: dict | None = None, *, clien
         raise StorageError(f"no bundle at {uri}")
     if "envelope.dsse.json" not in names:
         raise StorageError(f"{uri} is incomplete: no envelope.dsse.json (the commit marker)")
+    created_dest = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
+    try:
+        _download_all(client, cfg, bucket, uri, objects, names, dest)
+    except BaseException:
+        if created_dest:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return dest
+
+
+def _download_all(client: Any, cfg: StoreConfig, bucket: str, uri: str, objects: list[dict], names: list[str],
+                  dest: Path) -> None:
     for key, name in zip((o["Key"] for o in objects), names):
         parts = Path(name).parts
         if not name or name.startswith("/") or ".." in parts:
@@ -521,7 +552,6 @@ def fetch_bundle(uri: str, dest: str | Path, store: dict | None = None, *, clien
         out = dest / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
-    return dest
 
 
 @contextlib.contextmanager

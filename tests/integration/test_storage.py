@@ -136,6 +136,44 @@ def test_permanent_failure_midway_leaves_nothing(make_complete_run, s3_store):
     assert verify_bundle(uri, store=s3_store)["ok"]
 
 
+class CorruptingClient:
+    """A client whose PutObject stores other bytes than it claims (the checksum header stays ours),
+    on the chosen call numbers: what a faulty server or disk would do without validating."""
+
+    def __init__(self, client, corrupt_on):
+        self._client, self._corrupt_on, self.puts = client, corrupt_on, 0
+
+    def put_object(self, **kwargs):
+        self.puts += 1
+        if self._corrupt_on(self.puts):
+            body = bytearray(kwargs["Body"])
+            body[0] ^= 0x01
+            kwargs = {**kwargs, "Body": bytes(body)}
+        return self._client.put_object(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_corrupted_upload_is_detected_and_sent_again(make_complete_run, s3_store):
+    bundle = build_bundle(make_complete_run().root)
+    wrapped = CorruptingClient(_client(s3_store), corrupt_on=lambda n: n == 2)
+    uri = storage.publish_bundle(bundle, s3_store, client=wrapped)
+    assert wrapped.puts == len(_bundle_names(bundle)) + 1
+    plain = _client(s3_store)
+    # the corrupt version was deleted: one version per object
+    assert len(_versions(plain, s3_store["bucket"])) == len(_bundle_names(bundle))
+    assert verify_bundle(uri, store=s3_store)["ok"]
+
+
+def test_persistent_corruption_fails_and_leaves_nothing(make_complete_run, s3_store):
+    bundle = build_bundle(make_complete_run().root)
+    wrapped = CorruptingClient(_client(s3_store), corrupt_on=lambda n: n >= 4)
+    with pytest.raises(StorageError, match="profile.yaml.*stored bytes"):
+        storage.publish_bundle(bundle, s3_store, client=wrapped)
+    assert _versions(_client(s3_store), s3_store["bucket"]) == []
+
+
 def test_unreachable_endpoint_fails_quickly(make_complete_run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
