@@ -75,29 +75,42 @@ def summarize_verdicts(verdicts: Any | None) -> dict:
     suites = _suite_entries(verdicts)
     passed, warned, failed = [], [], []
     details: dict[str, dict] = {}
+    skipped = []
     for name in sorted(suites):
         v = suites[name]
         success = v.get("success")
         failures = v.get("failures") or []
-        if success is True:
+        if v.get("status") == "skipped" and success is not False:
+            skipped.append(name)  # its experiment was disabled by the profile: neither passed nor failed
+        elif success is True:
             passed.append(name)
         elif success is False:
             failed.append(name)
-            failed.extend(_failure_label(name, f) for f in failures)
+            for label in (_failure_label(name, f) for f in (failures if isinstance(failures, list) else [])):
+                if label not in failed:
+                    failed.append(label)
         else:
             warned.append(name)
-        details[name] = {k: v.get(k) for k in ("success", "evaluated", "declared") if k in v}
+        details[name] = {k: v.get(k) for k in ("success", "status", "reason", "evaluated", "declared") if k in v}
         details[name]["failures"] = len(failures) if isinstance(failures, list) else failures
     overall = verdicts.get("success") if isinstance(verdicts, dict) else None
-    if not suites:
-        result, note = "FAILED", "validation/verdicts.json holds no suite verdict"
+    not_validated = verdicts.get("not_validated") if isinstance(verdicts, dict) else None
+    if isinstance(not_validated, list):
+        failed.extend(f"{n} (not validated)" for n in not_validated if f"{n} (not validated)" not in failed)
+    if not suites or not (passed or failed or warned):
+        result, note = "FAILED", "validation/verdicts.json holds no evaluated suite"
     elif failed or overall is False:
         result, note = "FAILED", None
     elif warned:
         result, note = "WARNED", None
     else:
         result, note = "PASSED", None
-    summary: dict[str, Any] = {"present": True, "success": result == "PASSED", "suites": details}
+    summary: dict[str, Any] = {"present": True, "success": result == "PASSED", "suites": details,
+                               "skipped": skipped}
+    if isinstance(verdicts, dict):
+        for k in ("thresholds", "profile", "sku", "not_validated"):
+            if k in verdicts:
+                summary[k] = verdicts[k]
     if note:
         summary["note"] = note
     return {"result": result, "passedTests": passed, "warnedTests": warned, "failedTests": failed,

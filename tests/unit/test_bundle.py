@@ -307,3 +307,30 @@ def test_openssl_alone_verifies_a_fresh_bundle(make_complete_run, tmp_path):
     art.write_bytes(art.read_bytes() + b" ")
     r = run()
     assert r.returncode != 0 and "artifacts/run.json" in r.stdout + r.stderr
+
+
+def test_verdict_summary_of_the_validation_output_shape():
+    from mi300x_cert.bundle.signing import summarize_verdicts
+
+    fail = {"suite": "thermal", "expectation": "junction_max", "type": "expect_column_max_to_be_between",
+            "column": "junction_c", "subject": "card 13", "observed": 81.0}
+    verdicts = {
+        "success": False, "not_validated": ["resnet50"], "thresholds": "mi300x",
+        "suites": {
+            "latency": {"suite": "latency", "success": True, "status": "passed", "failures": [], "evaluated": 4},
+            "thermal": {"suite": "thermal", "success": False, "status": "failed", "failures": [fail, {**fail, "subject": "card 14"}]},
+            "whisper": {"suite": "whisper", "success": True, "status": "skipped", "reason": "skipped: experiment disabled",
+                        "failures": []},
+        },
+    }
+    s = summarize_verdicts(verdicts)
+    assert s["result"] == "FAILED"
+    assert s["passedTests"] == ["latency"]
+    assert s["failedTests"] == ["thermal", "thermal/junction_max[junction_c]", "resnet50 (not validated)"]
+    assert s["summary"]["skipped"] == ["whisper"] and s["summary"]["suites"]["thermal"]["failures"] == 2
+    assert s["summary"]["not_validated"] == ["resnet50"]
+
+    ok = summarize_verdicts({"success": True, "suites": {k: v for k, v in verdicts["suites"].items() if k != "thermal"}})
+    assert ok["result"] == "PASSED" and ok["passedTests"] == ["latency"]
+    assert summarize_verdicts({"success": True, "suites": {}})["result"] == "FAILED"
+    assert summarize_verdicts([1, "x"])["result"] == "FAILED"  # garbage never crashes
