@@ -3,7 +3,8 @@
 Protocol (one JSON object per line; see :mod:`mi300x_cert.worker`)::
 
     launcher → worker stdin :  <spec JSON>\\n   ...later...   go\\n
-    worker → launcher stdout:  {"type": "row", "warmup": true, ...}   (warm-up batches, before ready)
+    worker → launcher stdout:  {"type": "loaded", "conditions": {...}, "device": ...}
+                               {"type": "row", "warmup": true, ...}   (warm-up batches, before ready)
                                {"type": "ready", "conditions": {...}, "device": ..., "load_s": ...}
                                {"type": "batch_start", "batch_index": i, "batch_size": b, "t": ...}
                                {"type": "row", "warmup": false, "latency_s": ..., ...}
@@ -22,7 +23,7 @@ started are killed together. The launcher
 * aborts the whole launch when a worker fails before ``ready`` (the barrier can never complete).
 
 Worker stderr goes to ``<log_dir>/proc<k>.log``. ``on_message(proc_spec, message)`` is called for
-every ``batch_start`` and ``row`` message (from reader threads, serialized by one lock).
+every ``loaded``, ``batch_start`` and ``row`` message (from reader threads, serialized by one lock).
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
                 w.done = True
             elif kind == "error":
                 w.error = str(msg.get("reason") or "worker reported an error")
-            elif kind in ("row", "batch_start"):
+            elif kind in ("row", "batch_start", "loaded"):
                 if kind == "row":
                     if msg.get("warmup"):
                         w.result.warmup_rows += 1

@@ -7,7 +7,7 @@ Reads its spec as one JSON line on stdin::
      "plan": {"mode": "fixed", "batch_size": 8, "n_batches": 64}          # or "batch_sizes": [..]
            | {"mode": "duration", "batch_size": 1, "min_s": 10.0}}        # repeat until min_s passed (>= 1 batch)
 
-loads the workload, runs the warm-up batches (reported as rows with ``warmup: true``; the
+loads the workload (answers ``loaded`` with its conditions), runs the warm-up batches (reported as rows with ``warmup: true``; the
 statistics exclude them), answers ``ready``, waits for ``go``, runs the plan (``batch_start`` and
 ``row`` per batch) and ends with ``done`` — or ``error`` with a reason and a non-zero exit.
 
@@ -154,6 +154,7 @@ def run(spec: dict, proto: _Proto, stdin: TextIO) -> int:
         conditions.setdefault("device", device)
         if "backend" not in conditions or conditions["backend"] is None:
             conditions["backend"] = _compute_backend(device)
+        proto.send("loaded", device=device, conditions=conditions, load_s=time.time() - t_spawn)
         plan = dict(spec.get("plan") or {})
         mode = plan.get("mode", "fixed")
         sizes = [int(plan["batch_size"])] if mode == "duration" else _batch_sizes(plan)
