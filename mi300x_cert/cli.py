@@ -56,7 +56,10 @@ def cmd_run(args) -> int:
     from . import pipeline
 
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
-    run_dir = pipeline.prepare_run(args.profile, args.out, run_id=args.run_id)
+    # a run of one experiment disables the others in the run's profile, so the run can be complete
+    overrides = None if args.experiment == "all" else {
+        "experiments": {n: {"enabled": False} for n in EXPERIMENTS if n not in names}}
+    run_dir = pipeline.prepare_run(args.profile, args.out, overrides=overrides, run_id=args.run_id)
     print(f"run directory: {run_dir}", file=sys.stderr)
     from .experiments import run_all
 
