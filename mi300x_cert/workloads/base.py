@@ -138,7 +138,8 @@ def versions(device: str | None = None) -> dict[str, Any]:
 
 def load_optimizer(kind: str) -> Any:
     """The ``optimize_<kind>`` function of ``mi300x_cert.workloads.optimized`` (path "optimized")."""
-    name = f"optimize_{kind}"
+    names = [f"optimize_{kind}"] + (["optimize_resnet"] if kind == "resnet50" else [])
+    name = names[0]
     try:
         import importlib
 
@@ -147,7 +148,7 @@ def load_optimizer(kind: str) -> Any:
         raise WorkerError(
             f"path 'optimized' requested for {kind!r} but mi300x_cert.workloads.optimized cannot be imported: {e}"
         ) from e
-    fn = getattr(optimized, name, None)
+    fn = next((getattr(optimized, n) for n in names if hasattr(optimized, n)), None)
     if fn is None:
         raise WorkerError(f"path 'optimized' requested for {kind!r} but mi300x_cert.workloads.optimized has no {name}()")
     return fn

@@ -116,6 +116,9 @@ class WhisperWorkload(Workload):
         if self.new_tokens <= 0:
             raise WorkerError(f"new_tokens must be positive, got {self.new_tokens}")
         self.language = p.get("language", "en")
+        self.attention = str(p.get("attention", "sdpa"))
+        if self.attention not in ("sdpa", "eager"):
+            raise WorkerError(f"attention {self.attention!r} is not one of sdpa, eager")
         self.clips = load_clips(repo_path(p.get("audio", DEFAULT_AUDIO_DIR)), int(p.get("clips", 0) or 0))
 
         from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
@@ -127,13 +130,15 @@ class WhisperWorkload(Workload):
             if src.synthetic:
                 cfg = WhisperConfig.from_pretrained(d, local_files_only=True)
                 torch.manual_seed(self.seed)
-                model = WhisperForConditionalGeneration(cfg)
+                model = WhisperForConditionalGeneration._from_config(cfg, attn_implementation=self.attention)
                 if (d / "generation_config.json").exists():
                     model.generation_config = GenerationConfig.from_pretrained(d, local_files_only=True)
             else:
                 src.require_any(["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                                  "pytorch_model.bin.index.json"], what="a Whisper model directory with weights")
-                model = WhisperForConditionalGeneration.from_pretrained(d, local_files_only=True)
+                model = WhisperForConditionalGeneration.from_pretrained(
+                    d, local_files_only=True, attn_implementation=self.attention
+                )
             if (d / "preprocessor_config.json").exists():
                 fe = WhisperFeatureExtractor.from_pretrained(d, local_files_only=True)
             else:
@@ -267,7 +272,8 @@ class WhisperWorkload(Workload):
             "num_mel_bins": int(cfg.num_mel_bins),
             "decoding": "greedy, min_new_tokens = max_new_tokens (EOS suppressed)",
             "tokenizer": type(self.tokenizer).__name__ if self.tokenizer is not None else "none (token ids only)",
-            "attention": getattr(cfg, "_attn_implementation", None) or "sdpa",
+            "attention": self.attention,
+            "attention_backend": getattr(cfg, "_attn_implementation", None) or self.attention,
             "latency_counts": "generate() (encoder + all decoder steps)",
             "overhead_counts": "clip selection, log-mel feature extraction, host→device copy, ids → host (+ text decoding)",
         }

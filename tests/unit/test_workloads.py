@@ -250,6 +250,7 @@ def test_whisper_generates_exactly_new_tokens_per_clip():
         assert not forced & set(wl.last_ids[:, :1].flatten().tolist())  # no forced token counted
         c = wl.conditions()
         assert c["new_tokens"] == 6 and c["clips"] >= 6 and c["synthetic"] is True
+        assert c["attention"] == "sdpa" and c["attention_backend"] == "sdpa"
         # more clips than shipped: they repeat to fill the batch
         row = wl.run_batch(c["clips"] + 2, 1)
         assert row["tokens"] == (c["clips"] + 2) * 6
@@ -274,9 +275,11 @@ def test_whisper_local_weights_match_synthetic(tmp_path):
 
 
 def test_whisper_compile_is_recorded():
-    wl = load_workload("whisper", dict(WHISPER, new_tokens=2, compile={"enabled": True, "backend": "eager", "mode": "default"}), "cpu")
+    params = dict(WHISPER, new_tokens=2, attention="eager", compile={"enabled": True, "backend": "eager", "mode": "default"})
+    wl = load_workload("whisper", params, "cpu")
     try:
-        assert wl.conditions()["compile_mode"] == "eager:default"
+        c = wl.conditions()
+        assert c["compile_mode"] == "eager:default" and c["attention_backend"] == "eager"
         assert wl.run_batch(1, 0)["tokens"] == 2
     finally:
         wl.close()
