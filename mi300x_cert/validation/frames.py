@@ -117,8 +117,8 @@ def _parse_cards(v: Any) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- thermal
 THERMAL_COLUMNS = ["subject", "card", "role", "samples", "junction_readable", "memory_readable",
-                   "junction_mean_c", "junction_max_c", "memory_mean_c", "memory_max_c",
-                   "junction_mean_f", "junction_max_f", "memory_max_f", "idle_mean_c", "delta_active_idle_c",
+                   "junction_mean_c", "junction_p95_c", "junction_max_c", "memory_mean_c", "memory_max_c",
+                   "junction_mean_f", "junction_p95_f", "junction_max_f", "memory_max_f", "idle_mean_c", "delta_active_idle_c",
                    "recovery_s", "throttle_events", "power_mean_w"]
 
 
@@ -185,7 +185,8 @@ def thermal_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
         row: dict[str, Any] = {"subject": f"card {card} {r}", "card": int(card), "role": r, "samples": len(g)}
         if has_j:
             j = g["junction_c"]
-            row.update(junction_readable=float(j.notna().mean()), junction_mean_c=j.mean(), junction_max_c=j.max())
+            row.update(junction_readable=float(j.notna().mean()), junction_mean_c=j.mean(),
+                       junction_p95_c=j.quantile(0.95) if j.notna().any() else np.nan, junction_max_c=j.max())
         if has_m:
             mm = g["memory_c"]
             row.update(memory_readable=float(mm.notna().mean()), memory_mean_c=mm.mean(), memory_max_c=mm.max())
@@ -210,6 +211,7 @@ def thermal_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     if has_j:
         df["junction_mean_f"] = df["junction_mean_c"].map(c_to_f)
         df["junction_max_f"] = df["junction_max_c"].map(c_to_f)
+        df["junction_p95_f"] = df["junction_p95_c"].map(c_to_f)
     if has_m:
         df["memory_max_f"] = df["memory_max_c"].map(c_to_f)
     df = df[[c for c in THERMAL_COLUMNS if c in df.columns]]
@@ -276,6 +278,15 @@ def _cases(run_dir: Path, experiment: str, problems: list[str]) -> list[dict]:
             st = {"case_id": p.stem, "status": "unreadable"}
         out.append({"case_id": str(st.get("case_id", p.stem)), "status": str(st.get("status", "missing")),
                     "reason": st.get("reason") or st.get("error") or ""})
+    seen = {c["case_id"] for c in out}
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+        failed = ((meta.get("experiments") or {}).get(experiment) or {}).get("failed_cases") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        failed = {}
+    for cid, reason in failed.items():  # planned cases that never wrote a status file
+        if str(cid) not in seen:
+            out.append({"case_id": str(cid), "status": "not run", "reason": str(reason)})
     if not out:
         problems.append(f"no case status files in results/{experiment}/cases/")
     return out
@@ -431,7 +442,24 @@ def resnet_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
 
 # --------------------------------------------------------------------------------------------- network
 def network_mode(run_dir: Path) -> str | None:
-    """The isolation mode the run recorded (enforced | observed), wherever the engine put it."""
+    """The isolation mode the run recorded (enforced | observed): ``conditions.json`` top level and
+    per experiment; several different modes give ``mixed: a, b`` (not a valid mode)."""
+    try:
+        conds = json.loads((run_dir / "conditions.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        conds = None
+    if isinstance(conds, dict):
+        modes: set[str] = set()
+        for entry in [conds] + [e for e in (conds.get("experiments") or {}).values() if isinstance(e, dict)]:
+            v = entry.get("network_mode")
+            if isinstance(v, str):
+                modes.add(v)
+            elif isinstance(v, list):
+                modes |= {str(x) for x in v}
+        if len(modes) == 1:
+            return modes.pop()
+        if modes:
+            return "mixed: " + ", ".join(sorted(modes))
     for rel in ("run.json", "conditions.json", "network/summary.json"):
         p = run_dir / rel
         if not p.is_file():
@@ -496,10 +524,10 @@ def network_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     n_external = 0
     have_socks = socks is not None and {"pid", "raddr", "external"}.issubset(socks.columns)
     if have_socks:
-        for r in socks.to_dict("records"):
+        for i, r in enumerate(socks.to_dict("records")):
             external = _truthy(r.get("external"))
             n_external += int(external)
-            rows.append({"subject": f"pid {r.get('pid')} → {r.get('raddr')} ({r.get('stem')}, {r.get('phase', '')})",
+            rows.append({"subject": f"pid {r.get('pid')} → {r.get('raddr')} ({r.get('stem')}, {r.get('phase', '')}) #{i}",
                          "kind": "socket", "experiment": r.get("stem"), "phase": str(r.get("phase", "")),
                          "pid": r.get("pid"), "raddr": str(r.get("raddr")), "external": external})
     mode = network_mode(run_dir)

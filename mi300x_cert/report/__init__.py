@@ -1,0 +1,212 @@
+"""The certification report of one run directory: ``report/index.html`` + ``report/figure<N>.png``.
+
+    build_report(run_dir) -> Path of report/index.html
+
+One self-contained HTML page (figures embedded as base64 PNG): verdicts with observed vs expected
+values (from ``validation/verdicts.json``; "not validated" when absent), Figures 1–7, the thermal
+summary per card in °C and °F, the Appendix A/B tables (``stats/*.csv``), whisper and resnet50
+summaries, the inventory and the conditions. A missing input never raises: its figure or section
+says what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_report"]
+
+_STATS_ORDER = ("mean", "median", "std", "min", "max")
+_STAT_TITLES = {"mean": "Mean", "median": "Median", "std": "Standard deviation", "min": "Minimum", "max": "Maximum"}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _missing(what: str) -> str:
+    from .html import esc
+
+    return f'<p class="missing">missing: {esc(what)}</p>'
+
+
+def _stats_section(run_dir: Path) -> tuple[str, str]:
+    import pandas as pd
+
+    from .html import esc, table_html
+
+    sdir = run_dir / "stats"
+    files = sorted(sdir.glob("*.csv")) if sdir.is_dir() else []
+    if not files:
+        return _missing("stats/*.csv (Appendix A/B tables)"), ""
+    by_name = {f.stem: f for f in files}
+    a, b = [], []
+    for stat in _STATS_ORDER:
+        if f"appendix_a_{stat}" in by_name:
+            a.append((f"{_STAT_TITLES[stat]} of normalized inference latency per image (s)", by_name.pop(f"appendix_a_{stat}")))
+    for stat in _STATS_ORDER:
+        for suffix, label in (("", ""), ("_overhead", " with overhead")):
+            key = f"appendix_b_{stat}{suffix}"
+            if key in by_name:
+                b.append((f"{_STAT_TITLES[stat]} batch inference latency{label} (s)", by_name.pop(key)))
+    left = ("N-processes", "Accelerator", "statistic", "accelerator", "case_id", "cards", "metric", "batch_config")
+
+    def render(items):
+        out = []
+        for title, f in items:
+            try:
+                out.append(f"<h3>{esc(title)}</h3>" + table_html(pd.read_csv(f), left=left))
+            except Exception as e:
+                out.append(f"<h3>{esc(title)}</h3>" + _missing(f"{f.name} unreadable: {e}"))
+        return "".join(out)
+
+    appendix_a = render(a) or _missing("stats/appendix_a_*.csv")
+    appendix_b = render(b) or _missing("stats/appendix_b_*.csv")
+    other = render([(f.stem.replace("_", " "), f) for f in by_name.values()])
+    return appendix_a, appendix_b + (("<h3>Other statistics</h3>" + other) if other else "")
+
+
+def _thermal_section(run_dir: Path) -> str:
+    from .html import table_html
+
+    try:
+        from ..validation.frames import thermal_frame
+
+        fr = thermal_frame(run_dir, None, {})
+    except Exception as e:
+        return _missing(f"thermal summary could not be computed: {type(e).__name__}: {e}")
+    df = fr.df
+    if df.empty or "junction_mean_c" not in df.columns:
+        return _missing("bare-metal telemetry with junction temperatures") + "".join(_missing(p) for p in fr.problems)
+    show = df[df["role"].isin(["idle", "active", "cooldown"])].copy()
+    cols = {"card": "card", "role": "phase", "samples": "samples"}
+    for c, label in (("junction_mean_c", "junction mean"), ("junction_p95_c", "junction p95"),
+                     ("junction_max_c", "junction max"), ("memory_max_c", "memory max")):
+        if c in show.columns:
+            cols[c] = f"{label} °C"
+            show[c.replace("_c", "_f")] = show[c] * 9 / 5 + 32
+            cols[c.replace("_c", "_f")] = f"{label} °F"
+    for c, label in (("delta_active_idle_c", "active − idle °C"), ("recovery_s", "recovery s"), ("throttle_events", "throttle samples")):
+        if c in show.columns:
+            cols[c] = label
+    order = [c for c in ("card", "role", "samples", "junction_mean_c", "junction_mean_f", "junction_p95_c", "junction_p95_f",
+                         "junction_max_c", "junction_max_f", "memory_max_c", "memory_max_f", "delta_active_idle_c",
+                         "recovery_s", "throttle_events") if c in show.columns]
+    out = show[order].rename(columns=cols)
+    note = ("<p>Report bands (seed): idle 88–100 °F (31–38 °C), active 115–130 °F (46–54 °C). "
+            "p95 = 95th percentile of the junction temperature while the card was loaded.</p>")
+    return note + table_html(out, left=("phase",)) + "".join(_missing(p) for p in fr.problems)
+
+
+def _rows(run_dir: Path, exp: str):
+    import pandas as pd
+
+    p = run_dir / "results" / exp / "rows.csv"
+    return pd.read_csv(p) if p.is_file() else None
+
+
+def _whisper_section(run_dir: Path) -> str:
+    import pandas as pd
+
+    from .html import table_html
+
+    df = _rows(run_dir, "whisper")
+    if df is None or df.empty:
+        return _missing("results/whisper/rows.csv")
+    need = [c for c in ("case_id", "tokens", "items", "latency_s", "t_start", "t_end") if c not in df.columns]
+    if need:
+        return _missing(f"columns {need} in results/whisper/rows.csv")
+    for c in ("tokens", "items", "latency_s", "t_start", "t_end"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    rows = []
+    for cid, g in df.groupby("case_id"):
+        wall = g["t_end"].max() - g["t_start"].min()
+        rows.append({"case": cid, "model": g["model"].iloc[0] if "model" in g else "", "batches": len(g),
+                     "clips": g["items"].sum(), "total tokens": g["tokens"].sum(),
+                     "tokens per clip": g["tokens"].sum() / max(g["items"].sum(), 1),
+                     "wall s": wall, "tokens/s (total)": g["tokens"].sum() / wall if wall > 0 else float("nan"),
+                     "tokens/s (compute)": g["tokens"].sum() / g["latency_s"].sum() if g["latency_s"].sum() > 0 else float("nan")})
+    return table_html(pd.DataFrame(rows), left=("case", "model"))
+
+
+def _resnet_section(run_dir: Path) -> str:
+    import pandas as pd
+
+    from .html import table_html
+
+    df = _rows(run_dir, "resnet50")
+    if df is None or df.empty:
+        return _missing("results/resnet50/rows.csv")
+    if not {"case_id", "items", "latency_s"}.issubset(df.columns):
+        return _missing("columns case_id/items/latency_s in results/resnet50/rows.csv")
+    keys = [c for c in ("mode", "image_size", "batch_size") if c in df.columns]
+    rows = []
+    for cid, g in df.groupby("case_id"):
+        lat = pd.to_numeric(g["latency_s"], errors="coerce")
+        items = pd.to_numeric(g["items"], errors="coerce").sum()
+        rows.append({"case": cid, **{k: g[k].iloc[0] for k in keys}, "batches": len(g), "images": items,
+                     "median batch s": lat.median(), "images/s": items / lat.sum() if lat.sum() > 0 else float("nan")})
+    return table_html(pd.DataFrame(rows), left=("case", "mode"))
+
+
+def _inventory_section(run_dir: Path) -> str:
+    import pandas as pd
+
+    from .html import esc, table_html
+
+    inv = _read_json(run_dir / "inventory.json")
+    if not isinstance(inv, dict):
+        return _missing("inventory.json")
+    cards = inv.get("cards") or []
+    rest = {k: v for k, v in inv.items() if k != "cards"}
+    out = table_html(pd.DataFrame(cards), left=tuple(pd.DataFrame(cards).columns)) if cards else _missing("cards in inventory.json")
+    return out + f"<pre>{esc(json.dumps(rest, indent=2, default=str))}</pre>"
+
+
+def _conditions_section(run_dir: Path) -> str:
+    from .html import esc
+
+    cond = _read_json(run_dir / "conditions.json")
+    if cond is None:
+        return _missing("conditions.json")
+    return f"<pre>{esc(json.dumps(cond, indent=2, default=str))}</pre>"
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/report/index.html`` and ``report/figure1.png`` … ``figure7.png``; return the HTML path.
+
+    Raises RunDirError when ``run_dir`` is not a run directory; missing inputs become placeholders.
+    """
+    from ..errors import RunDirError
+    from ..rundir import atomic_write_text
+    from .figures import draw_all
+    from .html import render_page
+
+    root = Path(run_dir)
+    if not (root / "run.json").is_file():
+        raise RunDirError(f"{root} is not a run directory (no run.json)")
+    meta = _read_json(root / "run.json") or {}
+    out_dir = root / "report"
+    figures = draw_all(root, out_dir)
+    verdicts = _read_json(root / "validation" / "verdicts.json")
+    appendix_a, appendix_b = _stats_section(root)
+    sections = [
+        ("Thermal summary per card (°C and °F)", _thermal_section(root)),
+        ("Appendix A: per-image latency", appendix_a),
+        ("Appendix B: batch latency", appendix_b),
+        ("Whisper token throughput", _whisper_section(root)),
+        ("ResNet-50 throughput", _resnet_section(root)),
+        ("Inventory", _inventory_section(root)),
+        ("Conditions", _conditions_section(root)),
+    ]
+    head = {"run": meta.get("run_id"), "host": meta.get("host"), "profile": meta.get("profile"), "sku": meta.get("sku"),
+            "state": meta.get("state"), "started": meta.get("started"), "finished": meta.get("finished")}
+    page = render_page(title=f"Certification report — {meta.get('host', '?')} — run {meta.get('run_id', '?')}",
+                       meta=head, figures=figures, sections=sections, verdicts=verdicts)
+    path = out_dir / "index.html"
+    atomic_write_text(path, page)
+    return path
