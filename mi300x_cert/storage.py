@@ -502,7 +502,8 @@ def fetch_bundle(uri: str, dest: str | Path, store: dict | None = None, *, clien
     bucket, prefix = parse_s3_uri(uri)
     if not prefix:
         raise StorageError(f"{uri}: a bundle URI needs a prefix (s3://bucket/certifications/...)")
-    cfg = load_store_config({**(store or {}), "bucket": bucket})
+    cfg = load_store_config(store)  # endpoint and credentials; the bucket is the URI's
+    cfg.bucket = bucket
     client = client or make_client(cfg)
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):

@@ -271,3 +271,18 @@ def test_s3local_command_serves_until_killed():
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_environment_configured_publish_and_verify(make_complete_run, s3_server, monkeypatch):
+    """The CLI path: no store dict, everything from the environment; verify takes the URI's bucket."""
+    monkeypatch.setenv("MI300X_CERT_S3_ENDPOINT", s3_server.endpoint)
+    monkeypatch.setenv("MI300X_CERT_S3_BUCKET", "env-published")
+    monkeypatch.setenv("MI300X_CERT_S3_CREATE_BUCKET", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "local")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local")
+    from mi300x_cert import pipeline
+
+    uri = pipeline.publish(pipeline.sign(make_complete_run().root))
+    assert uri.startswith("s3://env-published/certifications/gpu-node-07/")
+    monkeypatch.setenv("MI300X_CERT_S3_BUCKET", "some-other-bucket")
+    assert pipeline.verify(uri)["ok"]
