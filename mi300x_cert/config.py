@@ -280,16 +280,18 @@ class Profile(_Strict):
 
     @model_validator(mode="after")
     def _check_cards(self) -> "Profile":
+        # an unknown card id is a CardError (not a ProfileError) naming the field; pydantic lets
+        # non-ValueError exceptions through and load_profile prefixes the file
         exps = self.experiments
-        try:
-            for g in exps.bare_metal.groups:
-                self.cards(g)
-            for spec in (exps.sd_throughput.cards, exps.whisper.cards, exps.resnet50.cards):
+        fields: list[tuple[str, Any]] = [(f"experiments.bare-metal.groups[{i}]", g) for i, g in enumerate(exps.bare_metal.groups)]
+        fields += [("experiments.sd-throughput.cards", exps.sd_throughput.cards), ("experiments.whisper.cards", exps.whisper.cards),
+                   ("experiments.resnet50.cards", exps.resnet50.cards)]
+        fields += [("telemetry.simulated", [c]) for c in list(self.telemetry.simulated.hot_cards) + self.telemetry.simulated.broken_sensor_cards]
+        for where, spec in fields:
+            try:
                 self.cards(spec)
-            for c in list(self.telemetry.simulated.hot_cards) + self.telemetry.simulated.broken_sensor_cards:
-                self.cards([c])
-        except CardError as e:
-            raise ValueError(str(e)) from None
+            except CardError as e:
+                raise CardError(f"{where}: {e}") from None
         return self
 
 
@@ -342,6 +344,8 @@ def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Pro
         prof = Profile.model_validate(data)
     except ValidationError as e:
         raise ProfileError(f"{p}: {_format_pydantic(e)}") from None
+    except CardError as e:
+        raise CardError(f"{p}: {e}") from None
     prof.source_file = str(p)
     return prof
 

@@ -43,11 +43,13 @@ def plan_cases(run_dir: str | Path, experiment: str) -> list[dict]:
     return get_experiment(experiment).plan(rd, rd.load_profile())
 
 
-def run_case(run_dir: str | Path, experiment: str, case: dict) -> dict:
-    """Run one case (idempotent: a case already done is skipped). Returns its status dict."""
+def run_case(run_dir: str | Path, experiment: str, case: dict, raise_on_failure: bool = False) -> dict:
+    """Run one case (idempotent: a case already done is skipped). Returns its status dict
+    (``status`` ok | failed); with ``raise_on_failure`` a failed case raises WorkerError after its
+    status is written."""
     from .experiments import run_case as _run_case
 
-    return _run_case(run_dir, experiment, case)
+    return _run_case(run_dir, experiment, case, raise_on_failure=raise_on_failure)
 
 
 def finalize_experiment(run_dir: str | Path, experiment: str) -> dict:
@@ -57,11 +59,13 @@ def finalize_experiment(run_dir: str | Path, experiment: str) -> dict:
     return _fin(run_dir, experiment)
 
 
-def run_experiment(run_dir: str | Path, experiment: str, progress: bool = False) -> dict:
-    """plan → run every case → finalize (the CLI path; the DAG maps run_case over plan_cases)."""
+def run_experiment(run_dir: str | Path, experiment: str, progress: bool = False, raise_on_failure: bool = False) -> dict:
+    """plan → run every case → finalize (the CLI path; the DAG maps run_case over plan_cases).
+    Returns the finalize summary (``state`` finalized | incomplete, ``failed_cases``); with
+    ``raise_on_failure`` the first failed case raises WorkerError."""
     from .experiments import run_experiment as _run
 
-    return _run(run_dir, experiment, progress=progress)
+    return _run(run_dir, experiment, progress=progress, raise_on_failure=raise_on_failure)
 
 
 def finish_run(run_dir: str | Path) -> str:
