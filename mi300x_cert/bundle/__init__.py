@@ -330,8 +330,16 @@ def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict
 
         with tempfile.TemporaryDirectory(prefix="mi300x-cert-verify-") as tmpd:
             local = fetch_bundle(t, Path(tmpd) / BUNDLE_DIR, store)
-            out = _verify_dir(Path(local), key)
+            out = _verify_checked(Path(local), key)
             out["bundle"] = t
             out["uri"] = t
             return out
-    return _verify_dir(Path(target), key)
+    return _verify_checked(Path(target), key)
+
+
+def _verify_checked(bundle: Path, key: str | Path | None) -> dict:
+    try:
+        return _verify_dir(bundle, key)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        # structurally odd content (e.g. a subject that is not an object): never a crash, never a pass
+        raise VerifyError(f"bundle {bundle} is malformed: {type(e).__name__}: {e}") from e
