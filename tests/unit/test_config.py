@@ -1,0 +1,112 @@
+"""Profiles: every shipped profile loads; bad profiles fail with one error naming file and field,
+and prepare_run leaves no run directory behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mi300x_cert.config import list_profiles, load_profile
+from mi300x_cert.errors import CardError, ModelSourceError, ProfileError
+from mi300x_cert.experiments import EXPERIMENTS, get_experiment, prepare_run
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "profiles"
+SHIPPED = list_profiles()
+
+
+def test_the_three_profiles_ship():
+    assert {p.stem for p in SHIPPED} >= {"smoke", "mi300x", "h100"}
+
+
+@pytest.mark.parametrize("path", SHIPPED + sorted(FIXTURES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_profile_loads_and_plans(path):
+    prof = load_profile(path)
+    for name in EXPERIMENTS:
+        exp = get_experiment(name)
+        if exp.enabled(prof):
+            exp.check(prof)  # model sources resolve, card sets fit
+            cases = exp.plan(None, prof)
+            assert cases and len({c["case_id"] for c in cases}) == len(cases)
+
+
+def test_mi300x_profile_is_the_report_matrix():
+    prof = load_profile("mi300x")
+    sd = prof.experiments.sd_throughput
+    assert sd.process_counts == [1, 2, 4, 8, 16]
+    assert sd.batch_configs == ["1x512", "2x256", "4x128", "8x64", "16x32", "32x16", "64x8", "128x4"]
+    assert prof.dtype == "float32" and prof.telemetry.backend == "amdsmi"
+    assert [prof.cards(g) for g in prof.experiments.bare_metal.groups] == [
+        [12, 13, 14, 15], [0, 1, 2, 3], [0, 2, 5, 6, 7, 9, 11, 12]]
+    assert prof.experiments.whisper.compile.mode == "max-autotune" and prof.experiments.whisper.compile.enabled
+    cases = get_experiment("sd-throughput").plan(None, prof)
+    assert len(cases) == 40
+    assert get_experiment("whisper").plan(None, prof)[0]["clips"] * prof.experiments.whisper.new_tokens == 49664
+
+
+def test_h100_profile_one_card():
+    prof = load_profile("h100")
+    assert prof.host.card_ids == [0] and prof.telemetry.backend == "nvml" and prof.dtype == "float16"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+def _smoke_text() -> str:
+    return (Path(SHIPPED[0]).parent / "smoke.yaml").read_text()
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda t: t.replace("dtype: float32", "dtype: float32\ncolour: blue"), "colour: unknown key"),
+    (lambda t: t.replace("rate_hz: 10", "rate_hz: -3"), "telemetry.rate_hz"),
+    (lambda t: t.replace('batch_configs: ["1x2", "2x1"]', 'batch_configs: ["1x2", "two"]'), "experiments.sd-throughput.batch_configs"),
+    (lambda t: t + "\n  : : [unclosed\n", "not valid YAML"),
+])
+def test_malformed_profile_is_one_profile_error(tmp_path, edit, field):
+    p = _write(tmp_path, edit(_smoke_text()))
+    out = tmp_path / "run"
+    with pytest.raises(ProfileError) as ei:
+        prepare_run(p, out)
+    msg = str(ei.value)
+    assert str(p) in msg and field in msg
+    assert not out.exists()
+
+
+def test_unknown_card_is_card_error(tmp_path):
+    p = _write(tmp_path, _smoke_text().replace('cards: "[0]"\n    batch_size: 4', 'cards: "[16]"\n    batch_size: 4'))
+    out = tmp_path / "run"
+    with pytest.raises(CardError, match=r"experiments\.whisper\.cards: unknown card id\(s\) \[16\]"):
+        prepare_run(p, out)
+    assert not out.exists()
+
+
+def test_too_many_processes_is_card_error(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(CardError, match=r"4 processes do not fit on cards \[0, 1\]"):
+        prepare_run("smoke", out, overrides={"experiments": {"sd-throughput": {"cards": [0, 1], "process_counts": [1, 4]}}})
+    assert not out.exists()
+
+
+def test_missing_weights_dir_is_model_source_error(tmp_path):
+    out = tmp_path / "run"
+    missing = tmp_path / "no-such-weights"
+    with pytest.raises(ModelSourceError, match="no-such-weights"):
+        prepare_run("smoke", out, overrides={"sd": {"model": str(missing)}})
+    assert not out.exists()
+    with pytest.raises(ModelSourceError, match="nope"):
+        prepare_run("smoke", out, overrides={"experiments": {"whisper": {"model": "synthetic:nope"}}})
+    assert not out.exists()
+
+
+def test_disabled_experiment_is_not_checked(tmp_path):
+    out = tmp_path / "run"
+    run = prepare_run("smoke", out, overrides={"experiments": {"whisper": {"enabled": False, "model": "synthetic:nope"}}})
+    assert run == out and (out / "run.json").is_file() and (out / "inventory.json").is_file()
+    from mi300x_cert.rundir import RunDir
+
+    rd = RunDir(out)
+    assert rd.read_json("conditions.json")["enabled_experiments"] == ["bare-metal", "sd-throughput", "resnet50"]
+    assert not get_experiment("whisper").enabled(rd.load_profile())
