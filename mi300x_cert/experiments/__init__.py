@@ -408,6 +408,10 @@ def finalize_experiment(run_dir: str | Path, experiment: str) -> dict:
             frames.append(pd.read_csv(p))
     cols = exp.columns
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    for col in ("repetition", "process_count", "proc", "card", "batch_size", "batch_index", "items", "tokens",
+                "image_size"):
+        if col in df.columns:  # integers stay integers in rows.csv even where some cells are empty
+            df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
     warm_mask = df["warmup"].astype(str).str.lower().isin(["true", "1"]) if len(df) else pd.Series([], dtype=bool)
     measured, warm = df[~warm_mask], df[warm_mask]
     edir = rd.experiment_dir(experiment)
