@@ -168,6 +168,8 @@ def fig1_network(data: dict, path: Path, plt) -> str:
     ax.plot(agg.index, agg["d_sent"] / 1024, label="sent (KiB)", color="#1f77b4")
     ax.plot(agg.index, agg["d_recv"] / 1024, label="received (KiB)", color="#d62728")
     total = (agg["d_sent"].sum() + agg["d_recv"].sum()) / 1024
+    peak = float(max(agg["d_sent"].max(), agg["d_recv"].max())) / 1024 if len(agg) else 0.0
+    ax.set_ylim(0, max(1.0, peak * 1.1))
     ax.set_xlabel("time (s)")
     ax.set_ylabel("KiB per sample")
     itfs = ", ".join(sorted(net["interface"].astype(str).unique()))
