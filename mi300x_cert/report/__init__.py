@@ -209,4 +209,5 @@ def build_report(run_dir: str | Path) -> Path:
                        meta=head, figures=figures, sections=sections, verdicts=verdicts)
     path = out_dir / "index.html"
     atomic_write_text(path, page)
+    path.chmod(0o644)  # served by the dashboard; atomic writes create 0600 files
     return path
