@@ -174,6 +174,13 @@ def preflight_body(server: Server, params: dict, run_id: str) -> str:
         raise AirflowFailException(f"preflight on {server.name}: {e}") from e
 
 
+def _abs_in_run(run_dir: str | None, path: str | None) -> str | None:
+    """Paths in verdicts may be relative to the run directory; links must not be."""
+    if not path or not run_dir or "://" in str(path) or Path(path).is_absolute():
+        return path
+    return str(Path(run_dir) / path)
+
+
 def validation_body(server: Server, suite: str, run_dir: str, dag_id: str, run_id: str, context: dict) -> dict:
     """Run one GX suite; on a failed expectation write the alert, notify, and fail with a summary."""
     from . import alerts, pipeline
@@ -188,7 +195,7 @@ def validation_body(server: Server, suite: str, run_dir: str, dag_id: str, run_i
     failures = list(verdict.get("failures") or [])
     alert = alerts.raise_alert(
         suite=suite, failures=failures, host=server.name, dag_id=dag_id, run_id=run_id, run_dir=run_dir,
-        data_docs=verdict.get("data_docs"), recipients=server.alerts.email,
+        data_docs=_abs_in_run(run_dir, verdict.get("data_docs")), recipients=server.alerts.email,
         smtp_conn_id=server.alerts.smtp_conn_id, slack_conn_id=server.alerts.slack_conn_id, context=context,
     )
     summary = alerts.summary_text(suite, failures, host=server.name)
@@ -209,7 +216,7 @@ def outcome_body(server: Server, dag_id: str, run_id: str, run_dir: str | None, 
             state, error = "missing", str(e)
     failed_suites = sorted(s for s, v in verdicts.items() if v is not None and not v.get("success"))
     missing_suites = sorted(s for s, v in verdicts.items() if v is None)
-    data_docs = next((v.get("data_docs") for v in verdicts.values() if v and v.get("data_docs")), None)
+    data_docs = _abs_in_run(run_dir, next((v.get("data_docs") for v in verdicts.values() if v and v.get("data_docs")), None))
     reasons = []
     if state != "complete":
         reasons.append(f"measurements {state or 'not started'}" + (f": {error}" if error else ""))
