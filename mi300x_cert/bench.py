@@ -1,0 +1,576 @@
+"""``mi300x-cert bench``: stock, usual compile recipe and optimized path side by side, on this card.
+
+    mi300x-cert bench [--workload sd|whisper|telemetry|gemm|all] [--batch 1,32] [--whisper-batch 64,128]
+                      [--steps 50] [--repeats 3] [--out FILE.json] [--write-docs docs/performance.md]
+                      [--from-json FILE.json ...]
+
+Every number is measured in the same process on the same card: medians over ``--repeats`` timed
+batches after one warm-up batch (warm-up, compilation and graph capture reported separately),
+synchronized before the clock is read. TFLOP/s use a FLOP count made with
+``torch.utils.flop_counter`` on the same modules; the card's reference matrix rate is an 8192³ bf16
+GEMM measured in the same run. The JSON is written after each measurement, so a killed run keeps
+what it finished. ``--write-docs`` renders the Markdown table from one or more JSON files.
+
+Variants:
+  SD       stock     = diffusers StableDiffusionPipeline, eager (the stock workload)
+           recipe    = stock + channels-last + fuse_qkv_projections + torch.compile(UNet, fullgraph)
+                       (mode "default"; "reduce-overhead" = CUDA graphs at batch 1)
+           optimized = the workload's optimized path (mi300x_cert.workloads.optimized)
+  Whisper  stock     = WhisperForConditionalGeneration.generate, eager, sdpa, greedy
+           optimized = FastWhisper (static cache, graph-captured decode step)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "render_markdown", "SD_UNET_PAIR_TFLOP", "SD_VAE_TFLOP"]
+
+# FlopCounterMode on the SD v1-4 architecture at 512² (used when the count cannot be made in-run).
+SD_UNET_PAIR_TFLOP = 1.607
+SD_VAE_TFLOP = 2.515
+
+
+# ----------------------------------------------------------------------------------------------
+def _log(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Results:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"conditions": {}, "gemm": None, "sd": [], "whisper": [], "telemetry": None,
+                                     "notes": []}
+
+    def save(self) -> None:
+        if self.path:
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2, default=str))
+            os.replace(tmp, self.path)
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None)}
+    for mod in ("diffusers", "transformers", "triton"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["card"] = p.name
+        env["card_memory_gib"] = round(p.total_memory / 2**30, 1)
+        env["multiprocessors"] = p.multi_processor_count
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        env["power_limit_w"] = pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000
+        pynvml.nvmlShutdown()
+    except Exception as e:
+        env["driver"] = f"unknown ({type(e).__name__})"
+    return env
+
+
+def measure_gemm(n: int = 8192, reps: int = 20) -> dict[str, Any]:
+    """bf16 n³ matrix product on random data: TFLOP/s (median of ``reps`` event-timed products)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    t = statistics.median(ts)
+    return {"n": n, "dtype": "bfloat16", "median_s": t, "tflops": 2 * n**3 / t / 1e12}
+
+
+# ----------------------------------------------------------------------------------------------
+def _sd_params(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    return {"model": args.sd_model, "height": 512, "width": 512, "steps": args.steps, "guidance": 7.5,
+            "scheduler": "pndm", "dtype": args.dtype, "seed": 0, "device": "cuda", "path": path,
+            "prompts": "include/prompts/prompts.txt" if Path("include/prompts/prompts.txt").exists() else None}
+
+
+def sd_flops(wl: Any) -> dict[str, float]:
+    """TFLOP of one CFG-pair UNet evaluation and one VAE decode at batch 1 (FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h, w = wl.height // wl.vae_scale_factor, wl.width // wl.vae_scale_factor
+    lat = torch.randn(2, wl.latent_channels, h, w, device=wl.device, dtype=wl.dtype)
+    emb = torch.randn(2, 77, wl.unet.config.cross_attention_dim, device=wl.device, dtype=wl.dtype)
+    t = torch.tensor(500, device=wl.device)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            wl.unet(lat, t, encoder_hidden_states=emb, return_dict=False)
+        unet = fc.get_total_flops() / 1e12
+        with FlopCounterMode(display=False) as fc:
+            wl.vae.decode(lat[:1] / wl.scaling_factor, return_dict=False)
+        vae = fc.get_total_flops() / 1e12
+    return {"unet_pair_tflop": unet, "vae_decode_tflop": vae}
+
+
+def _apply_recipe(wl: Any, batch: int) -> str:
+    import torch
+
+    hook = getattr(wl, "_hook", None)
+    if hook is not None:
+        hook.remove()
+        wl._hook = None
+    wl.unet.to(memory_format=torch.channels_last)
+    wl.vae.to(memory_format=torch.channels_last)
+    wl.pipe.fuse_qkv_projections()
+    mode = "reduce-overhead" if batch == 1 else "default"
+    wl.pipe.unet = torch.compile(wl.unet, mode=mode, fullgraph=True)
+    wl.compile_mode = f"torch.compile({mode}, fullgraph=True)"
+    return mode
+
+
+def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
+    import torch
+
+    from .workloads.sd import SDWorkload
+
+    batches = [int(x) for x in args.batch.split(",")]
+    flops: dict[str, float] | None = None
+    for variant in args.variants.split(","):
+        for b in batches:
+            if time.time() > deadline:
+                res.data["notes"].append(f"sd {variant} b{b}: skipped (time limit)")
+                res.save()
+                continue
+            _log(f"[sd] {variant} batch {b}")
+            t0 = time.perf_counter()
+            wl = SDWorkload(_sd_params(args, "optimized" if variant == "optimized" else "stock"))
+            load_s = time.perf_counter() - t0
+            if flops is None:
+                try:
+                    flops = sd_flops(wl)
+                except Exception as e:  # pragma: no cover - count from constants instead
+                    flops = {"unet_pair_tflop": SD_UNET_PAIR_TFLOP, "vae_decode_tflop": SD_VAE_TFLOP,
+                             "note": f"constants ({type(e).__name__})"}
+                res.data["sd_flops"] = flops
+            rec_mode = _apply_recipe(wl, b) if variant == "recipe" else None
+            row: dict[str, Any] = {"variant": variant, "batch": b, "load_s": load_s, "steps": args.steps,
+                                   "dtype": wl.dtype_name, "compile": wl.compile_mode}
+            try:
+                row["warmup_s"] = wl.warmup(b)
+                lats = []
+                for i in range(args.repeats):
+                    r = wl.run_batch(b, i)
+                    lats.append(r["latency_s"])
+                    row["unet_evals"] = r.get("unet_evals")
+                med = statistics.median(lats)
+                evals = row.get("unet_evals") or 51
+                tflop_img = flops["unet_pair_tflop"] * evals + flops["vae_decode_tflop"]
+                row.update({"latencies_s": lats, "batch_latency_s": med, "per_image_s": med / b,
+                            "tflop_per_image": tflop_img, "tflops": tflop_img * b / med,
+                            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+                if variant == "optimized":
+                    row["optimized"] = wl.conditions().get("optimized")
+                if rec_mode:
+                    row["recipe_mode"] = rec_mode
+                # equality: same seeded inputs through this variant vs stock, compared once per batch
+                if args.check and b == batches[0]:
+                    row["latents"] = _sd_latent_digest(wl, b)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                _log(f"[sd] {variant} b{b} failed: {row['error']}")
+            wl.close()
+            del wl
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            res.data["sd"].append(row)
+            res.save()
+            _log(json.dumps({k: v for k, v in row.items() if k not in ("latencies_s", "optimized", "latents")}))
+    _sd_equality(res)
+
+
+def _sd_latent_digest(wl: Any, b: int) -> dict[str, Any]:
+    """Final latents of batch index 0 (seeded) as a small float list for cross-variant comparison."""
+    import torch
+
+    ids = wl.tokenize(wl.select_prompts(b, 0))
+    cond, uncond = wl.encode_prompts(ids)
+    lat0 = wl.initial_latents(b, 0)
+    lat = wl.denoise(cond, uncond, lat0)
+    img = wl.decode(lat)
+    torch.cuda.synchronize()
+    flat = lat.float().flatten().cpu()
+    return {"latents": flat[:4096].tolist(), "norm": float(flat.norm()),
+            "image_sample": img.float().flatten()[:4096].cpu().tolist()}
+
+
+def _sd_equality(res: Results) -> None:
+    import torch
+
+    rows = [r for r in res.data["sd"] if "latents" in r]
+    ref = next((r for r in rows if r["variant"] == "stock"), None)
+    if ref is None:
+        return
+    a = torch.tensor(ref["latents"]["latents"])
+    ai = torch.tensor(ref["latents"]["image_sample"])
+    for r in rows:
+        if r is ref:
+            continue
+        b = torch.tensor(r["latents"]["latents"])
+        bi = torch.tensor(r["latents"]["image_sample"])
+        r["vs_stock"] = {"latent_rel_err": float((a - b).norm() / a.norm()),
+                         "image_rel_err": float((ai - bi).norm() / ai.norm()),
+                         "image_max_abs": float((ai - bi).abs().max())}
+    res.save()
+
+
+# ----------------------------------------------------------------------------------------------
+def _whisper_model(name: str, dtype: Any) -> Any:
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    from .config import resolve_model_source
+
+    _, d = resolve_model_source(name)
+    torch.manual_seed(0)
+    cfg = WhisperConfig.from_pretrained(d)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        m = WhisperForConditionalGeneration(cfg)
+    m = m.to(dtype).eval()
+    m.generation_config = GenerationConfig.from_pretrained(d)
+    return m
+
+
+def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> None:
+    import torch
+
+    from .workloads.optimized.common import setup_compile_cache
+    from .workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    setup_compile_cache()
+    dtype = getattr(torch, args.dtype)
+    m = _whisper_model(args.whisper_model, dtype)
+    gc = m.generation_config
+    N = args.new_tokens
+    nmel = m.config.num_mel_bins
+    fast = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=N,
+                       suppress_tokens=getattr(gc, "suppress_tokens", None),
+                       begin_suppress_tokens=getattr(gc, "begin_suppress_tokens", None),
+                       eos_token_id=gc.eos_token_id, device="cuda")
+    stock_batches = [int(x) for x in args.whisper_stock_batch.split(",")]
+    batches = sorted(set(stock_batches) | {int(x) for x in args.whisper_batch.split(",")})
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for b in batches:
+        feats = [torch.randn(b, nmel, 3000, generator=gen).to("cuda", dtype) for _ in range(2)]
+        for variant in ("stock", "optimized"):
+            if variant == "stock" and b not in stock_batches:
+                continue
+            if time.time() > deadline:
+                res.data["notes"].append(f"whisper {variant} b{b}: skipped (time limit)")
+                continue
+            _log(f"[whisper] {variant} batch {b}")
+            row: dict[str, Any] = {"variant": variant, "batch": b, "new_tokens": N, "dtype": args.dtype,
+                                   "model": args.whisper_model}
+
+            def run(x: Any) -> Any:
+                if variant == "stock":
+                    with torch.inference_mode():
+                        return m.generate(x, max_new_tokens=N, min_new_tokens=N, language="en", task="transcribe")
+                return fast.generate(x)[:, -N:]
+
+            try:
+                t0 = time.perf_counter()
+                run(feats[0])
+                torch.cuda.synchronize()
+                row["warmup_s"] = time.perf_counter() - t0
+                lats, outs = [], []
+                for i in range(args.repeats):
+                    x = feats[i % 2]
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    out = run(x)
+                    torch.cuda.synchronize()
+                    lats.append(time.perf_counter() - t0)
+                    outs.append(out)
+                med = statistics.median(lats)
+                row.update({"latencies_s": lats, "batch_latency_s": med, "tokens": b * N,
+                            "tokens_per_s": b * N / med, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                            "tokens_shape": list(outs[0].shape)})
+                res.data.setdefault("_whisper_tokens", {})[f"{variant}-{b}"] = outs[0][:, -N:].cpu()
+                if variant == "optimized":
+                    row["graph"] = fast.reason
+                    row["capture_s"] = fast.capture_s.get(b)
+                    ref = res.data["_whisper_tokens"].get(f"stock-{b}")
+                    if ref is not None:
+                        got = outs[0][:, -N:].cpu()
+                        row["vs_stock"] = {"token_agreement": float((ref == got).float().mean()),
+                                           "clips_identical": float((ref == got).all(dim=1).float().mean()),
+                                           "first_token_agreement": float((ref[:, 0] == got[:, 0]).float().mean())}
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                _log(f"[whisper] {variant} b{b} failed: {row['error']}")
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            res.data["whisper"].append(row)
+            tokens = res.data.pop("_whisper_tokens", None)
+            res.save()
+            if tokens is not None:
+                res.data["_whisper_tokens"] = tokens
+            _log(json.dumps({k: v for k, v in row.items() if k != "latencies_s"}))
+    res.data.pop("_whisper_tokens", None)
+    res.save()
+
+
+# ----------------------------------------------------------------------------------------------
+class _NvmlPoller:
+    """Samples the card at ``rate_hz`` through the project's NVML telemetry backend on a thread,
+    counting the thread's own CPU time."""
+
+    def __init__(self, rate_hz: float) -> None:
+        self.rate_hz = rate_hz
+        self.samples = 0
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
+        self.rows: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.backend_name = "?"
+
+    def _loop(self) -> None:
+        from .config import TelemetrySpec
+        from .telemetry import open_backend
+
+        spec = TelemetrySpec(backend="nvml", rate_hz=self.rate_hz)
+        c0, w0 = time.thread_time(), time.perf_counter()
+        with open_backend(spec, cards=[0]) as be:
+            self.backend_name = type(be).__name__
+            period = 1.0 / self.rate_hz
+            nxt = time.perf_counter()
+            while not self._stop.is_set():
+                self.rows.extend(be.sample())
+                self.samples += 1
+                nxt += period
+                self._stop.wait(max(0.0, nxt - time.perf_counter()))
+        self.cpu_s = time.thread_time() - c0
+        self.wall_s = time.perf_counter() - w0
+
+    def __enter__(self) -> "_NvmlPoller":
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10)
+
+
+def bench_telemetry(args: argparse.Namespace, res: Results, deadline: float) -> None:
+    """SD throughput with and without 10 Hz NVML sampling (alternating), and the sampler's CPU."""
+    import torch
+
+    from .workloads.sd import SDWorkload
+
+    b = int(args.telemetry_batch)
+    wl = SDWorkload(_sd_params(args, "optimized"))
+    wl.warmup(b)
+    per = {"off": [], "on": []}
+    cpu, wall, samples, util, power = 0.0, 0.0, 0, [], []
+    for rnd in range(args.telemetry_rounds):
+        for state in ("off", "on") if rnd % 2 == 0 else ("on", "off"):
+            if time.time() > deadline:
+                break
+            if state == "on":
+                with _NvmlPoller(args.rate_hz) as p:
+                    time.sleep(0.3)
+                    t0 = time.perf_counter()
+                    for i in range(args.telemetry_batches):
+                        wl.run_batch(b, i)
+                    per["on"].append((time.perf_counter() - t0) / (args.telemetry_batches * b))
+                cpu += p.cpu_s
+                wall += p.wall_s
+                samples += p.samples
+                util += [r.get("util_pct") for r in p.rows if r.get("util_pct") is not None]
+                power += [r.get("power_w") for r in p.rows if r.get("power_w") is not None]
+            else:
+                t0 = time.perf_counter()
+                for i in range(args.telemetry_batches):
+                    wl.run_batch(b, i)
+                per["off"].append((time.perf_counter() - t0) / (args.telemetry_batches * b))
+    off, on = statistics.median(per["off"]), statistics.median(per["on"])
+    res.data["telemetry"] = {
+        "workload": f"sd optimized batch {b}", "rate_hz": args.rate_hz, "per_image_off_s": per["off"],
+        "per_image_on_s": per["on"], "throughput_change_pct": (off / on - 1) * 100,
+        "sampler_cpu_pct_of_core": 100 * cpu / wall if wall else None, "samples": samples,
+        "achieved_rate_hz": samples / wall if wall else None,
+        "util_pct_median": statistics.median(util) if util else None,
+        "power_w_median": statistics.median(power) if power else None,
+    }
+    wl.close()
+    torch.cuda.empty_cache()
+    res.save()
+    _log(json.dumps(res.data["telemetry"]))
+
+
+# ----------------------------------------------------------------------------------------------
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def render_markdown(datas: list[dict[str, Any]]) -> str:
+    """The performance page from one or more bench JSON files (each from one run on one card)."""
+    out = ["# Performance: stock, compile recipe and optimized path", "",
+           "Generated by `mi300x-cert bench --write-docs docs/performance.md` from measured runs; every figure "
+           "below was measured, each ratio against the stock path measured in the same run on the same card.", ""]
+    for d in datas:
+        c = d.get("conditions", {})
+        out += [f"## Run: {c.get('card', '?')} (driver {c.get('driver', '?')})", "",
+                f"torch {c.get('torch')} (CUDA {c.get('cuda')}, HIP {c.get('hip')}), triton {c.get('triton')}, "
+                f"diffusers {c.get('diffusers')}, transformers {c.get('transformers')}, python {c.get('python')}; "
+                f"started {c.get('started')}.", ""]
+        g = d.get("gemm")
+        if g:
+            out += [f"Reference matrix rate: {g['n']}³ {g['dtype']} GEMM = **{g['tflops']:.0f} TFLOP/s** (median of timed products).", ""]
+        sd = [r for r in d.get("sd", []) if "per_image_s" in r]
+        if sd:
+            fl = d.get("sd_flops", {})
+            out += ["### Stable Diffusion v1-4 architecture (synthetic: random weights, identical compute)", "",
+                    f"512×512, {sd[0].get('steps')} steps PNDM = {sd[0].get('unet_evals')} UNet evaluations, CFG 7.5, "
+                    f"{sd[0].get('dtype')}; latency = text encoder + denoising + VAE decode (synchronized). "
+                    f"FLOP count (FlopCounterMode): UNet {fl.get('unet_pair_tflop', 0):.3f} TFLOP per CFG pair, VAE decode "
+                    f"{fl.get('vae_decode_tflop', 0):.3f} TFLOP → {sd[0].get('tflop_per_image', 0):.1f} TFLOP per image.", "",
+                    "| batch | path | s / image | × stock | TFLOP/s | % of GEMM rate | warm-up s (compile incl.) | peak GiB | vs stock (latent / image rel. err) |",
+                    "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            stock = {r["batch"]: r for r in sd if r["variant"] == "stock"}
+            for r in sorted(sd, key=lambda r: (r["batch"], ["stock", "recipe", "optimized"].index(r["variant"]))):
+                s = stock.get(r["batch"])
+                ratio = s["per_image_s"] / r["per_image_s"] if s else None
+                frac = 100 * r["tflops"] / g["tflops"] if g else None
+                vs = r.get("vs_stock")
+                vs_s = f"{vs['latent_rel_err']:.1e} / {vs['image_rel_err']:.1e}" if vs else ("reference" if r["variant"] == "stock" else "–")
+                label = r["variant"] + (f" ({r['recipe_mode']})" if r.get("recipe_mode") else "")
+                out.append(f"| {r['batch']} | {label} | {r['per_image_s']:.3f} | {_fmt(ratio, 2)} | {r['tflops']:.0f} | "
+                           f"{_fmt(frac, 0)} | {_fmt(r.get('warmup_s'), 0)} | {_fmt(r.get('peak_mem_gib'), 1)} | {vs_s} |")
+            out.append("")
+        wh = [r for r in d.get("whisper", []) if "tokens_per_s" in r]
+        if wh:
+            out += ["### Whisper large-v3 architecture (synthetic weights), greedy, forced new tokens", "",
+                    f"{wh[0].get('dtype')}, {wh[0].get('new_tokens')} new tokens per clip (EOS suppressed), 30 s log-mel "
+                    "input; latency = encoder + decoding of the whole batch (synchronized).", "",
+                    "| batch | path | tokens/s | × stock (b same) | batch s | warm-up s | peak GiB | token agreement with stock |",
+                    "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+            stock = {r["batch"]: r for r in wh if r["variant"] == "stock"}
+            best_stock = max((r["tokens_per_s"] for r in stock.values()), default=None)
+            for r in sorted(wh, key=lambda r: (r["batch"], r["variant"] != "stock")):
+                s = stock.get(r["batch"])
+                ratio = r["tokens_per_s"] / s["tokens_per_s"] if s else (r["tokens_per_s"] / best_stock if best_stock else None)
+                vs = r.get("vs_stock")
+                vs_s = (f"{100 * vs['token_agreement']:.1f}% tokens, {100 * vs['clips_identical']:.0f}% clips identical"
+                        if vs else ("reference" if r["variant"] == "stock" else "–"))
+                rs = _fmt(ratio, 2) + ("" if s or r["variant"] == "stock" else " (vs best stock)")
+                out.append(f"| {r['batch']} | {r['variant']} | {r['tokens_per_s']:.0f} | {rs} | {r['batch_latency_s']:.2f} | "
+                           f"{_fmt(r.get('warmup_s'), 1)} | {_fmt(r.get('peak_mem_gib'), 1)} | {vs_s} |")
+            out.append("")
+        t = d.get("telemetry")
+        if t:
+            out += ["### Telemetry overhead", "",
+                    f"{t['workload']}, NVML sampled at {t['rate_hz']} Hz (achieved {_fmt(t.get('achieved_rate_hz'), 1)} Hz), "
+                    f"alternating rounds with and without sampling: throughput change **{t['throughput_change_pct']:+.2f}%**, "
+                    f"sampler thread CPU **{_fmt(t.get('sampler_cpu_pct_of_core'), 2)}% of one core**; median utilization "
+                    f"{_fmt(t.get('util_pct_median'), 0)}%, power {_fmt(t.get('power_w_median'), 0)} W during sampling.", ""]
+        if d.get("notes"):
+            out += ["Notes: " + "; ".join(d["notes"]), ""]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mi300x-cert bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", default="all", choices=["sd", "whisper", "telemetry", "gemm", "all", "none"])
+    p.add_argument("--batch", default="1,32", help="SD batch sizes (comma-separated)")
+    p.add_argument("--variants", default="stock,recipe,optimized")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--sd-model", default="synthetic:sd-v1-4")
+    p.add_argument("--whisper-model", default="synthetic:whisper-large-v3")
+    p.add_argument("--whisper-batch", default="64,128")
+    p.add_argument("--whisper-stock-batch", default="64")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--telemetry-batch", default="1")
+    p.add_argument("--telemetry-batches", type=int, default=6)
+    p.add_argument("--telemetry-rounds", type=int, default=4)
+    p.add_argument("--rate-hz", type=float, default=10.0)
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the stock-equality check")
+    p.add_argument("--time-limit", type=float, default=0, help="seconds; later measurements are skipped past it")
+    p.add_argument("--out", default=None, help="JSON file to write (updated after each measurement)")
+    p.add_argument("--write-docs", default=None, help="render Markdown to this file")
+    p.add_argument("--from-json", nargs="*", default=None, help="render from these JSON files instead of measuring")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.from_json is not None:
+        datas = [json.loads(Path(f).read_text()) for f in args.from_json]
+        text = render_markdown(datas)
+        if args.write_docs:
+            Path(args.write_docs).write_text(text)
+        else:
+            print(text)
+        return 0
+    import torch
+
+    from .errors import WorkerError
+
+    if not torch.cuda.is_available():
+        raise WorkerError("mi300x-cert bench measures a GPU: torch sees none (CUDA/ROCm)")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    deadline = time.time() + args.time_limit if args.time_limit else float("inf")
+    res = Results(Path(args.out) if args.out else None)
+    res.data["conditions"] = environment() | {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                              "argv": list(argv or [])}
+    res.save()
+    w = args.workload
+    res.data["gemm"] = measure_gemm()
+    res.save()
+    _log(json.dumps(res.data["conditions"]), json.dumps(res.data["gemm"]))
+    if w in ("sd", "all"):
+        bench_sd(args, res, deadline)
+    if w in ("whisper", "all"):
+        bench_whisper(args, res, deadline)
+    if w in ("telemetry", "all"):
+        bench_telemetry(args, res, deadline)
+    if args.write_docs:
+        Path(args.write_docs).write_text(render_markdown([res.data]))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Shared machinery of the optimized path: a persistent compile cache, device-graph capture with a
+portable fallback, and a per-card choice of attention kernel.
+
+Vendor-neutral: ``torch.cuda.CUDAGraph`` is a HIP graph on ROCm builds of PyTorch, the compile
+cache is Inductor's own, and the attention choice only picks among the kernels PyTorch ships for
+the card it runs on (falling back to whatever ``scaled_dot_product_attention`` chooses by itself).
+Nothing here imports torch at module import.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "setup_compile_cache",
+    "graphs_supported",
+    "DeviceGraph",
+    "apply_inductor_tuning",
+    "compile_module",
+]
+
+DEFAULT_CACHE_DIR = "~/.cache/mi300x-cert/inductor"
+_CACHE_ENV = "MI300X_CERT_COMPILE_CACHE"
+
+
+def setup_compile_cache(directory: str | os.PathLike[str] | None = None) -> str:
+    """Point Inductor's FX-graph and AOT-autograd caches (and Triton's kernel cache) at one
+    persistent folder, so a recertification of the same host skips compilation.
+
+    The folder is ``directory``, else ``$MI300X_CERT_COMPILE_CACHE``, else
+    ``~/.cache/mi300x-cert/inductor``. Variables already set by the operator win. Returns the
+    folder used. Call before the first ``torch.compile`` of the process.
+    """
+    d = Path(os.path.expanduser(str(directory or os.environ.get(_CACHE_ENV) or DEFAULT_CACHE_DIR)))
+    d.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
+    try:  # torch may already be imported: set the live config too
+        import torch._inductor.config as ic
+
+        ic.fx_graph_cache = True
+        if hasattr(ic, "autograd_cache"):
+            ic.autograd_cache = True  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - torch without inductor
+        pass
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def apply_inductor_tuning() -> dict[str, Any]:
+    """Inductor settings that change kernel choice, not the function computed.
+
+    ``conv_1x1_as_mm`` lowers 1×1 convolutions (UNet/VAE shortcuts, attention projections in
+    conv form) to matrix products. Returns the settings applied (recorded in conditions).
+    """
+    applied: dict[str, Any] = {}
+    try:
+        import torch._inductor.config as ic
+    except Exception:  # pragma: no cover
+        return applied
+    for key, val in (("conv_1x1_as_mm", True),):
+        if hasattr(ic, key):
+            setattr(ic, key, val)
+            applied[key] = val
+    return applied
+
+
+def compile_module(fn: Any, *, device: str, mode: str = "default", fullgraph: bool = True) -> tuple[Any, str]:
+    """``torch.compile`` on GPUs (CUDA or ROCm); on CPU the eager callable is returned unchanged
+    unless ``MI300X_CERT_COMPILE_ON_CPU=1`` (CPU compilation costs minutes for a UNet).
+
+    Returns (callable, mode label recorded in conditions).
+    """
+    import torch
+
+    if not str(device).startswith("cuda") and os.environ.get("MI300X_CERT_COMPILE_ON_CPU") != "1":
+        return fn, "none (cpu)"
+    return torch.compile(fn, mode=mode, fullgraph=fullgraph, dynamic=False), f"torch.compile({mode}, fullgraph={fullgraph})"
+
+
+def graphs_supported(device: str) -> bool:
+    """True when device graphs can be captured here (CUDA, or HIP through the same API)."""
+    if not str(device).startswith("cuda") or os.environ.get("MI300X_CERT_NO_GRAPHS") == "1":
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available() and hasattr(torch.cuda, "CUDAGraph"))
+    except Exception:  # pragma: no cover
+        return False
+
+
+class DeviceGraph:
+    """Capture ``fn(*static_inputs)`` once as a CUDA/HIP graph; ``run(*inputs)`` copies the new
+    inputs into the static buffers and replays. Where graphs are unsupported (CPU) or the capture
+    fails, ``run`` calls ``fn`` eagerly and ``reason`` says why — the function is the same.
+    """
+
+    def __init__(self, fn: Callable[..., Any], device: str, warmup_runs: int = 2, name: str = "graph") -> None:
+        self.fn = fn
+        self.device = device
+        self.warmup_runs = warmup_runs
+        self.name = name
+        self.graph: Any = None
+        self.static_in: tuple[Any, ...] = ()
+        self.static_out: Any = None
+        self.captured = False
+        self.reason = "not captured yet"
+        self.capture_s = 0.0
+
+    def _capture(self, inputs: tuple[Any, ...]) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        self.static_in = tuple(x.clone() for x in inputs)
+        s = torch.cuda.Stream(device=self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(max(self.warmup_runs, 1)):  # compile / autotune / cuBLAS handles outside capture
+                self.fn(*self.static_in)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        torch.cuda.synchronize(self.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.static_out = self.fn(*self.static_in)
+        torch.cuda.synchronize(self.device)
+        self.graph = g
+        self.captured = True
+        self.reason = "captured"
+        self.capture_s = time.perf_counter() - t0
+
+    def run(self, *inputs: Any) -> Any:
+        if not self.captured:
+            if not graphs_supported(self.device):
+                self.reason = "device graphs unsupported here (eager)"
+                return self.fn(*inputs)
+            if self.graph is None and self.reason == "not captured yet":
+                try:
+                    self._capture(inputs)
+                except Exception as e:  # capture refused: same function, eagerly
+                    self.graph = None
+                    self.captured = False
+                    self.reason = f"capture failed, eager: {type(e).__name__}: {str(e)[:200]}"
+                    import torch
+
+                    torch.cuda.synchronize(self.device)
+                    return self.fn(*inputs)
+            else:
+                return self.fn(*inputs)
+        for dst, src in zip(self.static_in, inputs):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
+
+
+def pick_sdpa_backend(batch_heads: tuple[int, int], seq: int, head_dim: int, dtype: Any, device: str,
+                      reps: int = 10) -> dict[str, Any]:
+    """Time the fused attention kernels PyTorch has for this card on the model's largest attention
+    shape and put the fastest first in SDPA's priority order (process-wide; the others stay as
+    fallbacks for shapes it rejects). A kernel whose output differs from the default kernel's by
+    more than 5e-3 (relative) is not chosen. Returns what was measured and chosen.
+
+    On a build or card without a kernel (e.g. cuDNN attention on ROCm) that kernel is skipped;
+    without ``torch._C._set_sdp_priority_order`` nothing changes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    info: dict[str, Any] = {"shape": [*batch_heads, seq, head_dim], "times_ms": {}, "chosen": "default"}
+    if not str(device).startswith("cuda") or not hasattr(torch._C, "_set_sdp_priority_order"):
+        return info
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception:  # pragma: no cover
+        return info
+    cands = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        cands["cudnn"] = SDPBackend.CUDNN_ATTENTION
+    B, Hh = batch_heads
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, Hh, seq, head_dim, device=device, dtype=dtype, generator=g) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    for name, be in cands.items():
+        try:
+            with sdpa_kernel([be]):
+                out = F.scaled_dot_product_attention(q, k, v)
+                err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                torch.cuda.synchronize(device)
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                for _ in range(reps):
+                    F.scaled_dot_product_attention(q, k, v)
+                e.record()
+                e.synchronize()
+            info["times_ms"][name] = s.elapsed_time(e) / reps
+            info.setdefault("rel_err", {})[name] = err
+        except Exception as ex:  # kernel unavailable for this shape/card
+            info.setdefault("unavailable", {})[name] = type(ex).__name__
+    ok = {n: t for n, t in info["times_ms"].items() if info["rel_err"][n] < 5e-3}
+    if ok:
+        best = min(ok, key=ok.get)
+        order = list(torch._C._get_sdp_priority_order())
+        first = int(cands[best].value) if hasattr(cands[best], "value") else int(cands[best])
+        torch._C._set_sdp_priority_order([first] + [x for x in order if x != first])
+        info["chosen"] = best
+    return info
