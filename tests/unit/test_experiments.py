@@ -240,3 +240,21 @@ def test_progress_goes_to_stderr(tmp_path, debug_env, capsys):
     assert summary["state"] == "finalized"
     err = capsys.readouterr().err
     assert "sd-throughput" in err and "p2-b1x3-r1" in err
+
+
+def test_enforced_isolation_runs_workers_in_a_private_namespace(tmp_path, debug_env):
+    from mi300x_cert.network import enforced_available
+
+    if enforced_available()[0] is None:
+        pytest.skip("no private network namespace on this machine")
+    ov = {"network": {"mode": "enforced"},
+          "experiments": {"bare-metal": {"enabled": False}, "whisper": {"enabled": False}, "resnet50": {"enabled": False},
+                          "sd-throughput": {"process_counts": [1], "batch_configs": ["1x2"], "repetitions": 1}}}
+    rd = RunDir(prepare_run(TINY, tmp_path / "run", overrides=ov))
+    assert rd.read_json("conditions.json")["network_mode"] == "enforced"
+    summary = run_experiment(rd.root, "sd-throughput")
+    assert summary["state"] == "finalized"
+    st = rd.case_status("sd-throughput", "p1-b1x2-r1")
+    assert st["network_mode"] == "enforced"
+    rows = _csv(rd.root / "results" / "sd-throughput" / "rows.csv")
+    assert len(rows) == 2 and {r["network_mode"] for r in rows} == {"enforced"}
