@@ -258,3 +258,24 @@ def test_enforced_isolation_runs_workers_in_a_private_namespace(tmp_path, debug_
     assert st["network_mode"] == "enforced"
     rows = _csv(rd.root / "results" / "sd-throughput" / "rows.csv")
     assert len(rows) == 2 and {r["network_mode"] for r in rows} == {"enforced"}
+
+
+def test_real_workload_case_resnet_tiny(tmp_path, monkeypatch):
+    """One case through the real worker → workloads.load_workload path (torch on CPU, tiny model)."""
+    monkeypatch.delenv("MI300X_CERT_WORKLOAD", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ov = {"experiments": {"bare-metal": {"enabled": False}, "whisper": {"enabled": False},
+                          "sd-throughput": {"enabled": False},
+                          "resnet50": {"image_sizes": [64], "batch_sizes": [2], "iterations": 2, "timeout_s": 120}}}
+    rd = RunDir(prepare_run(TINY, tmp_path / "run", overrides=ov))
+    result = run_all(rd.root, list(EXPERIMENTS))
+    assert result["state"] == "complete", result.get("error")
+    rows = _csv(rd.root / "results" / "resnet50" / "rows.csv")
+    assert len(rows) == 2
+    r = rows[0]
+    assert (r["model"], r["synthetic"], r["device"], r["backend"], r["dtype"]) == (
+        "synthetic:resnet-tiny", "True", "cpu", "cpu", "float32")
+    assert r["mode"] == "eager" and r["image_size"] == "64" and int(r["items"]) == 2
+    assert float(r["latency_overhead_s"]) >= float(r["latency_s"]) > 0
+    conds = rd.read_json("conditions.json")["experiments"]["resnet50"]["workload"]
+    assert conds["model"] == "synthetic:resnet-tiny" and "versions" in conds
