@@ -34,13 +34,14 @@ BACKENDS = ("simulated", "amdsmi", "nvml")
 
 def open_backend(spec: Any, cards: list[int] | None = None, host_cards: list[int] | None = None,
                  domains: list[list[int]] | None = None, *, clock: Callable[[], float] | None = None,
-                 module: Any = None) -> TelemetryBackend:
+                 module: Any = None, state_path: Any = None) -> TelemetryBackend:
     """The backend named by ``spec.backend`` (a :class:`config.TelemetrySpec`), not yet opened.
 
     Use it as a context manager: ``with open_backend(spec, ...) as backend:``. ``cards`` limits the
     cards sampled (default: all); ``host_cards`` is the host's card list (sizes the simulated box);
     ``domains`` are the profile's XGMI domains (used when the hardware reports no topology).
     ``clock`` (simulated: model time) and ``module`` (amdsmi/nvml: a stand-in library) are for tests.
+    ``state_path`` (simulated only) carries the thermal state from one backend to the next.
     Raises TelemetryError for an unknown backend name; a library that cannot start raises
     TelemetryError on enter.
     """
@@ -48,7 +49,8 @@ def open_backend(spec: Any, cards: list[int] | None = None, host_cards: list[int
     if name == "simulated":
         from .simulated import SimulatedBackend
 
-        return SimulatedBackend(cards, host_cards, domains, clock, sim=getattr(spec, "simulated", None))
+        return SimulatedBackend(cards, host_cards, domains, clock, sim=getattr(spec, "simulated", None),
+                                state_path=state_path)
     if name == "amdsmi":
         from .amdsmi_backend import AmdSmiBackend
 

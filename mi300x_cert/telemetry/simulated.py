@@ -13,13 +13,22 @@ the sequence of ``set_busy`` calls and the clock, never on how often one samples
     power    = P_idle + p (P_active - P_idle)                 P_idle ≈ 137–143 W, P_active ≈ 660–740 W
 
 Per-card offsets come from ``random.Random(card)`` (seeded, identical on every run); there is no noise.
+
+With ``state_path`` the heat, power, VRAM and energy states are saved when the backend closes and
+loaded (then cooled, idle, over the wall-clock time that passed) when the next one opens, so the
+separate cases and tasks of one run see one continuous box: a group that ran hot is still warm
+when the next case's idle phase begins, as on real hardware.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -70,8 +79,9 @@ class SimulatedBackend(TelemetryBackend):
 
     def __init__(self, cards: list[int] | None = None, host_cards: list[int] | None = None,
                  domains: list[list[int]] | None = None, clock: Callable[[], float] | None = None,
-                 sim: Any = None):
+                 sim: Any = None, state_path: str | Path | None = None):
         super().__init__(cards, host_cards, domains, clock)
+        self.state_path = Path(state_path) if state_path else None
         self.host_cards = list(host_cards) if host_cards is not None else list(range(16))
         self.domains = self._domains or default_domains(self.host_cards)
         self.hot_cards: dict[int, float] = dict(getattr(sim, "hot_cards", {}) or {})
@@ -84,7 +94,41 @@ class SimulatedBackend(TelemetryBackend):
     def _open_impl(self) -> list[int]:
         now = self.clock()
         self._state = {c: self._make_card(c, now) for c in self.host_cards}
+        self._load_state(now)
         return list(self.host_cards)
+
+    def _close_impl(self) -> None:
+        self._save_state()
+
+    def _load_state(self, now: float) -> None:
+        if not self.state_path or not self.state_path.is_file():
+            return
+        try:
+            saved = json.loads(self.state_path.read_text())
+            away = max(0.0, time.time() - float(saved["wall"]))
+            for key, v in saved["cards"].items():
+                st = self._state.get(int(key))
+                if st is None:
+                    continue
+                st.h, st.p, st.m, st.energy_j = float(v["h"]), float(v["p"]), float(v["m"]), float(v["energy_j"])
+                st.busy = False
+                st.last = now - away  # the box cooled, idle, while no backend was open
+                self._advance(st, now)
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # a damaged state file only loses continuity, never a run
+
+    def _save_state(self) -> None:
+        if not self.state_path:
+            return
+        now = self.clock()
+        cards = {}
+        for c, st in self._state.items():
+            self._advance(st, now)
+            cards[str(c)] = {"h": st.h, "p": st.p, "m": st.m, "energy_j": st.energy_j}
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(self.state_path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"wall": time.time(), "cards": cards}))
+        os.replace(tmp, self.state_path)
 
     @staticmethod
     def _make_card(c: int, now: float) -> _Card:

@@ -152,6 +152,27 @@ def test_busy_cards_heat_idle_cards_do_not_and_cooldown_returns_to_idle():
         assert cool[c]["energy_j"] > hot[c]["energy_j"]
 
 
+def test_simulated_state_carries_over_between_backends(tmp_path):
+    """Separate cases (and Airflow tasks) of one run see one continuous box."""
+    state = tmp_path / "sim-state.json"
+    clk = FakeClock()
+    with open_backend(sim_spec(), clock=clk, state_path=state) as b:
+        idle = {r["card"]: r["junction_c"] for r in b.sample()}
+        b.set_busy(12, True)
+        clk.advance(60.0)
+        hot = {r["card"]: r["junction_c"] for r in b.sample()}
+    assert state.is_file()
+    with open_backend(sim_spec(), clock=FakeClock(5.0), state_path=state) as b2:
+        again = {r["card"]: r["junction_c"] for r in b2.sample()}
+    # card 12 is still warm (it cooled only for the instant between the two backends), others idle
+    assert again[12] > idle[12] + 10.0
+    assert again[12] <= hot[12]
+    assert again[3] == pytest.approx(idle[3], abs=0.01)
+    # without a state file every backend starts idle
+    with open_backend(sim_spec(), clock=FakeClock()) as b3:
+        assert {r["card"]: r["junction_c"] for r in b3.sample()}[12] == pytest.approx(idle[12], abs=0.01)
+
+
 def test_simulated_model_is_deterministic_and_independent_of_sampling_rate():
     def run(samples_per_step: int) -> list[dict]:
         clk = FakeClock()
