@@ -204,7 +204,6 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
     raises WorkerError after the status is written (the Airflow task path, so the task fails and
     its retry reruns only this case).
     """
-    from ..config import parse_batch_config  # noqa: F401  (kept light)
     from ..network import NetworkMonitor, NETWORK_COLUMNS, SOCKET_COLUMNS, isolation_prefix
     from ..rundir import CsvStream, RunDir, utcnow
     from ..telemetry import EVENT_COLUMNS, TELEMETRY_COLUMNS, Sampler
