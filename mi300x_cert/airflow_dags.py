@@ -487,7 +487,7 @@ def manual_params(kind: str, fleet: Fleet | None = None) -> dict[str, Param]:
                       description="fleet server to certify (include/fleet.yaml)", section="Target"),
         "card_set": Param(PROFILE_DEFAULT, type="string", enum=card_values, values_display=card_display,
                           title="Card set", description="named card group, all cards, or custom", section="Target"),
-        "custom_cards": Param("", type="string", pattern=CUSTOM_CARDS_PATTERN, title="Custom card list",
+        "custom_cards": Param(None, type=["string", "null"], pattern=CUSTOM_CARDS_PATTERN, title="Custom card list",
                               description_md="Used when *Card set* is **custom**: e.g. `[0,2,5-7]` or `12-15`.",
                               section="Target"),
     }
@@ -507,7 +507,7 @@ def manual_params(kind: str, fleet: Fleet | None = None) -> dict[str, Param]:
                                  description="repetitions of every case", section="Matrix")
     p["dtype"] = Param(PROFILE_DEFAULT, type="string", enum=[PROFILE_DEFAULT, *DTYPES], title="Data type",
                        values_display={PROFILE_DEFAULT: "As in the host profile"}, section="Model")
-    p["model_source"] = Param("", type="string", pattern=MODEL_SOURCE_PATTERN, title="Model source",
+    p["model_source"] = Param(None, type=["string", "null"], pattern=MODEL_SOURCE_PATTERN, title="Model source",
                               description_md="`synthetic:<arch>` (e.g. `synthetic:sd-v1-4`) or a local weights "
                                              "directory on the host; empty: the profile's.", section="Model")
     p["thresholds"] = Param(PROFILE_DEFAULT, type="string", enum=[PROFILE_DEFAULT, *THRESHOLD_SETS],
