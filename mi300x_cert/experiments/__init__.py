@@ -84,11 +84,14 @@ def _locked(rd: Any) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _open_backend(profile: Any) -> Any:
+def _open_backend(profile: Any, rd: Any = None) -> Any:
+    """The profile's telemetry backend; within a run the simulated box keeps its thermal state
+    across cases and tasks (``telemetry/.simulated-state.json``)."""
     from ..telemetry import open_backend
 
+    state = rd.root / "telemetry" / ".simulated-state.json" if rd is not None else None
     return open_backend(profile.telemetry, cards=None, host_cards=profile.host.card_ids,
-                        domains=profile.host.xgmi_domains)
+                        domains=profile.host.xgmi_domains, state_path=state)
 
 
 def _vendor(profile: Any) -> str:
@@ -249,7 +252,7 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
             bar = tqdm(total=exp.total_batches(profile, case), desc=f"  {case_id}", unit="batch", leave=False,
                        file=sys.stderr, dynamic_ncols=True)
 
-        with _open_backend(profile) as backend:
+        with _open_backend(profile, rd) as backend:
             sampler = Sampler(backend, tel, ev, rate_hz=profile.telemetry.rate_hz)
             monitor = NetworkMonitor(net, sock, rate_hz=profile.network.rate_hz,
                                      exclude_interfaces=profile.network.exclude_interfaces, mode=net_mode)
