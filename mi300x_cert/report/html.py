@@ -88,6 +88,8 @@ def _verdict_section(verdicts: dict | None) -> str:
             obs = f.get("observed")
             if f.get("unit") == "°C" and isinstance(obs, (int, float)):
                 obs = c_f(obs)
+            elif f.get("unit") == "Δ°C" and isinstance(obs, (int, float)):
+                obs = f"{obs:.1f} °C ({obs * 9 / 5:.1f} °F) difference"
             elif isinstance(obs, dict):
                 obs = json.dumps(obs)
             frows.append(f'<tr><td class="l">{esc(f.get("suite"))}</td><td class="l">{esc(f.get("expectation"))}</td>'

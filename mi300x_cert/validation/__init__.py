@@ -109,10 +109,21 @@ def _c_f(v: Any) -> str:
         return str(v)
 
 
+def _dc_df(v: Any) -> str:
+    """A temperature difference: 1 °C of difference is 1.8 °F (no +32 offset)."""
+    try:
+        return f"{float(v):.1f} °C ({float(v) * 9 / 5:.1f} °F)"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _temp_formatter(unit: str | None):
+    return {"°C": _c_f, "Δ°C": _dc_df}.get(unit or "")
+
+
 def _expected(kind: str, kw: dict, unit: str | None) -> str:
     lo, hi = kw.get("min_value"), kw.get("max_value")
-    temp = unit == "°C"
-    f = _c_f if temp else (lambda x: f"{_fmt(x)}" + (f" {unit}" if unit else ""))
+    f = _temp_formatter(unit) or (lambda x: f"{_fmt(x)}" + (f" {unit}" if unit else ""))
     if kind.endswith("_to_be_between"):
         if lo is not None and hi is not None:
             return f"between {f(lo)} and {f(hi)}"
@@ -177,11 +188,12 @@ def _failures(suite: str, results: list[dict], df: Any) -> tuple[list[dict], int
                     f["card"] = int(f["card"])
                 if isinstance(f.get("process_count"), float):
                     f["process_count"] = int(f["process_count"])
-                if unit == "°C" and isinstance(observed, (int, float)):
-                    f["observed_f"] = round(observed * 9 / 5 + 32, 2)
+                if unit in ("°C", "Δ°C") and isinstance(observed, (int, float)):
+                    f["observed_f"] = round(observed * 9 / 5 + (32 if unit == "°C" else 0), 2)
                 if frow.get("reason"):
                     f["case_reason"] = frow["reason"]
-                obs = _c_f(observed) if unit == "°C" else (f"{_fmt(observed)}" + (f" {unit}" if unit and not isinstance(observed, dict) else ""))
+                fmt = _temp_formatter(unit)
+                obs = fmt(observed) if fmt else (f"{_fmt(observed)}" + (f" {unit}" if unit and not isinstance(observed, dict) else ""))
                 if observed is None:
                     obs = "missing"
                 prefix = "unreadable sensor: " if f["expectation"].endswith("sensor_readable") else ""
