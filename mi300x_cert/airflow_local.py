@@ -323,8 +323,8 @@ class Standalone:
 
     def stop(self, timeout: float = 30) -> None:
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGINT)
+            try:  # SIGTERM, not SIGINT: a parent started in the background may pass SIGINT on as ignored
+                os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(timeout=timeout)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 try:

@@ -55,12 +55,17 @@ def test_bad_conf_is_refused_naming_the_field(airflow_standalone):
 def test_trigger_smoke_dag_over_rest(airflow_standalone):
     sa = airflow_standalone
     sa.unpause(SMOKE)
-    status, run = sa.trigger(SMOKE, {"overrides": {"experiments": {"sd-throughput": {"batch_configs": ["1x2"]}}}})
+    # a short run: bare-metal + a two-case SD matrix (mapped, pooled); whisper/resnet50 are covered by the e2e test
+    conf = {"experiments": ["bare-metal", "sd-throughput"],
+            "overrides": {"experiments": {"sd-throughput": {"batch_configs": ["1x2"], "process_counts": [1, 2]}}}}
+    status, run = sa.trigger(SMOKE, conf)
     assert status == 200, run
     final = sa.wait_run(SMOKE, run["dag_run_id"], timeout=1200)
     states = sa.task_states(SMOKE, run["dag_run_id"])
     assert final["state"] == "success", (states, sa.log_tail())
     assert states["record_outcome"] == "success" and states["publish"] == "success"
+    assert states["run_sd_case[0]"] == "success" and states["run_sd_case[1]"] == "success", states
+    assert states["validation.validate_whisper"] == "skipped", states
     status, outcomes = sa.api("GET", "/mi300x-cert/api/outcomes")
     mine = [o for o in outcomes if o["run_id"] == run["dag_run_id"]]
     assert mine and mine[0]["certified"] is True and mine[0]["bundle_uri"].startswith("s3://"), outcomes
