@@ -11,10 +11,11 @@ Checks:
 * killing a worker in the middle of a mapped sweep and starting it again finishes the run without
   running a completed case twice and without losing a result.
 
-The probe DAG below has the same shape as the recertification DAG (a per-host queue, an idempotent
-mapped case task that writes one status file per case), so it proves the fleet plumbing on its own.
-When the DAG factory (``dags/recertify.py``) and a fleet file are present, a second test runs the
-real recertification DAG of host A against a tiny profile.
+The DAGs are the real ``dags/recertify.py`` built from a test fleet file (``$MI300X_CERT_FLEET``)
+with two hosts on ``tests/fixtures/profiles/edge-smoke.yaml`` (4 simulated cards, 6 SD cases);
+the workers run the engine's debug workload (``MI300X_CERT_WORKLOAD=debug``: no model, a modelled
+latency), and bundles are published to an embedded S3 server on 127.0.0.1. Both hosts' runs go at
+once; worker A is killed after two SD cases succeeded and started again.
 
 Needs: ``apt-get install -y postgresql`` (skipped with that hint when the binaries are absent).
 """
@@ -177,14 +178,41 @@ class Proc:
                 pass
             self.popen.wait(timeout=10)
 
+    def descendants(self) -> list:
+        import psutil
+
+        if self.popen is None:
+            return []
+        try:
+            return psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def crash(self) -> None:
+        """Kill the process and every descendant at once, as when a host loses power or a container
+        is killed (Airflow's task supervisor puts each task in its own process group, so killing the
+        worker's group alone would leave the running task behind)."""
+        procs = self.descendants()
+        self.kill(signal.SIGKILL)
+        for p in procs:
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
     def stop(self) -> None:
+        procs = self.descendants()
         if self.alive():
             self.kill(signal.SIGTERM)
         elif self.popen is not None:
-            # the leader is gone but children (task processes) may remain in the group
             try:
                 os.killpg(self.popen.pid, signal.SIGKILL)
             except ProcessLookupError:
+                pass
+        for p in procs:  # task processes in their own process groups
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001 - already gone
                 pass
 
     def tail(self, n: int = 40) -> str:
@@ -394,54 +422,24 @@ def worker_argv(host: str, slots: int) -> list[str]:
     return worker_command(host, slots)
 
 
+
 # --------------------------------------------------------------------------------------------
-# the probe DAG: same shape as the recertification DAG (per-host queue, idempotent mapped cases)
+# the fleet under test
 
-PROBE_DAG = '''
-"""Fleet probe: per-host queue, idempotent mapped cases (test only)."""
-import json, os, socket, time
-from pathlib import Path
-from airflow.sdk import dag, task
+HOSTS = ("host-a", "host-b")
+CARDS = 4
+PROFILE = REPO / "tests" / "fixtures" / "profiles" / "edge-smoke.yaml"
+CONF = {"experiments": ["sd-throughput"]}
+SD_CASES = 6  # edge-smoke: process counts [1, 2] × batch configs [1x3, 2x2, 3x1]
+GPU_TASKS = {"preflight", "run_sd_case"}  # tasks that hold the host's pool (all its cards)
 
-OUT = Path(os.environ["EDGE_PROBE_OUT"])
-N_CASES = int(os.environ.get("EDGE_PROBE_CASES", "6"))
-CASE_S = float(os.environ.get("EDGE_PROBE_CASE_S", "3"))
 
-def make(host):
-    @dag(dag_id=f"probe_{host.replace('-', '_')}", schedule=None, catchup=False, tags=["test"],
-         default_args={"retries": 2, "retry_delay": 1})
-    def probe():
-        @task(queue=f"gpu-{host}", executor="EdgeExecutor")
-        def plan():
-            return [{"case_id": f"c{i:02d}"} for i in range(N_CASES)]
+def _fleet_yaml() -> str:
+    servers = [{"name": h, "profile": str(PROFILE), "sku": "smoke", "cards": CARDS, "schedule": None,
+                "alerts": {"email": []}} for h in HOSTS]
+    import yaml
 
-        @task(queue=f"gpu-{host}", executor="EdgeExecutor", max_active_tis_per_dagrun=1)
-        def run_case(case):
-            d = OUT / host
-            d.mkdir(parents=True, exist_ok=True)
-            status = d / f"{case['case_id']}.json"
-            if status.exists() and json.loads(status.read_text())["status"] == "ok":
-                return {"case_id": case["case_id"], "skipped": True}
-            with open(d / "rows.csv", "a") as f:
-                f.write(f"{case['case_id']},{os.environ.get('HOSTNAME')},start\\n")
-            time.sleep(CASE_S)
-            with open(d / "rows.csv", "a") as f:
-                f.write(f"{case['case_id']},{os.environ.get('HOSTNAME')},row\\n")
-            tmp = status.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"status": "ok", "worker": os.environ.get("HOSTNAME")}))
-            os.replace(tmp, status)
-            return {"case_id": case["case_id"], "skipped": False}
-
-        @task  # control plane (LocalExecutor)
-        def summarize(results):
-            return len(list(results))
-
-        summarize(run_case.expand(case=plan()))
-    return probe()
-
-for _h in ("host-a", "host-b"):
-    globals()[f"probe_{_h.replace('-', '_')}"] = make(_h)
-'''
+    return yaml.safe_dump({"servers": servers}, sort_keys=False)
 
 
 @pytest.fixture(scope="module")
@@ -450,80 +448,184 @@ def stack() -> Iterator[Stack]:
     if bindir is None:
         pytest.skip("PostgreSQL server binaries not found: apt-get install -y postgresql")
     pytest.importorskip("airflow.providers.edge3", reason="apache-airflow-providers-edge3 is not installed")
+    if not (REPO / "dags" / "recertify.py").is_file():
+        pytest.skip("dags/recertify.py is missing")
+    from mi300x_cert import s3local
+    from mi300x_cert.deploy import pool_commands
+
     base = Path(tempfile.mkdtemp(prefix="edge-fleet-"))
     os.chmod(base, 0o755)
     dags = base / "dags"
     dags.mkdir()
-    (dags / "fleet_probe.py").write_text(textwrap.dedent(PROBE_DAG))
-    out = base / "out"
-    out.mkdir()
+    # only the recertification DAGs (the manual DAGs hand over to them; not needed here)
+    (dags / "recertify.py").symlink_to(REPO / "dags" / "recertify.py")
+    plugins = base / "plugins"
+    plugins.mkdir()
+    fleet = base / "fleet.yaml"
+    fleet.write_text(_fleet_yaml())
+    s3 = s3local.start(0, "127.0.0.1")
     st = Stack(base, dags, extra_env={
-        "EDGE_PROBE_OUT": str(out),
-        "EDGE_PROBE_CASES": "6",
-        "EDGE_PROBE_CASE_S": "3",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
+        "MI300X_CERT_FLEET": str(fleet),
+        "MI300X_CERT_GPU_EXECUTOR": "EdgeExecutor",
+        "MI300X_CERT_RUNS_DIR": str(base / "runs"),
+        "MI300X_CERT_STATE_DIR": str(base / "state"),
+        "MI300X_CERT_HOME_DIR": str(base / "keys"),
+        "MI300X_CERT_WORKLOAD": "debug",
+        "MI300X_CERT_DEBUG_PARAMS": json.dumps({"latency_s": 0.8}),  # a case lasts a few seconds
+        "MI300X_CERT_S3_ENDPOINT": s3.endpoint,
+        "MI300X_CERT_S3_BUCKET": "edge-fleet-test",
+        "MI300X_CERT_S3_CREATE_BUCKET": "true",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "HF_HUB_OFFLINE": "1",
+        "TMPDIR": str(base / "tmp"),
     })
-    st.out = out  # type: ignore[attr-defined]
+    (base / "tmp").mkdir()
     try:
         st.start_postgres(bindir)
         st.migrate()
+        # one pool per host, slots = cards (what airflow-init runs in the compose stack)
+        for cmd in pool_commands(fleet):
+            r = subprocess.run([_airflow_bin(), *cmd[1:]], env=st.env(), capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr[-2000:]
         st.start_control_plane()
-        st.start_worker("host-a", 2)
-        st.start_worker("host-b", 2)
+        for h in HOSTS:
+            st.start_worker(h, CARDS)  # slots = cards
         yield st
     finally:
         st.teardown()
+        try:
+            s3._server.stop()
+        except Exception:  # noqa: BLE001 - teardown best effort
+            pass
         if os.environ.get("MI300X_CERT_KEEP_TEST_DIRS") != "1":
             shutil.rmtree(base, ignore_errors=True)
 
 
-def _gpu_tis(tis: list[dict]) -> list[dict]:
-    return [t for t in tis if t["task_id"] in ("plan", "run_case")]
+def _case_files(run_dir: Path) -> dict[str, dict]:
+    cases = run_dir / "results" / "sd-throughput" / "cases"
+    out = {}
+    for p in sorted(cases.glob("*.json")):
+        st = json.loads(p.read_text())
+        out[p.stem] = {"mtime_ns": p.stat().st_mtime_ns, "status": st.get("status"), "at": st.get("at"),
+                       "rows": st.get("rows"), "attempt": st.get("attempt")}
+    return out
 
 
-def test_each_host_runs_only_on_its_worker(stack: Stack) -> None:
-    stack.wait_dag("probe_host_a")
-    stack.wait_dag("probe_host_b")
-    run_a = stack.trigger("probe_host_a")
-    run_b = stack.trigger("probe_host_b")
-    assert stack.wait_run("probe_host_a", run_a, 300) == "success"
-    assert stack.wait_run("probe_host_b", run_b, 300) == "success"
-    for dag_id, run_id, host in (("probe_host_a", run_a, "host-a"), ("probe_host_b", run_b, "host-b")):
-        tis = _gpu_tis(stack.task_instances(dag_id, run_id))
-        assert len(tis) == 1 + 6, [(t["task_id"], t["map_index"]) for t in tis]
+@pytest.fixture(scope="module")
+def fleet_runs(stack: Stack) -> dict:
+    """Both hosts recertified at once; worker A killed mid SD matrix and started again."""
+    dag_ids = {h: f"recertify_{h}" for h in HOSTS}
+    for d in dag_ids.values():
+        stack.wait_dag(d)
+    runs = {h: stack.trigger(dag_ids[h], CONF) for h in HOSTS}
+    host, dag_id = "host-a", dag_ids["host-a"]
+
+    def run_dir_of(h: str) -> Path | None:
+        found = [p.parent for p in (stack.base / "runs" / h).glob("*/run.json")]
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+    def mid_case() -> tuple[Path, str] | None:
+        """(run dir, case id) once two cases are ok and a third has started writing rows"""
+        rd = run_dir_of(host)
+        if rd is None:
+            return None
+        cases = rd / "results" / "sd-throughput" / "cases"
+        ok = {p.stem for p in cases.glob("*.json") if json.loads(p.read_text()).get("status") == "ok"}
+        started = [p.name[: -len(".rows.csv")] for p in cases.glob("*.rows.csv")]
+        running = [c for c in started if c not in ok]
+        return (rd, running[0]) if len(ok) >= 2 and running else None
+
+    run_dir_a, killed_case = _wait(mid_case, 300, "host-a to be inside its third SD case",
+                                   interval=0.1, diag=stack.diag)
+    stack.procs[f"worker-{host}"].crash()  # the worker and its running case, all at once
+    done_before = {k: v for k, v in _case_files(run_dir_a).items() if v["status"] == "ok"}
+    worker = stack.restart_worker_after_crash(host, CARDS)
+    states = {h: stack.wait_run(dag_ids[h], runs[h], 600) for h in HOSTS}
+    return {"dag_ids": dag_ids, "runs": runs, "states": states, "run_dir_a": run_dir_a,
+            "done_before": done_before, "worker_a": worker, "killed_case": killed_case}
+
+
+def test_each_host_runs_only_on_its_worker(stack: Stack, fleet_runs: dict) -> None:
+    jobs = stack.edge_jobs()
+    for h in HOSTS:
+        dag_id, run_id = fleet_runs["dag_ids"][h], fleet_runs["runs"][h]
+        tis = stack.task_instances(dag_id, run_id)
+        by_task = {}
         for t in tis:
-            assert t["state"] == "success"
-            assert t["queue"] == f"gpu-{host}", t
-            assert t["hostname"] == host, f"{t['task_id']}[{t['map_index']}] ran on {t['hostname']!r}, not {host!r}"
-        jobs = [j for j in stack.edge_jobs() if j["dag_id"] == dag_id and j["run_id"] == run_id]
-        assert jobs and all(j["edge_worker"] == host and j["queue"] == f"gpu-{host}" for j in jobs), jobs
+            by_task.setdefault(t["task_id"], []).append(t)
+        # the measurement chain succeeded (the run's final verdict depends on the smoke thresholds)
+        for task_id in ("preflight", "plan_sd", "finalize_sd", "finish_run"):
+            assert [t["state"] for t in by_task[task_id]] == ["success"], (h, task_id, by_task.get(task_id))
+        cases = by_task["run_sd_case"]
+        assert len(cases) == SD_CASES and all(t["state"] == "success" for t in cases), [(t["map_index"], t["state"]) for t in cases]
+        ran = [t for t in tis if t["state"] in ("success", "failed")]
+        assert ran
+        for t in ran:
+            assert t["queue"] == f"gpu-{h}", t
+            assert t["hostname"] == h, f"{dag_id}.{t['task_id']}[{t['map_index']}] ran on {t['hostname']!r}, not on worker {h!r}"
+        gpu = [t for t in ran if t["task_id"] in GPU_TASKS]
+        assert all(t["pool"] == f"gpu-{h}" and t["pool_slots"] == CARDS for t in gpu), gpu
+        mine = [j for j in jobs if j["dag_id"] == dag_id and j["run_id"] == run_id]
+        assert mine, f"no Edge jobs recorded for {dag_id}"
+        assert {j["edge_worker"] for j in mine} == {h} and {j["queue"] for j in mine} == {f"gpu-{h}"}, mine
+        assert fleet_runs["states"][h] in ("success", "failed")
 
 
-def test_worker_restart_mid_sweep_loses_nothing(stack: Stack) -> None:
-    host, dag_id = "host-a", "probe_host_a"
-    d = stack.out / host  # type: ignore[attr-defined]
-    shutil.rmtree(d, ignore_errors=True)
-    run_id = stack.trigger(dag_id)
+def test_worker_healthcheck_command(stack: Stack, fleet_runs: dict) -> None:
+    """The images' HEALTHCHECK (`airflow edge status`) answers 0 for a live worker, 1 without one."""
+    for h in HOSTS:
+        r = subprocess.run([_airflow_bin(), "edge", "status", "--pid", str(stack.home / f"edge-worker-{h}.pid")],
+                           env=stack.env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert json.loads(r.stdout[r.stdout.index("{"):])["state"] in ("running", "idle"), r.stdout
+    r = subprocess.run([_airflow_bin(), "edge", "status", "--pid", str(stack.home / "no-worker.pid")],
+                       env=stack.env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
 
-    def some_done():
-        tis = [t for t in stack.task_instances(dag_id, run_id) if t["task_id"] == "run_case"]
-        return sum(t["state"] == "success" for t in tis) >= 2
 
-    _wait(some_done, 240, "two cases of the sweep to succeed", interval=1, diag=stack.diag)
-    stack.procs[f"worker-{host}"].kill(signal.SIGKILL)
-    done_before = {p.stem: p.stat().st_mtime_ns for p in d.glob("c*.json")}
-    assert 2 <= len(done_before) < 6, done_before
-    worker = stack.restart_worker_after_crash(host, 2)
-    assert stack.wait_run(dag_id, run_id, 420) == "success"
-    assert worker.alive(), stack.diag()
+def test_worker_restart_mid_sweep_loses_nothing(stack: Stack, fleet_runs: dict) -> None:
+    run_dir = fleet_runs["run_dir_a"]
+    before = fleet_runs["done_before"]
+    assert 2 <= len(before) < SD_CASES, f"the worker was not killed mid matrix: {sorted(before)} done"
+    assert fleet_runs["worker_a"].alive(), stack.diag()
+    after = _case_files(run_dir)
+    # no result lost: every case finished ok
+    assert len(after) == SD_CASES and all(v["status"] == "ok" for v in after.values()), after
+    # nothing done twice: cases completed before the kill were skipped, their files untouched
+    for case_id, st in before.items():
+        assert after[case_id]["mtime_ns"] == st["mtime_ns"] and after[case_id]["at"] == st["at"], \
+            f"case {case_id} ran again after the restart"
+    # each case's rows appear once in the experiment's rows (finalize concatenated the case files)
+    import csv
 
-    # nothing lost, nothing done twice
-    status = {p.stem: p.stat().st_mtime_ns for p in d.glob("c*.json")}
-    assert sorted(status) == [f"c{i:02d}" for i in range(6)]
-    for case_id, mtime in done_before.items():
-        assert status[case_id] == mtime, f"case {case_id} was run again after the restart"
-    rows = [ln.split(",") for ln in (d / "rows.csv").read_text().splitlines()]
-    finished = [r[0] for r in rows if r[2] == "row"]
-    assert sorted(finished) == sorted(set(finished)) == sorted(status), rows
-    tis = [t for t in stack.task_instances(dag_id, run_id) if t["task_id"] == "run_case"]
-    assert all(t["state"] == "success" and t["hostname"] == host and t["queue"] == f"gpu-{host}" for t in tis), tis
+    with open(run_dir / "results" / "sd-throughput" / "rows.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    measured = [r for r in rows if str(r.get("warmup", "")).lower() not in ("true", "1")]
+    per_case: dict[str, int] = {}
+    keys = set()
+    for r in measured:
+        per_case[r["case_id"]] = per_case.get(r["case_id"], 0) + 1
+        key = (r["case_id"], r["repetition"], r["proc"], r["batch_index"])
+        assert key not in keys, f"row {key} appears twice"
+        keys.add(key)
+    assert set(per_case) == set(after)
+    for case_id, st in after.items():
+        assert per_case[case_id] == st["rows"], (case_id, per_case[case_id], st["rows"])
+    # the interrupted task was retried, on worker A (the only worker of its queue)
+    tis = {t["map_index"]: t for t in stack.task_instances(fleet_runs["dag_ids"]["host-a"], fleet_runs["runs"]["host-a"])
+           if t["task_id"] == "run_sd_case"}
+    assert all(t["hostname"] == "host-a" for t in tis.values())
+    killed_case = fleet_runs["killed_case"]
+    assert killed_case not in before
+    assert after[killed_case]["attempt"] == 2, after[killed_case]  # the interrupted attempt was set aside
+    by_case = {t.get("rendered_map_index"): t for t in tis.values()}
+    assert set(by_case) == set(after), sorted(map(str, by_case))
+    killed = by_case[killed_case]
+    assert killed["try_number"] >= 2 and killed["state"] == "success", killed
+    # the cases that had finished were never handed to a worker again
+    for case_id in before:
+        assert by_case[case_id]["try_number"] == 1, by_case[case_id]
