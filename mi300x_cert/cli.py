@@ -2,17 +2,25 @@
 (or a sibling module), the same functions the Airflow DAGs call.
 
 Exit codes: 0 success / certified, 1 an expectation failed, 2 a CertError (bad input, missing
-file, unreachable store, failed verification), 3 an unexpected bug.
+file, unreachable store, failed verification) or an interruption, 3 an unexpected bug.
+
+SIGTERM (how Airflow, systemd and ``kill`` stop a process) is handled like Ctrl-C (SIGINT): the
+running case stops, its workers are killed, the case and the run are marked failed
+("interrupted"), and the command exits 2. A second signal while that cleanup runs is ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 from . import __version__
 from .errors import EXIT_BUG, EXIT_ERROR, EXIT_FAILED_EXPECTATION, EXIT_OK, CertError
@@ -224,15 +232,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (named after the signal) once; later signals are
+    ignored so the cleanup they started (killing workers, marking the run failed) can finish.
+    Previous handlers come back on exit. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[str] = []
+
+    def handler(signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if fired:
+            print(f"{name}: still cleaning up after {fired[0]}", file=sys.stderr, flush=True)
+            return
+        fired.append(name)
+        raise KeyboardInterrupt(name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _interruptible():
+            return int(args.func(args) or 0)
     except CertError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'})", file=sys.stderr)
         return EXIT_ERROR
     except Exception:  # a bug, not a user error
         traceback.print_exc()

@@ -11,6 +11,10 @@ loads the workload (answers ``loaded`` with its conditions), runs the warm-up ba
 statistics exclude them), answers ``ready``, waits for ``go``, runs the plan (``batch_start`` and
 ``row`` per batch) and ends with ``done`` — or ``error`` with a reason and a non-zero exit.
 
+The launcher keeps the worker's stdin open for the worker's whole life; end of file on stdin means
+the launcher is gone (killed, even with SIGKILL), and the worker exits at once (code 5) instead of
+living on as an orphan that holds its card.
+
 The protocol stream is the process's original stdout; anything a library prints goes to stderr.
 
 Device: ``cuda`` when the spec says ``cuda`` or ``auto`` and ``torch.cuda.is_available()`` (ROCm
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 import time
 import traceback
 from typing import Any, TextIO
@@ -119,6 +125,33 @@ def _batch_sizes(plan: dict) -> list[int]:
     return [int(plan["batch_size"])] * int(plan.get("n_batches", 1))
 
 
+EXIT_PARENT_GONE = 5
+
+
+class _ParentWatch:
+    """Reads the launcher's lines on a daemon thread; end of file (the launcher died) ends the process.
+
+    ``readline()`` returns the next line, like a file's.
+    """
+
+    def __init__(self, stream: TextIO):
+        self._lines: "queue.Queue[str]" = queue.Queue()
+        self._stream = stream
+        threading.Thread(target=self._read, name="parent-watch", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for line in self._stream:
+                self._lines.put(line)
+        except (OSError, ValueError):
+            pass
+        print("worker: stdin closed, the launcher is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(EXIT_PARENT_GONE)
+
+    def readline(self) -> str:
+        return self._lines.get()
+
+
 class _Proto:
     def __init__(self, stream: TextIO):
         self.stream = stream
@@ -206,7 +239,7 @@ def main() -> int:
         if not line.strip():
             raise RuntimeError("no spec on stdin")
         spec = json.loads(line)
-        return run(spec, proto, sys.stdin)
+        return run(spec, proto, _ParentWatch(sys.stdin))
     except Exception as e:
         traceback.print_exc()
         reason = f"{type(e).__name__}: {e}"

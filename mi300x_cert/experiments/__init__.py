@@ -155,6 +155,11 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
     return rd.root
 
 
+def _interrupt_name(e: BaseException) -> str:
+    """``SIGTERM``/``SIGINT`` for the CLI's KeyboardInterrupt, else the exception's type."""
+    return str(e) if isinstance(e, KeyboardInterrupt) and str(e) else type(e).__name__
+
+
 # ---- one case -----------------------------------------------------------------------------------
 def _retire_attempt(rd: Any, experiment: str, case_id: str) -> int:
     """Move the files of an earlier, unfinished attempt of a case under ``attempts/`` folders.
@@ -230,6 +235,7 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
                               "network_file": f"network/{stem}.csv", "sockets_file": f"sockets/{stem}.csv",
                               "rows_file": f"results/{experiment}/cases/{case_id}.rows.csv"}
     reason: str | None = None
+    interrupted: BaseException | None = None
     streams: list[CsvStream] = []
     sampler = monitor = None
     bar = None
@@ -320,6 +326,9 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
         reason = f"{type(e).__name__}: {e}"
     except Exception as e:  # infrastructure failure: record it on the case
         reason = f"{type(e).__name__}: {e}"
+    except BaseException as e:  # KeyboardInterrupt (SIGINT/SIGTERM in the CLI), a task runner's stop
+        interrupted = e
+        reason = f"interrupted ({_interrupt_name(e)}): workers killed"
     finally:
         for obj in (sampler, monitor):
             try:
@@ -334,6 +343,8 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
     status["duration_s"] = round(time.time() - t_started, 3)
     outcome = "ok" if reason is None else "failed"
     rd.write_case_status(experiment, case_id, outcome, reason=reason, **status)
+    if interrupted is not None:  # the case is recorded failed; the interruption goes on up
+        raise interrupted
     st = dict(rd.case_status(experiment, case_id) or {})
     if outcome != "ok" and raise_on_failure:
         raise WorkerError(f"{experiment} case {case_id} failed: {reason}")
@@ -476,12 +487,20 @@ def run_all(run_dir: str | Path, names: list[str] | tuple[str, ...] = EXPERIMENT
     rd = RunDir(run_dir)
     profile = rd.load_profile()
     results: dict[str, Any] = {}
-    for name in names:
-        exp = get_experiment(name)
-        if not exp.enabled(profile):
-            results[name] = {"experiment": name, "state": "disabled"}
-            continue
-        results[name] = run_experiment(rd.root, name, progress=progress)
+    current = None
+    try:
+        for name in names:
+            current = name
+            exp = get_experiment(name)
+            if not exp.enabled(profile):
+                results[name] = {"experiment": name, "state": "disabled"}
+                continue
+            results[name] = run_experiment(rd.root, name, progress=progress)
+    except BaseException as e:  # interrupted or broken: never leave the run "running" forever
+        why = f"{type(e).__name__}: {e}" if isinstance(e, Exception) else f"interrupted ({_interrupt_name(e)})"
+        with _locked(rd):
+            rd.mark_failed(f"{why} during {current}")
+        raise
     state = finish_run(rd.root)
     return {"state": state, "run_dir": str(rd.root), "error": rd.meta.get("error"), "experiments": results}
 
