@@ -90,8 +90,8 @@ def worker_env(api_url: str, jwt_secret: str | None = None, *, dags_folder: str 
                run_root: str | None = None, fleet: str | None = None) -> dict[str, str]:
     """Environment of an Edge worker. ``api_url`` is the control plane's base URL (``https://airflow.example``).
 
-    The JWT secret is never defaulted: pass it, or leave it out to get a placeholder the operator
-    must fill in (the worker refuses to start with the placeholder's length check in the docs).
+    The JWT secret is never defaulted: pass it (checked to be 64+ bytes), or leave it out to get a
+    placeholder the operator replaces with the control plane's secret.
     """
     base = api_url.rstrip("/")
     if not re.match(r"^https?://[^/\s]+", base):
