@@ -112,7 +112,22 @@ def cmd_verify(args) -> int:
 
     result = pipeline.verify(args.target, key=args.key)
     _print(result)
+    print(verify_summary(result), file=sys.stderr)
+    # 0: the signature and every digest check out. What the bundle certifies is its content, said
+    # in the summary line and "result"/"certified" above (docs/certificates.md).
     return EXIT_OK
+
+
+def verify_summary(result: dict) -> str:
+    """One line: the bundle is intact (signer, trust) and what it certifies (PASSED or not)."""
+    key = "development key" if result.get("development_key") else f"key {str(result.get('keyid'))[:16]}"
+    trust = "trusted" if result.get("trusted") else "NOT a trusted key"
+    certified = result.get("certified") and result.get("result") == "PASSED"
+    what = (f"CERTIFIED (result {result.get('result')})" if certified else
+            f"NOT CERTIFIED (result {result.get('result')}"
+            + (f"; failed: {', '.join(map(str, result['failed_tests'][:8]))}" if result.get("failed_tests") else "") + ")")
+    return (f"verified: signature and {result.get('artifacts')} artifact digests OK ({key}, {trust}); "
+            f"host {result.get('host')} run {result.get('run_id')}: {what}")
 
 
 def cmd_certify(args) -> int:

@@ -308,6 +308,7 @@ def _verify_dir(bundle: Path, key: str | Path | None) -> dict:
         "development_key": bool(signer_block.get("development_key")),
         "trusted": trusted,
         "result": predicate.get("result"),
+        "failed_tests": list(predicate.get("failedTests") or []),
         "certified": bool(cert.get("certified")) if cert.get("_type") == CERTIFICATION_TYPE else None,
         "run_id": cert.get("run_id"),
         "host": cert.get("host"),
@@ -320,7 +321,8 @@ def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict
     PEM, else the bundle's own ``signer.pub.pem``), the statement, manifest, SHA256SUMS and every
     artifact's digest. Raises VerifyError naming the first file that does not check out.
 
-    Returns {"ok", "keyid", "artifacts", "development_key", "trusted", "result", ...}; ``trusted`` is
+    Returns {"ok", "keyid", "artifacts", "development_key", "trusted", "result", "failed_tests",
+    "certified", ...}; a bundle that verifies may still certify a FAILED result. ``trusted`` is
     true when ``key`` was given or the signer is ``$MI300X_CERT_VERIFY_KEY`` / the configured
     signing key.
     """

@@ -241,6 +241,26 @@ def test_failed_suite_is_failed_result(make_complete_run):
     assert pred["certification"]["certified"] is False
 
 
+def test_cli_verify_of_a_failed_bundle_exits_0_and_says_not_certified(make_complete_run, capsys):
+    """verify checks integrity (exit 0 when intact); what the bundle certifies is printed plainly."""
+    from mi300x_cert import cli
+
+    failed = build_bundle(make_complete_run(success=False).root)
+    assert cli.main(["verify", str(failed)]) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out)
+    assert res["result"] == "FAILED" and res["certified"] is False
+    assert res["failed_tests"] == ["thermal", "thermal/expect_column_max_to_be_between[junction_c]"]
+    assert f"signature and {res['artifacts']} artifact digests OK" in err
+    assert "NOT CERTIFIED (result FAILED; failed: thermal," in err and "development key, NOT a trusted key" in err
+    passed = build_bundle(make_complete_run().root)
+    assert cli.main(["verify", str(passed)]) == 0
+    assert "CERTIFIED (result PASSED)" in capsys.readouterr().err
+    (passed / "artifacts" / "run.json").write_text("{}")
+    assert cli.main(["verify", str(passed)]) == 2
+    assert "error: artifacts/run.json does not match its signed digest" in capsys.readouterr().err
+
+
 def test_rebuild_replaces_bundle_and_failure_leaves_old_one(make_complete_run, monkeypatch):
     rd = make_complete_run()
     first = build_bundle(rd.root)
