@@ -76,6 +76,9 @@ def _verdict_section(verdicts: dict | None) -> str:
         rows.append(f'<tr><td class="l">{esc(name)}</td><td class="l {cls}">{esc(status.upper())}</td>'
                     f'<td>{esc(v.get("evaluated"))}</td><td>{esc(v.get("declared"))}</td>'
                     f'<td>{len(v.get("failures") or [])}</td><td class="l">{esc(v.get("reason") or "")}</td></tr>')
+    for f in verdicts.get("run_problems") or []:
+        rows.append(f'<tr><td class="l">run</td><td class="l fail">FAILED</td><td></td><td></td><td>1</td>'
+                    f'<td class="l">{esc(f.get("reason"))}</td></tr>')
     for name in verdicts.get("not_validated") or []:
         rows.append(f'<tr><td class="l">{esc(name)}</td><td class="l fail">NOT VALIDATED</td><td></td><td></td><td></td><td></td></tr>')
     out.append('<table><thead><tr><th class="l">suite</th><th class="l">verdict</th><th>evaluated</th><th>declared</th>'

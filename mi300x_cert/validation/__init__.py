@@ -9,7 +9,8 @@ expected, reason, ...}`` and names what failed with its observed value.
 
 Fail closed: a missing file, column or metric, an unreadable sensor, a missing thresholds file or
 parameter, or a suite that loaded fewer expectations than it declares is a failure with its
-reason — never a pass and never an exception that hides the verdict. A suite whose experiment the
+reason — never a pass and never an exception that hides the verdict. The overall verdict also
+fails when ``run.json`` does not say ``complete`` (a failed, interrupted or unfinished run). A suite whose experiment the
 profile disabled is reported ``skipped: experiment disabled``; an enabled experiment with missing
 data fails. Writes ``validation/<suite>.json`` and ``validation/verdicts.json`` (all suites
 validated so far, merged, so per-suite DAG tasks accumulate one verdicts file).
@@ -348,8 +349,15 @@ def _overall(rd: Any, profile: Any, suites: dict, seconds: float) -> dict:
         meta = rd.meta
     except RunDirError:
         pass
+    run_problems = []
+    if meta.get("state") != "complete":  # a failed, interrupted or unfinished run certifies nothing
+        run_problems.append(_problem("run", "run_complete", f"run state is {meta.get('state')!r}, not 'complete'"
+                                     + (f": {meta.get('error')}" if meta.get("error") else "") + " (fails closed)",
+                                     observed=meta.get("state"), expected="complete"))
+    failures = run_problems + failures
     return {
         "success": not failures and not missing,
+        "run_problems": run_problems,
         "run_id": meta.get("run_id"),
         "run_state": meta.get("state"),
         "profile": profile.name,
@@ -371,6 +379,8 @@ def format_verdict(verdict: dict) -> str:
     if "suites" in verdict:
         head = "PASS" if verdict.get("success") else "FAIL"
         lines.append(f"{head}  run {verdict.get('run_id')}  profile {verdict.get('profile')}  thresholds {verdict.get('thresholds')}")
+        for f in verdict.get("run_problems") or []:
+            lines.append(f"  FAIL     {'run':<9} {f.get('reason')}")
         for n in verdict.get("not_validated") or []:
             lines.append(f"  FAIL     {n:<9} not validated")
     for name, v in suites.items():

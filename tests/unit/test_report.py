@@ -25,6 +25,8 @@ def _fake_verdicts(root: Path) -> None:
     (root / "validation").mkdir(parents=True, exist_ok=True)
     (root / "validation" / "verdicts.json").write_text(json.dumps({
         "success": False, "thresholds": "smoke", "data_docs": "validation/gx/uncommitted/data_docs/local_site/index.html",
+        "run_problems": [{"suite": "run", "expectation": "run_complete",
+                          "reason": "run state is 'failed', not 'complete': interrupted (SIGTERM) during whisper"}],
         "suites": {
             "thermal": {"suite": "thermal", "success": False, "status": "failed", "evaluated": 15, "declared": 15,
                         "failures": [{"suite": "thermal", "expectation": "active_band", "subject": "card 13 active",
@@ -65,6 +67,7 @@ def test_html_is_self_contained_with_tables_and_verdicts(report):
     assert "FAIL" in page and "card 13 active" in page and "81.2 °C (178.2 °F)" in page
     assert "between 40.0 °C (104.0 °F) and 70.0 °C (158.0 °F)" in page
     assert "skipped: experiment disabled" in page
+    assert "run state is &#x27;failed&#x27;, not &#x27;complete&#x27;: interrupted (SIGTERM) during whisper" in page
     # the thermal summary speaks both units
     assert "junction mean °C" in page and "junction mean °F" in page
 

@@ -178,3 +178,19 @@ def test_missing_thresholds_set_fails_closed(tmp_path, clean):
     p.write_text(p.read_text().replace("thresholds: smoke", "thresholds: nosuchsku"))
     v = validate(run, "resnet50")
     assert v["success"] is False and "nosuchsku" in v["failures"][0]["reason"]
+
+
+def test_run_that_did_not_complete_fails_overall(tmp_path):
+    """Clean data of an interrupted run: the suite itself passes, the overall verdict fails closed."""
+    root = make_fake_run(tmp_path / "run")
+    meta = json.loads((root / "run.json").read_text())
+    meta.update(state="failed", error="interrupted (SIGTERM) during resnet50")
+    (root / "run.json").write_text(json.dumps(meta))
+    v = validate(root, "whisper")
+    assert v["success"] is True
+    saved = json.loads((root / "validation" / "verdicts.json").read_text())
+    assert saved["success"] is False
+    [p] = saved["run_problems"]
+    assert p["expectation"] == "run_complete" and p["observed"] == "failed"
+    assert "interrupted (SIGTERM) during resnet50" in p["reason"]
+    assert "FAIL     run       run state is 'failed'" in format_verdict(saved)
