@@ -321,6 +321,14 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _yaml_error(e: Exception) -> str:
+    """A YAML error on one line: ``line 2, column 1: found character '\\t' that cannot start any token``."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
 def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Profile:
     """Load ``include/profiles/<name>.yaml`` (or a path) and apply ``overrides`` (a nested dict).
 
@@ -333,9 +341,11 @@ def load_profile(name_or_path: str | Path, overrides: dict | None = None) -> Pro
         known = ", ".join(x.stem for x in list_profiles())
         raise ProfileError(f"profile {str(name_or_path)!r} not found (known profiles: {known})")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ProfileError(f"{p}: not valid YAML: {e}") from None
+        raise ProfileError(f"{p}: not valid YAML: {_yaml_error(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{p}: cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     if overrides:

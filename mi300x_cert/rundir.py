@@ -36,7 +36,8 @@ from typing import Any, Iterable
 
 from .errors import RunDirError
 
-__all__ = ["RunDir", "atomic_write_text", "atomic_write_json", "CsvStream", "read_json", "utcnow"]
+__all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "CsvStream", "read_json", "utcnow",
+           "discard_new_run"]
 
 
 def utcnow() -> str:
@@ -136,6 +137,25 @@ class CsvStream:
         self.close()
 
 
+def discard_new_run(root: Path, keep_dir: bool = False) -> None:
+    """Remove what :meth:`RunDir.create` (and the set-up right after it) wrote into a run directory
+    that never started, so a failed start leaves nothing that looks like a run. ``keep_dir`` keeps
+    the (then empty) directory itself when it existed before."""
+    import shutil
+
+    root = Path(root)
+    if not root.is_dir():
+        return
+    if keep_dir:
+        for child in root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class RunDir:
     """Accessor for one run directory. ``RunDir.create`` makes a new one; ``RunDir(path)`` opens one."""
 
@@ -153,15 +173,20 @@ class RunDir:
         root = Path(root)
         if (root / "run.json").exists():
             raise RunDirError(f"{root} already holds a run; choose a new --out or resume it")
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RunDirError(f"{root} exists and is not empty")
-        root.mkdir(parents=True, exist_ok=True)
+        existed = root.exists()
         run_id = run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-        atomic_write_text(root / "profile.yaml", profile_yaml)
-        atomic_write_json(root / "run.json", {
-            "run_id": run_id, "host": host, "profile": profile_name, "sku": sku,
-            "state": "running", "started": utcnow(), "finished": None, "error": None, "experiments": {},
-        })
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(root / "profile.yaml", profile_yaml)
+            atomic_write_json(root / "run.json", {
+                "run_id": run_id, "host": host, "profile": profile_name, "sku": sku,
+                "state": "running", "started": utcnow(), "finished": None, "error": None, "experiments": {},
+            })
+        except OSError as e:
+            discard_new_run(root, keep_dir=existed)
+            raise RunDirError(f"cannot create run directory {root}: {e.strerror or e}") from e
         return cls(root)
 
     @property

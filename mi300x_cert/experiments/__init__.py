@@ -117,7 +117,7 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
     from ..config import load_profile
     from ..errors import RunDirError, TelemetryError
     from ..network import isolation_prefix
-    from ..rundir import RunDir, atomic_write_json
+    from ..rundir import RunDir, atomic_write_json, discard_new_run
 
     prof = load_profile(profile, overrides=overrides)
     enabled = []
@@ -143,15 +143,22 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
     except ModuleNotFoundError as e:  # pragma: no cover - inventory ships with the package
         raise CertError(f"inventory module missing: {e}") from e
     inventory = collect_inventory(prof)
+    existed = out.is_dir()
     rd = RunDir.create(out, host=prof.host.name, profile_name=prof.name, sku=prof.sku,
                        profile_yaml=_profile_yaml(prof), run_id=run_id)
-    atomic_write_json(rd.root / "inventory.json", inventory)
-    atomic_write_json(rd.root / "conditions.json", {
-        "run_id": rd.run_id, "profile": prof.name, "sku": prof.sku, "profile_file": Path(prof.source_file or "").name,
-        "telemetry_backend": prof.telemetry.backend, "network_mode_requested": prof.network.mode,
-        "network_mode": net_mode, "device": prof.device, "dtype": prof.dtype, "path": prof.path,
-        "enabled_experiments": enabled, "cards_seen": len(devices), "experiments": {},
-    })
+    try:
+        atomic_write_json(rd.root / "inventory.json", inventory)
+        atomic_write_json(rd.root / "conditions.json", {
+            "run_id": rd.run_id, "profile": prof.name, "sku": prof.sku, "profile_file": Path(prof.source_file or "").name,
+            "telemetry_backend": prof.telemetry.backend, "network_mode_requested": prof.network.mode,
+            "network_mode": net_mode, "device": prof.device, "dtype": prof.dtype, "path": prof.path,
+            "enabled_experiments": enabled, "cards_seen": len(devices), "experiments": {},
+        })
+    except BaseException as e:  # disk full, interrupted: no half-made run directory is left
+        discard_new_run(rd.root, keep_dir=existed)
+        if isinstance(e, OSError):
+            raise RunDirError(f"cannot write run directory {rd.root}: {e.strerror or e}") from e
+        raise
     return rd.root
 
 

@@ -72,7 +72,49 @@ def test_malformed_profile_is_one_profile_error(tmp_path, edit, field):
         prepare_run(p, out)
     msg = str(ei.value)
     assert str(p) in msg and field in msg
+    assert "\n" not in msg  # one line, YAML errors included
     assert not out.exists()
+
+
+def test_unreadable_profile_is_one_profile_error(tmp_path):
+    p = tmp_path / "binary.yaml"
+    p.write_bytes(b"\xb4\x00\xff" * 10)
+    with pytest.raises(ProfileError, match=r"binary\.yaml: cannot be read: 'utf-8' codec"):
+        load_profile(p)
+
+
+def test_unwritable_out_is_run_dir_error_and_leaves_nothing(tmp_path):
+    from mi300x_cert.errors import RunDirError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(RunDirError, match="cannot create run directory .*a-file/run: Not a directory"):
+        prepare_run("smoke", blocker / "run")
+    with pytest.raises(RunDirError, match="exists and is not empty"):
+        prepare_run("smoke", blocker)  # --out naming a file
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("pre_existing", [False, True])
+def test_failure_right_after_create_removes_the_new_run(tmp_path, monkeypatch, pre_existing):
+    import mi300x_cert.rundir as rundir
+
+    real = rundir.atomic_write_json
+
+    def full_disk(path, obj):
+        if Path(path).name == "inventory.json":
+            raise OSError(28, "No space left on device")
+        return real(path, obj)
+
+    monkeypatch.setattr(rundir, "atomic_write_json", full_disk)
+    out = tmp_path / "run"
+    if pre_existing:
+        out.mkdir()
+    from mi300x_cert.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="cannot write run directory .*No space left on device"):
+        prepare_run("smoke", out)
+    assert (out.is_dir() and not any(out.iterdir())) if pre_existing else not out.exists()
 
 
 def test_unknown_card_is_card_error(tmp_path):
