@@ -4,4 +4,6 @@ The package is importable without Airflow, torch, Great Expectations or boto3: e
 imported lazily inside the function that needs it.
 """
 
+__all__ = ["__version__"]
+
 __version__ = "0.1.0"

@@ -25,6 +25,8 @@ from typing import Iterator
 from . import __version__
 from .errors import EXIT_BUG, EXIT_ERROR, EXIT_FAILED_EXPECTATION, EXIT_OK, CertError
 
+__all__ = ["main", "build_parser", "verify_summary", "EXPERIMENTS"]
+
 EXPERIMENTS = ["bare-metal", "sd-throughput", "whisper", "resnet50"]
 
 
