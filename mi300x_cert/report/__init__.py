@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..units import c_to_f
+
 __all__ = ["build_report"]
 
 _STATS_ORDER = ("mean", "median", "std", "min", "max")
@@ -88,7 +90,7 @@ def _thermal_section(run_dir: Path) -> str:
                      ("junction_max_c", "junction max"), ("memory_max_c", "memory max")):
         if c in show.columns:
             cols[c] = f"{label} °C"
-            show[c.replace("_c", "_f")] = show[c] * 9 / 5 + 32
+            show[c.replace("_c", "_f")] = c_to_f(show[c])
             cols[c.replace("_c", "_f")] = f"{label} °F"
     for c, label in (("delta_active_idle_c", "active − idle °C"), ("recovery_s", "recovery s"), ("throttle_events", "throttle samples")):
         if c in show.columns:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..units import c_to_f, f_to_c, format_c
+
 __all__ = ["Figure", "FIGURES", "draw_all", "load_bare_metal"]
 
 JUNCTION_COLOR = "#6a0dad"  # purple
@@ -262,7 +264,7 @@ def fig4_temperature(data: dict, path: Path, plt) -> str:
                      weight="bold" if is_active else "normal")
         if is_active:
             ax.set_facecolor("#fff3e0")
-        sec = ax.secondary_yaxis("right", functions=(lambda c: c * 9 / 5 + 32, lambda f: (f - 32) * 5 / 9))
+        sec = ax.secondary_yaxis("right", functions=(c_to_f, f_to_c))
         sec.tick_params(labelsize=6)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(cards):]:
@@ -281,7 +283,7 @@ def fig4_temperature(data: dict, path: Path, plt) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     jmax = tel["junction_c"].max()
-    return (f"max junction {jmax:.1f} °C ({jmax * 9 / 5 + 32:.1f} °F)" if jmax == jmax else "no junction reading") + (
+    return (f"max junction {format_c(jmax)}" if jmax == jmax else "no junction reading") + (
         f"; unreadable junction on cards {unreadable}" if unreadable else "")
 
 

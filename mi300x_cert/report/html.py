@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..units import format_c, format_dc
+
 __all__ = ["render_page", "table_html", "c_f"]
 
 CSS = """
@@ -29,13 +31,7 @@ def esc(v: Any) -> str:
 
 def c_f(c: Any) -> str:
     """``51.0 °C (123.8 °F)``; empty for a missing value."""
-    try:
-        x = float(c)
-    except (TypeError, ValueError):
-        return ""
-    if math.isnan(x):
-        return ""
-    return f"{x:.1f} °C ({x * 9 / 5 + 32:.1f} °F)"
+    return format_c(c)
 
 
 def _cell(v: Any) -> str:
@@ -92,7 +88,7 @@ def _verdict_section(verdicts: dict | None) -> str:
             if f.get("unit") == "°C" and isinstance(obs, (int, float)):
                 obs = c_f(obs)
             elif f.get("unit") == "Δ°C" and isinstance(obs, (int, float)):
-                obs = f"{obs:.1f} °C ({obs * 9 / 5:.1f} °F) difference"
+                obs = f"{format_dc(obs)} difference"
             elif isinstance(obs, dict):
                 obs = json.dumps(obs)
             frows.append(f'<tr><td class="l">{esc(f.get("suite"))}</td><td class="l">{esc(f.get("expectation"))}</td>'

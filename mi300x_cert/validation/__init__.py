@@ -103,23 +103,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _c_f(v: Any) -> str:
-    try:
-        return f"{float(v):.1f} °C ({float(v) * 9 / 5 + 32:.1f} °F)"
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def _dc_df(v: Any) -> str:
-    """A temperature difference: 1 °C of difference is 1.8 °F (no +32 offset)."""
-    try:
-        return f"{float(v):.1f} °C ({float(v) * 9 / 5:.1f} °F)"
-    except (TypeError, ValueError):
-        return str(v)
-
-
 def _temp_formatter(unit: str | None):
-    return {"°C": _c_f, "Δ°C": _dc_df}.get(unit or "")
+    from ..units import format_c, format_dc
+
+    fmt = {"°C": format_c, "Δ°C": format_dc}.get(unit or "")
+    return (lambda v: fmt(v, missing=str(v))) if fmt else None
 
 
 def _expected(kind: str, kw: dict, unit: str | None) -> str:
@@ -150,6 +138,7 @@ def _expected(kind: str, kw: dict, unit: str | None) -> str:
 
 def _failures(suite: str, results: list[dict], df: Any) -> tuple[list[dict], int]:
     """Failed expectation results → failure dicts naming the row (via ``subject``) and observed value."""
+    from ..units import c_to_f, dc_to_df
     from .gx_runner import MAX_ROW_FAILURES, exception_message
 
     by_subject: dict[str, dict] = {}
@@ -190,7 +179,7 @@ def _failures(suite: str, results: list[dict], df: Any) -> tuple[list[dict], int
                 if isinstance(f.get("process_count"), float):
                     f["process_count"] = int(f["process_count"])
                 if unit in ("°C", "Δ°C") and isinstance(observed, (int, float)):
-                    f["observed_f"] = round(observed * 9 / 5 + (32 if unit == "°C" else 0), 2)
+                    f["observed_f"] = round(c_to_f(observed) if unit == "°C" else dc_to_df(observed), 2)
                 if frow.get("reason"):
                     f["case_reason"] = frow["reason"]
                 fmt = _temp_formatter(unit)
