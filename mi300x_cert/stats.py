@@ -19,7 +19,7 @@ from typing import Any
 from .config import REPORT_BATCH_CONFIGS, parse_batch_config
 
 __all__ = ["STATS", "TABLES", "TABLE_TITLES", "measured_rows", "order_batch_configs", "appendix_tables",
-           "long_table", "write_tables"]
+           "long_table", "write_tables", "truthy"]
 
 STATS = ("mean", "median", "std", "min", "max")
 _STAT_WORDS = {"mean": "Mean", "median": "Median", "std": "Standard Deviation", "min": "Minimum", "max": "Maximum"}
@@ -44,17 +44,17 @@ def order_batch_configs(labels: list[str]) -> list[str]:
     return known + rest
 
 
-def _truthy(v: Any) -> bool:
+def truthy(v: Any) -> bool:
+    """A CSV cell as a flag: ``True``/``1``/``yes``/``y``/``t`` (any case) or a true number; empty,
+    NaN and NA are false."""
     if isinstance(v, str):
-        return v.strip().lower() in ("true", "1", "yes")
+        return v.strip().lower() in ("1", "true", "yes", "y", "t")
     try:
         import math
 
-        if isinstance(v, float) and math.isnan(v):
-            return False
-    except Exception:  # pragma: no cover
-        pass
-    return bool(v)
+        return bool(v) and not (isinstance(v, float) and math.isnan(v))
+    except Exception:  # pandas.NA and other values without a truth value
+        return False
 
 
 def measured_rows(rows: Any) -> Any:
@@ -63,7 +63,7 @@ def measured_rows(rows: Any) -> Any:
 
     df = pd.DataFrame(rows).copy()
     if "warmup" in df.columns:
-        df = df[~df["warmup"].map(_truthy)]
+        df = df[~df["warmup"].map(truthy)]
     if "status" in df.columns:
         df = df[df["status"].astype(str) == "ok"]
     return df

@@ -55,19 +55,12 @@ def _plt():
 
 
 def _read_glob(run_dir: Path, kind: str, pattern: str):
-    import pandas as pd
+    """``<run_dir>/<kind>/<pattern>`` CSVs concatenated with a ``stem`` column (the validation
+    frames' reader); None when there is no readable row."""
+    from ..validation.frames import _read_many
 
-    files = sorted((run_dir / kind).glob(pattern))
-    parts = []
-    for f in files:
-        try:
-            d = pd.read_csv(f, low_memory=False)
-        except Exception:
-            continue
-        if len(d):
-            d["stem"] = f.stem
-            parts.append(d)
-    return pd.concat(parts, ignore_index=True) if parts else None
+    df = _read_many(run_dir, kind, pattern, [], [])
+    return None if df is None or df.empty else df
 
 
 def load_bare_metal(run_dir: Path) -> dict:

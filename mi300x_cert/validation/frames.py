@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..stats import truthy
+
 __all__ = ["Frame", "build_frame", "FRAME_BUILDERS", "SUITE_EXPERIMENT", "c_to_f"]
 
 # suite → the experiment whose data it checks (None: any experiment's data)
@@ -85,15 +87,6 @@ def _read_many(root: Path, kind: str, pattern: str, problems: list[str], require
         if col not in df.columns:
             problems.append(f"missing column {col!r} in {kind}/{pattern}")
     return df
-
-
-def _truthy(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "y", "t")
-    try:
-        return bool(v) and not (isinstance(v, float) and math.isnan(v))
-    except Exception:
-        return False
 
 
 def _parse_cards(v: Any) -> list[int]:
@@ -174,7 +167,7 @@ def thermal_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
         role = tel["phase"].astype(str).to_numpy(object)
     tel["role"] = role
     tel["seg"] = seg_id
-    throttle = tel["throttle"].map(_truthy) if "throttle" in tel.columns else None
+    throttle = tel["throttle"].map(truthy) if "throttle" in tel.columns else None
 
     rows = []
     idle_means: dict[int, float] = {}
@@ -255,7 +248,7 @@ def _rows(run_dir: Path, experiment: str, problems: list[str], required: list[st
         df["status"] = df["status"].astype(str)
     # warm-up batches are not measurements
     if "warmup" in df.columns:
-        df = df[~df["warmup"].map(_truthy)]
+        df = df[~df["warmup"].map(truthy)]
     if "batch_index" in df.columns:
         df = df[pd_numeric(df["batch_index"]).fillna(0) >= 0]
     return df
@@ -525,7 +518,7 @@ def network_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     have_socks = socks is not None and {"pid", "raddr", "external"}.issubset(socks.columns)
     if have_socks:
         for i, r in enumerate(socks.to_dict("records")):
-            external = _truthy(r.get("external"))
+            external = truthy(r.get("external"))
             n_external += int(external)
             rows.append({"subject": f"pid {r.get('pid')} → {r.get('raddr')} ({r.get('stem')}, {r.get('phase', '')}) #{i}",
                          "kind": "socket", "experiment": r.get("stem"), "phase": str(r.get("phase", "")),

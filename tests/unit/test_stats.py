@@ -85,3 +85,14 @@ def test_long_table_counts():
     lt = long_table(_rows())
     sel = lt[(lt.process_count == 2) & (lt.batch_config == "5x5") & (lt.metric == "latency_s")]
     assert int(sel["count"].iloc[0]) == 2 * 5 * 2
+
+
+def test_truthy_reads_csv_flags_one_way_everywhere():
+    import math
+
+    import pandas as pd
+
+    from mi300x_cert.stats import truthy
+
+    assert [truthy(v) for v in ("True", "true", " 1 ", "yes", "t", 1, 2.0, True)] == [True] * 8
+    assert [truthy(v) for v in ("False", "0", "", "no", 0, 0.0, math.nan, None, pd.NA)] == [False] * 9
