@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import TelemetryError
-from .base import TelemetryBackend, domain_of
+from .base import VendorLibraryBackend, domain_of
 
 __all__ = ["AmdSmiBackend", "na"]
 
@@ -65,18 +65,15 @@ def _first(d: dict | None, *keys: str) -> float | None:
     return None
 
 
-class AmdSmiBackend(TelemetryBackend):
+class AmdSmiBackend(VendorLibraryBackend):
     name = "amdsmi"
+    SHUTDOWN = "amdsmi_shut_down"
 
     def __init__(self, cards: list[int] | None = None, host_cards: list[int] | None = None,
                  domains: list[list[int]] | None = None, clock: Callable[[], float] | None = None,
                  module: Any = None):
-        super().__init__(cards, host_cards, domains, clock)
-        self._module = module
-        self.lib: Any = None
-        self._handles: list[Any] = []
+        super().__init__(cards, host_cards, domains, clock, module)
         self._hive_domains: dict[int, int | None] = {}
-        self.sensor_errors = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def _open_impl(self) -> list[int]:
@@ -107,22 +104,6 @@ class AmdSmiBackend(TelemetryBackend):
             raise TelemetryError("amdsmi backend: amdsmi found no AMD GPU on this host")
         self._hive_domains = self._read_hive_domains()
         return list(range(len(self._handles)))
-
-    def _close_impl(self) -> None:
-        if self.lib is not None:
-            try:
-                self.lib.amdsmi_shut_down()
-            except Exception:
-                pass
-            self.lib = None
-
-    def _call(self, fn: str, *args: Any) -> Any:
-        """Call one amdsmi function; any exception counts as a sensor error and gives None."""
-        try:
-            return getattr(self.lib, fn)(*args)
-        except Exception:
-            self.sensor_errors += 1
-            return None
 
     # ---- topology ------------------------------------------------------------------------------
     def _read_hive_domains(self) -> dict[int, int | None]:

@@ -22,6 +22,7 @@ __all__ = [
     "DEVICE_COLUMNS",
     "METRIC_COLUMNS",
     "TelemetryBackend",
+    "VendorLibraryBackend",
     "empty_row",
     "finish_row",
     "domain_of",
@@ -173,3 +174,36 @@ class TelemetryBackend(ABC):
     def set_busy(self, card: int, busy: bool) -> None:
         """Tell the backend a workload started/stopped on ``card`` (drives the simulated model only)."""
         return None
+
+
+class VendorLibraryBackend(TelemetryBackend):
+    """A backend over a vendor library module (amdsmi, pynvml): ``module`` replaces the import in
+    tests (a recorded fake). Subclasses set ``lib`` when initialised and name its ``SHUTDOWN``
+    function; :meth:`_call` turns any failing reading into None and counts it in ``sensor_errors``."""
+
+    SHUTDOWN: str = ""
+
+    def __init__(self, cards: list[int] | None = None, host_cards: list[int] | None = None,
+                 domains: list[list[int]] | None = None, clock: Callable[[], float] | None = None,
+                 module: Any = None):
+        super().__init__(cards, host_cards, domains, clock)
+        self._module = module
+        self.lib: Any = None
+        self._handles: list[Any] = []
+        self.sensor_errors = 0
+
+    def _close_impl(self) -> None:
+        if self.lib is not None:
+            try:
+                getattr(self.lib, self.SHUTDOWN)()
+            except Exception:
+                pass
+            self.lib = None
+
+    def _call(self, fn: str, *args: Any) -> Any:
+        """Call one library function; any exception counts as a sensor error and gives None."""
+        try:
+            return getattr(self.lib, fn)(*args)
+        except Exception:
+            self.sensor_errors += 1
+            return None

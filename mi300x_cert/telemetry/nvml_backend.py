@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import TelemetryError
-from .base import TelemetryBackend, domain_of
+from .base import VendorLibraryBackend, domain_of
 
 __all__ = ["NvmlBackend", "clock_event_reasons"]
 
@@ -51,17 +51,9 @@ def _text(v: Any) -> str | None:
     return v or None
 
 
-class NvmlBackend(TelemetryBackend):
+class NvmlBackend(VendorLibraryBackend):
     name = "nvml"
-
-    def __init__(self, cards: list[int] | None = None, host_cards: list[int] | None = None,
-                 domains: list[list[int]] | None = None, clock: Callable[[], float] | None = None,
-                 module: Any = None):
-        super().__init__(cards, host_cards, domains, clock)
-        self._module = module
-        self.lib: Any = None
-        self._handles: list[Any] = []
-        self.sensor_errors = 0
+    SHUTDOWN = "nvmlShutdown"
 
     def _open_impl(self) -> list[int]:
         lib = self._module
@@ -88,21 +80,6 @@ class NvmlBackend(TelemetryBackend):
             self._close_impl()
             raise TelemetryError("nvml backend: NVML found no NVIDIA GPU on this host")
         return list(range(len(self._handles)))
-
-    def _close_impl(self) -> None:
-        if self.lib is not None:
-            try:
-                self.lib.nvmlShutdown()
-            except Exception:
-                pass
-            self.lib = None
-
-    def _call(self, fn: str, *args: Any) -> Any:
-        try:
-            return getattr(self.lib, fn)(*args)
-        except Exception:
-            self.sensor_errors += 1
-            return None
 
     # ---- readings ------------------------------------------------------------------------------
     def _device(self, card: int) -> dict[str, Any]:
