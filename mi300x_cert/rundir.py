@@ -7,12 +7,15 @@ Layout (``RunDir.root``)::
     inventory.json                  host, cards (serial, bus id, domain), driver and library versions
     results/<experiment>/cases/<case_id>.rows.csv      per-batch rows of one case (streamed as they arrive)
     results/<experiment>/cases/<case_id>.json          case status: ok | failed (+ reason), written last
-    results/<experiment>/rows.csv                      all rows of the experiment (written by finalize)
+    results/<experiment>/cases/<case_id>/proc<k>.log   worker stderr
+    results/<experiment>/cases/attempts/               files of earlier, failed attempts of a case
+    results/<experiment>/rows.csv                      measured rows of the experiment (written by finalize)
+    results/<experiment>/warmup_rows.csv               warm-up rows (excluded from every statistic)
     telemetry/<stem>.csv            per-card samples (streamed)
     events/<stem>.csv               phase and batch markers (streamed)
     network/<stem>.csv              interface byte counters (streamed)
     sockets/<stem>.csv              connections opened by workload processes (streamed)
-    stats/<table>.csv               Appendix A/B tables
+    stats/<table>.csv               Appendix A/B tables and the other experiments' summaries
     conditions.json                 the conditions of every figure/table, per experiment
     validation/ report/ bundle/     later steps
 
