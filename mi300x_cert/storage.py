@@ -483,8 +483,10 @@ def publish_bundle(bundle_dir: str | Path, store: dict | None = None, *, client:
             data = (bundle / name).read_bytes()
             _put_one(client, cfg, f"{prefix}/{name}", data, hashlib.sha256(data).hexdigest(),
                      _content_type(name), created)
-    except (StorageError, OSError) as e:
+    except BaseException as e:  # a failure, an interruption (SIGINT/SIGTERM) or a bug: no partial bundle stays
         problems = _rollback(client, cfg, created)
+        if not isinstance(e, (StorageError, OSError)):
+            raise
         left = f"; could not remove: {'; '.join(problems)}" if problems else ""
         raise StorageError(f"publishing {uri} failed at {current}: {e}; removed the {len(created) - len(problems)} "
                            f"object(s) this attempt created{left}") from e

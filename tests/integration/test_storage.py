@@ -136,6 +136,26 @@ def test_permanent_failure_midway_leaves_nothing(make_complete_run, s3_store):
     assert verify_bundle(uri, store=s3_store)["ok"]
 
 
+def test_interrupted_publish_leaves_nothing(make_complete_run, s3_store):
+    """Ctrl-C / SIGTERM (KeyboardInterrupt in the CLI) in the middle of an upload: the objects sent
+    so far are removed and the interruption goes on up."""
+    bundle = build_bundle(make_complete_run().root)
+    client = _client(s3_store)
+
+    def interrupt(request, **kwargs):
+        interrupt.n += 1
+        if interrupt.n == 4:
+            raise KeyboardInterrupt("SIGTERM")
+
+    interrupt.n = 0
+    client.meta.events.register("before-send.s3.PutObject", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        storage.publish_bundle(bundle, s3_store, client=client)
+    plain = _client(s3_store)
+    assert interrupt.n == 4
+    assert _keys(plain, s3_store["bucket"]) == [] and _versions(plain, s3_store["bucket"]) == []
+
+
 class CorruptingClient:
     """A client whose PutObject stores other bytes than it claims (the checksum header stays ours),
     on the chosen call numbers: what a faulty server or disk would do without validating."""
