@@ -75,7 +75,11 @@ def cmd_run(args) -> int:
 
     result = run_all(run_dir, names, progress=not args.quiet)
     _print(result)
-    return EXIT_OK if result.get("state") == "complete" else EXIT_ERROR
+    if result.get("state") == "complete":
+        print(f"run complete: {run_dir}", file=sys.stderr)
+        return EXIT_OK
+    print(f"error: run {result.get('state')}: {result.get('error')}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def cmd_validate(args) -> int:

@@ -74,3 +74,17 @@ def test_worker_exits_when_its_launcher_is_killed(tmp_path):
     cli.kill()
     cli.communicate(timeout=30)
     _wait(lambda: not [p for p in workers if _alive(p)], 15, "orphaned workers to exit")
+
+
+def test_cli_run_with_failed_cases_says_why_on_one_line(tmp_path, monkeypatch, capsys):
+    from mi300x_cert import cli
+
+    monkeypatch.setenv("MI300X_CERT_WORKLOAD", "debug")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MI300X_CERT_DEBUG_PARAMS", json.dumps({"crash_at": 0}))
+    out = tmp_path / "run"
+    assert cli.main(["run", "resnet50", "--profile", str(TINY), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert line.startswith("error: run failed: failed cases: resnet50/") and "crash at batch 0" in line
+    assert json.loads((out / "run.json").read_text())["state"] == "failed"
