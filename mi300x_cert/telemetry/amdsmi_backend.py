@@ -79,12 +79,19 @@ class AmdSmiBackend(VendorLibraryBackend):
     def _open_impl(self) -> list[int]:
         lib = self._module
         if lib is None:
+            import contextlib
+            import io
+
+            said = io.StringIO()  # the wheel prints its loader errors to stdout: keep them out of ours
             try:
-                import amdsmi as lib  # noqa: PLC0415 — only here, never at import
+                with contextlib.redirect_stdout(said):
+                    import amdsmi as lib  # noqa: PLC0415 — only here, never at import
             except Exception as e:  # KeyError('libamd_smi.so'), ImportError, OSError ...
+                detail = " ".join(said.getvalue().split())
                 raise TelemetryError(
                     f"amdsmi backend unavailable: {type(e).__name__}: {e} (ROCm's libamd_smi not found; "
-                    "install ROCm or choose telemetry.backend: simulated)") from e
+                    "install ROCm or choose telemetry.backend: simulated)"
+                    + (f"; amdsmi said: {detail}" if detail else "")) from e
         try:
             flags = getattr(lib, "AmdSmiInitFlags", None)
             if flags is not None and hasattr(flags, "INIT_AMD_GPUS"):
