@@ -49,6 +49,24 @@ def main() -> None:
 
     with open_backend(TelemetrySpec(backend="nvml"), cards=[a.card]) as be:
         out["backend_sample"] = _time(be.sample, a.n)
+    # the whole sampler at 10 Hz for 10 s (main thread asleep: process CPU ≈ the sampler thread's)
+    import tempfile
+    from pathlib import Path
+
+    from mi300x_cert.rundir import CsvStream
+    from mi300x_cert.telemetry import Sampler
+
+    with tempfile.TemporaryDirectory() as d, open_backend(TelemetrySpec(backend="nvml"), cards=[a.card]) as be:
+        tel, ev = CsvStream(Path(d) / "t.csv"), CsvStream(Path(d) / "e.csv")
+        sampler = Sampler(be, tel, ev, rate_hz=10.0)
+        c0, w0 = time.process_time(), time.perf_counter()
+        sampler.start()
+        time.sleep(10.0)
+        sampler.stop()
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        rows = sum(1 for _ in open(Path(d) / "t.csv")) - 1
+        tel.close(); ev.close()
+    out["sampler_10hz"] = {"cpu_pct_of_one_core": 100.0 * cpu / wall, "samples": rows, "wall_s": wall}
     out["device"] = nv.nvmlDeviceGetName(h)
     out["driver"] = nv.nvmlSystemGetDriverVersion()
     print(json.dumps(out, indent=2, default=str))
