@@ -226,11 +226,18 @@ class RunDir:
             raise RunDirError(f"run {self.root} is not complete (state: {self.state}; error: {self.meta.get('error')})")
 
     def load_profile(self):
-        from .config import Profile
-        import yaml
+        """The profile the run used (``profile.yaml``); RunDirError (one line, naming the field)
+        when it is missing or no longer valid."""
+        from .config import load_profile
+        from .errors import CertError
 
-        data = yaml.safe_load((self.root / "profile.yaml").read_text())
-        return Profile.model_validate(data)
+        path = self.root / "profile.yaml"
+        if not path.is_file():
+            raise RunDirError(f"{self.root} has no profile.yaml: cannot tell which experiments and thresholds apply")
+        try:
+            return load_profile(path)
+        except CertError as e:
+            raise RunDirError(f"the run's stored profile is not valid: {e}") from None
 
     # ---- paths ----------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:

@@ -296,8 +296,8 @@ def validate(run_dir: str | Path, suite: str | None = None, *, expectations: str
         raise ValidationError(f"unknown suite {suite!r} (known: {', '.join(SUITES)})")
     try:
         profile = rd.load_profile()
-    except FileNotFoundError:
-        raise RunDirError(f"{root} has no profile.yaml: cannot tell which experiments and thresholds apply") from None
+    except RunDirError:
+        raise
     except Exception as e:
         raise RunDirError(f"{root}/profile.yaml cannot be read: {e}") from e
     exp_dir = Path(expectations) if expectations else expectations_dir()

@@ -194,3 +194,20 @@ def test_run_that_did_not_complete_fails_overall(tmp_path):
     assert p["expectation"] == "run_complete" and p["observed"] == "failed"
     assert "interrupted (SIGTERM) during resnet50" in p["reason"]
     assert "FAIL     run       run state is 'failed'" in format_verdict(saved)
+
+
+def test_invalid_stored_profile_is_one_run_dir_error(tmp_path, capsys):
+    from mi300x_cert import cli
+    from mi300x_cert.errors import RunDirError
+
+    root = make_fake_run(tmp_path / "run")
+    with open(root / "profile.yaml", "a") as f:
+        f.write("bogus_key: 1\n")
+    with pytest.raises(RunDirError, match=r"stored profile is not valid: .*profile\.yaml: bogus_key: unknown key"):
+        validate(root, "whisper")
+    assert cli.main(["validate", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bogus_key: unknown key" in err and "Traceback" not in err
+    (root / "profile.yaml").unlink()
+    with pytest.raises(RunDirError, match="has no profile.yaml"):
+        validate(root)
