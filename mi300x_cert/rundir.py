@@ -31,6 +31,7 @@ import datetime as _dt
 import io
 import json
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -41,6 +42,9 @@ from .errors import RunDirError
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "CsvStream", "read_json", "utcnow",
            "discard_new_run"]
+
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def utcnow() -> str:
@@ -179,6 +183,9 @@ class RunDir:
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RunDirError(f"{root} exists and is not empty")
         existed = root.exists()
+        if run_id is not None and not RUN_ID_RE.fullmatch(str(run_id)):
+            raise RunDirError(f"run id {run_id!r} is not usable: letters, digits, '.', '_' and '-' only, "
+                              "starting with a letter or digit, at most 128 characters (it names files and S3 keys)")
         run_id = run_id or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
         try:
             root.mkdir(parents=True, exist_ok=True)

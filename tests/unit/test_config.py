@@ -152,3 +152,13 @@ def test_disabled_experiment_is_not_checked(tmp_path):
     rd = RunDir(out)
     assert rd.read_json("conditions.json")["enabled_experiments"] == ["bare-metal", "sd-throughput", "resnet50"]
     assert not get_experiment("whisper").enabled(rd.load_profile())
+
+
+@pytest.mark.parametrize("run_id", ["../evil", "a/b", "", ".hidden", "x" * 129, "with space"])
+def test_bad_run_id_is_refused_before_anything_is_written(tmp_path, run_id):
+    from mi300x_cert.errors import RunDirError
+
+    out = tmp_path / "run"
+    with pytest.raises(RunDirError, match="is not usable"):
+        prepare_run("smoke", out, run_id=run_id)
+    assert not out.exists()
