@@ -102,7 +102,16 @@ def cmd_report(args) -> int:
 def cmd_sign(args) -> int:
     from . import pipeline
 
-    print(pipeline.sign(args.run_dir, key=args.key))
+    bundle = pipeline.sign(args.run_dir, key=args.key)
+    print(bundle)
+    try:  # say what was signed: a bundle of an unvalidated or failed run certifies nothing
+        pred = json.loads((Path(bundle) / "statement.json").read_text())["predicate"]
+        note = ((pred.get("certification") or {}).get("verdict") or {}).get("note")
+        dev = ((pred.get("bundle") or {}).get("signer") or {}).get("development_key")
+        print(f"signed: result {pred.get('result')}" + (f" ({note})" if note else "")
+              + ("; development key: not a production certificate" if dev else ""), file=sys.stderr)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
     return EXIT_OK
 
 

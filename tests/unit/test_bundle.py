@@ -241,6 +241,17 @@ def test_failed_suite_is_failed_result(make_complete_run):
     assert pred["certification"]["certified"] is False
 
 
+def test_cli_sign_says_what_it_signed(make_complete_run, capsys):
+    from mi300x_cert import cli
+
+    rd = make_complete_run(verdicts=False)
+    assert cli.main(["sign", str(rd.root)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(rd.root / "bundle")
+    assert err.strip() == ("signed: result FAILED (validation/verdicts.json is missing: no expectation was evaluated); "
+                           "development key: not a production certificate")
+
+
 def test_cli_verify_of_a_failed_bundle_exits_0_and_says_not_certified(make_complete_run, capsys):
     """verify checks integrity (exit 0 when intact); what the bundle certifies is printed plainly."""
     from mi300x_cert import cli
