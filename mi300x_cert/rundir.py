@@ -194,9 +194,11 @@ class RunDir:
                 "run_id": run_id, "host": host, "profile": profile_name, "sku": sku,
                 "state": "running", "started": utcnow(), "finished": None, "error": None, "experiments": {},
             })
-        except OSError as e:
+        except BaseException as e:  # unwritable, disk full, interrupted: nothing half-made stays
             discard_new_run(root, keep_dir=existed)
-            raise RunDirError(f"cannot create run directory {root}: {e.strerror or e}") from e
+            if isinstance(e, OSError):
+                raise RunDirError(f"cannot create run directory {root}: {e.strerror or e}") from e
+            raise
         return cls(root)
 
     @property
