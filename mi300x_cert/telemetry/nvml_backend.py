@@ -33,7 +33,10 @@ _REASON_BITS = {
     0x80: "hw_power_brake_slowdown",
     0x100: "display_clock",
 }
-_SLOWDOWN_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80  # power cap, hw slowdown, sw/hw thermal, power brake
+# ``throttle`` means a thermal (or hardware-protection) slowdown: HW slowdown, SW/HW thermal, power
+# brake. Running at the board's power limit (sw_power_cap) is how an H100 normally runs flat out
+# (seen on every sample of a sustained SD run), not a thermal event: it stays in throttle_reasons.
+_SLOWDOWN_MASK = 0x8 | 0x20 | 0x40 | 0x80
 
 
 def clock_event_reasons(mask: int) -> tuple[bool, str]:

@@ -479,6 +479,9 @@ def test_nvml_backend_replays_recorded_readings():
     assert r1["memory_c"] is None            # field not supported
     assert r1["power_w"] is None             # call raised → None, never 0
     assert r1["throttle"] is True and r1["throttle_reasons"] == "sw_power_cap|hw_thermal_slowdown"
+    from mi300x_cert.telemetry.nvml_backend import clock_event_reasons
+    assert clock_event_reasons(0x4) == (False, "sw_power_cap")   # at the power limit: not a thermal event
+    assert clock_event_reasons(0x20)[0] is True and clock_event_reasons(0x8)[0] is True
     assert r1["util_pct"] == 100.0 and r1["junction_c"] == 55.0
     assert versions["driver_version"] == "580.159.04" and versions["cuda_driver_version"] == "13.0"
 
