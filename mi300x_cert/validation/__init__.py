@@ -180,15 +180,18 @@ def _failures(suite: str, results: list[dict], df: Any) -> tuple[list[dict], int
                     f["process_count"] = int(f["process_count"])
                 if unit in ("°C", "Δ°C") and isinstance(observed, (int, float)):
                     f["observed_f"] = round(c_to_f(observed) if unit == "°C" else dc_to_df(observed), 2)
-                if frow.get("reason"):
-                    f["case_reason"] = frow["reason"]
+                case_reason = frow.get("reason")
+                if not isinstance(case_reason, str) or not case_reason:  # NaN in frames without reasons
+                    case_reason = None
+                if case_reason:
+                    f["case_reason"] = case_reason
                 fmt = _temp_formatter(unit)
                 obs = fmt(observed) if fmt else (f"{_fmt(observed)}" + (f" {unit}" if unit and not isinstance(observed, dict) else ""))
                 if observed is None:
                     obs = "missing"
                 prefix = "unreadable sensor: " if f["expectation"].endswith("sensor_readable") else ""
                 f["reason"] = f"{prefix}{subject}: {column} = {obs}, expected {base['expected']}" + (
-                    f" ({frow['reason']})" if frow.get("reason") else "")
+                    f" ({case_reason})" if case_reason else "")
                 failures.append(f)
             extra = int(result.get("unexpected_count") or len(rows)) - min(len(rows), MAX_ROW_FAILURES)
             if extra > 0:
