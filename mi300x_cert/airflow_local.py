@@ -193,6 +193,7 @@ def smoke(home: str | Path | None = None, out: str | Path | None = None, hot_car
         outcome = result.get("outcome") or {}
         result.update({k: outcome.get(k) for k in ("run_dir", "report", "data_docs", "bundle_uri", "certified")})
         result["s3_endpoint"] = env["MI300X_CERT_S3_ENDPOINT"]
+        result["s3_embedded"] = srv is not None
         result["airflow_home"] = str(home)
         result["verified"] = None
         if verify and result.get("bundle_uri"):
@@ -379,7 +380,13 @@ def _print_smoke(result: dict) -> None:
     print(f"Data Docs    : {o.get('data_docs')}")
     print(f"bundle (S3)  : {o.get('bundle_uri')}  (endpoint {result.get('s3_endpoint')})")
     if result.get("verified"):
-        print(f"verified     : signature and {result['verified'].get('artifacts', '?')} artifacts")
+        print(f"verified     : signature and {result['verified'].get('artifacts', '?')} artifacts, read back from S3")
+    local = Path(o["run_dir"]) / "bundle" if o.get("run_dir") else None
+    if local is not None and local.is_dir():
+        print(f"bundle (local): {local}  (check it any time: mi300x-cert verify {local})")
+    if result.get("s3_embedded"):
+        print("note         : the embedded S3 endpoint lived for this command only; to keep published bundles, "
+              "start one (python -m mi300x_cert.s3local --port 9000) or point MI300X_CERT_S3_ENDPOINT at your store")
     for a in result.get("alerts") or []:
         print(f"alert        : {a['id']} suite={a['suite']} ({len(a.get('failures') or [])} failures)")
     print(f"airflow home : {result.get('airflow_home')}")
