@@ -135,3 +135,97 @@ def test_bench_renders_markdown_from_json():
             "whisper": [], "telemetry": None, "notes": []}
     md = render_markdown([data])
     assert "TestCard" in md and "| 32 | optimized | 0.200 | 1.50 | 420 | 52 |" in md
+
+
+def _varied_whisper():
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    from mi300x_cert.config import MODELS_DIR
+
+    d = MODELS_DIR / "whisper-smoke"
+    torch.manual_seed(1)
+    m = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(d)).eval()
+    with torch.no_grad():
+        for prm in m.model.decoder.parameters():
+            prm.mul_(8.0)
+    m.generation_config = GenerationConfig.from_pretrained(d)
+    feats = torch.randn(3, 80, 3000, generator=torch.Generator().manual_seed(0))
+    return m, feats
+
+
+def test_whisper_fast_encoder_in_chunks_same_tokens_and_options_checked():
+    """The encoder run in chunks of clips (bounding memory at large batches) changes nothing."""
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    m, feats = _varied_whisper()
+    gc = m.generation_config
+    n = 8
+    ref = m.generate(feats, max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")
+    kw = dict(prompt_ids=whisper_prompt_ids(gc), new_tokens=n, begin_suppress_tokens=gc.begin_suppress_tokens,
+              eos_token_id=gc.eos_token_id)
+    fw = FastWhisper(m, encoder_chunk=2, **kw)  # chunks of 2 + 1 clips
+    got = fw.generate(feats)[:, -n:]
+    assert len(set(ref.flatten().tolist())) > 2
+    assert torch.equal(ref[:, -n:], got)
+    # no triton on a plain CPU: SDPA is what ran, and the choice is recorded
+    assert fw.attn_choice[3]["cross"] == "sdpa" and fw.attn_choice[3]["self"] == "sdpa"
+    with pytest.raises(ValueError, match="attn"):
+        FastWhisper(m, attn="flash", **kw)
+    with pytest.raises(ValueError, match="self_attn"):
+        FastWhisper(m, self_attn="math", **kw)
+
+
+_KERNEL_CHECK = """
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+from mi300x_cert.workloads.optimized import whisper_fast as wf
+from tests.unit.test_optimized import _varied_whisper
+
+g = torch.Generator().manual_seed(3)
+B, H, S, D = 2, 3, 150, 64
+q = torch.randn(B, H, D, generator=g) * D ** -0.5
+k, v = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+ref = F.scaled_dot_product_attention(q.view(B, H, 1, D), k, v, scale=1.0).view(B, H, D)
+for block, splits in ((64, 1), (32, 4), (128, 2)):
+    da = wf.DecodeAttention(B, H, S, D, block_n=block, splits=splits, dtype=torch.float32)
+    da.out.fill_(float("nan"))
+    err = float((da(q, k, v) - ref).abs().max())
+    assert err < 1e-5, (block, splits, err)
+pos = torch.tensor([40])
+ref40 = F.scaled_dot_product_attention(q.view(B, H, 1, D), k[:, :, :41], v[:, :, :41], scale=1.0).view(B, H, D)
+da = wf.DecodeAttention(B, H, S, D, block_n=32, splits=2, dtype=torch.float32)
+assert float((da(q, k, v, pos) - ref40).abs().max()) < 1e-5
+
+m, feats = _varied_whisper()
+gc = m.generation_config
+n = 6
+want = m.generate(feats[:2], max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")
+fw = wf.FastWhisper(m, prompt_ids=wf.whisper_prompt_ids(gc), new_tokens=n,
+                    begin_suppress_tokens=gc.begin_suppress_tokens, eos_token_id=gc.eos_token_id,
+                    attn="triton", self_attn="triton")
+got = fw.generate(feats[:2])[:, -n:]
+assert fw.attn_choice[2]["cross"].startswith("triton") and fw.attn_choice[2]["self"].startswith("triton")
+assert torch.equal(want[:, -n:], got)
+print("KERNEL-OK")
+"""
+
+
+def test_decode_attention_kernel_matches_sdpa_and_generate(tmp_path):
+    """The single-query Triton kernel, run by triton's CPU interpreter (a fresh process: the
+    interpreter is chosen when triton is imported), against SDPA on whole K/V, split K/V and a
+    device length; then greedy tokens through it (cross- and self-attention) equal generate's."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "kernel_check.py"
+    script.write_text(_KERNEL_CHECK)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and "KERNEL-OK" in r.stdout, r.stderr[-3000:]

@@ -11,6 +11,13 @@ for the not-yet-written positions, applies the generation rules stock ``generate
 only replays. Greedy, like the stock path; same tokens on the same inputs (checked on the CPU
 against ``WhisperForConditionalGeneration.generate``; on a GPU a few arg-max ties may resolve
 differently in fp16 — the bench reports the agreement).
+
+Attention for the single query of a step: cross-attention through SDPA or, where it is clearly
+faster on the card (timed per batch size on the batch's own caches), :class:`DecodeAttention`, a
+Triton kernel that streams each head's K/V once (the step is bound by reading the cross K/V:
+32 layers × 2 × 1500 × 1280 fp16 per clip); self-attention through the same kernel reading only
+the written cache rows. Without triton (CPU) everything is SDPA. The encoder runs in chunks of
+clips so that large batches fit beside their cross K/V caches.
 """
 
 from __future__ import annotations
@@ -40,6 +47,135 @@ def whisper_prompt_ids(generation_config: Any, language: str | None = "en", task
     return ids
 
 
+# -- single-query attention (decode) kernel --------------------------------------------------------
+_TRITON: dict[str, Any] = {}
+
+
+def _decode_attn_kernels() -> tuple[Any, Any]:
+    """Triton kernels for attention of ONE query per (clip, head) over a [S, D] K/V slab.
+
+    ``_attn_part``: grid (B·H, splits); each program streams its share of K and V once (the
+    bytes that bound a decode step), keeps an online softmax in float32 and writes either the
+    normalized fp16 output (one split) or (max, sum, unnormalized acc) partials that
+    ``_attn_combine`` merges. An optional device length (self-attention: position + 1) limits
+    the keys read. Built on first use (no triton import at module import).
+    """
+    if "part" in _TRITON:
+        return _TRITON["part"], _TRITON["combine"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _attn_part(Q, K, V, O, Mp, Lp, Ap, LenPtr, S, stride_kbh, stride_vbh, CHUNK: tl.constexpr,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, HAS_LEN: tl.constexpr):
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        if HAS_LEN:
+            n = tl.load(LenPtr).to(tl.int32) + 1
+        else:
+            n = S
+        start = sp * CHUNK
+        end = tl.minimum(start + CHUNK, n)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + bh * D + offs_d).to(tl.float32)
+        kb = K + bh.to(tl.int64) * stride_kbh
+        vb = V + bh.to(tl.int64) * stride_vbh
+        zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+        m_i = tl.sum(zero, 0) - 1.0e30
+        l_i = tl.sum(zero, 0)
+        acc = tl.zeros([D], dtype=tl.float32)
+        for i0 in range(0, CHUNK, BLOCK_N):  # masked past ``end`` (masked rows load nothing)
+            offs_n = start + i0 + tl.arange(0, BLOCK_N)
+            msk = offs_n < end
+            k = tl.load(kb + offs_n[:, None] * D + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
+            v = tl.load(vb + offs_n[:, None] * D + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], 1)
+            s = tl.where(msk, s, -1.0e30 * 2)
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            p = tl.where(msk, p, 0.0)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m_i = m_new
+        if NSPLIT == 1:
+            tl.store(O + bh * D + offs_d, (acc / l_i).to(O.dtype.element_ty))
+        else:
+            tl.store(Ap + (bh * NSPLIT + sp) * D + offs_d, acc)
+            tl.store(Mp + bh * NSPLIT + sp, m_i)
+            tl.store(Lp + bh * NSPLIT + sp, l_i)
+
+    @triton.jit
+    def _attn_combine(O, Mp, Lp, Ap, D: tl.constexpr, NSPLIT: tl.constexpr):
+        bh = tl.program_id(0)
+        offs_s = tl.arange(0, NSPLIT)
+        offs_d = tl.arange(0, D)
+        m = tl.load(Mp + bh * NSPLIT + offs_s)
+        l = tl.load(Lp + bh * NSPLIT + offs_s)
+        a = tl.load(Ap + (bh * NSPLIT + offs_s[:, None]) * D + offs_d[None, :])
+        mx = tl.max(m, 0)
+        w = tl.exp(m - mx)
+        out = tl.sum(a * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(O + bh * D + offs_d, out.to(O.dtype.element_ty))
+
+    _TRITON["part"], _TRITON["combine"] = _attn_part, _attn_combine
+    return _attn_part, _attn_combine
+
+
+class DecodeAttention:
+    """out[b, h] = softmax(q[b, h] · K[b, h]ᵀ) V[b, h] for one query, K/V [B, H, S, D] contiguous,
+    q [B, H, D] contiguous (already scaled). ``length`` (a device tensor holding position) limits
+    the keys to ``position + 1``. Launch-only: safe inside a device-graph capture."""
+
+    def __init__(self, B: int, H: int, S: int, D: int, *, block_n: int = 64, splits: int = 1,
+                 num_warps: int = 4, device: Any = None, dtype: Any = None) -> None:
+        import torch
+
+        self.B, self.H, self.S, self.D = B, H, S, D
+        self.block_n, self.splits, self.num_warps = int(block_n), int(splits), int(num_warps)
+        chunk = -(-S // self.splits)
+        self.chunk = -(-chunk // self.block_n) * self.block_n
+        self.out = torch.empty(B, H, D, device=device, dtype=dtype)
+        n = max(self.splits, 1)
+        self.mp = torch.empty(B * H * n, device=device, dtype=torch.float32)
+        self.lp = torch.empty(B * H * n, device=device, dtype=torch.float32)
+        self.ap = torch.empty(B * H * n * D, device=device, dtype=torch.float32)
+        self.part, self.combine = _decode_attn_kernels()
+
+    def label(self) -> str:
+        return f"triton decode attention (block {self.block_n}, splits {self.splits}, warps {self.num_warps})"
+
+    def __call__(self, q: Any, k: Any, v: Any, length: Any = None) -> Any:
+        BH = self.B * self.H
+        self.part[(BH, self.splits)](
+            q, k, v, self.out, self.mp, self.lp, self.ap, length if length is not None else q,
+            self.S, k.stride(1), v.stride(1), CHUNK=self.chunk,
+            D=self.D, BLOCK_N=self.block_n, NSPLIT=self.splits, HAS_LEN=length is not None,
+            num_warps=self.num_warps)
+        if self.splits > 1:
+            self.combine[(BH,)](self.out, self.mp, self.lp, self.ap, D=self.D, NSPLIT=self.splits, num_warps=1)
+        return self.out
+
+
+def triton_available(device: str) -> bool:
+    """Triton kernels can run here (a CUDA/ROCm device and triton importable), or the interpreter
+    is on (``TRITON_INTERPRET=1``, CPU tensors: tests)."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return str(device).startswith("cuda")
+
+
+# Candidate launch configurations (block_n, splits, num_warps), timed per batch size on the card.
+DECODE_ATTN_CONFIGS: tuple[tuple[int, int, int], ...] = (
+    (64, 1, 4), (128, 1, 4), (32, 1, 2), (64, 2, 4), (64, 4, 4), (128, 1, 8))
+
+
 class FastWhisper:
     """Greedy decoding of ``new_tokens`` tokens per clip with a graph-captured static-cache step."""
 
@@ -55,6 +191,9 @@ class FastWhisper:
         eos_token_id: int | None = None,
         device: str = "cpu",
         graphs: bool = True,
+        attn: str = "auto",
+        self_attn: str = "triton",
+        encoder_chunk: int = 128,
     ) -> None:
         import torch
 
@@ -85,8 +224,18 @@ class FastWhisper:
         first = base.clone()
         if begin_suppress_tokens:
             first[torch.tensor(sorted(set(int(t) for t in begin_suppress_tokens)), dtype=torch.long)] = float("-inf")
-        self.masks = torch.stack([first, base]).to(w.device)
+        # Added to the logits in the model's dtype: 0 and -inf add exactly, and an upcast to float32
+        # (what generate's processors see) is exact, so the arg-max is the same.
+        self.masks = torch.stack([first, base]).to(device=w.device, dtype=self.dtype)
         self.use_graphs = bool(graphs) and graphs_supported(device)
+        if attn not in ("auto", "sdpa", "triton"):
+            raise ValueError(f"attn must be 'auto', 'sdpa' or 'triton', got {attn!r}")
+        if self_attn not in ("sdpa", "triton"):
+            raise ValueError(f"self_attn must be 'sdpa' or 'triton', got {self_attn!r}")
+        self.attn = attn
+        self.self_attn = self_attn
+        self.encoder_chunk = max(1, int(encoder_chunk))
+        self.attn_choice: dict[int, dict[str, Any]] = {}  # batch size -> what was chosen and the timings
         self._states: dict[int, dict[str, Any]] = {}
         self.capture_s: dict[int, float] = {}
         self.reason = "eager" if not self.use_graphs else "not captured yet"
@@ -98,7 +247,10 @@ class FastWhisper:
         st = self._states.get(B)
         if st is not None and st["S"] == S:
             return st
-        self._states.clear()  # one batch size's caches at a time (they are large)
+        if self._states:  # one batch size's caches at a time (they are large)
+            self._states.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         dev = next(self.model.parameters()).device
         L, H, D, T = len(self.layers), self.H, self.D, self.total
         st = {
@@ -112,6 +264,8 @@ class FastWhisper:
             "prompt": torch.tensor(self.prompt, dtype=torch.long, device=dev),
             "ar": torch.arange(T, device=dev),
             "graph": None,
+            "xattn": None,   # DecodeAttention for cross-attention, or None (SDPA)
+            "sattn": None,   # DecodeAttention for self-attention, or None (SDPA with a mask)
         }
         self._states[B] = st
         return st
@@ -138,19 +292,27 @@ class FastWhisper:
             v = sa.v_proj(x).view(B, 1, H, D).transpose(1, 2)
             st["k"][li].index_copy_(2, pos, k)
             st["v"][li].index_copy_(2, pos, v)
-            a = F.scaled_dot_product_attention(q, st["k"][li], st["v"][li], attn_mask=mask, scale=1.0)
-            h = r + sa.out_proj(a.transpose(1, 2).reshape(B, 1, E))
+            if st["sattn"] is not None:
+                a = st["sattn"](q.reshape(B, H, D), st["k"][li], st["v"][li], pos).view(B, 1, E)
+            else:
+                a = F.scaled_dot_product_attention(q, st["k"][li], st["v"][li], attn_mask=mask,
+                                                   scale=1.0).transpose(1, 2).reshape(B, 1, E)
+            h = r + sa.out_proj(a)
             ca = layer.encoder_attn
             r = h
             x = layer.encoder_attn_layer_norm(h)
             q = (ca.q_proj(x) * ca.scaling).view(B, 1, H, D).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, st["ck"][li], st["cv"][li], scale=1.0)
-            h = r + ca.out_proj(a.transpose(1, 2).reshape(B, 1, E))
+            if st["xattn"] is not None:
+                a = st["xattn"](q.reshape(B, H, D), st["ck"][li], st["cv"][li]).view(B, 1, E)
+            else:
+                a = F.scaled_dot_product_attention(q, st["ck"][li], st["cv"][li],
+                                                   scale=1.0).transpose(1, 2).reshape(B, 1, E)
+            h = r + ca.out_proj(a)
             r = h
             x = layer.final_layer_norm(h)
             h = r + layer.fc2(layer.activation_fn(layer.fc1(x)))
         h = self.dec.layer_norm(h)
-        logits = self.model.proj_out(h).view(B, -1).float()
+        logits = self.model.proj_out(h).view(B, -1)  # model dtype: see the masks
         gen_index = pos + 1 - P                           # index of the token being chosen among new ones
         row = (gen_index > 0).long()                      # 0 → first generated position
         scores = logits + self.masks.index_select(0, row)
@@ -172,13 +334,23 @@ class FastWhisper:
         import torch
 
         with torch.inference_mode():
-            enc = self.model.model.encoder(input_features.to(self.dtype), return_dict=True).last_hidden_state
-            B, S, _ = enc.shape
-            st = self._state(B, S)
-            for li, layer in enumerate(self.layers):
-                ca = layer.encoder_attn
-                st["ck"][li].copy_(ca.k_proj(enc).view(B, S, self.H, self.D).transpose(1, 2))
-                st["cv"][li].copy_(ca.v_proj(enc).view(B, S, self.H, self.D).transpose(1, 2))
+            # The encoder is per clip: chunks of ``encoder_chunk`` clips bound its activation memory
+            # (the cross K/V caches of a large batch take most of the card).
+            x = input_features.to(self.dtype)
+            B = int(x.shape[0])
+            st = None
+            for c0 in range(0, B, self.encoder_chunk):
+                c1 = min(B, c0 + self.encoder_chunk)
+                enc = self.model.model.encoder(x[c0:c1], return_dict=True).last_hidden_state
+                S = int(enc.shape[1])
+                if st is None:
+                    st = self._state(B, S)
+                for li, layer in enumerate(self.layers):
+                    ca = layer.encoder_attn
+                    st["ck"][li][c0:c1].copy_(ca.k_proj(enc).view(c1 - c0, S, self.H, self.D).transpose(1, 2))
+                    st["cv"][li][c0:c1].copy_(ca.v_proj(enc).view(c1 - c0, S, self.H, self.D).transpose(1, 2))
+                del enc
+            assert st is not None
             for li in range(len(self.layers)):
                 st["k"][li].zero_()
                 st["v"][li].zero_()
@@ -186,6 +358,84 @@ class FastWhisper:
             st["tokens"][:, : len(self.prompt)] = st["prompt"]
             st["pos"].zero_()
         return st
+
+    # -- attention kernel choice (per batch size, timed on the card) ---------------------------------
+    def _choose_attention(self, st: dict[str, Any]) -> None:
+        """Cross-attention through :class:`DecodeAttention` when asked (``attn="triton"``) or, with
+        ``attn="auto"``, when its fastest launch configuration beats SDPA on this batch's own cross
+        K/V caches (event-timed, rotating over layers so the caches are read from memory, and
+        checked against SDPA's output first) by more than 3%. Self-attention (``self_attn="triton"``,
+        the default where triton runs) reads only the ``position + 1`` written cache rows instead of
+        masking the whole static cache. The choice and the timings are kept in ``attn_choice[B]``."""
+        import torch
+        import torch.nn.functional as F
+
+        B, S, T = int(st["tokens"].shape[0]), int(st["S"]), self.total
+        H, D, L = self.H, self.D, len(self.layers)
+        rec: dict[str, Any] = {"cross": "sdpa", "self": "sdpa"}
+        self.attn_choice[B] = rec
+        if self.attn == "sdpa" and self.self_attn == "sdpa":
+            return
+        if not triton_available(self.device):
+            rec["note"] = "triton unavailable here: sdpa"
+            return
+        dev, dt = st["ck"][0].device, self.dtype
+        timed = str(dev).startswith("cuda")
+        if self.self_attn == "triton":
+            st["sattn"] = DecodeAttention(B, H, T, D, block_n=64, splits=1, num_warps=4, device=dev, dtype=dt)
+            rec["self"] = st["sattn"].label()
+        if self.attn == "sdpa":
+            return
+        gen = torch.Generator(device=dev).manual_seed(0)
+        qs = [torch.randn(B, H, D, device=dev, dtype=dt, generator=gen) * D ** -0.5 for _ in range(2)]
+
+        def sdpa(li: int, q: Any) -> Any:
+            return F.scaled_dot_product_attention(q.view(B, H, 1, D), st["ck"][li], st["cv"][li], scale=1.0)
+
+        def bench(fn: Any) -> float:
+            if not timed:
+                return 0.0
+            for i in range(3):
+                fn(i % L, qs[i % 2])
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            n = 2 * L
+            ev[0].record()
+            for i in range(n):
+                fn(i % L, qs[i % 2])
+            ev[1].record()
+            ev[1].synchronize()
+            return ev[0].elapsed_time(ev[1]) / n * 1e3  # µs per layer call
+
+        times: dict[str, float] = {"sdpa": bench(sdpa)}
+        ref = sdpa(0, qs[0]).view(B, H, D).float()
+        best: tuple[float, Any] | None = None
+        for cfg in DECODE_ATTN_CONFIGS if timed else DECODE_ATTN_CONFIGS[:1]:
+            key = "triton b{} s{} w{}".format(*cfg)
+            try:
+                da = DecodeAttention(B, H, S, D, block_n=cfg[0], splits=cfg[1], num_warps=cfg[2], device=dev, dtype=dt)
+                out = da(qs[0], st["ck"][0], st["cv"][0]).float()
+                err = float((out - ref).abs().max())
+                if not err < 2e-2:  # NaN fails too
+                    times[key] = float("nan")
+                    rec.setdefault("rejected", {})[key] = f"max abs diff {err:.3g} vs sdpa"
+                    continue
+                t = bench(lambda li, q, da=da: da(q, st["ck"][li], st["cv"][li]))
+                times[key] = t
+                if best is None or t < best[0]:
+                    best = (t, da)
+            except Exception as e:  # a compile or launch failure: that config is out
+                rec.setdefault("rejected", {})[key] = f"{type(e).__name__}: {str(e)[:160]}"
+        rec["us_per_layer"] = times
+        if timed:
+            gb = 2 * B * H * S * D * st["ck"][0].element_size() / 1e9
+            rec["cross_kv_gb_per_layer"] = gb
+            rec["tb_per_s"] = {k: (gb / (v * 1e-6) / 1e3 if v == v and v > 0 else None) for k, v in times.items()}
+        # The custom kernel must win clearly: at equal speed SDPA (stock's own kernel) is kept.
+        if best is not None and (self.attn == "triton" or best[0] < 0.97 * times["sdpa"]):
+            st["xattn"] = best[1]
+            rec["cross"] = best[1].label()
+        if timed:
+            torch.cuda.synchronize()
 
     def _capture(self, st: dict[str, Any]) -> None:
         import torch
@@ -210,7 +460,9 @@ class FastWhisper:
         st["tokens"].copy_(saved[1])
         st["graph"] = g
         self.capture_s[st["tokens"].shape[0]] = time.perf_counter() - t0
-        self.reason = "decode step captured as a device graph"
+        ch = self.attn_choice.get(int(st["tokens"].shape[0]), {})
+        self.reason = (f"decode step captured as a device graph; cross-attention: {ch.get('cross', 'sdpa')}; "
+                       f"self-attention: {ch.get('self', 'sdpa')}")
 
     def generate(self, input_features: Any) -> Any:
         """Token ids (B, prompt + new_tokens), like ``generate(...)`` returns for Whisper."""
@@ -218,7 +470,11 @@ class FastWhisper:
 
         with torch.inference_mode():
             st = self.prefill(input_features)
+            B = int(st["tokens"].shape[0])
             n = self.total - 1
+            if not st.get("attn_chosen"):
+                self._choose_attention(st)
+                st["attn_chosen"] = True
             if self.use_graphs and st["graph"] is None:
                 try:
                     self._capture(st)
