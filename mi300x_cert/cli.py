@@ -289,7 +289,15 @@ def _interruptible() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"]:
+        # bench has its own option parser: hand it everything after the subcommand
+        # (argparse's REMAINDER drops options that start with "--" after a subcommand).
+        args = parser.parse_args(["bench"])
+        args.rest = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     try:
         with _interruptible():
             return int(args.func(args) or 0)

@@ -67,3 +67,11 @@ def test_core_imports_stay_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"heavy modules imported by the core: {out}"
+
+
+def test_bench_subcommand_passes_its_options_through():
+    """`mi300x-cert bench --workload …` reaches the bench's own parser (its --help lists --workload)."""
+    out = subprocess.run([sys.executable, "-m", "mi300x_cert.cli", "bench", "--workload", "gemm", "--help"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--workload" in out.stdout and "unrecognized arguments" not in out.stderr
