@@ -93,11 +93,12 @@ class SDWorkload(Workload):
         try:
             if src.synthetic:
                 torch.manual_seed(self.seed)
-                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(d / "unet"))
-                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(d / "vae"))
-                text_encoder = CLIPTextModel._from_config(
-                    CLIPTextConfig.from_pretrained(d / "text_encoder"), attn_implementation=attn_impl
-                )
+                with self.synthetic_init():
+                    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(d / "unet"))
+                    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(d / "vae"))
+                    text_encoder = CLIPTextModel._from_config(
+                        CLIPTextConfig.from_pretrained(d / "text_encoder"), attn_implementation=attn_impl
+                    )
             else:
                 for sub in ("unet", "vae", "text_encoder"):
                     src.require_any(

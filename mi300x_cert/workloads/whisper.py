@@ -130,7 +130,8 @@ class WhisperWorkload(Workload):
             if src.synthetic:
                 cfg = WhisperConfig.from_pretrained(d, local_files_only=True)
                 torch.manual_seed(self.seed)
-                model = WhisperForConditionalGeneration._from_config(cfg, attn_implementation=self.attention)
+                with self.synthetic_init():
+                    model = WhisperForConditionalGeneration._from_config(cfg, attn_implementation=self.attention)
                 if (d / "generation_config.json").exists():
                     model.generation_config = GenerationConfig.from_pretrained(d, local_files_only=True)
             else:

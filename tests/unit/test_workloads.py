@@ -352,3 +352,26 @@ def test_resnet_compiled_mode_recorded():
         _check_row(wl.run_batch(2, 0), 2)
     finally:
         wl.close()
+
+
+def test_synthetic_init_is_recorded_and_validated():
+    """Synthetic weights are created on the GPU when there is one (recorded), else on the CPU."""
+    from mi300x_cert.errors import WorkerError
+    from mi300x_cert.workloads import load_workload
+
+    params = {"model": "synthetic:resnet-tiny", "dtype": "float32", "image_size": 32}
+    wl = load_workload("resnet50", params, "cpu")
+    try:
+        c = wl.conditions()
+        assert c["synthetic"] is True and "load_s" in c and c["load_s"] >= 0
+    finally:
+        wl.close()
+    sd = load_workload("sd", {"model": "synthetic:sd-tiny", "dtype": "float32", "height": 64, "width": 64,
+                              "steps": 2, "synthetic_init": "device"}, "cpu")
+    try:
+        assert sd.conditions()["synthetic_init"] == "cpu"   # no GPU here: initialised on the CPU
+    finally:
+        sd.close()
+    with pytest.raises(WorkerError, match="synthetic_init"):
+        load_workload("sd", {"model": "synthetic:sd-tiny", "height": 64, "width": 64, "steps": 2,
+                             "synthetic_init": "gpu0"}, "cpu")
