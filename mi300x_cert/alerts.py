@@ -293,6 +293,9 @@ def write_outcome(outcome: dict) -> Path:
     outcome = {"recorded": utcnow(), **outcome}
     path = outcomes_dir() / name
     atomic_write_json(path, outcome)
+    from .history import record_run_quietly  # per-serial history; logs, never raises
+
+    record_run_quietly(outcome.get("run_dir"), certified=outcome.get("certified"))
     return path
 
 

@@ -34,6 +34,9 @@ def certify(profile: str | Path, out: str | Path, *, run_id: str | None = None, 
     _say(f"measurements: {result.get('state')}")
 
     verdicts = pipeline.validate(run_dir)
+    from .history import record_run_quietly  # per-serial history; logs, never raises
+
+    record_run_quietly(run_dir)
     from .validation import format_verdict
 
     print(format_verdict(verdicts))

@@ -167,6 +167,12 @@ def cmd_alerts(args) -> int:
     return EXIT_OK
 
 
+def cmd_history(args) -> int:
+    from .history import cli_history
+
+    return cli_history(args.serial, args.index, as_json=args.json)
+
+
 def cmd_airflow_smoke(args) -> int:
     from .airflow_local import cli_smoke
 
@@ -243,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by")
     s.add_argument("--note")
     s.set_defaults(func=cmd_alerts)
+
+    s = sub.add_parser("history", help="certifications of one GPU by serial (no SERIAL: the serials known)")
+    s.add_argument("serial", nargs="?", metavar="SERIAL")
+    s.add_argument("--index", metavar="DIR", help="history index (default <state dir>/history)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_history)
 
     s = sub.add_parser("airflow-smoke", help="run the smoke recertification DAG in a local Airflow home (dag.test)")
     s.add_argument("--home", help="AIRFLOW_HOME to create or reuse (default ./.airflow)")
