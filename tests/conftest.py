@@ -5,6 +5,18 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path_factory, monkeypatch):
+    """No test writes into the user's own state (history index, alerts, outcomes): each test gets a
+    private state dir unless it sets one itself."""
+    import os
+
+    if "MI300X_CERT_STATE_DIR" not in os.environ:
+        monkeypatch.setenv("MI300X_CERT_STATE_DIR", str(tmp_path_factory.mktemp("cert-state")))
+    if "MI300X_CERT_HISTORY_DIR" not in os.environ:
+        monkeypatch.setenv("MI300X_CERT_HISTORY_DIR", str(tmp_path_factory.mktemp("cert-history")))
+
+
 # ---- certificate bundles and S3 ---------------------------------------------------------------
 
 @pytest.fixture
