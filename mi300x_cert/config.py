@@ -31,6 +31,7 @@ __all__ = [
     "list_profiles",
     "parse_card_spec",
     "parse_batch_config",
+    "resolve_groups",
     "resolve_model_source",
     "REPORT_BATCH_CONFIGS",
     "REPORT_PROCESS_COUNTS",
@@ -117,6 +118,18 @@ def parse_card_spec(spec: Any, known: list[int] | None = None, groups: dict[str,
     return seen
 
 
+def resolve_groups(groups: dict[str, Any], known: list[int], label: str = "group") -> dict[str, list[int]]:
+    """Named card groups (each a card spec) resolved against ``known`` cards; a bad one raises
+    ValueError naming it (pydantic turns it into one error naming the field)."""
+    resolved: dict[str, list[int]] = {}
+    for name, spec in groups.items():
+        try:
+            resolved[name] = parse_card_spec(spec, known)
+        except CardError as e:
+            raise ValueError(f"{label} {name!r}: {e}") from None
+    return resolved
+
+
 def _ranges(cards: list[int]) -> str:
     if cards and cards == list(range(cards[0], cards[-1] + 1)):
         return f"[{cards[0]}-{cards[-1]}]"
@@ -139,14 +152,7 @@ class HostSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_groups(self) -> "HostSpec":
-        known = self.card_ids
-        resolved: dict[str, list[int]] = {}
-        for name, spec in self.groups.items():
-            try:
-                resolved[name] = parse_card_spec(spec, known)
-            except CardError as e:
-                raise ValueError(f"group {name!r}: {e}") from None
-        self.groups = resolved  # type: ignore[assignment]
+        self.groups = resolve_groups(self.groups, self.card_ids, "group")  # type: ignore[assignment]
         return self
 
 

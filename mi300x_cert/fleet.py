@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import INCLUDE_DIR, _format_pydantic, parse_card_spec
-from .errors import CardError, ProfileError
+from .config import INCLUDE_DIR, _format_pydantic, resolve_groups
+from .errors import ProfileError
 
 __all__ = ["AlertSpec", "Server", "Fleet", "load_fleet", "fleet_path", "DEFAULT_FLEET"]
 
@@ -83,14 +83,7 @@ class Server(_Strict):
 
     @model_validator(mode="after")
     def _groups(self) -> "Server":
-        known = list(range(self.cards))
-        resolved: dict[str, list[int]] = {}
-        for gname, spec in self.card_groups.items():
-            try:
-                resolved[gname] = parse_card_spec(spec, known)
-            except CardError as e:
-                raise ValueError(f"card_groups[{gname!r}]: {e}") from None
-        self.card_groups = resolved  # type: ignore[assignment]
+        self.card_groups = resolve_groups(self.card_groups, list(range(self.cards)), "card_groups")  # type: ignore[assignment]
         if self.queue is None:
             self.queue = f"gpu-{self.name}"
         return self
