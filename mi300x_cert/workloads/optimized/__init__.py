@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .common import DeviceGraph, compile_module, setup_compile_cache
+from .common import GraphCache, compile_module, setup_compile_cache
 
 __all__ = ["optimize_sd", "optimize_whisper", "optimize_resnet", "OPTIMIZED_VERSION"]
 
@@ -69,20 +69,16 @@ class _GraphModule:
         self._module = module
         self._device = device
         self._fn, self.compile_label = compile_module(module, device=device, mode="default")
-        self._graphs: dict[tuple, DeviceGraph] = {}
+        self._graphs = GraphCache(self._fn, self._device, warmup_runs=2, name="resnet")
         self.notes: dict[str, Any] = {"compile": self.compile_label}
 
     def __call__(self, x: Any) -> Any:
         import torch
 
         x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and str(self._device).startswith("cuda") else x
-        key = (tuple(x.shape), x.dtype)
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._graphs[key] = DeviceGraph(self._fn, self._device, warmup_runs=2, name="resnet")
-        out = g.run(x)
-        self.notes["graph"] = g.reason
-        return out.clone() if g.captured else out
+        out = self._graphs.run(x)
+        self.notes["graph"] = self._graphs.reason
+        return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)

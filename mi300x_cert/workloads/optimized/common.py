@@ -19,6 +19,7 @@ __all__ = [
     "setup_compile_cache",
     "graphs_supported",
     "DeviceGraph",
+    "GraphCache",
     "apply_inductor_tuning",
     "compile_module",
 ]
@@ -157,6 +158,26 @@ class DeviceGraph:
                 dst.copy_(src, non_blocking=True)
         self.graph.replay()
         return self.static_out
+
+
+class GraphCache:
+    """One :class:`DeviceGraph` per input shape and dtype (a graph replays fixed shapes only).
+    ``run`` returns a clone of the graph's static output when ``clone`` (the next replay would
+    overwrite it); ``reason`` is the last graph's capture state."""
+
+    def __init__(self, fn: Callable[..., Any], device: str, warmup_runs: int = 2, name: str = "graph") -> None:
+        self.fn, self.device, self.warmup_runs, self.name = fn, device, warmup_runs, name
+        self.graphs: dict[tuple, DeviceGraph] = {}
+        self.reason = "not captured yet"
+
+    def run(self, *inputs: Any, clone: bool = True) -> Any:
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = DeviceGraph(self.fn, self.device, warmup_runs=self.warmup_runs, name=self.name)
+        out = g.run(*inputs)
+        self.reason = g.reason
+        return out.clone() if (clone and g.captured) else out
 
 
 def pick_sdpa_backend(batch_heads: tuple[int, int], seq: int, head_dim: int, dtype: Any, device: str,

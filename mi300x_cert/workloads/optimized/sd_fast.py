@@ -22,7 +22,7 @@ import copy
 import time
 from typing import Any
 
-from .common import DeviceGraph, apply_inductor_tuning, compile_module, graphs_supported
+from .common import GraphCache, apply_inductor_tuning, compile_module, graphs_supported
 
 __all__ = ["FastSD", "GRAPH_SAFE_SCHEDULERS"]
 
@@ -89,8 +89,8 @@ class FastSD:
         self.sched_name = type(scheduler).__name__
         self.use_graphs = bool(graphs) and graphs_supported(device) and self.sched_name in GRAPH_SAFE_SCHEDULERS
         self.notes["whole_loop_graph"] = self.use_graphs
-        self._denoise_graphs: dict[tuple, DeviceGraph] = {}
-        self._decode_graphs: dict[tuple, DeviceGraph] = {}
+        self._denoise_graphs = GraphCache(self._denoise_eager, self.device, warmup_runs=1, name="denoise")
+        self._decode_graphs = GraphCache(self._decode_fn, self.device, warmup_runs=2, name="decode")
         self.unet_evals = self._plan_len()
         self._ts_dev: dict[str, Any] = {}
 
@@ -138,12 +138,8 @@ class FastSD:
                 uncond = torch.zeros_like(cond)  # unused when guidance <= 1
             if not self.use_graphs:
                 return self._denoise_eager(cond, uncond, latents)
-            key = (tuple(latents.shape), tuple(cond.shape), latents.dtype)
-            g = self._denoise_graphs.get(key)
-            if g is None:
-                g = self._denoise_graphs[key] = DeviceGraph(self._denoise_eager, self.device, warmup_runs=1, name="denoise")
-            out = g.run(cond, uncond, latents)
-            self.notes["denoise_graph"] = g.reason
+            out = self._denoise_graphs.run(cond, uncond, latents, clone=False)
+            self.notes["denoise_graph"] = self._denoise_graphs.reason
             return out
 
     def decode(self, latents: Any) -> Any:
@@ -152,13 +148,9 @@ class FastSD:
         with torch.inference_mode():
             if not self.use_graphs:
                 return self._decode_fn(latents)
-            key = (tuple(latents.shape), latents.dtype)
-            g = self._decode_graphs.get(key)
-            if g is None:
-                g = self._decode_graphs[key] = DeviceGraph(self._decode_fn, self.device, warmup_runs=2, name="decode")
-            out = g.run(latents)
-            self.notes["decode_graph"] = g.reason
-            return out.clone() if g.captured else out
+            out = self._decode_graphs.run(latents)
+            self.notes["decode_graph"] = self._decode_graphs.reason
+            return out
 
     def generate(self, cond: Any, uncond: Any, latents: Any) -> Any:
         return self.decode(self.denoise(cond, uncond, latents))
