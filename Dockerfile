@@ -30,11 +30,11 @@ COPY dags ./dags
 COPY plugins ./plugins
 COPY include ./include
 COPY expectations ./expectations
-# requirements for GPU images: the base image brings torch (ROCm or CUDA build); amdsmi comes from
+# requirements for GPU images: the base image brings torch and its triton (ROCm or CUDA build); amdsmi comes from
 # ROCm itself; nvidia-ml-py is only for the NVIDIA image
 RUN grep -v -i -E '^(playwright|pytest|pytest-timeout)==' requirements.txt > requirements-control-plane.txt \
- && grep -v -i -E '^(torch|amdsmi|nvidia-ml-py)==' requirements-control-plane.txt > requirements-gpu-amd.txt \
- && grep -v -i -E '^(torch|amdsmi)==' requirements-control-plane.txt > requirements-gpu-nvidia.txt
+ && grep -v -i -E '^(torch|triton|amdsmi|nvidia-ml-py)==' requirements-control-plane.txt > requirements-gpu-amd.txt \
+ && grep -v -i -E '^(torch|triton|amdsmi)==' requirements-control-plane.txt > requirements-gpu-nvidia.txt
 
 # --------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS control-plane

@@ -263,6 +263,31 @@ def _whisper_model(name: str, dtype: Any) -> Any:
     return m
 
 
+def _whisper_logit_gap(m: Any, fast: Any, x: Any, full: Any) -> dict[str, Any]:
+    """Where the optimized path chose a token, how far below stock's best that token is in STOCK's
+    own logits given the same prefix (teacher-forced stock forward over the optimized tokens, the
+    same generation masks applied): 0 where the tokens agree; a small gap means a near-tie
+    resolved differently in fp16, a large one would mean a different function."""
+    import torch
+
+    P = len(fast.prompt)
+    with torch.inference_mode():
+        lg = m(input_features=x, decoder_input_ids=full[:, :-1]).logits[:, P - 1:].float()  # predicts P..T-1
+        masks = fast.masks.float()
+        lg[:, 0] += masks[0]
+        lg[:, 1:] += masks[1]
+        if fast.suppress_eos:
+            lg[:, : fast.min_new, fast.eos] = float("-inf")
+        chosen = full[:, P:]
+        best = lg.max(dim=-1).values
+        got = lg.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        gap = (best - got)
+        finite = torch.isfinite(lg)
+        scale = float(lg[finite].std()) if bool(finite.any()) else float("nan")
+    return {"max_stock_logit_gap": float(gap.max()), "mean_stock_logit_gap": float(gap.mean()),
+            "positions_off_stock_argmax": float((gap > 0).float().mean()), "stock_logit_std": scale}
+
+
 def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> None:
     import torch
 
@@ -275,18 +300,28 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
     gc = m.generation_config
     N = args.new_tokens
     nmel = m.config.num_mel_bins
-    fast = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=N,
-                       suppress_tokens=getattr(gc, "suppress_tokens", None),
-                       begin_suppress_tokens=getattr(gc, "begin_suppress_tokens", None),
-                       eos_token_id=gc.eos_token_id, device="cuda")
+    # one optimized variant per cross-attention form asked for: "optimized" is the default form
+    # (hidden where the triton kernel runs), "optimized-kv" / "optimized-hidden" force one
+    crosses = [c.strip() for c in args.whisper_cross.split(",") if c.strip()]
+    fasts: dict[str, Any] = {}
+    for c in crosses:
+        name = "optimized" if c == "auto" else f"optimized-{c}"
+        fasts[name] = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=N,
+                                  suppress_tokens=getattr(gc, "suppress_tokens", None),
+                                  begin_suppress_tokens=getattr(gc, "begin_suppress_tokens", None),
+                                  eos_token_id=gc.eos_token_id, device="cuda", cross=c)
     stock_batches = [int(x) for x in args.whisper_stock_batch.split(",")]
     batches = sorted(set(stock_batches) | {int(x) for x in args.whisper_batch.split(",")})
     gen = torch.Generator(device="cpu").manual_seed(0)
     for b in batches:
         feats = [torch.randn(b, nmel, 3000, generator=gen).to("cuda", dtype) for _ in range(2)]
-        for variant in ("stock", "optimized"):
+        for variant in ("stock", *fasts):
             if variant == "stock" and b not in stock_batches:
                 continue
+            fast = fasts.get(variant)
+            for other in fasts.values():  # one variant's caches on the card at a time
+                other._states.clear()
+            torch.cuda.empty_cache()
             if time.time() > deadline:
                 res.data["notes"].append(f"whisper {variant} b{b}: skipped (time limit)")
                 continue
@@ -319,18 +354,23 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                             "tokens_per_s": b * N / med, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                             "tokens_shape": list(outs[0].shape)})
                 res.data.setdefault("_whisper_tokens", {})[f"{variant}-{b}"] = outs[0][:, -N:].cpu()
-                if variant == "optimized":
+                if fast is not None:
                     row["graph"] = fast.reason
+                    row["cross_form"] = fast.cross
+                    row["attention"] = fast.attn_choice.get(b)
                     row["capture_s"] = fast.capture_s.get(b)
                     ref = res.data["_whisper_tokens"].get(f"stock-{b}")
                     if ref is not None:
-                        got = outs[0][:, -N:].cpu()
+                        got = outs[0][:, -N:].cpu()  # both variants' first repeat ran on feats[0]
                         row["vs_stock"] = {"token_agreement": float((ref == got).float().mean()),
                                            "clips_identical": float((ref == got).all(dim=1).float().mean()),
                                            "first_token_agreement": float((ref[:, 0] == got[:, 0]).float().mean())}
+                        row["vs_stock"].update(_whisper_logit_gap(m, fast, feats[0], fast.generate(feats[0])))
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 _log(f"[whisper] {variant} b{b} failed: {row['error']}")
+            for other in fasts.values():  # peak memory of the next variant starts from no caches
+                other._states.clear()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             res.data["whisper"].append(row)
@@ -522,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whisper-model", default="synthetic:whisper-large-v3")
     p.add_argument("--whisper-batch", default="64,128")
     p.add_argument("--whisper-stock-batch", default="64")
+    p.add_argument("--whisper-cross", default="auto",
+                   help="cross-attention forms of the optimized path, comma-separated: auto,kv,hidden")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--telemetry-batch", default="1")
     p.add_argument("--telemetry-batches", type=int, default=6)

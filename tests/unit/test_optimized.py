@@ -175,6 +175,75 @@ def test_whisper_fast_encoder_in_chunks_same_tokens_and_options_checked():
         FastWhisper(m, self_attn="math", **kw)
 
 
+def test_whisper_hidden_cross_attention_is_the_stock_layer_function():
+    """The hidden form (projections folded into query and output, attention over the encoder
+    output itself) computes each layer's cross-attention as the stock module does, on fresh
+    random inputs, in float32; greedy tokens through it equal generate's; the form is recorded."""
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, hidden_attention_reference, whisper_prompt_ids
+
+    m, feats = _varied_whisper()
+    gc = m.generation_config
+    with torch.no_grad():  # a v bias, so that the folded bias term is exercised
+        for layer in m.model.decoder.layers:
+            layer.encoder_attn.v_proj.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
+    kw = dict(prompt_ids=whisper_prompt_ids(gc), begin_suppress_tokens=gc.begin_suppress_tokens,
+              eos_token_id=gc.eos_token_id)
+    fw = FastWhisper(m, new_tokens=8, cross="hidden", **kw)
+    g = torch.Generator().manual_seed(11)
+    E = m.config.d_model
+    with torch.inference_mode():
+        enc = m.model.encoder(feats).last_hidden_state
+        for li, layer in enumerate(m.model.decoder.layers):
+            x = torch.randn(3, 1, E, generator=g) * 3
+            ref = layer.encoder_attn(x, key_value_states=enc)[0]
+            got = fw.hidden_cross_attention(li, x, enc)
+            rel = float((got - ref).norm() / ref.norm())
+            assert rel < 1e-5, (li, rel)
+        # the attention itself, against a direct float64 softmax(q xᵀ) x, with q' given as a
+        # head-major view (how the step passes it)
+        qp = (torch.randn(5, 3, E, generator=g) * 0.5).transpose(0, 1)  # [3 clips, 5 heads, E], strided
+        xs = torch.randn(3, 40, E, generator=g)
+        want = torch.softmax(qp.double() @ xs.double().transpose(1, 2), -1) @ xs.double()
+        assert float((hidden_attention_reference(qp, xs, chunk=2).double() - want).abs().max()) < 1e-5
+    ref_tokens = m.generate(feats, max_new_tokens=8, min_new_tokens=8, language="en", task="transcribe")
+    got = fw.generate(feats)[:, -8:]
+    assert torch.equal(ref_tokens[:, -8:], got)
+    assert fw.cross == "hidden" and fw.attn_choice[3]["cross_form"] == "hidden"
+    assert fw.attn_choice[3]["cross"] == "hidden (torch)"  # no triton kernel on a plain CPU
+    # the K/V caches are not allocated in the hidden form: only the encoder output is kept
+    st = fw._states[3]
+    assert st["ck"] == [] and st["cv"] == [] and tuple(st["enc"].shape) == tuple(enc.shape)
+    # default on a CPU without the triton kernel: the K/V form; a bad form is named
+    assert FastWhisper(m, new_tokens=8, **kw).cross == "kv"
+    with pytest.raises(ValueError, match="cross"):
+        FastWhisper(m, new_tokens=8, cross="shared", **kw)
+
+
+def test_whisper_encoder_compile_option_recorded_and_falls_back():
+    """compile_encoder: off by default on a CPU; asked for on a CPU it is the eager encoder (the
+    compile helper declines CPU compilation) and says so; a failing compiled encoder falls back to
+    the eager one with the reason, same tokens."""
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    m, feats = _varied_whisper()
+    gc = m.generation_config
+    kw = dict(prompt_ids=whisper_prompt_ids(gc), new_tokens=4, begin_suppress_tokens=gc.begin_suppress_tokens,
+              eos_token_id=gc.eos_token_id)
+    assert FastWhisper(m, **kw).compile_encoder is False
+    fw = FastWhisper(m, compile_encoder=True, **kw)
+    want = fw.generate(feats)
+    assert fw.encoder_label == "none (cpu)"
+
+    def broken(*a, **k):
+        raise RuntimeError("inductor exploded")
+
+    fw2 = FastWhisper(m, compile_encoder=True, **kw)
+    fw2._encoder = broken
+    got = fw2.generate(feats)
+    assert torch.equal(want, got)
+    assert fw2.compile_encoder is False and "inductor exploded" in fw2.encoder_label
+
+
 _KERNEL_CHECK = """
 import torch
 import torch.nn.functional as F
@@ -198,13 +267,34 @@ ref40 = F.scaled_dot_product_attention(q.view(B, H, 1, D), k[:, :, :41], v[:, :,
 da = wf.DecodeAttention(B, H, S, D, block_n=32, splits=2, dtype=torch.float32)
 assert float((da(q, k, v, pos) - ref40).abs().max()) < 1e-5
 
+# the shared-hidden cross-attention kernel against the float32 reference: several shapes, splits,
+# head tiles, a head-major (strided) q', every output element written (poisoned first)
+for (B, H, S, E) in ((2, 20, 150, 1280), (3, 6, 70, 384), (1, 8, 33, 512)):
+    qp = (torch.randn(H, B, E, generator=g) * E ** -0.5 * 3).transpose(0, 1)
+    x = torch.randn(B, S, E, generator=g)
+    ref = wf.hidden_attention_reference(qp, x)
+    for bn, sp, ht in ((32, 1, 16), (16, 3, 16), (32, 1, 32)):
+        ha = wf.HiddenAttention(B, H, S, E, block_n=bn, splits=sp, head_tile=ht, dtype=torch.float32)
+        ha.out.fill_(float("nan"))
+        out = ha(qp, x)
+        err = float((out - ref).abs().max() / ref.abs().max())
+        assert err < 1e-5, ((B, H, S, E), (bn, sp, ht), err)
+assert wf.hidden_slices(1280) == (5, 256) and wf.hidden_slices(384) == (3, 128) and wf.hidden_slices(1000) is None
+
 m, feats = _varied_whisper()
 gc = m.generation_config
 n = 6
+want = m.generate(feats, max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")
+fh = wf.FastWhisper(m, prompt_ids=wf.whisper_prompt_ids(gc), new_tokens=n,
+                    begin_suppress_tokens=gc.begin_suppress_tokens, eos_token_id=gc.eos_token_id)
+assert fh.cross == "hidden"  # the default where the kernel runs
+got = fh.generate(feats)[:, -n:]
+assert fh.attn_choice[3]["cross"].startswith("triton shared-hidden"), fh.attn_choice
+assert torch.equal(want[:, -n:], got)
 want = m.generate(feats[:2], max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")
 fw = wf.FastWhisper(m, prompt_ids=wf.whisper_prompt_ids(gc), new_tokens=n,
                     begin_suppress_tokens=gc.begin_suppress_tokens, eos_token_id=gc.eos_token_id,
-                    attn="triton", self_attn="triton")
+                    attn="triton", self_attn="triton", cross="kv")
 got = fw.generate(feats[:2])[:, -n:]
 assert fw.attn_choice[2]["cross"].startswith("triton") and fw.attn_choice[2]["self"].startswith("triton")
 assert torch.equal(want[:, -n:], got)

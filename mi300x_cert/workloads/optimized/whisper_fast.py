@@ -12,7 +12,12 @@ only replays. Greedy, like the stock path; same tokens on the same inputs (check
 against ``WhisperForConditionalGeneration.generate``; on a GPU a few arg-max ties may resolve
 differently in fp16 — the bench reports the agreement).
 
-Attention for the single query of a step: cross-attention through SDPA or, where it is clearly
+Cross-attention comes in two forms (``cross``): "kv" keeps every layer's projected K/V (what stock
+does), "hidden" keeps only the encoder output and folds the K/V projections into the query and the
+output (exact algebra, see :class:`HiddenAttention`): half the bytes per step and 1/64 of the
+memory for large-v3; it is the default where the triton kernel runs.
+
+Attention for the single query of a step (K/V form): cross-attention through SDPA or, where it is clearly
 faster on the card (timed per batch size on the batch's own caches), :class:`DecodeAttention`, a
 Triton kernel that streams each head's K/V once (the step is bound by reading the cross K/V:
 32 layers × 2 × 1500 × 1280 fp16 per clip); self-attention through the same kernel reading only
@@ -157,6 +162,219 @@ class DecodeAttention:
         return self.out
 
 
+# -- cross-attention over the encoder output itself (no K/V caches) ------------------------------
+#
+# Every decoder layer's cross-attention reads the SAME encoder output X [S, E] of a clip through its
+# own projections: k_j = W_k x_j, v_j = W_v x_j + b_v. For head h (rows W_k,h, W_v,h of the
+# projections), exactly:
+#     score_j = q_h · (W_k,h x_j) = (W_k,hᵀ q_h) · x_j = q'_h · x_j
+#     out_h   = Σ_j p_j (W_v,h x_j + b_v,h) = W_v,h (Σ_j p_j x_j) + b_v,h      (Σ_j p_j = 1)
+# (a bias of k only adds a per-query constant to all scores: softmax ignores it). So a step needs
+# q' = W_kᵀ q per head, one attention of all H heads over the single shared "head" X [S, E] (K = V
+# = X), and W_v per head on the result. Bytes per layer and step: X once (S·E) instead of K and V
+# (2·S·E); memory per clip: S·E once instead of 2·L·S·E (64× less for large-v3).
+
+
+def _hidden_attn_kernel() -> Any:
+    """Triton kernel: for one clip and a group of heads, softmax(Q' Xᵀ) X over the clip's X,
+    streaming X once (each block of rows feeds both the scores and the weighted sum). E is split
+    in NSL slices of BE columns (E = NSL·BE, NSL ≤ 5) held as separate accumulators."""
+    if "hidden" in _TRITON:
+        return _TRITON["hidden"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _hidden_part(Q, X, O, Mp, Lp, Ap, S, H, sqb, sqh, sob, soh, CHUNK: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
+                     NSL: tl.constexpr, HG: tl.constexpr, GH: tl.constexpr, BN: tl.constexpr,
+                     NSPLIT: tl.constexpr):
+        g = tl.program_id(0)   # head group (fastest: the groups of one clip read the same X together)
+        sp = tl.program_id(1)  # split of the rows of X
+        b = tl.program_id(2)   # clip
+        rows = tl.arange(0, HG)
+        offs_h = g * GH + rows
+        hmask = (rows < GH) & (offs_h < H)
+        offs_e = tl.arange(0, BE)
+        qb = Q + b.to(tl.int64) * sqb + offs_h[:, None] * sqh + offs_e[None, :]
+        q0 = tl.load(qb, mask=hmask[:, None], other=0.0)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        q4 = q0
+        if NSL > 1:
+            q1 = tl.load(qb + BE, mask=hmask[:, None], other=0.0)
+        if NSL > 2:
+            q2 = tl.load(qb + 2 * BE, mask=hmask[:, None], other=0.0)
+        if NSL > 3:
+            q3 = tl.load(qb + 3 * BE, mask=hmask[:, None], other=0.0)
+        if NSL > 4:
+            q4 = tl.load(qb + 4 * BE, mask=hmask[:, None], other=0.0)
+        acc0 = tl.zeros([HG, BE], dtype=tl.float32)
+        acc1 = tl.zeros([HG, BE], dtype=tl.float32)
+        acc2 = tl.zeros([HG, BE], dtype=tl.float32)
+        acc3 = tl.zeros([HG, BE], dtype=tl.float32)
+        acc4 = tl.zeros([HG, BE], dtype=tl.float32)
+        m_i = tl.zeros([HG], dtype=tl.float32) - 1.0e30
+        l_i = tl.zeros([HG], dtype=tl.float32)
+        start = sp * CHUNK
+        end = tl.minimum(start + CHUNK, S)
+        xrow = X + b.to(tl.int64) * S * E
+        for i0 in range(0, CHUNK, BN):
+            offs_n = start + i0 + tl.arange(0, BN)
+            nmask = offs_n < end
+            xb = xrow + offs_n[:, None] * E + offs_e[None, :]
+            x0 = tl.load(xb, mask=nmask[:, None], other=0.0)
+            s = tl.dot(q0, tl.trans(x0))
+            x1 = x0
+            x2 = x0
+            x3 = x0
+            x4 = x0
+            if NSL > 1:
+                x1 = tl.load(xb + BE, mask=nmask[:, None], other=0.0)
+                s += tl.dot(q1, tl.trans(x1))
+            if NSL > 2:
+                x2 = tl.load(xb + 2 * BE, mask=nmask[:, None], other=0.0)
+                s += tl.dot(q2, tl.trans(x2))
+            if NSL > 3:
+                x3 = tl.load(xb + 3 * BE, mask=nmask[:, None], other=0.0)
+                s += tl.dot(q3, tl.trans(x3))
+            if NSL > 4:
+                x4 = tl.load(xb + 4 * BE, mask=nmask[:, None], other=0.0)
+                s += tl.dot(q4, tl.trans(x4))
+            s = tl.where(nmask[None, :], s, -2.0e30)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pf = p.to(x0.dtype)
+            acc0 = tl.dot(pf, x0, acc0 * alpha[:, None])
+            if NSL > 1:
+                acc1 = tl.dot(pf, x1, acc1 * alpha[:, None])
+            if NSL > 2:
+                acc2 = tl.dot(pf, x2, acc2 * alpha[:, None])
+            if NSL > 3:
+                acc3 = tl.dot(pf, x3, acc3 * alpha[:, None])
+            if NSL > 4:
+                acc4 = tl.dot(pf, x4, acc4 * alpha[:, None])
+            m_i = m_new
+        if NSPLIT == 1:
+            inv = 1.0 / l_i
+            ob = O + b.to(tl.int64) * sob + offs_h[:, None] * soh + offs_e[None, :]
+            tl.store(ob, (acc0 * inv[:, None]).to(O.dtype.element_ty), mask=hmask[:, None])
+            if NSL > 1:
+                tl.store(ob + BE, (acc1 * inv[:, None]).to(O.dtype.element_ty), mask=hmask[:, None])
+            if NSL > 2:
+                tl.store(ob + 2 * BE, (acc2 * inv[:, None]).to(O.dtype.element_ty), mask=hmask[:, None])
+            if NSL > 3:
+                tl.store(ob + 3 * BE, (acc3 * inv[:, None]).to(O.dtype.element_ty), mask=hmask[:, None])
+            if NSL > 4:
+                tl.store(ob + 4 * BE, (acc4 * inv[:, None]).to(O.dtype.element_ty), mask=hmask[:, None])
+        else:
+            row = (b.to(tl.int64) * H + offs_h) * NSPLIT + sp
+            tl.store(Mp + row, m_i, mask=hmask)
+            tl.store(Lp + row, l_i, mask=hmask)
+            ab = Ap + row[:, None] * E + offs_e[None, :]
+            tl.store(ab, acc0, mask=hmask[:, None])
+            if NSL > 1:
+                tl.store(ab + BE, acc1, mask=hmask[:, None])
+            if NSL > 2:
+                tl.store(ab + 2 * BE, acc2, mask=hmask[:, None])
+            if NSL > 3:
+                tl.store(ab + 3 * BE, acc3, mask=hmask[:, None])
+            if NSL > 4:
+                tl.store(ab + 4 * BE, acc4, mask=hmask[:, None])
+
+    _TRITON["hidden"] = _hidden_part
+    return _hidden_part
+
+
+def hidden_slices(E: int) -> tuple[int, int] | None:
+    """(NSL, BE) with E = NSL·BE, BE a power of two ≥ 32 and NSL ≤ 5; None if E has no such split."""
+    for be in (256, 128, 64, 32):
+        if E % be == 0 and E // be <= 5:
+            return E // be, be
+    return None
+
+
+def hidden_attention_reference(qp: Any, x: Any, chunk: int = 16) -> Any:
+    """softmax(q' xᵀ) x per clip and head in float32 (portable path and reference):
+    qp [B, H, E] (scale included), x [B, S, E] -> [B, H, E] in qp's dtype."""
+    import torch
+
+    out = torch.empty_like(qp)
+    for c0 in range(0, qp.shape[0], chunk):
+        q = qp[c0:c0 + chunk].float()
+        xx = x[c0:c0 + chunk].float()
+        p = torch.softmax(torch.bmm(q, xx.transpose(1, 2)), dim=-1)
+        out[c0:c0 + chunk] = torch.bmm(p, xx).to(out.dtype)
+    return out
+
+
+class HiddenAttention:
+    """out[b, h] = softmax(q'[b, h] · X[b]ᵀ) X[b] for all heads of a clip over the clip's shared
+    encoder output X [B, S, E] (contiguous), q' [B, H, E] with the scale included (any strides
+    over B and H, E contiguous: the [H, B, E] result of a per-head matmul is read in place). The
+    output is a [B, H, E] view of a head-major [H, B, E] buffer (what the per-head W_v needs).
+    Heads go in groups of ``GH`` real rows padded to ``HG`` = ``head_tile`` (16: the matrix units'
+    smallest tile, two programs per clip for 20 heads; 32: one program, twice the accumulators);
+    rows of X are split ``splits`` ways for parallelism at small batches (partials merged by a few
+    torch ops). Launch-only: safe inside a device-graph capture."""
+
+    def __init__(self, B: int, H: int, S: int, E: int, *, block_n: int = 32, splits: int = 1,
+                 num_warps: int = 4, num_stages: int = 3, head_tile: int = 16, device: Any = None,
+                 dtype: Any = None) -> None:
+        import torch
+
+        sl = hidden_slices(E)
+        if sl is None:
+            raise ValueError(f"HiddenAttention: d_model {E} does not split into ≤5 power-of-two slices")
+        self.NSL, self.BE = sl
+        self.B, self.H, self.S, self.E = B, H, S, E
+        if head_tile not in (16, 32, 64):
+            raise ValueError(f"HiddenAttention: head_tile must be 16, 32 or 64, got {head_tile}")
+        self.HG = int(head_tile)
+        self.groups = -(-H // self.HG)
+        self.GH = -(-H // self.groups)
+        self.block_n, self.splits = int(block_n), int(splits)
+        self.num_warps, self.num_stages = int(num_warps), int(num_stages)
+        chunk = -(-S // self.splits)
+        self.chunk = -(-chunk // self.block_n) * self.block_n
+        self.out = torch.empty(H, B, E, device=device, dtype=dtype).transpose(0, 1)
+        n = max(self.splits, 1)
+        self.mp = torch.empty(B, H, n, device=device, dtype=torch.float32)
+        self.lp = torch.empty(B, H, n, device=device, dtype=torch.float32)
+        self.ap = torch.empty(B, H, n, E, device=device, dtype=torch.float32) if self.splits > 1 else self.mp
+        self.kernel = _hidden_attn_kernel()
+
+    def label(self) -> str:
+        return (f"triton shared-hidden attention (block {self.block_n}, splits {self.splits}, "
+                f"warps {self.num_warps}, stages {self.num_stages}, heads {self.GH}/{self.HG} per program)")
+
+    def __call__(self, qp: Any, x: Any) -> Any:
+        import torch
+
+        if qp.stride(2) != 1 or not x.is_contiguous():
+            raise ValueError("HiddenAttention: q' needs a contiguous last dimension and X [B, S, E] contiguous")
+        self.kernel[(self.groups, self.splits, self.B)](
+            qp, x, self.out, self.mp, self.lp, self.ap, self.S, self.H, qp.stride(0), qp.stride(1),
+            self.out.stride(0), self.out.stride(1), CHUNK=self.chunk, E=self.E,
+            BE=self.BE, NSL=self.NSL, HG=self.HG, GH=self.GH, BN=self.block_n, NSPLIT=self.splits,
+            num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.splits == 1:
+            return self.out
+        w = torch.exp(self.mp - self.mp.amax(dim=-1, keepdim=True))          # [B, H, n]
+        num = torch.einsum("bhn,bhne->bhe", w, self.ap)
+        self.out.copy_(num / (self.lp * w).sum(-1, keepdim=True))
+        return self.out
+
+
+# Candidate launch configurations (block_n, splits, num_warps, num_stages, head_tile) for
+# HiddenAttention, timed per batch size on the card.
+HIDDEN_ATTN_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
+    (32, 1, 4, 3, 16), (32, 1, 4, 2, 16), (64, 1, 4, 2, 16), (16, 1, 4, 3, 16), (32, 2, 4, 3, 16),
+    (32, 4, 4, 3, 16), (32, 1, 8, 2, 32))
+
+
 def triton_available(device: str) -> bool:
     """Triton kernels can run here (a CUDA/ROCm device and triton importable), or the interpreter
     is on (``TRITON_INTERPRET=1``, CPU tensors: tests)."""
@@ -194,6 +412,8 @@ class FastWhisper:
         attn: str = "auto",
         self_attn: str = "triton",
         encoder_chunk: int = 128,
+        cross: str = "auto",
+        compile_encoder: bool | None = None,
     ) -> None:
         import torch
 
@@ -232,9 +452,26 @@ class FastWhisper:
             raise ValueError(f"attn must be 'auto', 'sdpa' or 'triton', got {attn!r}")
         if self_attn not in ("sdpa", "triton"):
             raise ValueError(f"self_attn must be 'sdpa' or 'triton', got {self_attn!r}")
+        if cross not in ("auto", "kv", "hidden"):
+            raise ValueError(f"cross must be 'auto', 'kv' or 'hidden', got {cross!r}")
         self.attn = attn
         self.self_attn = self_attn
+        # Cross-attention form: "kv" projects K/V of every layer once per batch and keeps them;
+        # "hidden" keeps only the encoder output and folds the projections into the query and the
+        # output (see HiddenAttention): half the bytes per step, 1/(2L) of the memory. "auto":
+        # hidden where the triton kernel runs (it needs it to read X once), else kv.
+        self.cross = ("hidden" if triton_available(device) else "kv") if cross == "auto" else cross
+        H, D, E = self.H, self.D, self.E
+        self.wk = [layer.encoder_attn.k_proj.weight.view(H, D, E) for layer in self.layers]
+        self.wvT = [layer.encoder_attn.v_proj.weight.view(H, D, E).transpose(1, 2) for layer in self.layers]
+        self.bv = [(layer.encoder_attn.v_proj.bias.view(H, 1, D) if layer.encoder_attn.v_proj.bias is not None
+                    else torch.zeros(H, 1, D, dtype=self.dtype, device=w.device)) for layer in self.layers]
         self.encoder_chunk = max(1, int(encoder_chunk))
+        # The encoder (≈2.3 TFLOP per 30 s clip for large-v3) through torch.compile on GPUs: fused
+        # norms/GELU/residuals; one specialization per chunk shape, kept in the persistent cache.
+        self.compile_encoder = str(device).startswith("cuda") if compile_encoder is None else bool(compile_encoder)
+        self._encoder: Any = None
+        self.encoder_label = "eager"
         self.attn_choice: dict[int, dict[str, Any]] = {}  # batch size -> what was chosen and the timings
         self._states: dict[int, dict[str, Any]] = {}
         self.capture_s: dict[int, float] = {}
@@ -245,7 +482,7 @@ class FastWhisper:
         import torch
 
         st = self._states.get(B)
-        if st is not None and st["S"] == S:
+        if st is not None and st["S"] == S and st["cross"] == self.cross:
             return st
         if self._states:  # one batch size's caches at a time (they are large)
             self._states.clear()
@@ -253,18 +490,21 @@ class FastWhisper:
                 torch.cuda.empty_cache()
         dev = next(self.model.parameters()).device
         L, H, D, T = len(self.layers), self.H, self.D, self.total
+        kv = self.cross == "kv"
         st = {
             "S": S,
+            "cross": self.cross,
             "k": [torch.zeros(B, H, T, D, dtype=self.dtype, device=dev) for _ in range(L)],
             "v": [torch.zeros(B, H, T, D, dtype=self.dtype, device=dev) for _ in range(L)],
-            "ck": [torch.zeros(B, H, S, D, dtype=self.dtype, device=dev) for _ in range(L)],
-            "cv": [torch.zeros(B, H, S, D, dtype=self.dtype, device=dev) for _ in range(L)],
+            "ck": [torch.zeros(B, H, S, D, dtype=self.dtype, device=dev) for _ in range(L)] if kv else [],
+            "cv": [torch.zeros(B, H, S, D, dtype=self.dtype, device=dev) for _ in range(L)] if kv else [],
+            "enc": None if kv else torch.zeros(B, S, self.E, dtype=self.dtype, device=dev),
             "pos": torch.zeros(1, dtype=torch.long, device=dev),
             "tokens": torch.zeros(B, T, dtype=torch.long, device=dev),
             "prompt": torch.tensor(self.prompt, dtype=torch.long, device=dev),
             "ar": torch.arange(T, device=dev),
             "graph": None,
-            "xattn": None,   # DecodeAttention for cross-attention, or None (SDPA)
+            "xattn": None,   # DecodeAttention (kv) / HiddenAttention (hidden) for cross-attention, or None
             "sattn": None,   # DecodeAttention for self-attention, or None (SDPA with a mask)
         }
         self._states[B] = st
@@ -301,6 +541,12 @@ class FastWhisper:
             ca = layer.encoder_attn
             r = h
             x = layer.encoder_attn_layer_norm(h)
+            if st["cross"] == "hidden":
+                h = r + self.hidden_cross_attention(li, x, st["enc"], st["xattn"])
+                r = h
+                x = layer.final_layer_norm(h)
+                h = r + layer.fc2(layer.activation_fn(layer.fc1(x)))
+                continue
             q = (ca.q_proj(x) * ca.scaling).view(B, 1, H, D).transpose(1, 2)
             if st["xattn"] is not None:
                 a = st["xattn"](q.reshape(B, H, D), st["ck"][li], st["cv"][li]).view(B, 1, E)
@@ -328,6 +574,37 @@ class FastWhisper:
         st["tokens"].index_copy_(1, torch.clamp(nxt_pos, max=self.total - 1), choice.view(B, 1))
         pos.add_(1)
 
+    def hidden_cross_attention(self, li: int, x: Any, enc: Any, kernel: Any = None) -> Any:
+        """Layer ``li``'s cross-attention (incl. out_proj) of the normed states x [B, 1, E] over the
+        encoder output enc [B, S, E], in the hidden form: q' = W_kᵀ q per head, softmax(q' encᵀ) enc
+        (``kernel`` or the float32 torch ops), then W_v per head + b_v. Same function as
+        ``layer.encoder_attn(x, key_value_states=enc)``."""
+        import torch
+
+        ca = self.layers[li].encoder_attn
+        B, H, D, E = int(x.shape[0]), self.H, self.D, self.E
+        qh = (ca.q_proj(x) * ca.scaling).view(B, H, D).transpose(0, 1)          # [H, B, D]
+        qp = torch.bmm(qh, self.wk[li]).transpose(0, 1)                        # [B, H, E] view of [H, B, E]
+        c = kernel(qp, enc) if kernel is not None else hidden_attention_reference(qp, enc)
+        a = torch.baddbmm(self.bv[li], c.transpose(0, 1), self.wvT[li])         # [H, B, D]
+        return ca.out_proj(a.transpose(0, 1).reshape(B, 1, E))
+
+    def _encode(self, x: Any) -> Any:
+        """The encoder's last hidden state for a chunk of clips: compiled where asked (built on first
+        use); a compile failure falls back to the eager encoder, with the reason recorded."""
+        encoder = self.model.model.encoder
+        if self.compile_encoder and self._encoder is None:
+            from .common import compile_module
+
+            self._encoder, self.encoder_label = compile_module(encoder, device=str(x.device), fullgraph=False)
+        if self._encoder is not None and self.compile_encoder:
+            try:
+                return self._encoder(x, return_dict=True).last_hidden_state
+            except Exception as e:  # same function, eagerly
+                self.compile_encoder = False
+                self.encoder_label = f"eager (compile failed: {type(e).__name__}: {str(e)[:160]})"
+        return encoder(x, return_dict=True).last_hidden_state
+
     # -- per batch ------------------------------------------------------------------------------
     def prefill(self, input_features: Any) -> dict[str, Any]:
         """Encoder once, cross K/V once, static caches reset, prompt placed."""
@@ -341,10 +618,14 @@ class FastWhisper:
             st = None
             for c0 in range(0, B, self.encoder_chunk):
                 c1 = min(B, c0 + self.encoder_chunk)
-                enc = self.model.model.encoder(x[c0:c1], return_dict=True).last_hidden_state
+                enc = self._encode(x[c0:c1])
                 S = int(enc.shape[1])
                 if st is None:
                     st = self._state(B, S)
+                if st["cross"] == "hidden":
+                    st["enc"][c0:c1].copy_(enc)
+                    del enc
+                    continue
                 for li, layer in enumerate(self.layers):
                     ca = layer.encoder_attn
                     st["ck"][li][c0:c1].copy_(ca.k_proj(enc).view(c1 - c0, S, self.H, self.D).transpose(1, 2))
@@ -372,18 +653,23 @@ class FastWhisper:
 
         B, S, T = int(st["tokens"].shape[0]), int(st["S"]), self.total
         H, D, L = self.H, self.D, len(self.layers)
-        rec: dict[str, Any] = {"cross": "sdpa", "self": "sdpa"}
+        hidden = st["cross"] == "hidden"
+        rec: dict[str, Any] = {"cross": "hidden (torch)" if hidden else "sdpa", "self": "sdpa",
+                               "cross_form": st["cross"]}
         self.attn_choice[B] = rec
-        if self.attn == "sdpa" and self.self_attn == "sdpa":
+        if self.attn == "sdpa" and self.self_attn == "sdpa" and not hidden:
             return
         if not triton_available(self.device):
-            rec["note"] = "triton unavailable here: sdpa"
+            rec["note"] = "triton unavailable here: " + ("torch ops" if hidden else "sdpa")
             return
-        dev, dt = st["ck"][0].device, self.dtype
+        dev, dt = st["k"][0].device, self.dtype
         timed = str(dev).startswith("cuda")
         if self.self_attn == "triton":
             st["sattn"] = DecodeAttention(B, H, T, D, block_n=64, splits=1, num_warps=4, device=dev, dtype=dt)
             rec["self"] = st["sattn"].label()
+        if hidden:
+            self._choose_hidden(st, rec, timed)
+            return
         if self.attn == "sdpa":
             return
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -437,6 +723,58 @@ class FastWhisper:
         if timed:
             torch.cuda.synchronize()
 
+    def _choose_hidden(self, st: dict[str, Any], rec: dict[str, Any], timed: bool) -> None:
+        """The fastest :class:`HiddenAttention` launch configuration on this batch's encoder
+        output (event-timed on a GPU; each checked against the float32 reference first)."""
+        import torch
+
+        B, S, H, E = int(st["tokens"].shape[0]), int(st["S"]), self.H, self.E
+        x = st["enc"]
+        dev, dt = x.device, self.dtype
+        gen = torch.Generator(device=dev).manual_seed(0)
+        qs = [(torch.randn(B, H, E, device=dev, dtype=torch.float32, generator=gen) * E ** -0.5).to(dt)
+              for _ in range(2)]
+        nref = min(B, 4)
+        ref = hidden_attention_reference(qs[0][:nref], x[:nref]).float()
+        times: dict[str, float] = {}
+        best: tuple[float, Any] | None = None
+        for cfg in HIDDEN_ATTN_CONFIGS if timed else HIDDEN_ATTN_CONFIGS[:1]:
+            key = "triton b{} s{} w{} st{} h{}".format(*cfg)
+            try:
+                ha = HiddenAttention(B, H, S, E, block_n=cfg[0], splits=cfg[1], num_warps=cfg[2],
+                                     num_stages=cfg[3], head_tile=cfg[4], device=dev, dtype=dt)
+                out = ha(qs[0], x)[:nref].float()
+                err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+                if not err < 2e-2:  # NaN fails too
+                    rec.setdefault("rejected", {})[key] = f"max rel diff {err:.3g} vs float32 reference"
+                    continue
+                t = 0.0
+                if timed:
+                    for i in range(3):
+                        ha(qs[i % 2], x)
+                    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                    n = 20
+                    ev[0].record()
+                    for i in range(n):
+                        ha(qs[i % 2], x)
+                    ev[1].record()
+                    ev[1].synchronize()
+                    t = ev[0].elapsed_time(ev[1]) / n * 1e3
+                times[key] = t
+                if best is None or t < best[0]:
+                    best = (t, ha)
+            except Exception as e:  # a compile or launch failure: that config is out
+                rec.setdefault("rejected", {})[key] = f"{type(e).__name__}: {str(e)[:160]}"
+        rec["us_per_layer"] = times
+        if timed:
+            gb = B * S * E * x.element_size() / 1e9
+            rec["hidden_gb_per_layer"] = gb
+            rec["tb_per_s"] = {k: (gb / (v * 1e-6) / 1e3 if v > 0 else None) for k, v in times.items()}
+            torch.cuda.synchronize()
+        if best is not None:
+            st["xattn"] = best[1]
+            rec["cross"] = best[1].label()
+
     def _capture(self, st: dict[str, Any]) -> None:
         import torch
 
@@ -461,7 +799,8 @@ class FastWhisper:
         st["graph"] = g
         self.capture_s[st["tokens"].shape[0]] = time.perf_counter() - t0
         ch = self.attn_choice.get(int(st["tokens"].shape[0]), {})
-        self.reason = (f"decode step captured as a device graph; cross-attention: {ch.get('cross', 'sdpa')}; "
+        self.reason = (f"encoder: {self.encoder_label}; decode step captured as a device graph; "
+                       f"cross-attention ({ch.get('cross_form', 'kv')} form): {ch.get('cross', 'sdpa')}; "
                        f"self-attention: {ch.get('self', 'sdpa')}")
 
     def generate(self, input_features: Any) -> Any:
@@ -475,6 +814,15 @@ class FastWhisper:
             if not st.get("attn_chosen"):
                 self._choose_attention(st)
                 st["attn_chosen"] = True
+                if st["cross"] == "hidden" and st["xattn"] is None and str(self.device).startswith("cuda"):
+                    # no launch configuration of the kernel works on this card: the K/V form
+                    # (SDPA or the decode kernel) is faster than the float32 reference path
+                    note = self.attn_choice[B].get("rejected")
+                    self.cross = "kv"
+                    st = self.prefill(input_features)
+                    self._choose_attention(st)
+                    st["attn_chosen"] = True
+                    self.attn_choice[B]["note"] = f"hidden form unavailable ({note}); K/V form"
             if self.use_graphs and st["graph"] is None:
                 try:
                     self._capture(st)
@@ -511,7 +859,8 @@ def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastWhisper:
         device=workload.device,
         graphs=bool(params.get("optimized_graphs", True)),
     )
-    fast.notes = {"decode": "static KV cache, graph-captured step" if fast.use_graphs else "static KV cache, eager step"}
+    fast.notes = {"decode": "static KV cache, graph-captured step" if fast.use_graphs else "static KV cache, eager step",
+                  "cross_attention_form": fast.cross, "encoder_compile": fast.compile_encoder}
     workload.generate = fast.generate
     workload.compile_mode = "none (device graph)" if fast.use_graphs else "none"
     workload.optimized_setup_s = time.perf_counter() - t0
