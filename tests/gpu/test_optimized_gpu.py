@@ -42,3 +42,45 @@ def test_whisper_smoke_graph_decode_same_tokens():
     assert b.fast.use_graphs and "captured" in b.fast.reason
     assert ra["tokens"] == rb["tokens"] == 4 * 24
     assert torch.equal(a.last_ids, b.last_ids)
+
+
+def test_whisper_hidden_form_on_gpu_is_the_stock_function():
+    """Large-v3 architecture in fp16 on the card: each layer's cross-attention through the hidden
+    form and its Triton kernel against the stock module (fresh random inputs), and greedy tokens of
+    the whole optimized path (hidden form, compiled encoder off to keep the test short) against
+    stock ``generate``."""
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    from mi300x_cert.config import resolve_model_source
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    _, d = resolve_model_source("synthetic:whisper-large-v3")
+    torch.manual_seed(0)
+    cfg = WhisperConfig.from_pretrained(d)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        m = WhisperForConditionalGeneration(cfg)
+    m = m.half().eval()
+    m.generation_config = GenerationConfig.from_pretrained(d)
+    gc = m.generation_config
+    B, n = 8, 16
+    g = torch.Generator(device="cuda").manual_seed(1)
+    feats = torch.randn(B, cfg.num_mel_bins, 3000, device="cuda", generator=g).half()
+    fw = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=n, suppress_tokens=gc.suppress_tokens,
+                     begin_suppress_tokens=gc.begin_suppress_tokens, eos_token_id=gc.eos_token_id,
+                     device="cuda", compile_encoder=False)
+    assert fw.cross == "hidden"
+    got = fw.generate(feats)[:, -n:]
+    assert fw.attn_choice[B]["cross"].startswith("triton shared-hidden"), fw.attn_choice[B]
+    with torch.inference_mode():
+        enc = m.model.encoder(feats).last_hidden_state
+        kernel = fw._states[B]["xattn"]
+        for li in (0, 15, 31):
+            x = torch.randn(B, 1, cfg.d_model, device="cuda", generator=g).half()
+            ref = m.model.decoder.layers[li].encoder_attn(x, key_value_states=enc)[0].float()
+            out = fw.hidden_cross_attention(li, x, enc, kernel).float()
+            rel = float((out - ref).norm() / ref.norm())
+            assert rel < 5e-3, (li, rel)
+        want = m.generate(feats, max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")[:, -n:]
+    agree = float((want == got).float().mean())
+    assert agree >= 0.9, agree

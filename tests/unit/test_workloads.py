@@ -258,6 +258,35 @@ def test_whisper_generates_exactly_new_tokens_per_clip():
         wl.close()
 
 
+def test_whisper_features_computed_once_per_clip_file_and_identical():
+    """The clip list repeats a few files cyclically: each file's log-mel features are computed once
+    and reused; the batch equals the extractor's own output for the same clips."""
+    wl = load_workload("whisper", WHISPER, "cpu")
+    try:
+        calls = []
+        fe = wl.feature_extractor
+        orig = fe.__class__.__call__
+
+        def counting(self, raw, *a, **k):
+            calls.append(len(raw))
+            return orig(self, raw, *a, **k)
+
+        n = len({c["file"] for c in wl.clips})
+        clips = wl.select_clips(n + 3, 0)  # every file once, three of them twice
+        try:
+            fe.__class__.__call__ = counting
+            got = wl.features(clips)
+            again = wl.features(wl.select_clips(n + 3, 1))
+        finally:
+            fe.__class__.__call__ = orig
+        assert calls == [n], calls  # one extraction of each distinct file, none for the repeat batch
+        want = fe([c["samples"] for c in clips], sampling_rate=16000, return_tensors="pt").input_features
+        assert torch.equal(got, want.to(got.dtype))
+        assert again.shape == got.shape and wl.feature_cache_clips == n
+    finally:
+        wl.close()
+
+
 def test_whisper_local_weights_match_synthetic(tmp_path):
     syn = load_workload("whisper", WHISPER, "cpu")
     syn.model.save_pretrained(tmp_path / "w")
