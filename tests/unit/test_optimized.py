@@ -273,13 +273,12 @@ for (B, H, S, E) in ((2, 20, 150, 1280), (3, 6, 70, 384), (1, 8, 33, 512)):
     qp = (torch.randn(H, B, E, generator=g) * E ** -0.5 * 3).transpose(0, 1)
     x = torch.randn(B, S, E, generator=g)
     ref = wf.hidden_attention_reference(qp, x)
-    for bn, sp, ht, rows in ((32, 1, 16, False), (16, 3, 16, False), (32, 1, 32, False), (64, 1, 16, True),
-                             (32, 3, 16, True), (16, 1, 32, True)):
-        ha = wf.HiddenAttention(B, H, S, E, block_n=bn, splits=sp, head_tile=ht, rows_major=rows, dtype=torch.float32)
+    for bn, sp, ht in ((32, 1, 16), (16, 3, 16), (32, 1, 32)):
+        ha = wf.HiddenAttention(B, H, S, E, block_n=bn, splits=sp, head_tile=ht, dtype=torch.float32)
         ha.out.fill_(float("nan"))
         out = ha(qp, x)
         err = float((out - ref).abs().max() / ref.abs().max())
-        assert err < 1e-5, ((B, H, S, E), (bn, sp, ht, rows), err)
+        assert err < 1e-5, ((B, H, S, E), (bn, sp, ht), err)
 assert wf.hidden_slices(1280) == (5, 256) and wf.hidden_slices(384) == (3, 128) and wf.hidden_slices(1000) is None
 
 m, feats = _varied_whisper()

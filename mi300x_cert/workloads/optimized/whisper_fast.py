@@ -284,111 +284,7 @@ def _hidden_attn_kernel() -> Any:
             if NSL > 4:
                 tl.store(ab + 4 * BE, acc4, mask=hmask[:, None])
 
-    @triton.jit
-    def _hidden_part_t(Q, X, O, Mp, Lp, Ap, S, H, sqb, sqh, sob, soh, CHUNK: tl.constexpr, E: tl.constexpr,
-                       BE: tl.constexpr, NSL: tl.constexpr, HG: tl.constexpr, GH: tl.constexpr, BN: tl.constexpr,
-                       NSPLIT: tl.constexpr):
-        # Same function as _hidden_part with the rows of X as the matrix units' M dimension:
-        # scoresᵀ [BN, HG] = X_blk · q'ᵀ and accᵀ [BE, HG] += X_blkᵀ · pᵀ, so each X block is an
-        # operand straight from shared memory in both products (large-M tiles on Hopper).
-        g = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = tl.program_id(2)
-        cols = tl.arange(0, HG)
-        offs_h = g * GH + cols
-        hmask = (cols < GH) & (offs_h < H)
-        offs_e = tl.arange(0, BE)
-        qb = Q + b.to(tl.int64) * sqb + offs_e[:, None] + offs_h[None, :] * sqh   # q'ᵀ slices [BE, HG]
-        q0 = tl.load(qb, mask=hmask[None, :], other=0.0)
-        q1 = q0
-        q2 = q0
-        q3 = q0
-        q4 = q0
-        if NSL > 1:
-            q1 = tl.load(qb + BE, mask=hmask[None, :], other=0.0)
-        if NSL > 2:
-            q2 = tl.load(qb + 2 * BE, mask=hmask[None, :], other=0.0)
-        if NSL > 3:
-            q3 = tl.load(qb + 3 * BE, mask=hmask[None, :], other=0.0)
-        if NSL > 4:
-            q4 = tl.load(qb + 4 * BE, mask=hmask[None, :], other=0.0)
-        acc0 = tl.zeros([BE, HG], dtype=tl.float32)
-        acc1 = tl.zeros([BE, HG], dtype=tl.float32)
-        acc2 = tl.zeros([BE, HG], dtype=tl.float32)
-        acc3 = tl.zeros([BE, HG], dtype=tl.float32)
-        acc4 = tl.zeros([BE, HG], dtype=tl.float32)
-        m_i = tl.zeros([HG], dtype=tl.float32) - 1.0e30
-        l_i = tl.zeros([HG], dtype=tl.float32)
-        start = sp * CHUNK
-        end = tl.minimum(start + CHUNK, S)
-        xrow = X + b.to(tl.int64) * S * E
-        for i0 in range(0, CHUNK, BN):
-            offs_n = start + i0 + tl.arange(0, BN)
-            nmask = offs_n < end
-            xb = xrow + offs_n[:, None] * E + offs_e[None, :]
-            x0 = tl.load(xb, mask=nmask[:, None], other=0.0)
-            s = tl.dot(x0, q0)
-            x1 = x0
-            x2 = x0
-            x3 = x0
-            x4 = x0
-            if NSL > 1:
-                x1 = tl.load(xb + BE, mask=nmask[:, None], other=0.0)
-                s += tl.dot(x1, q1)
-            if NSL > 2:
-                x2 = tl.load(xb + 2 * BE, mask=nmask[:, None], other=0.0)
-                s += tl.dot(x2, q2)
-            if NSL > 3:
-                x3 = tl.load(xb + 3 * BE, mask=nmask[:, None], other=0.0)
-                s += tl.dot(x3, q3)
-            if NSL > 4:
-                x4 = tl.load(xb + 4 * BE, mask=nmask[:, None], other=0.0)
-                s += tl.dot(x4, q4)
-            s = tl.where(nmask[:, None], s, -2.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
-            pf = p.to(x0.dtype)
-            acc0 = tl.dot(tl.trans(x0), pf, acc0 * alpha[None, :])
-            if NSL > 1:
-                acc1 = tl.dot(tl.trans(x1), pf, acc1 * alpha[None, :])
-            if NSL > 2:
-                acc2 = tl.dot(tl.trans(x2), pf, acc2 * alpha[None, :])
-            if NSL > 3:
-                acc3 = tl.dot(tl.trans(x3), pf, acc3 * alpha[None, :])
-            if NSL > 4:
-                acc4 = tl.dot(tl.trans(x4), pf, acc4 * alpha[None, :])
-            m_i = m_new
-        if NSPLIT == 1:
-            inv = 1.0 / l_i
-            ob = O + b.to(tl.int64) * sob + offs_e[:, None] + offs_h[None, :] * soh
-            tl.store(ob, (acc0 * inv[None, :]).to(O.dtype.element_ty), mask=hmask[None, :])
-            if NSL > 1:
-                tl.store(ob + BE, (acc1 * inv[None, :]).to(O.dtype.element_ty), mask=hmask[None, :])
-            if NSL > 2:
-                tl.store(ob + 2 * BE, (acc2 * inv[None, :]).to(O.dtype.element_ty), mask=hmask[None, :])
-            if NSL > 3:
-                tl.store(ob + 3 * BE, (acc3 * inv[None, :]).to(O.dtype.element_ty), mask=hmask[None, :])
-            if NSL > 4:
-                tl.store(ob + 4 * BE, (acc4 * inv[None, :]).to(O.dtype.element_ty), mask=hmask[None, :])
-        else:
-            row = (b.to(tl.int64) * H + offs_h) * NSPLIT + sp
-            tl.store(Mp + row, m_i, mask=hmask)
-            tl.store(Lp + row, l_i, mask=hmask)
-            ab = Ap + row[None, :] * E + offs_e[:, None]
-            tl.store(ab, acc0, mask=hmask[None, :])
-            if NSL > 1:
-                tl.store(ab + BE, acc1, mask=hmask[None, :])
-            if NSL > 2:
-                tl.store(ab + 2 * BE, acc2, mask=hmask[None, :])
-            if NSL > 3:
-                tl.store(ab + 3 * BE, acc3, mask=hmask[None, :])
-            if NSL > 4:
-                tl.store(ab + 4 * BE, acc4, mask=hmask[None, :])
-
     _TRITON["hidden"] = _hidden_part
-    _TRITON["hidden_t"] = _hidden_part_t
     return _hidden_part
 
 
@@ -421,14 +317,12 @@ class HiddenAttention:
     output is a [B, H, E] view of a head-major [H, B, E] buffer (what the per-head W_v needs).
     Heads go in groups of ``GH`` real rows padded to ``HG`` = ``head_tile`` (16: the matrix units'
     smallest tile, two programs per clip for 20 heads; 32: one program, twice the accumulators);
-    ``rows_major`` computes the transposed products (rows of X as the M dimension of the matrix
-    units: X blocks feed both products from shared memory);
     rows of X are split ``splits`` ways for parallelism at small batches (partials merged by a few
     torch ops). Launch-only: safe inside a device-graph capture."""
 
     def __init__(self, B: int, H: int, S: int, E: int, *, block_n: int = 32, splits: int = 1,
-                 num_warps: int = 4, num_stages: int = 3, head_tile: int = 16, rows_major: bool = False,
-                 device: Any = None, dtype: Any = None) -> None:
+                 num_warps: int = 4, num_stages: int = 3, head_tile: int = 16, device: Any = None,
+                 dtype: Any = None) -> None:
         import torch
 
         sl = hidden_slices(E)
@@ -450,14 +344,11 @@ class HiddenAttention:
         self.mp = torch.empty(B, H, n, device=device, dtype=torch.float32)
         self.lp = torch.empty(B, H, n, device=device, dtype=torch.float32)
         self.ap = torch.empty(B, H, n, E, device=device, dtype=torch.float32) if self.splits > 1 else self.mp
-        _hidden_attn_kernel()
-        self.rows_major = bool(rows_major)
-        self.kernel = _TRITON["hidden_t" if self.rows_major else "hidden"]
+        self.kernel = _hidden_attn_kernel()
 
     def label(self) -> str:
         return (f"triton shared-hidden attention (block {self.block_n}, splits {self.splits}, "
-                f"warps {self.num_warps}, stages {self.num_stages}, heads {self.GH}/{self.HG} per program"
-                f"{', rows as M' if self.rows_major else ''})")
+                f"warps {self.num_warps}, stages {self.num_stages}, heads {self.GH}/{self.HG} per program)")
 
     def __call__(self, qp: Any, x: Any) -> Any:
         import torch
@@ -477,11 +368,11 @@ class HiddenAttention:
         return self.out
 
 
-# Candidate launch configurations (block_n, splits, num_warps, num_stages, head_tile, rows_major)
-# for HiddenAttention, timed per batch size on the card.
-HIDDEN_ATTN_CONFIGS: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (32, 1, 4, 3, 16, 0), (64, 1, 4, 2, 16, 0), (32, 2, 4, 3, 16, 0), (32, 4, 4, 3, 16, 0),
-    (64, 1, 4, 2, 16, 1), (64, 1, 4, 3, 16, 1), (64, 1, 8, 2, 32, 1), (128, 1, 8, 2, 16, 1))
+# Candidate launch configurations (block_n, splits, num_warps, num_stages, head_tile) for
+# HiddenAttention, timed per batch size on the card.
+HIDDEN_ATTN_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
+    (32, 1, 4, 3, 16), (32, 1, 4, 2, 16), (64, 1, 4, 2, 16), (16, 1, 4, 3, 16), (32, 2, 4, 3, 16),
+    (32, 4, 4, 3, 16), (32, 1, 8, 2, 32))
 
 
 def triton_available(device: str) -> bool:
@@ -848,11 +739,10 @@ class FastWhisper:
         times: dict[str, float] = {}
         best: tuple[float, Any] | None = None
         for cfg in HIDDEN_ATTN_CONFIGS if timed else HIDDEN_ATTN_CONFIGS[:1]:
-            key = "triton b{} s{} w{} st{} h{}{}".format(*cfg[:5], " rows" if cfg[5] else "")
+            key = "triton b{} s{} w{} st{} h{}".format(*cfg)
             try:
                 ha = HiddenAttention(B, H, S, E, block_n=cfg[0], splits=cfg[1], num_warps=cfg[2],
-                                     num_stages=cfg[3], head_tile=cfg[4], rows_major=bool(cfg[5]),
-                                     device=dev, dtype=dt)
+                                     num_stages=cfg[3], head_tile=cfg[4], device=dev, dtype=dt)
                 out = ha(qs[0], x)[:nref].float()
                 err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
                 if not err < 2e-2:  # NaN fails too
