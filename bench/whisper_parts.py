@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=240.0)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(encoder)")
     ap.add_argument("--profile-batch", type=int, default=0, help="profile one decode step at this batch")
+    ap.add_argument("--skip-encoder", action="store_true", help="only the cross-attention (and the step profile)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import torch
@@ -153,6 +154,10 @@ def main() -> None:
         emit("decode_step", prof_out)
         del fw, st, feats
         torch.cuda.empty_cache()
+    if a.skip_encoder:
+        if not a.out:
+            print(json.dumps(res, indent=1))
+        return
     # -- encoder ----------------------------------------------------------------------------------
     from torch.utils.flop_counter import FlopCounterMode
 
