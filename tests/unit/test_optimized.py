@@ -95,7 +95,12 @@ def test_whisper_optimized_same_tokens_as_generate():
     ra, rb = a.run_batch(3, 0), b.run_batch(3, 0)
     assert ra["tokens"] == rb["tokens"] == 36
     assert torch.equal(a.last_ids, b.last_ids)
-    assert b.conditions()["path"] == "optimized" and "static KV cache" in b.conditions()["optimized"]["recipe"]
+    opt = b.conditions()["optimized"]
+    assert b.conditions()["path"] == "optimized" and "static KV cache" in opt["recipe"]
+    # what ran is recorded: the cross-attention form (K/V on a CPU without the triton kernel), the
+    # encoder, the attention choice of the batch size
+    assert opt["cross_attention_form"] == "kv" and opt["encoder"] == "eager" and opt["version"] == "2"
+    assert opt["attention"]["cross_form"] == "kv" and "cross K/V once per batch" in opt["recipe"]
 
 
 def test_whisper_fast_matches_generate_on_varied_tokens():

@@ -838,6 +838,10 @@ class FastWhisper:
             else:
                 for _ in range(n):
                     self._step(st)
+            notes = getattr(self, "notes", None)
+            if isinstance(notes, dict):  # what actually ran, for the workload's conditions
+                notes.update({"cross_attention_form": self.cross, "encoder": self.encoder_label,
+                              "decode_step": self.reason, "attention": self.attn_choice.get(B)})
             return st["tokens"].clone()
 
 
