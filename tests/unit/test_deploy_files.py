@@ -139,9 +139,11 @@ def test_gpu_images_keep_the_base_torch_and_take_gpu_libraries_from_the_vendor(s
     text = DOCKERFILE.read_text()
     amd = " ".join(r for i, r in stages["gpu-amd"]["instructions"] if i == "RUN")
     assert "/opt/rocm/share/amd_smi" in amd
-    # the GPU requirement files drop torch (and amdsmi; nvidia-ml-py only for AMD)
-    assert re.search(r"grep -v -i -E '\^\(torch\|amdsmi\|nvidia-ml-py\)==' \S+ > requirements-gpu-amd.txt", text)
-    assert re.search(r"grep -v -i -E '\^\(torch\|amdsmi\)==' \S+ > requirements-gpu-nvidia.txt", text)
+    # the GPU requirement files drop torch and its triton (the base image's builds match each
+    # other) and amdsmi; nvidia-ml-py only for AMD
+    assert re.search(r"grep -v -i -E '\^\(torch\|triton\|amdsmi\|nvidia-ml-py\)==' \S+ > requirements-gpu-amd.txt", text)
+    assert re.search(r"grep -v -i -E '\^\(torch\|triton\|amdsmi\)==' \S+ > requirements-gpu-nvidia.txt", text)
+    assert "triton==" in (REPO / "requirements.txt").read_text()
     assert "nvidia-ml-py==" in (REPO / "requirements.txt").read_text()
 
 
