@@ -290,6 +290,49 @@ def _whisper_logit_gap(m: Any, fast: Any, x: Any, full: Any) -> dict[str, Any]:
             "positions_off_stock_argmax": float((gap > 0).float().mean()), "stock_logit_std": scale}
 
 
+def _whisper_recipe_in_child(args: argparse.Namespace, b: int, ref: Any, deadline: float) -> dict[str, Any]:
+    """The Whisper compile recipe at batch ``b`` in a child process (same inputs: features seeded
+    by the batch size); its row, compared with the parent's stock tokens, or an error row naming
+    how the child ended."""
+    import signal
+    import subprocess
+    import tempfile
+
+    import torch
+
+    row: dict[str, Any] = {"variant": "recipe", "batch": b, "new_tokens": args.new_tokens, "dtype": args.dtype,
+                           "model": args.whisper_model}
+    with tempfile.TemporaryDirectory(prefix="mi300x-cert-bench-") as td:
+        out = Path(td) / "recipe.json"
+        argv = [sys.executable, "-m", "mi300x_cert.bench", "--workload", "whisper", "--whisper-recipe-child",
+                "--variants", "recipe", "--whisper-batch", str(b), "--whisper-stock-batch", str(b),
+                "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
+                "--whisper-model", args.whisper_model, "--whisper-cross", "", "--out", str(out)]
+        left = deadline - time.time() if deadline != float("inf") else 3600.0
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=max(60.0, left))
+        except subprocess.TimeoutExpired:
+            row["error"] = f"recipe child process did not finish within {max(60.0, left):.0f} s"
+            return row
+        got = json.loads(out.read_text()).get("whisper", []) if out.is_file() else []
+        if got and "tokens_per_s" in got[0]:
+            row = got[0]
+            tok = Path(str(out) + ".tokens.pt")
+            if ref is not None and tok.is_file():
+                t = torch.load(tok)
+                row["vs_stock"] = {"token_agreement": float((ref == t).float().mean()),
+                                   "clips_identical": float((ref == t).all(dim=1).float().mean())}
+            return row
+        if r.returncode < 0:
+            how = f"killed by signal {signal.Signals(-r.returncode).name}"
+        else:
+            how = f"exit status {r.returncode}"
+        err = (got[0].get("error") if got else None) or " | ".join(
+            ln for ln in r.stderr.strip().splitlines()[-3:] if ln.strip())[-300:]
+        row["error"] = f"recipe child process ended ({how}) without a measurement: {err}"
+        return row
+
+
 def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> None:
     import torch
 
@@ -314,12 +357,25 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                                   eos_token_id=gc.eos_token_id, device="cuda", cross=c)
     stock_batches = [int(x) for x in args.whisper_stock_batch.split(",")]
     batches = sorted(set(stock_batches) | {int(x) for x in args.whisper_batch.split(",")})
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    child = bool(getattr(args, "whisper_recipe_child", False))
     for b in batches:
+        gen = torch.Generator(device="cpu").manual_seed(b)  # the same inputs in a child process
         feats = [torch.randn(b, nmel, 3000, generator=gen).to("cuda", dtype) for _ in range(2)]
         recipe = ["recipe"] if "recipe" in args.variants.split(",") else []
-        for variant in ("stock", *fasts, *recipe):
+        for variant in (("recipe",) if child else ("stock", *fasts, *recipe)):
             if variant in ("stock", "recipe") and b not in stock_batches:
+                continue
+            if variant == "recipe" and not child:
+                # torch.compile of the whole model under generate can take the process down (a
+                # segmentation fault was measured on an H100): it runs in a child process
+                row = _whisper_recipe_in_child(args, b, res.data.get("_whisper_tokens", {}).get(f"stock-{b}"),
+                                               deadline)
+                res.data["whisper"].append(row)
+                tokens = res.data.pop("_whisper_tokens", None)
+                res.save()
+                if tokens is not None:
+                    res.data["_whisper_tokens"] = tokens
+                _log(json.dumps({k: v for k, v in row.items() if k != "latencies_s"}))
                 continue
             fast = fasts.get(variant)
             for other in fasts.values():  # one variant's caches on the card at a time
@@ -366,6 +422,8 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                             "tokens_per_s": b * N / med, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                             "tokens_shape": list(outs[0].shape)})
                 res.data.setdefault("_whisper_tokens", {})[f"{variant}-{b}"] = outs[0][:, -N:].cpu()
+                if child and res.path is not None:
+                    torch.save(outs[0][:, -N:].cpu(), str(res.path) + ".tokens.pt")
                 if fast is not None:
                     row["graph"] = fast.reason
                     row["cross_form"] = fast.cross
@@ -588,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whisper-model", default="synthetic:whisper-large-v3")
     p.add_argument("--whisper-batch", default="64,128")
     p.add_argument("--whisper-stock-batch", default="64")
+    p.add_argument("--whisper-recipe-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--whisper-cross", default="auto",
                    help="cross-attention forms of the optimized path, comma-separated: auto,kv,hidden")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -626,8 +685,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "argv": list(argv or [])}
     res.save()
     w = args.workload
-    res.data["gemm"] = measure_gemm()
-    res.save()
+    if not args.whisper_recipe_child:
+        res.data["gemm"] = measure_gemm()
+        res.save()
     _log(json.dumps(res.data["conditions"]), json.dumps(res.data["gemm"]))
     if w in ("sd", "all"):
         bench_sd(args, res, deadline)

@@ -324,3 +324,40 @@ def test_decode_attention_kernel_matches_sdpa_and_generate(tmp_path):
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and "KERNEL-OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_bench_whisper_recipe_runs_in_a_child_and_a_crash_is_a_row(monkeypatch):
+    """The Whisper compile recipe can take its process down (a segmentation fault was measured):
+    the bench runs it in a child process; a crash becomes an error row naming the signal, a
+    measurement comes back with its token agreement against the parent's stock tokens."""
+    import argparse
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from mi300x_cert import bench
+
+    args = argparse.Namespace(new_tokens=4, repeats=2, dtype="float16", whisper_model="synthetic:whisper-smoke")
+    ref = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    seen = {}
+
+    def crash(argv, **kw):
+        seen["argv"] = argv
+        return subprocess.CompletedProcess(argv, -11, "", "compiling\nFatal Python error: Segmentation fault\n")
+
+    monkeypatch.setattr(subprocess, "run", crash)
+    row = bench._whisper_recipe_in_child(args, 2, ref, float("inf"))
+    assert "--whisper-recipe-child" in seen["argv"] and seen["argv"][seen["argv"].index("--whisper-batch") + 1] == "2"
+    assert row["variant"] == "recipe" and "SIGSEGV" in row["error"] and "Segmentation fault" in row["error"]
+    assert "tokens_per_s" not in row
+
+    def works(argv, **kw):
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_text(json.dumps({"whisper": [{"variant": "recipe", "batch": 2, "tokens_per_s": 123.0}]}))
+        torch.save(torch.tensor([[1, 2, 3, 4], [5, 6, 0, 8]]), str(out) + ".tokens.pt")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", works)
+    row = bench._whisper_recipe_in_child(args, 2, ref, float("inf"))
+    assert row["tokens_per_s"] == 123.0
+    assert row["vs_stock"] == {"token_agreement": 7 / 8, "clips_identical": 0.5}
