@@ -1,8 +1,9 @@
 """Optimized Whisper greedy decoding: static KV cache + one fixed-shape decode step captured as a
 device graph per batch size, written with plain torch over the Hugging Face model's own weights.
 
-Per batch: the encoder runs once; the cross-attention K/V of every decoder layer are projected once
-from its output; then ``prompt_len + new_tokens - 1`` replays of the decode step graph. The step
+Per batch: the encoder runs once (compiled on GPUs, in chunks of clips); either its output is kept
+as is (hidden form, below) or the cross-attention K/V of every decoder layer are projected once
+from it (K/V form); then ``prompt_len + new_tokens - 1`` replays of the decode step graph. The step
 reads its position from a device counter (so the same graph serves every position), writes the
 new self-attention K/V into the static cache at that position, attends over the cache with a mask
 for the not-yet-written positions, applies the generation rules stock ``generate`` applies
@@ -21,7 +22,8 @@ Attention for the single query of a step (K/V form): cross-attention through SDP
 faster on the card (timed per batch size on the batch's own caches), :class:`DecodeAttention`, a
 Triton kernel that streams each head's K/V once (the step is bound by reading the cross K/V:
 32 layers × 2 × 1500 × 1280 fp16 per clip); self-attention through the same kernel reading only
-the written cache rows. Without triton (CPU) everything is SDPA. The encoder runs in chunks of
+the written cache rows. Without triton (CPU) the K/V form runs through SDPA and the hidden form
+through plain torch ops (float32 attention). The encoder runs in chunks of
 clips so that large batches fit beside their cross K/V caches.
 """
 
