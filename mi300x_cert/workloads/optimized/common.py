@@ -180,6 +180,22 @@ class GraphCache:
         return out.clone() if (clone and g.captured) else out
 
 
+def event_time_us(fn: Callable[[int], Any], n: int, warmup: int = 3) -> float:
+    """Mean µs per call of ``fn(i)`` (i = 0, 1, …) on the current device stream, timed with device
+    events after ``warmup`` untimed calls (``fn`` may rotate inputs by ``i``)."""
+    import torch
+
+    for i in range(warmup):
+        fn(i)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(n):
+        fn(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n * 1e3
+
+
 def pick_sdpa_backend(batch_heads: tuple[int, int], seq: int, head_dim: int, dtype: Any, device: str,
                       reps: int = 10) -> dict[str, Any]:
     """Time the fused attention kernels PyTorch has for this card on the model's largest attention
@@ -213,13 +229,8 @@ def pick_sdpa_backend(batch_heads: tuple[int, int], seq: int, head_dim: int, dty
                 out = F.scaled_dot_product_attention(q, k, v)
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 torch.cuda.synchronize(device)
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(reps):
-                    F.scaled_dot_product_attention(q, k, v)
-                e.record()
-                e.synchronize()
-            info["times_ms"][name] = s.elapsed_time(e) / reps
+                us = event_time_us(lambda i: F.scaled_dot_product_attention(q, k, v), reps, warmup=0)
+            info["times_ms"][name] = us / 1e3
             info.setdefault("rel_err", {})[name] = err
         except Exception as ex:  # kernel unavailable for this shape/card
             info.setdefault("unavailable", {})[name] = type(ex).__name__

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .common import graphs_supported
+from .common import event_time_us, graphs_supported
 
 __all__ = ["FastWhisper", "whisper_prompt_ids"]
 
@@ -377,6 +377,32 @@ HIDDEN_ATTN_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (32, 4, 4, 3, 16), (32, 1, 8, 2, 32))
 
 
+def fastest_config(configs: tuple[tuple[int, ...], ...], key: Any, build: Any, error: Any, limit: float,
+                   describe: str, time_us: Any, timed: bool, rec: dict[str, Any]) -> tuple[dict[str, float], Any]:
+    """Try each launch configuration (only the first where nothing is timed): ``build(cfg)`` makes
+    the kernel, ``error(kernel)`` checks it against a reference (over ``limit``, or NaN, rejects
+    it; ``describe`` formats the rejection from the error), ``time_us(kernel)`` times it. Returns {key: µs} and (µs, kernel) of the fastest or None;
+    rejections and build/launch failures are recorded in ``rec["rejected"]``."""
+    times: dict[str, float] = {}
+    best: tuple[float, Any] | None = None
+    for cfg in configs if timed else configs[:1]:
+        k = key(cfg)
+        try:
+            kern = build(cfg)
+            err = float(error(kern))
+            if not err < limit:  # NaN fails too
+                times[k] = float("nan")
+                rec.setdefault("rejected", {})[k] = describe.format(err)
+                continue
+            t = time_us(kern) if timed else 0.0
+            times[k] = t
+            if best is None or t < best[0]:
+                best = (t, kern)
+        except Exception as e:  # a compile or launch failure: that config is out
+            rec.setdefault("rejected", {})[k] = f"{type(e).__name__}: {str(e)[:160]}"
+    return times, best
+
+
 def triton_available(device: str) -> bool:
     """Triton kernels can run here (a CUDA/ROCm device and triton importable), or the interpreter
     is on (``TRITON_INTERPRET=1``, CPU tensors: tests)."""
@@ -680,39 +706,18 @@ class FastWhisper:
         def sdpa(li: int, q: Any) -> Any:
             return F.scaled_dot_product_attention(q.view(B, H, 1, D), st["ck"][li], st["cv"][li], scale=1.0)
 
-        def bench(fn: Any) -> float:
-            if not timed:
-                return 0.0
-            for i in range(3):
-                fn(i % L, qs[i % 2])
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            n = 2 * L
-            ev[0].record()
-            for i in range(n):
-                fn(i % L, qs[i % 2])
-            ev[1].record()
-            ev[1].synchronize()
-            return ev[0].elapsed_time(ev[1]) / n * 1e3  # µs per layer call
+        def bench(fn: Any) -> float:  # µs per layer call, rotating over layers (caches read from memory)
+            return event_time_us(lambda i: fn(i % L, qs[i % 2]), 2 * L) if timed else 0.0
 
-        times: dict[str, float] = {"sdpa": bench(sdpa)}
+        t_sdpa = bench(sdpa)
         ref = sdpa(0, qs[0]).view(B, H, D).float()
-        best: tuple[float, Any] | None = None
-        for cfg in DECODE_ATTN_CONFIGS if timed else DECODE_ATTN_CONFIGS[:1]:
-            key = "triton b{} s{} w{}".format(*cfg)
-            try:
-                da = DecodeAttention(B, H, S, D, block_n=cfg[0], splits=cfg[1], num_warps=cfg[2], device=dev, dtype=dt)
-                out = da(qs[0], st["ck"][0], st["cv"][0]).float()
-                err = float((out - ref).abs().max())
-                if not err < 2e-2:  # NaN fails too
-                    times[key] = float("nan")
-                    rec.setdefault("rejected", {})[key] = f"max abs diff {err:.3g} vs sdpa"
-                    continue
-                t = bench(lambda li, q, da=da: da(q, st["ck"][li], st["cv"][li]))
-                times[key] = t
-                if best is None or t < best[0]:
-                    best = (t, da)
-            except Exception as e:  # a compile or launch failure: that config is out
-                rec.setdefault("rejected", {})[key] = f"{type(e).__name__}: {str(e)[:160]}"
+        kernels, best = fastest_config(
+            DECODE_ATTN_CONFIGS, key=lambda c: "triton b{} s{} w{}".format(*c),
+            build=lambda c: DecodeAttention(B, H, S, D, block_n=c[0], splits=c[1], num_warps=c[2], device=dev, dtype=dt),
+            error=lambda da: (da(qs[0], st["ck"][0], st["cv"][0]).float() - ref).abs().max(), limit=2e-2,
+            describe="max abs diff {:.3g} vs sdpa", time_us=lambda da: bench(lambda li, q: da(q, st["ck"][li], st["cv"][li])),
+            timed=timed, rec=rec)
+        times: dict[str, float] = {"sdpa": t_sdpa, **kernels}
         rec["us_per_layer"] = times
         if timed:
             gb = 2 * B * H * S * D * st["ck"][0].element_size() / 1e9
@@ -738,40 +743,18 @@ class FastWhisper:
               for _ in range(2)]
         nref = min(B, 4)
         ref = hidden_attention_reference(qs[0][:nref], x[:nref]).float()
-        times: dict[str, float] = {}
-        best: tuple[float, Any] | None = None
-        for cfg in HIDDEN_ATTN_CONFIGS if timed else HIDDEN_ATTN_CONFIGS[:1]:
-            key = "triton b{} s{} w{} st{} h{}".format(*cfg)
-            try:
-                ha = HiddenAttention(B, H, S, E, block_n=cfg[0], splits=cfg[1], num_warps=cfg[2],
-                                     num_stages=cfg[3], head_tile=cfg[4], device=dev, dtype=dt)
-                out = ha(qs[0], x)[:nref].float()
-                err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
-                if not err < 2e-2:  # NaN fails too
-                    rec.setdefault("rejected", {})[key] = f"max rel diff {err:.3g} vs float32 reference"
-                    continue
-                t = 0.0
-                if timed:
-                    for i in range(3):
-                        ha(qs[i % 2], x)
-                    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-                    n = 20
-                    ev[0].record()
-                    for i in range(n):
-                        ha(qs[i % 2], x)
-                    ev[1].record()
-                    ev[1].synchronize()
-                    t = ev[0].elapsed_time(ev[1]) / n * 1e3
-                times[key] = t
-                if best is None or t < best[0]:
-                    best = (t, ha)
-            except Exception as e:  # a compile or launch failure: that config is out
-                rec.setdefault("rejected", {})[key] = f"{type(e).__name__}: {str(e)[:160]}"
+        times, best = fastest_config(
+            HIDDEN_ATTN_CONFIGS, key=lambda c: "triton b{} s{} w{} st{} h{}".format(*c),
+            build=lambda c: HiddenAttention(B, H, S, E, block_n=c[0], splits=c[1], num_warps=c[2], num_stages=c[3],
+                                            head_tile=c[4], device=dev, dtype=dt),
+            error=lambda ha: (ha(qs[0], x)[:nref].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6),
+            limit=2e-2, describe="max rel diff {:.3g} vs float32 reference",
+            time_us=lambda ha: event_time_us(lambda i: ha(qs[i % 2], x), 20), timed=timed, rec=rec)
         rec["us_per_layer"] = times
         if timed:
             gb = B * S * E * x.element_size() / 1e9
             rec["hidden_gb_per_layer"] = gb
-            rec["tb_per_s"] = {k: (gb / (v * 1e-6) / 1e3 if v > 0 else None) for k, v in times.items()}
+            rec["tb_per_s"] = {k: (gb / (v * 1e-6) / 1e3 if v == v and v > 0 else None) for k, v in times.items()}
             torch.cuda.synchronize()
         if best is not None:
             st["xattn"] = best[1]
