@@ -290,6 +290,12 @@ def _whisper_logit_gap(m: Any, fast: Any, x: Any, full: Any) -> dict[str, Any]:
             "positions_off_stock_argmax": float((gap > 0).float().mean()), "stock_logit_std": scale}
 
 
+def _token_agreement(ref: Any, got: Any) -> dict[str, float]:
+    """Share of generated tokens, and of whole clips, equal to the stock path's."""
+    return {"token_agreement": float((ref == got).float().mean()),
+            "clips_identical": float((ref == got).all(dim=1).float().mean())}
+
+
 def _whisper_recipe_in_child(args: argparse.Namespace, b: int, ref: Any, deadline: float) -> dict[str, Any]:
     """The Whisper compile recipe at batch ``b`` in a child process (same inputs: features seeded
     by the batch size); its row, compared with the parent's stock tokens, or an error row naming
@@ -319,9 +325,7 @@ def _whisper_recipe_in_child(args: argparse.Namespace, b: int, ref: Any, deadlin
             row = got[0]
             tok = Path(str(out) + ".tokens.pt")
             if ref is not None and tok.is_file():
-                t = torch.load(tok)
-                row["vs_stock"] = {"token_agreement": float((ref == t).float().mean()),
-                                   "clips_identical": float((ref == t).all(dim=1).float().mean())}
+                row["vs_stock"] = _token_agreement(ref, torch.load(tok))
             return row
         if r.returncode < 0:
             how = f"killed by signal {signal.Signals(-r.returncode).name}"
@@ -378,9 +382,6 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                 _log(json.dumps({k: v for k, v in row.items() if k != "latencies_s"}))
                 continue
             fast = fasts.get(variant)
-            for other in fasts.values():  # one variant's caches on the card at a time
-                other._states.clear()
-            torch.cuda.empty_cache()
             if time.time() > deadline:
                 res.data["notes"].append(f"whisper {variant} b{b}: skipped (time limit)")
                 continue
@@ -432,16 +433,9 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                     ref = res.data["_whisper_tokens"].get(f"stock-{b}")
                     if ref is not None:
                         got = outs[0][:, -N:].cpu()  # both variants' first repeat ran on feats[0]
-                        row["vs_stock"] = {"token_agreement": float((ref == got).float().mean()),
-                                           "clips_identical": float((ref == got).all(dim=1).float().mean()),
-                                           "first_token_agreement": float((ref[:, 0] == got[:, 0]).float().mean())}
+                        row["vs_stock"] = _token_agreement(ref, got)
+                        row["vs_stock"]["first_token_agreement"] = float((ref[:, 0] == got[:, 0]).float().mean())
                         row["vs_stock"].update(_whisper_logit_gap(m, fast, feats[0], fast.generate(feats[0])))
-                if variant == "recipe":
-                    ref = res.data["_whisper_tokens"].get(f"stock-{b}")
-                    if ref is not None:
-                        got = outs[0][:, -N:].cpu()
-                        row["vs_stock"] = {"token_agreement": float((ref == got).float().mean()),
-                                           "clips_identical": float((ref == got).all(dim=1).float().mean())}
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 _log(f"[whisper] {variant} b{b} failed: {row['error']}")
