@@ -167,6 +167,7 @@ class WhisperWorkload(Workload):
         model.to(self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.model = model
         self.feature_extractor = fe
+        self._feature_cache: dict[Any, Any] = {}  # clip file -> log-mel features (see features)
         gc = model.generation_config
         self.generate_kwargs: dict[str, Any] = {
             "min_new_tokens": self.new_tokens,
@@ -214,12 +215,10 @@ class WhisperWorkload(Workload):
         STFTs on the host, which at large batches took as long as the card's whole decode."""
         import torch
 
-        cache = self.__dict__.setdefault("_feature_cache", {})
+        cache = self._feature_cache
         keys = [c.get("file") or id(c["samples"]) for c in clips]
-        missing: dict[Any, dict[str, Any]] = {}
-        for k, c in zip(keys, clips):
-            if k not in cache and k not in missing:
-                missing[k] = c
+        missing = {k: c for k, c in zip(keys, clips) if k not in cache}
+        fresh: dict[Any, Any] = {}
         if missing:
             feats = self.feature_extractor(
                 [c["samples"] for c in missing.values()], sampling_rate=SAMPLE_RATE, return_tensors="pt"
@@ -227,9 +226,7 @@ class WhisperWorkload(Workload):
             fresh = dict(zip(missing, feats))
             if len(cache) + len(fresh) <= self.FEATURE_CACHE_CLIPS:
                 cache.update(fresh)
-            out = torch.stack([cache[k] if k in cache else fresh[k] for k in keys])
-        else:
-            out = torch.stack([cache[k] for k in keys])
+        out = torch.stack([fresh[k] if k in fresh else cache[k] for k in keys])
         self.feature_cache_clips = len(cache)
         return out.to(self.device)
 
