@@ -49,20 +49,11 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function():
     form and its Triton kernel against the stock module (fresh random inputs), and greedy tokens of
     the whole optimized path (hidden form, compiled encoder off to keep the test short) against
     stock ``generate``."""
-    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
-
-    from mi300x_cert.config import resolve_model_source
+    from mi300x_cert.bench import _whisper_model
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
 
-    _, d = resolve_model_source("synthetic:whisper-large-v3")
-    torch.manual_seed(0)
-    cfg = WhisperConfig.from_pretrained(d)
-    cfg._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        m = WhisperForConditionalGeneration(cfg)
-    m = m.half().eval()
-    m.generation_config = GenerationConfig.from_pretrained(d)
-    gc = m.generation_config
+    m = _whisper_model("synthetic:whisper-large-v3", torch.float16)
+    cfg, gc = m.config, m.generation_config
     B, n = 8, 16
     g = torch.Generator(device="cuda").manual_seed(1)
     feats = torch.randn(B, cfg.num_mel_bins, 3000, device="cuda", generator=g).half()

@@ -105,20 +105,11 @@ def test_whisper_optimized_same_tokens_as_generate():
 
 def test_whisper_fast_matches_generate_on_varied_tokens():
     """A model whose greedy tokens vary (scaled-up random weights), so equality is not trivial."""
-    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
-
-    from mi300x_cert.config import MODELS_DIR
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
 
-    d = MODELS_DIR / "whisper-smoke"
-    torch.manual_seed(1)
-    m = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(d)).eval()
-    with torch.no_grad():
-        for prm in m.model.decoder.parameters():
-            prm.mul_(8.0)
-    m.generation_config = GenerationConfig.from_pretrained(d)
+    m, feats = _varied_whisper()
+    feats = feats[:2]  # the same first two clips as drawing two
     gc = m.generation_config
-    feats = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
     n = 10
     ref = m.generate(feats, max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")
     fw = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=n,
@@ -361,3 +352,29 @@ def test_bench_whisper_recipe_runs_in_a_child_and_a_crash_is_a_row(monkeypatch):
     row = bench._whisper_recipe_in_child(args, 2, ref, float("inf"))
     assert row["tokens_per_s"] == 123.0
     assert row["vs_stock"] == {"token_agreement": 7 / 8, "clips_identical": 0.5}
+
+
+def test_event_time_us_times_n_calls_after_warmup(monkeypatch):
+    """The one device-event timer of the optimized path: warm-up calls untimed, then n calls
+    between two recorded events; mean µs per call."""
+    from mi300x_cert.workloads.optimized import common
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, other):
+            return 8.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    us = common.event_time_us(lambda i: log.append(i), 4, warmup=2)
+    assert log == [0, 1, "record", 0, 1, 2, 3, "record", "sync"]
+    assert us == 8.0 / 4 * 1e3
