@@ -113,7 +113,8 @@ def measure_gemm(n: int = 8192, reps: int = 20) -> dict[str, Any]:
 def _sd_params(args: argparse.Namespace, path: str) -> dict[str, Any]:
     return {"model": args.sd_model, "height": 512, "width": 512, "steps": args.steps, "guidance": 7.5,
             "scheduler": "pndm", "dtype": args.dtype, "seed": 0, "device": "cuda", "path": path,
-            "prompts": "include/prompts/prompts.txt" if Path("include/prompts/prompts.txt").exists() else None}
+            "prompts": "include/prompts/prompts.txt" if Path("include/prompts/prompts.txt").exists() else None,
+            "optimized_inductor": getattr(args, "sd_inductor", None)}
 
 
 def sd_flops(wl: Any) -> dict[str, float]:
@@ -637,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--sd-model", default="synthetic:sd-v1-4")
+    p.add_argument("--sd-inductor", default=None,
+                   help="extra Inductor settings for the SD optimized path, e.g. coordinate_descent_tuning=true,freezing=true")
     p.add_argument("--whisper-model", default="synthetic:whisper-large-v3")
     p.add_argument("--whisper-batch", default="64,128")
     p.add_argument("--whisper-stock-batch", default="64")

@@ -87,6 +87,7 @@ def test_compile_cache_dir_is_configurable(tmp_path, monkeypatch):
 
 
 def test_whisper_optimized_same_tokens_as_generate():
+    from mi300x_cert.workloads.optimized import OPTIMIZED_VERSION
     from mi300x_cert.workloads.whisper import WhisperWorkload
 
     p = dict(model="synthetic:whisper-smoke", new_tokens=12, dtype="float32", device="cpu", clips=3)
@@ -99,7 +100,7 @@ def test_whisper_optimized_same_tokens_as_generate():
     assert b.conditions()["path"] == "optimized" and "static KV cache" in opt["recipe"]
     # what ran is recorded: the cross-attention form (K/V on a CPU without the triton kernel), the
     # encoder, the attention choice of the batch size
-    assert opt["cross_attention_form"] == "kv" and opt["encoder"] == "eager" and opt["version"] == "2"
+    assert opt["cross_attention_form"] == "kv" and opt["encoder"] == "eager" and opt["version"] == OPTIMIZED_VERSION == "3"
     assert opt["attention"]["cross_form"] == "kv" and "cross K/V once per batch" in opt["recipe"]
 
 
@@ -378,3 +379,62 @@ def test_event_time_us_times_n_calls_after_warmup(monkeypatch):
     us = common.event_time_us(lambda i: log.append(i), 4, warmup=2)
     assert log == [0, 1, "record", 0, 1, 2, 3, "record", "sync"]
     assert us == 8.0 / 4 * 1e3
+
+
+def test_inductor_settings_parse_validate_and_merge(monkeypatch):
+    pytest.importorskip("torch._inductor.config")
+    from mi300x_cert.workloads.optimized.common import (INDUCTOR_ENV, SD_INDUCTOR_DEFAULTS, inductor_settings,
+                                                        parse_inductor_settings)
+
+    got = parse_inductor_settings("coordinate_descent_tuning=true, freezing=0,triton.cudagraphs=off")
+    assert got == {"coordinate_descent_tuning": True, "freezing": False, "triton.cudagraphs": False}
+    assert parse_inductor_settings({"freezing": 1}) == {"freezing": True}
+    assert parse_inductor_settings(None) == {} and parse_inductor_settings("") == {}
+    with pytest.raises(ValueError, match="unknown Inductor setting 'no_such_knob'"):
+        parse_inductor_settings("no_such_knob=1")
+    with pytest.raises(ValueError, match="is not key=value"):
+        parse_inductor_settings("freezing")
+    with pytest.raises(ValueError, match="MI300X_CERT_INDUCTOR: .*switch"):
+        parse_inductor_settings("freezing=7", source=INDUCTOR_ENV)
+    monkeypatch.delenv(INDUCTOR_ENV, raising=False)
+    assert inductor_settings(None, SD_INDUCTOR_DEFAULTS) == {"conv_1x1_as_mm": True, "freezing": True}
+    # the parameter adds to the defaults; the operator's variable wins over both
+    monkeypatch.setenv(INDUCTOR_ENV, "freezing=false")
+    assert inductor_settings({"coordinate_descent_tuning": True}, SD_INDUCTOR_DEFAULTS) == {
+        "conv_1x1_as_mm": True, "freezing": False, "coordinate_descent_tuning": True}
+    monkeypatch.setenv(INDUCTOR_ENV, "bogus=1")
+    with pytest.raises(ValueError, match="MI300X_CERT_INDUCTOR: unknown Inductor setting 'bogus'"):
+        inductor_settings()
+
+
+def test_compile_module_passes_settings_for_this_compilation_only(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from mi300x_cert.workloads.optimized.common import compile_module
+
+    seen = {}
+
+    def fake_compile(fn, **kw):
+        seen.update(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    f = lambda x: x  # noqa: E731
+    assert compile_module(f, device="cpu")[1] == "none (cpu)" and not seen
+    out, label = compile_module(f, device="cuda", mode="reduce-overhead", options={"freezing": True})
+    assert out is f and "mode" not in seen  # torch.compile takes a mode or options, not both
+    assert seen["options"]["freezing"] is True and seen["options"]["triton.cudagraphs"] is True
+    assert label == "torch.compile(reduce-overhead, fullgraph=True, freezing=True)"
+    seen.clear()
+    compile_module(f, device="cuda")
+    assert seen["mode"] == "default" and "options" not in seen
+
+
+def test_sd_optimized_rejects_a_bad_inductor_setting_before_any_work():
+    from mi300x_cert.workloads.optimized.sd_fast import attach_to_workload
+
+    class Never:  # attach must fail on the parameter before touching the workload
+        def __getattr__(self, name):
+            raise AssertionError(f"workload touched: {name}")
+
+    with pytest.raises(ValueError, match="optimized_inductor: unknown Inductor setting 'fast_please'"):
+        attach_to_workload(Never(), {"optimized_inductor": "fast_please=true"})

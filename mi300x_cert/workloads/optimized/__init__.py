@@ -22,7 +22,7 @@ from .common import GraphCache, compile_module, setup_compile_cache
 
 __all__ = ["optimize_sd", "optimize_whisper", "optimize_resnet", "OPTIMIZED_VERSION"]
 
-OPTIMIZED_VERSION = "2"  # 2: Whisper hidden-form cross-attention, compiled encoder
+OPTIMIZED_VERSION = "3"  # 2: Whisper hidden-form cross-attention, compiled encoder; 3: SD frozen weights
 
 
 def _record(workload: Any, info: dict[str, Any]) -> None:
@@ -47,7 +47,8 @@ def optimize_sd(workload: Any, params: dict[str, Any]) -> None:
     cache = setup_compile_cache(params.get("compile_cache"))
     fast = attach_to_workload(workload, params)
     _record(workload, {"version": OPTIMIZED_VERSION, "compile_cache": "persistent" if cache else "none",
-                       "recipe": "channels-last, fused QKV, torch.compile UNet+VAE, whole-loop device graph"})
+                       "recipe": "channels-last, fused QKV, torch.compile UNet+VAE (frozen weights), "
+                                 "whole-loop device graph"})
     workload.fast = fast
 
 

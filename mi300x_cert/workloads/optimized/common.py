@@ -20,7 +20,8 @@ __all__ = [
     "graphs_supported",
     "DeviceGraph",
     "GraphCache",
-    "apply_inductor_tuning",
+    "inductor_settings",
+    "parse_inductor_settings",
     "compile_module",
 ]
 
@@ -53,27 +54,80 @@ def setup_compile_cache(directory: str | os.PathLike[str] | None = None) -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
-def apply_inductor_tuning() -> dict[str, Any]:
-    """Inductor settings that change kernel choice, not the function computed.
+INDUCTOR_ENV = "MI300X_CERT_INDUCTOR"
 
-    ``conv_1x1_as_mm`` lowers 1×1 convolutions (UNet/VAE shortcuts, attention projections in
-    conv form) to matrix products. Returns the settings applied (recorded in conditions).
-    """
-    applied: dict[str, Any] = {}
+
+def parse_inductor_settings(spec: Any, source: str = "optimized_inductor") -> dict[str, Any]:
+    """Inductor settings from a mapping or a ``"key=value,key=value"`` string (values: true/false,
+    integers, floats, else text). Every key must be an existing ``torch._inductor.config`` entry
+    (dotted for nested ones, e.g. ``triton.cudagraphs``); an unknown key or a malformed item raises
+    ``ValueError`` naming it and ``source``."""
+    if spec is None or spec == "" or spec == {}:
+        return {}
+    items: dict[str, Any] = {}
+    if isinstance(spec, dict):
+        items = {str(k): v for k, v in spec.items()}
+    elif isinstance(spec, str):
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"{source}: {part!r} is not key=value")
+            k, v = (x.strip() for x in part.split("=", 1))
+            low = v.lower()
+            if low in ("true", "yes", "on"):
+                items[k] = True
+            elif low in ("false", "no", "off"):
+                items[k] = False
+            else:
+                try:
+                    items[k] = int(v)
+                except ValueError:
+                    try:
+                        items[k] = float(v)
+                    except ValueError:
+                        items[k] = v
+    else:
+        raise ValueError(f"{source}: expected a mapping or 'key=value,...', got {type(spec).__name__}")
     try:
         import torch._inductor.config as ic
-    except Exception:  # pragma: no cover
-        return applied
-    for key, val in (("conv_1x1_as_mm", True),):
-        if hasattr(ic, key):
-            setattr(ic, key, val)
-            applied[key] = val
-    return applied
+    except Exception as e:  # pragma: no cover - torch without inductor
+        raise ValueError(f"{source}: Inductor is not available ({type(e).__name__})") from e
+    for k, v in list(items.items()):
+        obj: Any = ic
+        for piece in k.split("."):
+            if not hasattr(obj, piece):
+                raise ValueError(f"{source}: unknown Inductor setting {k!r}")
+            obj = getattr(obj, piece)
+        if isinstance(obj, bool) and not isinstance(v, bool):  # 0/1 for a switch
+            if v not in (0, 1):
+                raise ValueError(f"{source}: Inductor setting {k!r} is a switch, got {v!r}")
+            items[k] = bool(v)
+    return items
 
 
-def compile_module(fn: Any, *, device: str, mode: str = "default", fullgraph: bool = True) -> tuple[Any, str]:
+SD_INDUCTOR_DEFAULTS: dict[str, Any] = {"conv_1x1_as_mm": True, "freezing": True}
+
+
+def inductor_settings(extra: Any = None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Inductor settings for one compilation: ``defaults``, then ``extra`` (the workload parameter
+    ``optimized_inductor``; ``mi300x-cert bench --sd-inductor``), then ``$MI300X_CERT_INDUCTOR``
+    (the operator's word wins). All change kernel choice or scheduling, not the function, e.g.
+    ``conv_1x1_as_mm`` (1×1 convolutions as matrix products), ``freezing`` (weights folded as
+    constants of the compiled graph), ``coordinate_descent_tuning`` (Inductor times the launch
+    parameters of its own kernels). Unknown keys raise ``ValueError`` naming them."""
+    wanted = dict(defaults or {})
+    wanted.update(parse_inductor_settings(extra))
+    wanted.update(parse_inductor_settings(os.environ.get(INDUCTOR_ENV), source=INDUCTOR_ENV))
+    return wanted
+
+
+def compile_module(fn: Any, *, device: str, mode: str = "default", fullgraph: bool = True,
+                   options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """``torch.compile`` on GPUs (CUDA or ROCm); on CPU the eager callable is returned unchanged
     unless ``MI300X_CERT_COMPILE_ON_CPU=1`` (CPU compilation costs minutes for a UNet).
+    ``options``: Inductor settings for this compilation only (merged over the mode's own).
 
     Returns (callable, mode label recorded in conditions).
     """
@@ -81,7 +135,14 @@ def compile_module(fn: Any, *, device: str, mode: str = "default", fullgraph: bo
 
     if not str(device).startswith("cuda") and os.environ.get("MI300X_CERT_COMPILE_ON_CPU") != "1":
         return fn, "none (cpu)"
-    return torch.compile(fn, mode=mode, fullgraph=fullgraph, dynamic=False), f"torch.compile({mode}, fullgraph={fullgraph})"
+    label = f"torch.compile({mode}, fullgraph={fullgraph})"
+    if not options:
+        return torch.compile(fn, mode=mode, fullgraph=fullgraph, dynamic=False), label
+    from torch._inductor import list_mode_options
+
+    merged = {**list_mode_options(mode), **options}  # torch.compile takes a mode or options, not both
+    extra = ", ".join(f"{k}={v}" for k, v in options.items())
+    return torch.compile(fn, fullgraph=fullgraph, dynamic=False, options=merged), f"torch.compile({mode}, fullgraph={fullgraph}, {extra})"
 
 
 def graphs_supported(device: str) -> bool:

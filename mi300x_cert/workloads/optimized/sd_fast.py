@@ -3,7 +3,9 @@
 What changes (none of it changes the mathematics):
 
 * channels-last memory format for UNet and VAE, fused QKV projections (one GEMM instead of three);
-* ``torch.compile`` (fullgraph, one specialisation per batch size) of the UNet and the VAE decoder;
+* ``torch.compile`` (fullgraph, one specialisation per batch size) of the UNet and the VAE decoder,
+  with weight freezing (weights folded as constants of the compiled graph) and 1×1 convolutions as
+  matrix products (``common.SD_INDUCTOR_DEFAULTS``; ``optimized_inductor`` adds or overrides);
 * the whole denoising loop — every UNet evaluation, the classifier-free-guidance combination and
   the scheduler's own ``step`` — captured as ONE device graph per batch size. The scheduler's
   per-step coefficients are host scalars, so replaying the graph reproduces PNDM's multistep state
@@ -22,7 +24,8 @@ import copy
 import time
 from typing import Any
 
-from .common import GraphCache, apply_inductor_tuning, compile_module, graphs_supported
+from .common import (SD_INDUCTOR_DEFAULTS, GraphCache, compile_module, graphs_supported, inductor_settings,
+                     parse_inductor_settings)
 
 __all__ = ["FastSD", "GRAPH_SAFE_SCHEDULERS"]
 
@@ -54,6 +57,7 @@ class FastSD:
         compile_mode: str = "default",
         sdpa_choice: str = "auto",
         latent_side: int | None = None,
+        inductor: Any = None,
     ) -> None:
         import torch
 
@@ -83,9 +87,10 @@ class FastSD:
         self._unet_fn: Any = unet
         self._decode_fn: Any = self._decode_eager
         if compile:
-            self.notes["inductor"] = apply_inductor_tuning() if on_gpu else {}
-            self._unet_fn, self.compile_label = compile_module(unet, device=device, mode=compile_mode)
-            self._decode_fn, _ = compile_module(self._decode_eager, device=device, mode=compile_mode)
+            opts = inductor_settings(inductor, SD_INDUCTOR_DEFAULTS)
+            self.notes["inductor"] = opts if on_gpu else {}
+            self._unet_fn, self.compile_label = compile_module(unet, device=device, mode=compile_mode, options=opts)
+            self._decode_fn, _ = compile_module(self._decode_eager, device=device, mode=compile_mode, options=opts)
         self.sched_name = type(scheduler).__name__
         self.use_graphs = bool(graphs) and graphs_supported(device) and self.sched_name in GRAPH_SAFE_SCHEDULERS
         self.notes["whole_loop_graph"] = self.use_graphs
@@ -159,6 +164,8 @@ class FastSD:
 def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastSD:
     """Swap ``denoise`` / ``decode`` of a stock ``SDWorkload`` for the FastSD versions."""
     t0 = time.perf_counter()
+    inductor = parse_inductor_settings(params.get("optimized_inductor"))  # a bad key fails before any work
+    inductor_settings(inductor)  # and so does a bad $MI300X_CERT_INDUCTOR
     hook = getattr(workload, "_hook", None)
     if hook is not None:  # a forward hook on the UNet would break fullgraph compile and graphs
         hook.remove()
@@ -171,6 +178,7 @@ def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastSD:
         graphs=bool(params.get("optimized_graphs", True)),
         sdpa_choice=str(params.get("optimized_sdpa", "auto")),
         latent_side=int(workload.height) // int(workload.vae_scale_factor),
+        inductor=inductor,
     )
 
     def denoise(cond: Any, uncond: Any, latents: Any) -> Any:
