@@ -1,0 +1,144 @@
+"""Where one compiled SD v1-4 UNet evaluation spends its time on this card, by kernel class.
+
+    python bench/sd_profile.py [--batches 2,64] [--variants base,freeze] [--out profile.json]
+
+The UNet is prepared as the optimized path prepares it (channels-last, fused QKV, the attention
+kernel timed and put first) and compiled per variant (``base``: ``conv_1x1_as_mm``; ``freeze``:
+Inductor's weight freezing on top — the optimized path's settings since; ``cdt``: coordinate-descent
+tuning of Inductor's own kernels on top of that). Per UNet batch (2 = one image with CFG, 64 = 32 images):
+compile time, the mean time of one evaluation (device events, warm), and one profiled evaluation
+bucketed into convolution / matrix product / attention / Inductor-generated (norms, element-wise)
+/ other, with the largest kernels by total time. Prints one JSON object per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BUCKETS = (  # first match wins: Inductor names its kernels after the ops they fuse ("convolution")
+    ("inductor", re.compile(r"^triton_", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn_generated_fort_native_sdpa", re.I)),
+    ("conv", re.compile(r"fprop|conv|implicit|dgrad|wgrad|nchw|nhwc", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|ampere_|sm90_|Kernel2|splitK", re.I)),
+)
+
+
+def bucket_of(name: str) -> str:
+    for b, rx in BUCKETS:
+        if rx.search(name):
+            return b
+    return "other"
+
+
+def profile_buckets(fn: Any, reps: int = 3) -> dict[str, Any]:
+    """Run ``fn`` ``reps`` times under the profiler; device time per evaluation by bucket and the
+    top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(ev, "device_time", None)
+        if us is None:
+            us = ev.cuda_time
+        per_kernel.setdefault(ev.name, []).append(float(us))
+    buckets: dict[str, float] = {}
+    kernels = []
+    for name, ts in per_kernel.items():
+        b = bucket_of(name)
+        buckets[b] = buckets.get(b, 0.0) + sum(ts) / reps / 1e3
+        kernels.append({"name": name[:120], "bucket": b, "ms_per_eval": sum(ts) / reps / 1e3,
+                        "calls_per_eval": len(ts) / reps})
+    kernels.sort(key=lambda k: -k["ms_per_eval"])
+    return {"ms_by_bucket": {k: round(v, 3) for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])},
+            "ms_total": round(sum(buckets.values()), 3), "top": kernels[:40]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="synthetic:sd-v1-4")
+    ap.add_argument("--batches", default="2,64", help="UNet batch sizes (2 = one image with CFG)")
+    ap.add_argument("--variants", default="base", help="base,freeze,cdt (comma-separated)")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--time-limit", type=float, default=420.0)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import torch
+
+    from mi300x_cert.bench import _sd_params, environment
+    from mi300x_cert.workloads.optimized.common import event_time_us, pick_sdpa_backend
+    from mi300x_cert.workloads.sd import SDWorkload
+
+    t_end = time.time() + a.time_limit
+    res: dict[str, Any] = {"conditions": environment(), "model": a.model, "dtype": "float16", "rows": []}
+
+    def emit(row: dict[str, Any]) -> None:
+        res["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+        for k in row.get("top", [])[:12]:
+            print(f"   {k['ms_per_eval']:8.3f} ms  x{k['calls_per_eval']:<4g} {k['bucket']:9s} {k['name']}", flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=1))
+
+    ns = argparse.Namespace(sd_model=a.model, steps=50, dtype="float16")
+    wl = SDWorkload(_sd_params(ns, "stock"))
+    if getattr(wl, "_hook", None) is not None:  # the stock workload's call counter breaks fullgraph
+        wl._hook.remove()
+        wl._hook = None
+    unet = wl.unet
+    unet.to(memory_format=torch.channels_last)
+    unet.fuse_qkv_projections()
+    res["sdpa"] = pick_sdpa_backend((16, 8), 4096, 40, unet.dtype, "cuda")
+    refs: dict[int, Any] = {}
+    for variant in a.variants.split(","):
+        torch._dynamo.reset()
+        opts = {"conv_1x1_as_mm": True, "freezing": variant in ("freeze", "cdt"),
+                "coordinate_descent_tuning": variant == "cdt"}
+        fn = torch.compile(unet, fullgraph=True, dynamic=False, options=opts)
+        for B in [int(x) for x in a.batches.split(",")]:
+            if time.time() > t_end:
+                emit({"variant": variant, "unet_batch": B, "skipped": "time limit"})
+                continue
+            g = torch.Generator(device="cuda").manual_seed(B)
+            x = torch.randn(B, 4, 64, 64, device="cuda", dtype=torch.float16, generator=g)
+            e = torch.randn(B, 77, 768, device="cuda", dtype=torch.float16, generator=g)
+            t = torch.tensor(500.0, device="cuda")
+            row: dict[str, Any] = {"variant": variant, "unet_batch": B}
+            try:
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    ref = fn(x, t, encoder_hidden_states=e, return_dict=False)[0]
+                    torch.cuda.synchronize()
+                    row["compile_s"] = round(time.perf_counter() - t0, 1)
+                    row["ms_per_eval"] = event_time_us(lambda i: fn(x, t, encoder_hidden_states=e, return_dict=False),
+                                                       10 if B > 8 else 30) / 1e3
+                    if variant != "base":
+                        base = refs.get(B)
+                        if base is not None:
+                            row["rel_diff_vs_base"] = float((ref.float() - base).norm() / base.norm())
+                    else:
+                        refs[B] = ref.float()
+                    if not a.no_profile:
+                        row.update(profile_buckets(lambda: fn(x, t, encoder_hidden_states=e, return_dict=False)))
+            except Exception as ex:
+                row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+            emit(row)
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
