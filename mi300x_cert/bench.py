@@ -660,7 +660,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sd_inductor:  # a bad setting is a usage error before the card is touched
+        from .workloads.optimized.common import parse_inductor_settings
+
+        try:
+            args.sd_inductor = parse_inductor_settings(args.sd_inductor, source="--sd-inductor")
+        except ValueError as e:
+            parser.error(str(e))
     if args.from_json is not None:
         datas = [json.loads(Path(f).read_text()) for f in args.from_json]
         text = render_markdown(datas)
@@ -679,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.time() + args.time_limit if args.time_limit else float("inf")
     res = Results(Path(args.out) if args.out else None)
     res.data["conditions"] = environment() | {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                              "argv": list(argv or [])}
+                                              "argv": list(sys.argv[1:] if argv is None else argv)}
     res.save()
     w = args.workload
     if not args.whisper_recipe_child:

@@ -438,3 +438,13 @@ def test_sd_optimized_rejects_a_bad_inductor_setting_before_any_work():
 
     with pytest.raises(ValueError, match="optimized_inductor: unknown Inductor setting 'fast_please'"):
         attach_to_workload(Never(), {"optimized_inductor": "fast_please=true"})
+
+
+def test_bench_rejects_a_bad_inductor_setting_as_a_usage_error(capsys):
+    pytest.importorskip("torch._inductor.config")
+    from mi300x_cert import bench
+
+    with pytest.raises(SystemExit) as ex:
+        bench.main(["--workload", "sd", "--sd-inductor", "freezing=true,warp_speed=9"])
+    assert ex.value.code == 2
+    assert "--sd-inductor: unknown Inductor setting 'warp_speed'" in capsys.readouterr().err
