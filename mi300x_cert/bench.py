@@ -59,6 +59,13 @@ class Results:
             tmp.write_text(json.dumps(self.data, indent=2, default=str))
             os.replace(tmp, self.path)
 
+    def add(self, section: str, row: dict[str, Any], quiet: tuple[str, ...] = ("latencies_s",)) -> None:
+        """Append a measured row, save at once (nothing lost on a crash) and log it without the
+        bulky ``quiet`` keys."""
+        self.data[section].append(row)
+        self.save()
+        _log(json.dumps({k: v for k, v in row.items() if k not in quiet}))
+
 
 def environment() -> dict[str, Any]:
     import torch
@@ -207,9 +214,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            res.data["sd"].append(row)
-            res.save()
-            _log(json.dumps({k: v for k, v in row.items() if k not in ("latencies_s", "optimized", "latents")}))
+            res.add("sd", row, quiet=("latencies_s", "optimized", "latents"))
     _sd_equality(res)
 
 
@@ -363,6 +368,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
     stock_batches = [int(x) for x in args.whisper_stock_batch.split(",")]
     batches = sorted(set(stock_batches) | {int(x) for x in args.whisper_batch.split(",")})
     child = bool(getattr(args, "whisper_recipe_child", False))
+    tokens: dict[str, Any] = {}  # "<variant>-<batch>" -> first repeat's tokens (CPU), for agreement with stock
     for b in batches:
         gen = torch.Generator(device="cpu").manual_seed(b)  # the same inputs in a child process
         feats = [torch.randn(b, nmel, 3000, generator=gen).to("cuda", dtype) for _ in range(2)]
@@ -373,14 +379,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
             if variant == "recipe" and not child:
                 # torch.compile of the whole model under generate can take the process down (a
                 # segmentation fault was measured on an H100): it runs in a child process
-                row = _whisper_recipe_in_child(args, b, res.data.get("_whisper_tokens", {}).get(f"stock-{b}"),
-                                               deadline)
-                res.data["whisper"].append(row)
-                tokens = res.data.pop("_whisper_tokens", None)
-                res.save()
-                if tokens is not None:
-                    res.data["_whisper_tokens"] = tokens
-                _log(json.dumps({k: v for k, v in row.items() if k != "latencies_s"}))
+                res.add("whisper", _whisper_recipe_in_child(args, b, tokens.get(f"stock-{b}"), deadline))
                 continue
             fast = fasts.get(variant)
             if time.time() > deadline:
@@ -423,7 +422,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                 row.update({"latencies_s": lats, "batch_latency_s": med, "tokens": b * N,
                             "tokens_per_s": b * N / med, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
                             "tokens_shape": list(outs[0].shape)})
-                res.data.setdefault("_whisper_tokens", {})[f"{variant}-{b}"] = outs[0][:, -N:].cpu()
+                tokens[f"{variant}-{b}"] = outs[0][:, -N:].cpu()
                 if child and res.path is not None:
                     torch.save(outs[0][:, -N:].cpu(), str(res.path) + ".tokens.pt")
                 if fast is not None:
@@ -431,7 +430,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                     row["cross_form"] = fast.cross
                     row["attention"] = fast.attn_choice.get(b)
                     row["capture_s"] = fast.capture_s.get(b)
-                    ref = res.data["_whisper_tokens"].get(f"stock-{b}")
+                    ref = tokens.get(f"stock-{b}")
                     if ref is not None:
                         got = outs[0][:, -N:].cpu()  # both variants' first repeat ran on feats[0]
                         row["vs_stock"] = _token_agreement(ref, got)
@@ -445,14 +444,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                 other._states.clear()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            res.data["whisper"].append(row)
-            tokens = res.data.pop("_whisper_tokens", None)
-            res.save()
-            if tokens is not None:
-                res.data["_whisper_tokens"] = tokens
-            _log(json.dumps({k: v for k, v in row.items() if k != "latencies_s"}))
-    res.data.pop("_whisper_tokens", None)
-    res.save()
+            res.add("whisper", row)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,6 +57,19 @@ def setup_compile_cache(directory: str | os.PathLike[str] | None = None) -> str:
 INDUCTOR_ENV = "MI300X_CERT_INDUCTOR"
 
 
+def _setting_value(text: str) -> Any:
+    """true/yes/on, false/no/off, an integer, a float, else the text itself."""
+    low = text.lower()
+    if low in ("true", "yes", "on", "false", "no", "off"):
+        return low in ("true", "yes", "on")
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_inductor_settings(spec: Any, source: str = "optimized_inductor") -> dict[str, Any]:
     """Inductor settings from a mapping or a ``"key=value,key=value"`` string (values: true/false,
     integers, floats, else text). Every key must be an existing ``torch._inductor.config`` entry
@@ -75,19 +88,7 @@ def parse_inductor_settings(spec: Any, source: str = "optimized_inductor") -> di
             if "=" not in part:
                 raise ValueError(f"{source}: {part!r} is not key=value")
             k, v = (x.strip() for x in part.split("=", 1))
-            low = v.lower()
-            if low in ("true", "yes", "on"):
-                items[k] = True
-            elif low in ("false", "no", "off"):
-                items[k] = False
-            else:
-                try:
-                    items[k] = int(v)
-                except ValueError:
-                    try:
-                        items[k] = float(v)
-                    except ValueError:
-                        items[k] = v
+            items[k] = _setting_value(v)
     else:
         raise ValueError(f"{source}: expected a mapping or 'key=value,...', got {type(spec).__name__}")
     try:

@@ -24,8 +24,7 @@ import copy
 import time
 from typing import Any
 
-from .common import (SD_INDUCTOR_DEFAULTS, GraphCache, compile_module, graphs_supported, inductor_settings,
-                     parse_inductor_settings)
+from .common import SD_INDUCTOR_DEFAULTS, GraphCache, compile_module, graphs_supported, inductor_settings
 
 __all__ = ["FastSD", "GRAPH_SAFE_SCHEDULERS"]
 
@@ -164,8 +163,8 @@ class FastSD:
 def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastSD:
     """Swap ``denoise`` / ``decode`` of a stock ``SDWorkload`` for the FastSD versions."""
     t0 = time.perf_counter()
-    inductor = parse_inductor_settings(params.get("optimized_inductor"))  # a bad key fails before any work
-    inductor_settings(inductor)  # and so does a bad $MI300X_CERT_INDUCTOR
+    inductor = params.get("optimized_inductor")
+    inductor_settings(inductor)  # a bad key (parameter or $MI300X_CERT_INDUCTOR) fails before any work
     hook = getattr(workload, "_hook", None)
     if hook is not None:  # a forward hook on the UNet would break fullgraph compile and graphs
         hook.remove()

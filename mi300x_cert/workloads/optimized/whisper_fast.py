@@ -500,6 +500,7 @@ class FastWhisper:
         self.compile_encoder = str(device).startswith("cuda") if compile_encoder is None else bool(compile_encoder)
         self._encoder: Any = None
         self.encoder_label = "eager"
+        self.notes: dict[str, Any] = {}  # what actually ran, for the workload's conditions
         self.attn_choice: dict[int, dict[str, Any]] = {}  # batch size -> what was chosen and the timings
         self._states: dict[int, dict[str, Any]] = {}
         self.capture_s: dict[int, float] = {}
@@ -823,10 +824,8 @@ class FastWhisper:
             else:
                 for _ in range(n):
                     self._step(st)
-            notes = getattr(self, "notes", None)
-            if isinstance(notes, dict):  # what actually ran, for the workload's conditions
-                notes.update({"cross_attention_form": self.cross, "encoder": self.encoder_label,
-                              "decode_step": self.reason, "attention": self.attn_choice.get(B)})
+            self.notes.update({"cross_attention_form": self.cross, "encoder": self.encoder_label,
+                               "decode_step": self.reason, "attention": self.attn_choice.get(B)})
             return st["tokens"].clone()
 
 
@@ -848,8 +847,8 @@ def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastWhisper:
         device=workload.device,
         graphs=bool(params.get("optimized_graphs", True)),
     )
-    fast.notes = {"decode": "static KV cache, graph-captured step" if fast.use_graphs else "static KV cache, eager step",
-                  "cross_attention_form": fast.cross, "encoder_compile": fast.compile_encoder}
+    fast.notes.update({"decode": "static KV cache, graph-captured step" if fast.use_graphs else "static KV cache, eager step",
+                       "cross_attention_form": fast.cross, "encoder_compile": fast.compile_encoder})
     workload.generate = fast.generate
     workload.compile_mode = "none (device graph)" if fast.use_graphs else "none"
     workload.optimized_setup_s = time.perf_counter() - t0
