@@ -4,14 +4,21 @@
 
     preflight → bare_metal → plan_sd → run_sd_case (mapped over small case dicts) → finalize_sd
       → whisper → resnet50 → finish_run → validate_{latency,thermal,network,whisper,resnet50}
-      → report → sign → publish → record_outcome
+      → report → sign → publish → register
 
   GPU tasks run on queue ``gpu-<host>`` in pool ``gpu-<host>`` (one slot per card; a GPU task takes
   every slot, so measurements on one host never overlap) with the executor named by
   ``$MI300X_CERT_GPU_EXECUTOR`` (unset: the default executor). A failed validation fails its task
-  with a readable summary and writes an alert; report/sign/publish still run (``all_done``) so the
-  evidence is published, and ``record_outcome`` writes the outcome record and fails the run when the
-  host is NOT certified.
+  with a readable summary; report/sign/publish still run (``all_done``) so the evidence is published.
+  ``register`` runs on the **control plane** (default queue and executor, never ``gpu-<host>``): it
+  fetches the published bundle from S3, verifies it against the key enrolled for the host, decides,
+  writes the registry (certification, per-serial rows, alerts) and sends the notifications
+  (:func:`mi300x_cert.register.conclude`); it fails the run when the host is NOT certified. Nothing on
+  the control plane reads a GPU host's disk: XCom carries only the bundle URI, the run state and the
+  suite verdicts (used only when no bundle was published).
+
+* ``fleet_audit`` — daily on the control plane: alerts on fleet hosts whose certificate expired or
+  never existed (:meth:`mi300x_cert.registry.Registry.audit_expiry`).
 
 * ``manual_certify`` and ``manual_<experiment>`` — schedule None, a typed trigger form (Params). The
   first task cross-validates the form against the host's profile (``config.load_profile(overrides=…)``),
@@ -52,6 +59,8 @@ __all__ = [
     "build_recertify_dag",
     "build_recertify_dags",
     "build_manual_dag",
+    "build_fleet_audit_dag",
+    "register_body",
 ]
 
 log = logging.getLogger(__name__)
@@ -168,76 +177,50 @@ def preflight_body(server: Server, params: dict, run_id: str) -> str:
     out = runs_root() / server.name / _safe(run_id)
     if (out / "run.json").is_file():  # a retried preflight: the run directory already exists
         return str(out)
+    # the run (and so its signed statement and S3 location) names the host as the fleet names it
+    overrides = _deep_merge(_run_overrides(params), {"host": {"name": server.name}})
     try:
-        return pipeline.prepare_run(server.profile, out, overrides=_run_overrides(params), run_id=_safe(run_id))
+        return pipeline.prepare_run(server.profile, out, overrides=overrides, run_id=_safe(run_id))
     except CertError as e:  # bad input does not get better on retry
         raise AirflowFailException(f"preflight on {server.name}: {e}") from e
 
 
-def _abs_in_run(run_dir: str | None, path: str | None) -> str | None:
-    """Paths in verdicts may be relative to the run directory; links must not be."""
-    if not path or not run_dir or "://" in str(path) or Path(path).is_absolute():
-        return path
-    return str(Path(run_dir) / path)
-
-
 def validation_body(server: Server, suite: str, run_dir: str, dag_id: str, run_id: str, context: dict) -> dict:
-    """Run one GX suite; on a failed expectation write the alert, notify, and fail with a summary."""
+    """Run one GX suite; a failed expectation fails the task with a readable summary. The alert is
+    raised by ``register`` on the control plane, from the signed verdicts (a GPU host has no access
+    to the registry)."""
     from . import alerts, pipeline
 
     ran = [e for e in SUITE_EXPERIMENTS[suite] if _experiment_enabled(run_dir, e)]
     if not ran:
         raise AirflowSkipException(f"suite {suite}: none of its experiments ({SUITE_EXPERIMENTS[suite]}) ran")
     verdict = pipeline.validate(run_dir, suite)
-    context["ti"].xcom_push(key="verdict", value=verdict)
+    slim = {k: verdict.get(k) for k in ("suite", "success", "status", "evaluated", "declared")}
+    slim["failures"] = list(verdict.get("failures") or [])[:200]
+    context["ti"].xcom_push(key="verdict", value=slim)
     if verdict.get("success"):
-        return verdict
-    failures = list(verdict.get("failures") or [])
-    alert = alerts.raise_alert(
-        suite=suite, failures=failures, host=server.name, dag_id=dag_id, run_id=run_id, run_dir=run_dir,
-        data_docs=_abs_in_run(run_dir, verdict.get("data_docs")), recipients=server.alerts.email,
-        smtp_conn_id=server.alerts.smtp_conn_id, slack_conn_id=server.alerts.slack_conn_id, context=context,
-    )
-    summary = alerts.summary_text(suite, failures, host=server.name)
-    raise AirflowFailException(f"{summary}\nalert {alert['id']} (notified: {', '.join(alert['notified']) or 'record only'})")
+        return slim
+    summary = alerts.summary_text(suite, list(verdict.get("failures") or []), host=server.name)
+    raise AirflowFailException(f"{summary}\n(the control plane's register task raises the alert)")
 
 
-def outcome_body(server: Server, dag_id: str, run_id: str, run_dir: str | None, verdicts: dict,
-                 report: str | None, bundle: str | None, uri: str | None) -> dict:
-    from . import alerts
-    from .rundir import RunDir, atomic_write_json
+def register_body(server: Server, dag_id: str, run_id: str, bundle_uri: str | None, state: str | None,
+                  verdicts: dict[str, dict | None], enabled: list[str] | None, context: dict | None = None) -> dict:
+    """The control-plane end of a run: :func:`mi300x_cert.register.conclude` on the published bundle
+    (or, without one, on the run state and the suite verdicts the GPU tasks reported)."""
+    from .register import conclude
 
-    state, error = None, None
-    if run_dir:
-        try:
-            meta = RunDir(run_dir).meta
-            state, error = meta.get("state"), meta.get("error")
-        except Exception as e:  # the run directory itself is the problem
-            state, error = "missing", str(e)
-    failed_suites = sorted(s for s, v in verdicts.items() if v is not None and not v.get("success"))
-    missing_suites = sorted(s for s, v in verdicts.items() if v is None)
-    data_docs = _abs_in_run(run_dir, next((v.get("data_docs") for v in verdicts.values() if v and v.get("data_docs")), None))
-    reasons = []
-    if state != "complete":
-        reasons.append(f"measurements {state or 'not started'}" + (f": {error}" if error else ""))
-    if failed_suites:
-        reasons.append(f"failed suites: {', '.join(failed_suites)}")
-    if missing_suites:
-        reasons.append(f"suites not evaluated: {', '.join(missing_suites)}")
-    if not bundle:
-        reasons.append("no signed bundle")
-    outcome = {
-        "host": server.name, "dag_id": dag_id, "run_id": run_id, "run_dir": run_dir,
-        "profile": server.profile, "sku": server.sku, "certified": not reasons, "reasons": reasons,
-        "state": state, "verdicts": {s: (None if v is None else bool(v.get("success"))) for s, v in verdicts.items()},
-        "report": report, "data_docs": data_docs, "bundle": bundle, "bundle_uri": uri,
-        "s3_endpoint": os.environ.get("MI300X_CERT_S3_ENDPOINT"),
-    }
-    path = alerts.write_outcome(outcome)
-    outcome["record"] = str(path)
-    if run_dir and Path(run_dir).is_dir():
-        atomic_write_json(Path(run_dir) / "outcome.json", outcome)
-    alerts.update_run_links(run_id, run_dir, report=report, data_docs=data_docs, bundle_uri=uri)
+    if enabled is not None:  # a suite none of whose experiments ran is not required
+        verdicts = {s: v for s, v in verdicts.items()
+                    if v is not None or any(e in enabled for e in SUITE_EXPERIMENTS[s])}
+    outcome = conclude(bundle=bundle_uri, host=server.name, run_id=_safe(run_id),
+                       state=state if bundle_uri is None else None, verdicts=verdicts if bundle_uri is None else None,
+                       error=None if state == "complete" else "see the run's finish_run task",
+                       dag_id=dag_id, source="register", context=context)
+    log.info("registered %s run %s: %s (%s); bundle %s; report %s; data docs %s; alerts %s",
+             server.name, _safe(run_id), outcome["result"], "; ".join(outcome["reasons"]) or "all conditions met",
+             outcome.get("bundle_uri"), outcome.get("report"), outcome.get("data_docs"),
+             [a.get("id") for a in outcome.get("alerts") or []])
     return outcome
 
 
@@ -252,7 +235,9 @@ Great Expectations suites, builds the report, signs the bundle and publishes it 
 * schedule: `{schedule}` (UTC)
 * a failed suite fails its `validate_<suite>` task with the failed expectations, writes an alert
   (dashboard: *Certification* in the nav bar; CLI: `mi300x-cert alerts`) and notifies {recipients};
-  report, sign and publish still run, and `record_outcome` marks the run **NOT certified**.
+  report, sign and publish still run; `register` (on the control plane) verifies the published
+  bundle against the key enrolled for this host, records the certification and alerts, and marks
+  the run **NOT certified** when any condition fails.
 
 Trigger with conf `{{"overrides": {{...profile overrides...}}, "experiments": [...]}}` to change a run
 (e.g. `{{"overrides": {{"telemetry": {{"simulated": {{"hot_cards": {{"3": 40}}}}}}}}}}`).
@@ -301,7 +286,9 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
         @task(task_id="preflight", **gpu)
         def preflight() -> str:
             ctx = get_current_context()
-            return preflight_body(server, dict(ctx["params"]), ctx["run_id"])
+            run_dir = preflight_body(server, dict(ctx["params"]), ctx["run_id"])
+            ctx["ti"].xcom_push(key="enabled", value=[e for e in EXPERIMENTS if _experiment_enabled(run_dir, e)])
+            return run_dir
 
         @task(task_id="bare_metal", **gpu)
         def bare_metal(run_dir: str) -> dict:
@@ -362,6 +349,7 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
             if not run_dir:
                 raise AirflowFailException("no run directory: preflight did not succeed")
             state = pipeline.finish_run(run_dir)
+            get_current_context()["ti"].xcom_push(key="state", value=state)
             if state != "complete":
                 from .rundir import RunDir
 
@@ -383,7 +371,9 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
             run_dir = _pull("preflight")
             if not run_dir:
                 raise AirflowSkipException("no run directory: nothing to report")
-            return pipeline.report(run_dir)
+            path = pipeline.report(run_dir)
+            log.info("report written: %s (published inside the bundle as artifacts/report/index.html)", path)
+            return path
 
         @task(task_id="sign", trigger_rule="all_done", **light)
         def sign() -> str:
@@ -393,7 +383,9 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
             run_dir = _pull("preflight")
             if not run_dir or RunDir(run_dir).state != "complete":
                 raise AirflowSkipException("measurements incomplete: a certificate is only signed over complete runs")
-            return pipeline.sign(run_dir)
+            bundle = pipeline.sign(run_dir)
+            log.info("signed bundle: %s", bundle)
+            return bundle
 
         @task(task_id="publish", trigger_rule="all_done", **light)
         def publish() -> str:
@@ -402,22 +394,24 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
             bundle = _pull("sign")
             if not bundle:
                 raise AirflowSkipException("no signed bundle to publish")
-            return pipeline.publish(bundle)
+            uri = pipeline.publish(bundle)
+            log.info("published: %s", uri)
+            return uri
 
-        @task(task_id="record_outcome", trigger_rule="all_done", retries=0, **light)
-        def record_outcome() -> dict:
+        @task(task_id="register", trigger_rule="all_done", retries=2,
+              retry_delay=_dt.timedelta(seconds=30))
+        def register() -> dict:
+            # the control plane: default queue and executor (no gpu-<host> kwargs), registry access
             ctx = get_current_context()
             verdicts = {s: _pull(f"validate_{s}", key="verdict") for s in SUITES}
-            run_dir = _pull("preflight")
-            if run_dir:  # suites skipped because their experiment did not run are not required
-                verdicts = {s: v for s, v in verdicts.items()
-                            if v is not None or any(_enabled_quiet(run_dir, e) for e in SUITE_EXPERIMENTS[s])}
-            outcome = outcome_body(server, dag_id, ctx["run_id"], run_dir, verdicts,
-                                   _pull("report"), _pull("sign"), _pull("publish"))
+            outcome = register_body(server, dag_id, ctx["run_id"], _pull("publish"), _pull("finish_run", key="state"),
+                                    verdicts, _pull("preflight", key="enabled"), context=ctx)
             if not outcome["certified"]:
-                raise AirflowFailException(f"{server.name} NOT certified: {'; '.join(outcome['reasons'])} "
-                                           f"(outcome record {outcome['record']})")
-            return outcome
+                alerts_ = ", ".join(a.get("id", "?") for a in outcome.get("alerts") or [])
+                raise AirflowFailException(f"{server.name} NOT certified: {'; '.join(outcome['reasons'])}"
+                                           + (f" (alerts {alerts_})" if alerts_ else ""))
+            return {k: outcome.get(k) for k in ("host", "run_id", "certified", "result", "reasons", "bundle_uri",
+                                                "report", "data_docs")}
 
         run_dir = preflight()
         bm = bare_metal(run_dir)
@@ -434,7 +428,7 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
         with TaskGroup("validation", tooltip="one Great Expectations suite per task") as validation:
             vals = [make_validate(s)(run_dir) for s in SUITES]
         done >> validation
-        rep, sg, pub, rec = report(), sign(), publish(), record_outcome()
+        rep, sg, pub, rec = report(), sign(), publish(), register()
         for v in vals:
             v >> rep
         done >> rep >> sg >> pub >> rec
@@ -453,11 +447,56 @@ def _pull(task_id: str, key: str = "return_value") -> Any:
     return None
 
 
-def _enabled_quiet(run_dir: str, experiment: str) -> bool:
-    try:
-        return _experiment_enabled(run_dir, experiment)
-    except Exception:
-        return True
+FLEET_AUDIT_DOC = """\
+### Fleet audit
+
+Daily on the control plane: every host of `include/fleet.yaml` whose last certificate expired
+(`valid_days` after it finished) or that was never certified gets an alert in the registry (one open
+alert per host and certificate, notified once). Read them with `mi300x-cert alerts` or on the
+*Certification* page; `mi300x-cert fleet` shows every host's last result, age and expiry.
+"""
+
+
+def fleet_audit_body(fleet: Fleet | None = None, context: dict | None = None) -> dict:
+    """Expired / never-certified hosts → alerts (idempotent), notifications for new ones."""
+    from .register import _notify
+    from .registry import open_registry
+
+    fleet = fleet or load_fleet()
+    hosts = [{"name": s.name, "sku": s.sku, "profile": s.profile, "valid_days": s.valid_days} for s in fleet.servers]
+    reg = open_registry()
+    before = {a["id"] for a in reg.list_alerts(include_acknowledged=True)}
+    raised = reg.audit_expiry(hosts)
+    new = [a for a in raised if a.get("id") not in before]
+    by_host = {s.name: s for s in fleet.servers}
+    for a in new:
+        _notify([a], by_host.get(a.get("host")), context)
+    log.info("fleet audit: %d host(s) with an expired or missing certificate, %d new alert(s)", len(raised), len(new))
+    return {"hosts": len(hosts), "alerts": [a.get("id") for a in raised], "new": [a.get("id") for a in new]}
+
+
+def build_fleet_audit_dag(fleet: Fleet | None = None, schedule: str = "30 6 * * *") -> DAG:
+    """``fleet_audit``: daily expiry audit of every fleet host, on the control plane."""
+    from airflow.sdk import CronTriggerTimetable
+
+    fleet = fleet or load_fleet()
+    with DAG(
+        dag_id="fleet_audit",
+        description="Daily: alert on fleet hosts whose certificate expired or never existed",
+        schedule=CronTriggerTimetable(schedule, timezone="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        tags=["mi300x-cert", "fleet"],
+        default_args=dict(DEFAULT_ARGS),
+        doc_md=FLEET_AUDIT_DOC,
+    ) as dag:
+
+        @task(task_id="audit_expiry")
+        def audit_expiry() -> dict:
+            return fleet_audit_body(fleet, get_current_context())
+
+        audit_expiry()
+    return dag
 
 
 def build_recertify_dags(fleet: Fleet | None = None) -> dict[str, DAG]:

@@ -141,6 +141,10 @@ def _dagtest_in_process(dag_id: str, conf: dict) -> dict:
     from airflow.dag_processing.dagbag import DagBag
 
     init = _init_in_process()
+    from .register import ensure_local_key_enrolled
+
+    # this machine is its own control plane here: its key speaks for the smoke host
+    ensure_local_key_enrolled(dag_id.removeprefix("recertify_"))
     bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
     if bag.import_errors:
         raise CertError(f"DAG import errors: {bag.import_errors}")
@@ -160,10 +164,19 @@ def _dagtest_in_process(dag_id: str, conf: dict) -> dict:
                 states[key] = str(ti.state.value if hasattr(ti.state, "value") else ti.state)
     except Exception as e:  # states are a convenience; the outcome record is the truth
         states["_error"] = str(e)
-    from . import alerts
+    from .airflow_dags import _safe, runs_root
+    from .registry import open_registry
 
-    outcome = next((o for o in alerts.list_outcomes(200) if o.get("run_id") == dr.run_id and o.get("dag_id") == dag_id), None)
-    run_alerts = [a for a in alerts.list_alerts(include_acknowledged=True) if a.get("run_id") == dr.run_id]
+    host = dag_id.removeprefix("recertify_")
+    reg = open_registry()
+    record = reg.get_certification(host, _safe(dr.run_id))
+    outcome = None
+    if record is not None:
+        run_dir = runs_root() / host / _safe(dr.run_id)
+        outcome = {**record, "run_dir": str(run_dir) if run_dir.is_dir() else None,
+                   "report_file": str(run_dir / "report" / "index.html") if (run_dir / "report" / "index.html").is_file() else None,
+                   "data_docs_file": str(p) if (p := run_dir / "validation" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").is_file() else None}
+    run_alerts = [a for a in reg.list_alerts(include_acknowledged=True, host=host) if a.get("run_id") == _safe(dr.run_id)]
     state = dr.state.value if hasattr(dr.state, "value") else str(dr.state)
     return {"dag_id": dag_id, "run_id": dr.run_id, "state": state, "task_states": states, "outcome": outcome,
             "alerts": run_alerts, "pools": init["pools"]}
@@ -191,7 +204,9 @@ def smoke(home: str | Path | None = None, out: str | Path | None = None, hot_car
             sys.stderr.write((proc.stderr or "")[-4000:])
         result = _parse_result(proc)
         outcome = result.get("outcome") or {}
-        result.update({k: outcome.get(k) for k in ("run_dir", "report", "data_docs", "bundle_uri", "certified")})
+        result.update({k: outcome.get(k) for k in ("run_dir", "bundle_uri", "certified")})
+        result.update(report=outcome.get("report_file"), data_docs=outcome.get("data_docs_file"),
+                      report_uri=outcome.get("report"), data_docs_uri=outcome.get("data_docs"))
         result["s3_endpoint"] = env["MI300X_CERT_S3_ENDPOINT"]
         result["s3_embedded"] = srv is not None
         result["airflow_home"] = str(home)
@@ -376,8 +391,10 @@ def _print_smoke(result: dict) -> None:
     print(f"DAG run      : {result['dag_id']} / {result['run_id']} → {result['state']}")
     print(f"certified    : {o.get('certified')}" + (f" ({'; '.join(o.get('reasons') or [])})" if o.get("reasons") else ""))
     print(f"run dir      : {o.get('run_dir')}")
-    print(f"report       : {o.get('report')}")
-    print(f"Data Docs    : {o.get('data_docs')}")
+    print(f"report       : {o.get('report_file')}  (published: {o.get('report')})")
+    print(f"Data Docs    : {o.get('data_docs_file')}")
+    print(f"registry     : {o.get('result')} recorded for {o.get('host')} run {o.get('run_id')} "
+          f"(mi300x-cert fleet / history / alerts)")
     print(f"bundle (S3)  : {o.get('bundle_uri')}  (endpoint {result.get('s3_endpoint')})")
     if result.get("verified"):
         print(f"verified     : signature and {result['verified'].get('artifacts', '?')} artifacts, read back from S3")
@@ -388,7 +405,7 @@ def _print_smoke(result: dict) -> None:
         print("note         : the embedded S3 endpoint lived for this command only; to keep published bundles, "
               "start one (python -m mi300x_cert.s3local --port 9000) or point MI300X_CERT_S3_ENDPOINT at your store")
     for a in result.get("alerts") or []:
-        print(f"alert        : {a['id']} suite={a['suite']} ({len(a.get('failures') or [])} failures)")
+        print(f"alert        : {a['id']} {a.get('kind')} suite={a['suite']} ({len(a.get('failures') or [])} failures)")
     print(f"airflow home : {result.get('airflow_home')}")
     failed = {k: v for k, v in (result.get("task_states") or {}).items() if v not in ("success", "skipped")}
     if failed:

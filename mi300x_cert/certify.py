@@ -22,9 +22,12 @@ def certify(profile: str | Path, out: str | Path, *, run_id: str | None = None, 
             publish: bool = True, overrides: dict | None = None, store: dict | None = None) -> dict:
     """Certify one host. Returns ``{"certified", "run_dir", "verdicts", "report", "bundle", "uri"}``.
 
-    ``certified`` is True only when the run completed and every suite passed. A run that could
-    not complete is validated and reported (the failed cases fail the latency suite) but not
-    signed: a certificate is only issued over complete measurements.
+    ``certified`` is :func:`mi300x_cert.outcome.decide`'s answer, reached through
+    :func:`mi300x_cert.register.conclude` exactly as the DAG's ``register`` task reaches it: complete
+    measurements, every suite passed, a signed bundle (read back from S3 when published), a signer
+    enrolled for the host. A run that could not complete is validated and reported (the failed cases
+    fail the latency suite) but not signed: a certificate is only issued over complete measurements.
+    Either way the registry gets the certification record and its alerts.
     """
     from .experiments import run_all
 
@@ -34,9 +37,6 @@ def certify(profile: str | Path, out: str | Path, *, run_id: str | None = None, 
     _say(f"measurements: {result.get('state')}")
 
     verdicts = pipeline.validate(run_dir)
-    from .history import record_run_quietly  # per-serial history; logs, never raises
-
-    record_run_quietly(run_dir)
     from .validation import format_verdict
 
     print(format_verdict(verdicts))
@@ -46,20 +46,30 @@ def certify(profile: str | Path, out: str | Path, *, run_id: str | None = None, 
     if data_docs.exists():
         _say(f"data docs: {data_docs}")
 
+    from .register import conclude, ensure_local_key_enrolled
+    from .rundir import RunDir
+
+    meta = RunDir(run_dir).meta
     outcome = {"certified": False, "run_dir": run_dir, "verdicts": verdicts, "report": report,
                "bundle": None, "uri": None, "state": result.get("state")}
+    target = None
     if result.get("state") != "complete":
         _say("measurements incomplete: no certificate is signed (see run.json for the failed cases)")
-        return outcome
-    bundle = pipeline.sign(run_dir)
-    outcome["bundle"] = bundle
-    _say(f"signed bundle: {bundle}")
-    if publish:
-        uri = pipeline.publish(bundle, store)
-        outcome["uri"] = uri
-        checked = pipeline.verify(uri, store=store)
-        _say(f"published and verified: {uri} ({checked.get('artifacts')} artifacts)")
-    outcome["certified"] = bool(verdicts.get("success")) and result.get("state") == "complete"
-    _say("CERTIFIED" if outcome["certified"] else "NOT CERTIFIED: expectations failed (see above)")
+    else:
+        bundle = pipeline.sign(run_dir)
+        outcome["bundle"] = target = bundle
+        _say(f"signed bundle: {bundle}")
+        if publish:
+            uri = pipeline.publish(bundle, store)
+            outcome["uri"] = target = uri
+            _say(f"published: {uri}")
+    # the same conclusion as the DAG's register task: verify against the enrolled key, decide, record
+    ensure_local_key_enrolled(meta.get("host"))
+    concluded = conclude(bundle=target, host=meta.get("host"), run_id=meta.get("run_id"), state=meta.get("state"),
+                         error=meta.get("error"), verdicts=verdicts, source="certify", store=store)
+    outcome.update(certified=concluded["certified"], reasons=concluded["reasons"], alerts=concluded["alerts"],
+                   registered=concluded.get("certification"))
+    for a in concluded["alerts"]:
+        _say(f"alert {a.get('id')}: {a.get('kind')} {a.get('suite')}")
+    _say("CERTIFIED" if outcome["certified"] else f"NOT CERTIFIED: {'; '.join(concluded['reasons'])}")
     return outcome
-

@@ -125,24 +125,51 @@ def cmd_publish(args) -> int:
 def cmd_verify(args) -> int:
     from . import pipeline
 
-    result = pipeline.verify(args.target, key=args.key)
+    result = pipeline.verify(args.target, key=args.key, trust=not args.integrity_only)
     _print(result)
     print(verify_summary(result), file=sys.stderr)
-    # 0: the signature and every digest check out. What the bundle certifies is its content, said
-    # in the summary line and "result"/"certified" above (docs/certificates.md).
-    return EXIT_OK
+    if args.integrity_only:  # only: is every byte the one that was signed (and where it was signed for)?
+        return EXIT_OK
+    if not result.get("trusted"):
+        return EXIT_ERROR
+    return EXIT_OK if (result.get("decision") or {}).get("certified") else EXIT_FAILED_EXPECTATION
 
 
 def verify_summary(result: dict) -> str:
-    """One line: the bundle is intact (signer, trust) and what it certifies (PASSED or not)."""
+    """One line: the bundle is intact (signer, trust) and what it certifies, as decided by
+    :func:`mi300x_cert.outcome.decide` (complete run, every suite passed, signed, trusted signer)."""
     key = "development key" if result.get("development_key") else f"key {str(result.get('keyid'))[:16]}"
-    trust = "trusted" if result.get("trusted") else "NOT a trusted key"
-    certified = result.get("certified") and result.get("result") == "PASSED"
-    what = (f"CERTIFIED (result {result.get('result')})" if certified else
-            f"NOT CERTIFIED (result {result.get('result')}"
-            + (f"; failed: {', '.join(map(str, result['failed_tests'][:8]))}" if result.get("failed_tests") else "") + ")")
+    if result.get("trusted") is None:
+        trust = "trust not checked (--integrity-only)"
+    elif result.get("trusted"):
+        trust = f"trusted ({result.get('trust_source')})"
+    else:
+        trust = f"NOT a trusted key: {result.get('trust_reason') or 'unknown signer'}"
+    d = result.get("decision") or {}
+    if d.get("certified"):
+        what = f"CERTIFIED (result {result.get('result')})"
+    else:
+        what = (f"NOT CERTIFIED (result {result.get('result')}"
+                + (f"; failed: {', '.join(map(str, result['failed_tests'][:8]))}" if result.get("failed_tests") else "")
+                + (f"; {'; '.join(d.get('reasons') or [])}" if d.get("reasons") else "") + ")")
     return (f"verified: signature and {result.get('artifacts')} artifact digests OK ({key}, {trust}); "
             f"host {result.get('host')} run {result.get('run_id')}: {what}")
+
+
+def cmd_register(args) -> int:
+    from .register import conclude
+
+    outcome = conclude(bundle=args.target, host=args.host, run_id=args.run_id, source="register")
+    if args.json:
+        _print(outcome)
+    else:
+        state = "refused, " if outcome.get("refused") else ""
+        print(f"{outcome['host']} run {outcome['run_id']}: {state}{outcome['result']}"
+              + (f" ({'; '.join(outcome['reasons'])})" if outcome["reasons"] else "")
+              + ("" if outcome.get("created") or outcome.get("refused") else " — already registered, nothing changed"))
+        for a in outcome.get("alerts") or []:
+            print(f"  alert {a.get('id')}: {a.get('kind')} {a.get('suite')}")
+    return EXIT_OK if outcome["certified"] else EXIT_FAILED_EXPECTATION
 
 
 def cmd_certify(args) -> int:
@@ -230,10 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("bundle_dir")
     s.set_defaults(func=cmd_publish)
 
-    s = sub.add_parser("verify", help="check a bundle's signature and every digest (dir or s3://…)")
+    s = sub.add_parser("verify", help="check a bundle's signature, digests, location and signer (dir or s3://…)",
+                       description="Exit 0: intact, trusted signer, CERTIFIED; 1: intact and trusted but NOT "
+                                   "CERTIFIED; 2: tampered, replayed (s3:// location differs from its statement) "
+                                   "or signer not trusted (not enrolled for the host, revoked).")
     s.add_argument("target")
-    s.add_argument("--key", help="public key PEM")
+    s.add_argument("--key", help="public key PEM to check the signature with (pins the signer)")
+    s.add_argument("--integrity-only", action="store_true",
+                   help="check only that every byte is the one signed (and, for s3://, its location); "
+                        "do not ask whether the signer is trusted")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("register", help="control plane: verify a published bundle against the enrolled key, "
+                                        "decide, record the certification and its alerts")
+    s.add_argument("target", metavar="BUNDLE_DIR|s3://…")
+    s.add_argument("--host", help="the host being concluded (a bundle naming another host is refused)")
+    s.add_argument("--run-id", help="the run being concluded (a bundle naming another run is refused)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_register)
 
     s = sub.add_parser("certify", help="run → validate → report → sign → publish")
     s.add_argument("--profile", required=True)

@@ -60,6 +60,7 @@ class Server(_Strict):
     cards: int = Field(gt=0, le=256, description="GPU cards; the host's pool has one slot per card")
     card_groups: dict[str, list[int] | str] = Field(default_factory=dict)
     schedule: str | None = None
+    valid_days: int = Field(30, ge=1, le=3650, description="days a certification of this host stays valid")
     alerts: AlertSpec = Field(default_factory=AlertSpec)
     queue: str | None = None
     tags: list[str] = Field(default_factory=list)

@@ -105,8 +105,10 @@ def publish(bundle_dir: str | Path, store: dict | None = None) -> str:
     return publish_bundle(bundle_dir, store)
 
 
-def verify(target: str | Path, key: str | None = None, store: dict | None = None) -> dict:
-    """Check a bundle dir or s3:// URI: signature and every digest. Raises VerifyError."""
+def verify(target: str | Path, key: str | None = None, store: dict | None = None, trust: bool = True) -> dict:
+    """Check a bundle dir or s3:// URI: signature, every digest, its S3 location and (unless
+    ``trust=False``) whether its signer is trusted; ``decision`` in the result is
+    :func:`mi300x_cert.outcome.decide`'s. Raises VerifyError for a tampered or replayed bundle."""
     from .bundle import verify_bundle
 
-    return verify_bundle(target, key=key, store=store)
+    return verify_bundle(target, key=key, store=store, trust=trust)

@@ -467,7 +467,7 @@ def publish_bundle(bundle_dir: str | Path, store: dict | None = None, *, client:
 
     bundle = Path(bundle_dir)
     try:
-        verify_bundle(bundle)
+        verify_bundle(bundle, trust=False)  # integrity; trust is the control plane's to decide
     except BundleError as e:
         raise StorageError(f"bundle {bundle} does not verify, not publishing it: {e}") from e
     cfg = load_store_config(store)

@@ -1,4 +1,8 @@
-"""Airflow plugin: the certification dashboard (recent outcomes, open alerts, acknowledge) at ``/mi300x-cert/``.
+"""Airflow plugin: the certification dashboard at ``/mi300x-cert/``, reading the fleet registry.
+
+Pages and JSON routes read the control plane's registry (:mod:`mi300x_cert.registry`), never a GPU
+host's disk: ``/api/fleet`` (one row per host), ``/api/certifications``, ``/api/alerts``,
+``/api/history/{serial}``, ``/api/serials``, and ``POST /api/alerts/{id}/ack``.
 
 Airflow mounts plugin FastAPI apps *without* its own authentication, so every route here checks the
 Airflow JWT itself (``Authorization: Bearer …`` or the UI's ``_token`` cookie) through the auth
@@ -70,7 +74,7 @@ def _page(outcomes: list[dict], open_alerts: list[dict], user: str) -> str:
         reasons = "; ".join(o.get("reasons") or [])
         links = " ".join(f'<code title="{_esc(o.get(k))}">{label}</code>' for k, label in
                          (("report", "report"), ("data_docs", "data docs"), ("bundle_uri", "bundle")) if o.get(k))
-        rows.append(f"<tr><td>{_esc(o.get('recorded'))}</td><td>{_esc(o.get('host'))}</td><td>{badge}</td>"
+        rows.append(f"<tr><td>{_esc(o.get('registered_at'))}</td><td>{_esc(o.get('host'))}</td><td>{badge}</td>"
                     f"<td>{_esc(o.get('run_id'))}</td><td>{_esc(reasons)}</td><td>{links}<br>"
                     f"<small>{_esc(o.get('bundle_uri'))}</small></td></tr>")
     alerts_html = []
@@ -102,23 +106,67 @@ document.querySelectorAll("button.ack").forEach(b => b.addEventListener("click",
 </script></body></html>"""
 
 
+def _registry():
+    from mi300x_cert.registry import open_registry
+
+    return open_registry()
+
+
+def _json(obj: Any) -> JSONResponse:
+    return JSONResponse(json.loads(json.dumps(obj, default=str)))
+
+
 def create_app() -> FastAPI:
-    from mi300x_cert import alerts
     from mi300x_cert.errors import CertError
 
     app = FastAPI(title="mi300x-cert dashboard", docs_url=None, redoc_url=None, openapi_url=None)
 
+    @app.exception_handler(CertError)
+    async def _cert_error(request: Request, exc: CertError) -> JSONResponse:  # e.g. the registry is unreachable
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
     @app.get("/", response_class=HTMLResponse)
     async def dashboard(user: Any = Depends(_user_from_request)) -> HTMLResponse:
-        return HTMLResponse(_page(alerts.list_outcomes(50), alerts.list_alerts(False), _user_name(user)))
+        reg = _registry()
+        return HTMLResponse(_page(reg.list_certifications(limit=50), reg.list_alerts(include_acknowledged=False),
+                                  _user_name(user)))
+
+    @app.get("/api/fleet")
+    async def fleet(user: Any = Depends(_user_from_request)) -> JSONResponse:
+        from mi300x_cert.fleet import load_fleet
+
+        try:
+            hosts = [{"name": s.name, "sku": s.sku, "profile": s.profile, "valid_days": s.valid_days}
+                     for s in load_fleet().servers]
+        except CertError:
+            hosts = None
+        return _json(_registry().fleet(hosts=hosts))
 
     @app.get("/api/alerts")
-    async def list_alerts(all: bool = False, user: Any = Depends(_user_from_request)) -> JSONResponse:
-        return JSONResponse(alerts.list_alerts(include_acknowledged=all))
+    async def list_alerts(all: bool = False, host: str | None = None, user: Any = Depends(_user_from_request)) -> JSONResponse:
+        return _json(_registry().list_alerts(include_acknowledged=all, host=host))
+
+    @app.get("/api/certifications")
+    async def list_certifications(host: str | None = None, limit: int = 50, offset: int = 0,
+                                  user: Any = Depends(_user_from_request)) -> JSONResponse:
+        return _json(_registry().list_certifications(host=host, limit=max(1, min(limit, 500)), offset=max(0, offset)))
 
     @app.get("/api/outcomes")
     async def list_outcomes(limit: int = 50, user: Any = Depends(_user_from_request)) -> JSONResponse:
-        return JSONResponse(alerts.list_outcomes(max(1, min(limit, 500))))
+        return _json(_registry().list_certifications(limit=max(1, min(limit, 500))))
+
+    @app.get("/api/serials")
+    async def serials(user: Any = Depends(_user_from_request)) -> JSONResponse:
+        return _json(_registry().list_serials())
+
+    @app.get("/api/history/{serial}")
+    async def history(serial: str, user: Any = Depends(_user_from_request)) -> JSONResponse:
+        from mi300x_cert.history import UnknownSerialError
+
+        try:
+            return _json(_registry().serial_history(serial))
+        except UnknownSerialError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
 
     @app.post("/api/alerts/{alert_id}/ack")
     async def ack(alert_id: str, request: Request, user: Any = Depends(_user_from_request)) -> JSONResponse:
@@ -126,12 +174,16 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=403, detail="cookie-authenticated requests need X-Requested-With")
         try:
             body = json.loads((await request.body()) or b"{}")
-        except json.JSONDecodeError:
-            raise HTTPException(status_code=400, detail="body must be JSON: {\"note\": \"...\"}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("note", ""), (str, type(None))):
+            raise HTTPException(status_code=400, detail="body must be a JSON object: {\"note\": \"...\"}")
+        reg = _registry()
         try:
-            return JSONResponse(alerts.acknowledge(alert_id, by=_user_name(user), note=str(body.get("note") or "")))
+            reg.get_alert(alert_id)
         except CertError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
+        return _json(reg.acknowledge(alert_id, by=_user_name(user), note=str(body.get("note") or "")))
 
     return app
 

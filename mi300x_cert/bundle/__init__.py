@@ -41,7 +41,7 @@ from .manifest import (
     sha256sums_text,
 )
 
-__all__ = ["build_bundle", "verify_bundle", "BUNDLE_FILES", "BUNDLE_DIR"]
+__all__ = ["build_bundle", "verify_bundle", "check_location", "resolve_trust", "BUNDLE_FILES", "BUNDLE_DIR"]
 
 BUNDLE_DIR = "bundle"
 BUNDLE_FILES = ("manifest.json", "SHA256SUMS", "statement.json", "envelope.dsse.json", "signer.pub.pem", "key-info.json")
@@ -217,7 +217,7 @@ def _bundle_files(bundle: Path) -> tuple[set[str], set[str]]:
 
 
 def _verify_dir(bundle: Path, key: str | Path | None) -> dict:
-    from .keys import load_public_key, public_key_from_pem, public_pem, trusted_keyids
+    from .keys import load_public_key, public_key_from_pem, public_pem
     from .signing import CERTIFICATION_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, envelope_from_bytes, verify_envelope
 
     if not bundle.is_dir():
@@ -299,44 +299,133 @@ def _verify_dir(bundle: Path, key: str | Path | None) -> dict:
         if digest != e["sha256"] or size != e.get("size"):
             raise VerifyError(f"{e['path']} does not match its signed digest (sha256 {digest}, {size} bytes)")
 
-    trusted = bool(key) or keyid in trusted_keyids()
     cert = predicate.get("certification") or {}
+    run_meta = json.loads((bundle / ARTIFACTS_DIR / "run.json").read_bytes()) if "run.json" in listed else {}
+    verdicts_doc = (json.loads((bundle / ARTIFACTS_DIR / "validation/verdicts.json").read_bytes())
+                    if "validation/verdicts.json" in listed else None)
     return {
+        "_evidence": {"state": run_meta.get("state") if isinstance(run_meta, dict) else None,
+                      "error": run_meta.get("error") if isinstance(run_meta, dict) else None,
+                      "verdicts": verdicts_doc},
         "ok": True,
         "keyid": keyid,
         "artifacts": len(entries),
         "development_key": bool(signer_block.get("development_key")),
-        "trusted": trusted,
+        "trusted": None,
         "result": predicate.get("result"),
         "failed_tests": list(predicate.get("failedTests") or []),
         "certified": bool(cert.get("certified")) if cert.get("_type") == CERTIFICATION_TYPE else None,
         "run_id": cert.get("run_id"),
         "host": cert.get("host"),
+        "started": cert.get("started"),
+        "state": cert.get("state"),
         "bundle": str(bundle),
     }
 
 
-def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict | None = None) -> dict:
+def check_location(bundle: Path, uri: str) -> str:
+    """A bundle is valid only at the S3 location its signed statement names
+    (``…/<host>/<YYYY-MM-DD of the start>/<run id>``): a valid bundle copied under another run's or
+    host's prefix is a replay. Returns the expected ``host/date/run`` suffix; raises VerifyError."""
+    from ..errors import StorageError
+    from ..storage import bundle_prefix, parse_s3_uri
+
+    try:
+        want = bundle_prefix(bundle, root="")
+        _, prefix = parse_s3_uri(uri)
+    except StorageError as e:
+        raise VerifyError(str(e)) from e
+    got = "/".join(prefix.strip("/").split("/")[-3:])
+    if got != want:
+        raise VerifyError(f"{uri} holds the signed bundle of {want.replace('/', ' · ')} (host · date · run id): "
+                          f"a bundle is only valid at the location its statement names (…/{want}); refused as a replay")
+    return want
+
+
+def resolve_trust(result: dict, key: str | Path | None = None) -> dict:
+    """Whether the bundle's signer speaks for the host its statement names. Sets ``trusted``,
+    ``trust_source`` (key | configured | registry) and ``trust_reason`` in ``result`` and returns it.
+
+    Trusted: a key given explicitly (``--key``: the signature was checked with it), a key configured
+    by the operator (``$MI300X_CERT_VERIFY_KEY`` / ``$MI300X_CERT_SIGNING_KEY``), or a key the control
+    plane enrolled for that host (``mi300x-cert keys enroll``) and did not revoke."""
+    from ..errors import CertError
+    from .keys import trusted_keyids
+
+    keyid, host = result.get("keyid"), result.get("host")
+    result.update(trusted=False, trust_source=None, trust_reason=None)
+    if key:
+        result.update(trusted=True, trust_source="key")
+        return result
+    try:
+        if keyid in trusted_keyids():
+            result.update(trusted=True, trust_source="configured")
+            return result
+    except CertError as e:
+        result["trust_reason"] = f"configured keys cannot be read: {e}"
+        return result
+    try:
+        from ..registry import open_registry
+
+        reg = open_registry()
+        if host and reg.trusted_key(host, keyid):
+            result.update(trusted=True, trust_source="registry")
+            return result
+        known = reg.get_key(keyid)
+    except CertError as e:
+        result["trust_reason"] = f"the registry cannot be read: {e}"
+        return result
+    short = str(keyid)[:16]
+    if not host:
+        result["trust_reason"] = "the statement names no host"
+    elif not known:
+        result["trust_reason"] = f"key {short}… is not enrolled for host {host} (mi300x-cert keys enroll)"
+    elif known.get("revoked_at"):
+        result["trust_reason"] = f"key {short}… was revoked on {known.get('revoked_at')}"
+    else:
+        result["trust_reason"] = f"key {short}… is enrolled for host {known.get('host')}, not {host}"
+    return result
+
+
+def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict | None = None, *,
+                  trust: bool = True, keep: str | Path | None = None) -> dict:
     """Check a bundle directory or ``s3://bucket/prefix``: the DSSE signature (with ``key``, a public
     PEM, else the bundle's own ``signer.pub.pem``), the statement, manifest, SHA256SUMS and every
-    artifact's digest. Raises VerifyError naming the first file that does not check out.
+    artifact's digest; for ``s3://`` also that the bundle lies at the location its statement names
+    (:func:`check_location`: a copy under another run's or host's prefix is a replay). Raises
+    VerifyError naming the first thing that does not check out.
 
-    Returns {"ok", "keyid", "artifacts", "development_key", "trusted", "result", "failed_tests",
-    "certified", ...}; a bundle that verifies may still certify a FAILED result. ``trusted`` is
-    true when ``key`` was given or the signer is ``$MI300X_CERT_VERIFY_KEY`` / the configured
-    signing key.
+    Returns {"ok", "keyid", "artifacts", "development_key", "trusted", "trust_source", "trust_reason",
+    "result", "failed_tests", "certified", "host", "run_id", ...}; a bundle that verifies may still
+    certify a FAILED result, and may come from a signer nobody trusts (``trusted`` False, with the
+    reason): :func:`mi300x_cert.outcome.decide` weighs both. ``trust=False`` checks integrity only
+    (no registry is consulted: what a GPU host does before publishing). ``keep``: for ``s3://``, a new
+    directory to keep the downloaded bundle in (its path is returned as ``local``).
     """
     t = str(target)
     if t.startswith("s3://"):
         from ..storage import fetch_bundle
 
         with tempfile.TemporaryDirectory(prefix="mi300x-cert-verify-") as tmpd:
-            local = fetch_bundle(t, Path(tmpd) / BUNDLE_DIR, store)
+            dest = Path(keep) if keep else Path(tmpd) / BUNDLE_DIR
+            local = fetch_bundle(t, dest, store)
             out = _verify_checked(Path(local), key)
-            out["bundle"] = t
-            out["uri"] = t
-            return out
-    return _verify_checked(Path(target), key)
+            check_location(Path(local), t)
+            out.update(bundle=t, uri=t, local=str(local) if keep else None)
+    else:
+        out = _verify_checked(Path(target), key)
+    if trust:
+        resolve_trust(out, key)
+    from ..outcome import decide
+
+    evidence = out.pop("_evidence", {})
+    out["decision"] = decide(state=evidence.get("state"), error=evidence.get("error"), verdicts=evidence.get("verdicts"),
+                             signed=True, trusted=out.get("trusted") if trust else None,
+                             trust_reason=out.get("trust_reason")).as_dict()
+    if out["decision"]["certified"] and out.get("certified") is not True:
+        out["decision"].update(certified=False, result="NOT CERTIFIED",
+                               reasons=["the signed statement itself does not claim certification"])
+    return out
 
 
 def _verify_checked(bundle: Path, key: str | Path | None) -> dict:

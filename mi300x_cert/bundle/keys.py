@@ -7,7 +7,12 @@ Configuration (environment):
 ``MI300X_CERT_VERIFY_KEY``
     path to the PEM public key that verifiers trust.
 
-Without a configured signing key, a local *development* key is created on first use at
+``<home>/host-signing-key.pem``
+    this host's own key, made on the host by ``mi300x-cert keys generate`` (the private key never
+    leaves it; its public half is enrolled on the control plane with ``mi300x-cert keys enroll``).
+    Used when ``MI300X_CERT_SIGNING_KEY`` is unset.
+
+Without either, a local *development* key is created on first use at
 ``$MI300X_CERT_HOME_DIR/dev-signing-key.pem`` (default ``~/.mi300x-cert/``), mode 0600. Bundles
 signed with it say so (``key-info.json`` and the statement's ``signer`` block) and verify as
 ``trusted: false`` unless that key is explicitly trusted.
@@ -29,6 +34,8 @@ __all__ = [
     "SignerInfo",
     "home_dir",
     "dev_key_path",
+    "host_key_path",
+    "generate_host_key",
     "load_signer",
     "load_public_key",
     "public_key_from_pem",
@@ -41,6 +48,7 @@ SIGNING_KEY_ENV = "MI300X_CERT_SIGNING_KEY"
 VERIFY_KEY_ENV = "MI300X_CERT_VERIFY_KEY"
 HOME_DIR_ENV = "MI300X_CERT_HOME_DIR"
 DEV_KEY_NAME = "dev-signing-key.pem"
+HOST_KEY_NAME = "host-signing-key.pem"
 
 
 @dataclass
@@ -52,7 +60,7 @@ class SignerInfo:
     scheme: str
     public_pem: bytes
     development_key: bool
-    source: str  # "argument" | "environment" | "development"
+    source: str  # "argument" | "environment" | "host" | "development"
     path: Path
 
 
@@ -63,6 +71,39 @@ def home_dir() -> Path:
 
 def dev_key_path() -> Path:
     return home_dir() / DEV_KEY_NAME
+
+
+def host_key_path() -> Path:
+    return home_dir() / HOST_KEY_NAME
+
+
+def generate_host_key(path: str | Path | None = None, *, force: bool = False) -> dict:
+    """Make this host's signing key (ECDSA P-256, mode 0600) and its public half beside it
+    (``<name>.pub.pem``, what the operator carries to the control plane); return ``{"path",
+    "public_path", "keyid", "public_pem"}``. An existing key is kept (and described) unless ``force``."""
+    from securesystemslib.signer import SSlibKey
+
+    path = Path(path).expanduser() if path else host_key_path()
+    if path.exists() and force:
+        path.unlink()
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            generate_key_file(path)
+        except FileExistsError:
+            pass  # made concurrently: use it
+        except OSError as e:
+            raise BundleError(f"host signing key {path} cannot be created: {e.strerror or e}") from e
+    private = _load_private(path, "host signing key")
+    pub = SSlibKey.from_crypto(private.public_key())
+    pem = public_pem(private.public_key())
+    pub_path = path.with_name(path.name.removesuffix(".pem") + ".pub.pem")
+    try:
+        if not pub_path.is_file() or pub_path.read_bytes() != pem:
+            pub_path.write_bytes(pem)
+    except OSError as e:
+        raise BundleError(f"public key {pub_path} cannot be written: {e.strerror or e}") from e
+    return {"path": str(path), "public_path": str(pub_path), "keyid": pub.keyid, "public_pem": pem.decode("ascii")}
 
 
 def _check_curve(key: object, path: Path, what: str) -> None:
@@ -133,13 +174,16 @@ def _ensure_dev_key() -> Path:
 
 def load_signer(key: str | Path | None = None) -> SignerInfo:
     """The signer for a new bundle: ``key`` (a private PEM path), else ``$MI300X_CERT_SIGNING_KEY``,
-    else the local development key (created on first use)."""
+    else this host's key (``mi300x-cert keys generate``), else the local development key (created on
+    first use)."""
     from securesystemslib.signer import CryptoSigner, SSlibKey
 
     if key:
         path, source, dev, what = Path(key).expanduser(), "argument", False, "signing key"
     elif os.environ.get(SIGNING_KEY_ENV):
         path, source, dev, what = Path(os.environ[SIGNING_KEY_ENV]).expanduser(), "environment", False, f"signing key ({SIGNING_KEY_ENV})"
+    elif host_key_path().exists():
+        path, source, dev, what = host_key_path(), "host", False, "host signing key"
     else:
         path, source, dev, what = _ensure_dev_key(), "development", True, "development signing key"
     # a key file given explicitly that happens to be the development key is still the development key

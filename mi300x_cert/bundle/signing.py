@@ -37,23 +37,6 @@ CERTIFICATION_TYPE = "https://mi300x-cert.dev/certification/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 
-def _suite_entries(verdicts: Any) -> dict[str, dict]:
-    """{suite: verdict dict} from the shapes validation writes: ``{"suites": {...}}``, one suite
-    ``{"suite": name, ...}``, or a list of those."""
-    if isinstance(verdicts, list):
-        out: dict[str, dict] = {}
-        for i, v in enumerate(verdicts):
-            if isinstance(v, dict):
-                out[str(v.get("suite", f"suite-{i}"))] = v
-        return out
-    if isinstance(verdicts, dict):
-        if isinstance(verdicts.get("suites"), dict):
-            return {str(k): v for k, v in verdicts["suites"].items() if isinstance(v, dict)}
-        if "suite" in verdicts:
-            return {str(verdicts["suite"]): verdicts}
-    return {}
-
-
 def _failure_label(suite: str, f: Any) -> str:
     if isinstance(f, dict):
         what = f.get("expectation") or f.get("expectation_type") or f.get("type") or f.get("name") or "expectation"
@@ -62,58 +45,44 @@ def _failure_label(suite: str, f: Any) -> str:
     return f"{suite}/{f}"
 
 
-def summarize_verdicts(verdicts: Any | None) -> dict:
+def summarize_verdicts(verdicts: Any | None, state: str | None = "complete") -> dict:
     """The test-result fields and a verdict summary from ``validation/verdicts.json`` (or None).
 
-    Returns {"result", "passedTests", "warnedTests", "failedTests", "summary"}. Without verdicts
-    the result is FAILED (nothing was evaluated, so nothing is certified) and the summary says why.
+    Returns {"result", "passedTests", "warnedTests", "failedTests", "summary"}. ``result`` is PASSED
+    exactly when :func:`mi300x_cert.outcome.decide` certifies the verdicts over a run in ``state``
+    (bundles are built over complete runs only); the summary's ``reasons`` say why not.
     """
+    from ..outcome import decide, suite_verdicts
+
+    decision = decide(state=state, verdicts=verdicts)
     if verdicts is None:
         return {"result": "FAILED", "passedTests": [], "warnedTests": [], "failedTests": [],
-                "summary": {"present": False, "success": None,
+                "summary": {"present": False, "success": None, "reasons": decision.reasons,
                             "note": "validation/verdicts.json is missing: no expectation was evaluated"}}
-    suites = _suite_entries(verdicts)
-    passed, warned, failed = [], [], []
+    suites, not_validated = suite_verdicts(verdicts)
+    failed: list[str] = []
     details: dict[str, dict] = {}
-    skipped = []
     for name in sorted(suites):
-        v = suites[name]
-        success = v.get("success")
+        v = suites[name] or {}
         failures = v.get("failures") or []
-        if v.get("status") == "skipped" and success is not False:
-            skipped.append(name)  # its experiment was disabled by the profile: neither passed nor failed
-        elif success is True:
-            passed.append(name)
-        elif success is False:
+        if name in decision.failed_suites:
             failed.append(name)
             for label in (_failure_label(name, f) for f in (failures if isinstance(failures, list) else [])):
                 if label not in failed:
                     failed.append(label)
-        else:
-            warned.append(name)
         details[name] = {k: v.get(k) for k in ("success", "status", "reason", "evaluated", "declared") if k in v}
         details[name]["failures"] = len(failures) if isinstance(failures, list) else failures
-    overall = verdicts.get("success") if isinstance(verdicts, dict) else None
-    not_validated = verdicts.get("not_validated") if isinstance(verdicts, dict) else None
-    if isinstance(not_validated, list):
-        failed.extend(f"{n} (not validated)" for n in not_validated if f"{n} (not validated)" not in failed)
-    if not suites or not (passed or failed or warned):
-        result, note = "FAILED", "validation/verdicts.json holds no evaluated suite"
-    elif failed or overall is False:
-        result, note = "FAILED", None
-    elif warned:
-        result, note = "WARNED", None
-    else:
-        result, note = "PASSED", None
-    summary: dict[str, Any] = {"present": True, "success": result == "PASSED", "suites": details,
-                               "skipped": skipped}
+    failed.extend(f"{n} (not validated)" for n in decision.missing_suites if f"{n} (not validated)" not in failed)
+    result = "PASSED" if decision.certified else "FAILED"
+    summary: dict[str, Any] = {"present": True, "success": decision.certified, "suites": details,
+                               "skipped": list(decision.skipped_suites), "reasons": decision.reasons}
     if isinstance(verdicts, dict):
         for k in ("thresholds", "profile", "sku", "not_validated"):
             if k in verdicts:
                 summary[k] = verdicts[k]
-    if note:
-        summary["note"] = note
-    return {"result": result, "passedTests": passed, "warnedTests": warned, "failedTests": failed,
+    if not suites or not (decision.passed_suites or decision.failed_suites):
+        summary["note"] = "validation/verdicts.json holds no evaluated suite"
+    return {"result": result, "passedTests": list(decision.passed_suites), "warnedTests": [], "failedTests": failed,
             "summary": summary}
 
 
@@ -121,7 +90,7 @@ def build_statement(*, subjects: list[dict], meta: dict, inventory: dict | None,
                     verdicts: Any | None, profile_digest: str | None, bundle_digests: dict[str, str],
                     signer_block: dict, versions: dict, notes: list[str]) -> dict:
     """The in-toto Statement v1 of one run. ``subjects``: [{name, sha256}] sorted by name."""
-    tr = summarize_verdicts(verdicts)
+    tr = summarize_verdicts(verdicts, meta.get("state"))
     inv = inventory if isinstance(inventory, dict) else {}
     cards = inv.get("cards") if isinstance(inv.get("cards"), list) else []
     card_keys = ("index", "name", "serial", "bus_id", "domain", "vendor")
@@ -149,6 +118,7 @@ def build_statement(*, subjects: list[dict], meta: dict, inventory: dict | None,
         "inventory_present": inventory is not None,
         "verdict": tr["summary"],
         "certified": tr["result"] == "PASSED",
+        "reasons": tr["summary"].get("reasons") or [],
         "conditions": conditions,
         "conditions_present": conditions is not None,
         "versions": versions,

@@ -5,11 +5,26 @@ the Airflow control plane as separate processes (api-server, scheduler, dag-proc
 ``executor = LocalExecutor,EdgeExecutor``, and two ``airflow edge worker`` processes standing for
 two GPU servers (``host-a`` on queue ``gpu-host-a``, ``host-b`` on ``gpu-host-b``).
 
+**No shared disk**: the control plane (api-server, scheduler, dag-processor — the scheduler's
+LocalExecutor runs the control-plane ``register`` task) and each worker get their own runs dir,
+state dir and key dir. The registry is its own PostgreSQL database (``mi300x_cert``) beside Airflow's,
+reachable only from the control plane; each worker's registry URL points at a closed port, so a GPU
+host that tried to write the registry would fail loudly. Each worker makes its own signing key
+(``mi300x-cert keys generate``); the control plane enrolls the public halves
+(``mi300x-cert keys enroll``).
+
 Checks:
 * each host's tasks ran only on its own worker (task instance ``queue`` and ``hostname`` from the
-  REST API, and the Edge job table);
+  REST API, and the Edge job table); ``register`` ran on the control plane;
 * killing a worker in the middle of a mapped sweep and starting it again finishes the run without
-  running a completed case twice and without losing a result.
+  running a completed case twice and without losing a result;
+* both hosts' certifications, host-b's failed thermal suite (a hot card) as an alert, and the
+  per-serial history appear through the control plane's ``mi300x-cert fleet / alerts / history``
+  and the dashboard's JSON routes — read from the registry, nothing from a worker's disk;
+* a forged bundle (verdict changed, re-signed with an unenrolled key, manifest and sums redone) is
+  refused by ``register`` and the host shows NOT CERTIFIED with the reason;
+* a replayed bundle (a valid one copied under another run's S3 prefix) is refused by ``register``
+  and by ``verify s3://…``.
 
 The DAGs are the real ``dags/recertify.py`` built from a test fleet file (``$MI300X_CERT_FLEET``)
 with two hosts on ``tests/fixtures/profiles/edge-smoke.yaml`` (4 simulated cards, 6 SD cases);
@@ -130,10 +145,16 @@ class Postgres:
         opts = f"-p {self.port} -k {self.sock} -h 127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200"
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start"])
         self._run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "airflow"])
+        # the registry: its own database on the control plane's server (the compose stack's init does the same)
+        self._run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "mi300x_cert"])
 
     @property
     def url(self) -> str:
         return f"postgresql+psycopg2://airflow@127.0.0.1:{self.port}/airflow"
+
+    @property
+    def registry_url(self) -> str:
+        return f"postgresql+psycopg2://airflow@127.0.0.1:{self.port}/mi300x_cert"
 
     def stop(self) -> None:
         try:
@@ -226,7 +247,8 @@ class Proc:
 class Stack:
     """Postgres + Airflow control plane + Edge workers, all on 127.0.0.1."""
 
-    def __init__(self, base: Path, dags: Path, extra_env: dict | None = None) -> None:
+    def __init__(self, base: Path, dags: Path, extra_env: dict | None = None,
+                 role_env: dict[str, dict] | None = None) -> None:
         self.base = base
         self.home = base / "airflow"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -238,10 +260,11 @@ class Stack:
         self.api_port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         self.extra_env = extra_env or {}
+        self.role_env = role_env or {}  # "control-plane" / "<host>": that machine's own dirs
         self._token: str | None = None
 
-    def env(self) -> dict:
-        e = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    def env(self, role: str = "control-plane") -> dict:
+        e = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MI300X_CERT_"))}
         pw_file = self.home / "passwords.json"
         e.update({
             "AIRFLOW_HOME": str(self.home),
@@ -278,7 +301,18 @@ class Stack:
             "no_proxy": "*",
         })
         e.update(self.extra_env)
+        e.update(self.role_env.get(role, {}))
+        if role == "control-plane" and self.pg:
+            e["MI300X_CERT_REGISTRY_URL"] = self.pg.registry_url
         return e
+
+    def cli(self, *args: str, role: str = "control-plane", check: bool = True) -> subprocess.CompletedProcess:
+        """``mi300x-cert ARGS`` as run on one machine of the fleet (its own env and dirs)."""
+        r = subprocess.run([sys.executable, "-m", "mi300x_cert.cli", *args], env=self.env(role), capture_output=True,
+                           text=True, timeout=300, cwd=str(REPO))
+        if check:
+            assert r.returncode == 0, f"mi300x-cert {' '.join(args)} ({role}) → {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
 
     def start_postgres(self, bindir: Path) -> None:
         self.pg = Postgres(bindir, self.base / "pg")
@@ -305,10 +339,13 @@ class Stack:
         # the same command the docs, the compose file and the systemd unit use (see mi300x_cert.deploy)
         argv = worker_argv(host, slots)
         # two workers on one machine need their own PID files (one per host in production)
-        argv += ["--pid", str(self.home / f"edge-worker-{host}.pid")]
-        p = Proc(f"worker-{host}", [_airflow_bin(), *argv[1:]], self.env(), self.logs).start()
+        argv += ["--pid", self.pid_file(host)]
+        p = Proc(f"worker-{host}", [_airflow_bin(), *argv[1:]], self.env(host), self.logs).start()
         self.procs[f"worker-{host}"] = p
         return p
+
+    def pid_file(self, host: str) -> str:
+        return str(Path(self.role_env.get(host, {}).get("AIRFLOW_HOME") or self.home) / f"edge-worker-{host}.pid")
 
     def diag(self) -> str:
         return "\n".join(p.tail() for p in self.procs.values())
@@ -430,6 +467,12 @@ HOSTS = ("host-a", "host-b")
 CARDS = 4
 PROFILE = REPO / "tests" / "fixtures" / "profiles" / "edge-smoke.yaml"
 CONF = {"experiments": ["sd-throughput"]}
+HOT_CARD = 1
+# host-b runs bare metal too, with one card 40 °C hot: its thermal suite fails → an alert
+CONF_B = {"experiments": ["bare-metal", "sd-throughput"],
+          "overrides": {"telemetry": {"simulated": {"hot_cards": {str(HOT_CARD): 40.0}}}}}
+CLOSED_REGISTRY = "postgresql+psycopg2://nobody@127.0.0.1:1/no-registry-on-gpu-hosts"
+BUCKET = "edge-fleet-test"
 SD_CASES = 6  # edge-smoke: process counts [1, 2] × batch configs [1x3, 2x2, 3x1]
 GPU_TASKS = {"preflight", "run_sd_case"}  # tasks that hold the host's pool (all its cards)
 
@@ -459,23 +502,28 @@ def stack() -> Iterator[Stack]:
     dags.mkdir()
     # only the recertification DAGs (the manual DAGs hand over to them; not needed here)
     (dags / "recertify.py").symlink_to(REPO / "dags" / "recertify.py")
-    plugins = base / "plugins"
-    plugins.mkdir()
     fleet = base / "fleet.yaml"
     fleet.write_text(_fleet_yaml())
     s3 = s3local.start(0, "127.0.0.1")
-    st = Stack(base, dags, extra_env={
+    # every machine its own disk: runs, state (alerts, registry file if any) and keys
+    role_env = {}
+    for role in ("control-plane", *HOSTS):
+        d = base / role
+        for sub in ("runs", "state", "keys", "airflow"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        role_env[role] = {"MI300X_CERT_RUNS_DIR": str(d / "runs"), "MI300X_CERT_STATE_DIR": str(d / "state"),
+                          "MI300X_CERT_HOME_DIR": str(d / "keys")}
+        if role != "control-plane":
+            role_env[role].update(AIRFLOW_HOME=str(d / "airflow"), MI300X_CERT_REGISTRY_URL=CLOSED_REGISTRY)
+    st = Stack(base, dags, role_env=role_env, extra_env={
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "MI300X_CERT_FLEET": str(fleet),
         "MI300X_CERT_GPU_EXECUTOR": "EdgeExecutor",
-        "MI300X_CERT_RUNS_DIR": str(base / "runs"),
-        "MI300X_CERT_STATE_DIR": str(base / "state"),
-        "MI300X_CERT_HOME_DIR": str(base / "keys"),
         "MI300X_CERT_WORKLOAD": "debug",
         "MI300X_CERT_DEBUG_PARAMS": json.dumps({"latency_s": 0.8}),  # a case lasts a few seconds
         "MI300X_CERT_S3_ENDPOINT": s3.endpoint,
-        "MI300X_CERT_S3_BUCKET": "edge-fleet-test",
+        "MI300X_CERT_S3_BUCKET": BUCKET,
         "MI300X_CERT_S3_CREATE_BUCKET": "true",
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
@@ -490,6 +538,14 @@ def stack() -> Iterator[Stack]:
         for cmd in pool_commands(fleet):
             r = subprocess.run([_airflow_bin(), *cmd[1:]], env=st.env(), capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stderr[-2000:]
+        # the registry's schema, then each GPU host makes its key and the control plane enrolls it
+        st.cli("registry", "upgrade")
+        for h in HOSTS:
+            st.cli("keys", "generate", role=h)
+            pub = base / "control-plane" / f"{h}.pub.pem"
+            shutil.copy(base / h / "keys" / "host-signing-key.pub.pem", pub)  # the operator carries the public half
+            st.cli("keys", "enroll", h, "--public-key", str(pub), "--by", "fleet-test")
+        st.s3 = s3
         st.start_control_plane()
         for h in HOSTS:
             st.start_worker(h, CARDS)  # slots = cards
@@ -520,11 +576,11 @@ def fleet_runs(stack: Stack) -> dict:
     dag_ids = {h: f"recertify_{h}" for h in HOSTS}
     for d in dag_ids.values():
         stack.wait_dag(d)
-    runs = {h: stack.trigger(dag_ids[h], CONF) for h in HOSTS}
+    runs = {h: stack.trigger(dag_ids[h], CONF_B if h == "host-b" else CONF) for h in HOSTS}
     host, dag_id = "host-a", dag_ids["host-a"]
 
     def run_dir_of(h: str) -> Path | None:
-        found = [p.parent for p in (stack.base / "runs" / h).glob("*/run.json")]
+        found = [p.parent for p in (stack.base / h / "runs" / h).glob("*/run.json")]
         assert len(found) <= 1, found
         return found[0] if found else None
 
@@ -562,8 +618,11 @@ def test_each_host_runs_only_on_its_worker(stack: Stack, fleet_runs: dict) -> No
             assert [t["state"] for t in by_task[task_id]] == ["success"], (h, task_id, by_task.get(task_id))
         cases = by_task["run_sd_case"]
         assert len(cases) == SD_CASES and all(t["state"] == "success" for t in cases), [(t["map_index"], t["state"]) for t in cases]
-        ran = [t for t in tis if t["state"] in ("success", "failed")]
+        ran = [t for t in tis if t["state"] in ("success", "failed") and t["task_id"] != "register"]
         assert ran
+        # the conclusion is the control plane's: register ran there (LocalExecutor), not on the worker
+        reg = by_task["register"]
+        assert len(reg) == 1 and reg[0]["hostname"] not in HOSTS and reg[0]["queue"] != f"gpu-{h}", reg
         for t in ran:
             assert t["queue"] == f"gpu-{h}", t
             assert t["hostname"] == h, f"{dag_id}.{t['task_id']}[{t['map_index']}] ran on {t['hostname']!r}, not on worker {h!r}"
@@ -578,8 +637,8 @@ def test_each_host_runs_only_on_its_worker(stack: Stack, fleet_runs: dict) -> No
 def test_worker_healthcheck_command(stack: Stack, fleet_runs: dict) -> None:
     """The images' HEALTHCHECK (`airflow edge status`) answers 0 for a live worker, 1 without one."""
     for h in HOSTS:
-        r = subprocess.run([_airflow_bin(), "edge", "status", "--pid", str(stack.home / f"edge-worker-{h}.pid")],
-                           env=stack.env(), capture_output=True, text=True, timeout=120)
+        r = subprocess.run([_airflow_bin(), "edge", "status", "--pid", stack.pid_file(h)],
+                           env=stack.env(h), capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert json.loads(r.stdout[r.stdout.index("{"):])["state"] in ("running", "idle"), r.stdout
     r = subprocess.run([_airflow_bin(), "edge", "status", "--pid", str(stack.home / "no-worker.pid")],
@@ -629,3 +688,120 @@ def test_worker_restart_mid_sweep_loses_nothing(stack: Stack, fleet_runs: dict) 
     # the cases that had finished were never handed to a worker again
     for case_id in before:
         assert by_case[case_id]["try_number"] == 1, by_case[case_id]
+
+
+# --------------------------------------------------------------------------------------------
+# the control plane's view: registry only, no worker disk
+
+
+def _cli_json(stack: Stack, *args: str) -> Any:
+    return json.loads(stack.cli(*args, "--json").stdout)
+
+
+def _plugin(stack: Stack, path: str) -> Any:
+    return stack.api("GET", f"/mi300x-cert{path}")
+
+
+def test_control_plane_sees_both_hosts_alerts_and_history(stack: Stack, fleet_runs: dict) -> None:
+    assert fleet_runs["states"]["host-a"] == "success", stack.diag()
+    assert fleet_runs["states"]["host-b"] == "failed"  # its register task failed the run: NOT certified
+    fleet = {r["host"]: r for r in _cli_json(stack, "fleet")}
+    assert set(fleet) >= set(HOSTS), fleet
+    assert fleet["host-a"]["result"] == "CERTIFIED", fleet["host-a"]
+    assert fleet["host-b"]["result"] == "NOT CERTIFIED", fleet["host-b"]
+    for h in HOSTS:
+        assert fleet[h]["run_id"] and fleet[h]["expires_at" if h == "host-a" else "run_id"]
+    # host-b's failed thermal suite: an alert on the control plane, naming the hot card
+    alerts = _cli_json(stack, "alerts", "--all")
+    thermal = [a for a in alerts if a["host"] == "host-b" and a["suite"] == "thermal"]
+    assert len(thermal) == 1 and thermal[0]["status"] == "open", alerts
+    assert any(str(f.get("card")) == str(HOT_CARD) for f in thermal[0]["failures"]), thermal[0]["failures"]
+    assert thermal[0]["bundle_uri"].startswith(f"s3://{BUCKET}/"), thermal[0]
+    assert not [a for a in alerts if a["host"] == "host-a" and a["kind"] == "expectation"], alerts
+    # history by GPU serial: the same simulated serials exist on both hosts
+    hist = _cli_json(stack, "history", f"SIM-MI300X-{HOT_CARD:04d}")
+    assert {r["host"] for r in hist} == set(HOSTS), hist
+    hot = [r for r in hist if r["host"] == "host-b"][0]
+    assert hot["card_ok"] is False and hot["active_junction_p95_c"] is not None, hot
+    # the dashboard's JSON routes read the same registry
+    api_fleet = {r["host"]: r for r in _plugin(stack, "/api/fleet")}
+    assert api_fleet["host-a"]["result"] == "CERTIFIED" and api_fleet["host-b"]["result"] == "NOT CERTIFIED"
+    assert any(a["suite"] == "thermal" and a["host"] == "host-b" for a in _plugin(stack, "/api/alerts"))
+    assert {r["host"] for r in _plugin(stack, f"/api/history/SIM-MI300X-{HOT_CARD:04d}")} == set(HOSTS)
+    # nothing was recorded on a GPU host's disk
+    for h in HOSTS:
+        state = stack.base / h / "state"
+        assert not list(state.rglob("registry.db*")) and not list(state.rglob("alerts/*.json")), sorted(state.rglob("*"))
+
+
+def _published_prefix(stack: Stack, host: str) -> str:
+    rec = [c for c in _cli_json(stack, "fleet") if c["host"] == host][0]
+    assert rec.get("bundle_uri"), rec
+    return rec["bundle_uri"]
+
+
+def test_forged_bundle_is_refused(stack: Stack, fleet_runs: dict, tmp_path: Path) -> None:
+    """The attacker has host-b's disk: edits the failed verdict to a pass, re-signs with a fresh key
+    (manifest and sums redone by the real bundle builder) and publishes it under its own run id."""
+    from mi300x_cert.bundle import build_bundle
+    from mi300x_cert.bundle.keys import generate_key_file
+    from mi300x_cert.rundir import RunDir
+    from mi300x_cert.storage import publish_bundle
+
+    [src] = [p.parent for p in (stack.base / "host-b" / "runs" / "host-b").glob("*/run.json")]
+    forged = tmp_path / "forged"
+    shutil.copytree(src, forged, ignore=shutil.ignore_patterns("bundle", ".bundle*"))
+    vpath = forged / "validation" / "verdicts.json"
+    v = json.loads(vpath.read_text())
+    v["success"] = True
+    v["failures"] = []
+    for suite in v["suites"].values():
+        suite.update(success=True, status="passed", failures=[])
+    vpath.write_text(json.dumps(v))
+    meta = json.loads((forged / "run.json").read_text())
+    meta["run_id"] = "forged-1"
+    (forged / "run.json").write_text(json.dumps(meta))
+    key = generate_key_file(tmp_path / "attacker.pem")
+    bundle = build_bundle(RunDir(forged).root, key=key)
+    store = {"endpoint": stack.s3.endpoint, "bucket": BUCKET, "access_key": "test", "secret_key": "test"}
+    uri = publish_bundle(bundle, store)
+    r = stack.cli("register", uri, check=False)
+    assert r.returncode == 1 and "refused" in r.stdout and "not enrolled" in r.stdout, r.stdout + r.stderr
+    host_b = [c for c in _cli_json(stack, "fleet") if c["host"] == "host-b"][0]
+    assert host_b["result"] == "NOT CERTIFIED" and host_b["run_id"] == "forged-1", host_b
+    assert any("not enrolled" in reason for reason in host_b.get("reasons") or []), host_b
+    refused = [a for a in _cli_json(stack, "alerts") if a["host"] == "host-b" and a["kind"] == "refused"]
+    assert refused and "not enrolled" in refused[0]["message"], refused
+    # verify agrees: intact, but the signer is not trusted → non-zero
+    assert stack.cli("verify", uri, check=False).returncode == 2
+
+
+def test_replayed_bundle_is_refused(stack: Stack, fleet_runs: dict, tmp_path: Path) -> None:
+    """host-a's valid, trusted bundle copied byte for byte under another run's prefix."""
+    import base64
+    import hashlib
+
+    from mi300x_cert.storage import fetch_bundle, load_store_config, make_client
+
+    store = {"endpoint": stack.s3.endpoint, "bucket": BUCKET, "access_key": "test", "secret_key": "test"}
+    uri = _published_prefix(stack, "host-a")
+    assert stack.cli("verify", uri, check=False).returncode == 0  # the original is fine
+    local = fetch_bundle(uri, tmp_path / "b", store)
+    parts = uri.split("/")
+    replay = "/".join(parts[:-1] + ["replayed-run"])
+    client = make_client(load_store_config(store))
+    for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        key = "/".join(replay.split("/")[3:]) + "/" + f.relative_to(local).as_posix()
+        client.put_object(Bucket=BUCKET, Key=key, Body=data,
+                          ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode())
+    v = stack.cli("verify", replay, check=False)
+    assert v.returncode == 2 and "replay" in v.stderr, v.stdout + v.stderr
+    r = stack.cli("register", replay, check=False)
+    assert r.returncode == 1 and "refused" in r.stdout and "replay" in r.stdout, r.stdout + r.stderr
+    rec = _cli_json(stack, "fleet")
+    host_a = [c for c in rec if c["host"] == "host-a"][0]
+    assert host_a["result"] == "NOT CERTIFIED" and host_a["run_id"] == "replayed-run", host_a
+    # registering the original again changes nothing
+    again = stack.cli("register", uri, "--json", check=False)
+    assert json.loads(again.stdout)["created"] is False
