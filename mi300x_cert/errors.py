@@ -11,7 +11,10 @@
     ├── ValidationError            a suite could not be evaluated (not: an expectation failed)
     ├── BundleError                a bundle cannot be built
     │   └── VerifyError            a signature or digest does not check out
-    └── StorageError               the object store refused or could not be reached
+    ├── StorageError               the object store refused or could not be reached
+    └── RegistryError              the fleet registry database cannot be reached, is behind its
+        │                          schema, or refused a record (names the URL, password masked)
+        └── RegistryConflict       a record contradicts one already registered (never overwritten)
 
 CLI exit codes: 0 success/certified, 1 an expectation failed, 2 any CertError, 3 unexpected bug.
 """
@@ -31,6 +34,8 @@ __all__ = [
     "BundleError",
     "VerifyError",
     "StorageError",
+    "RegistryError",
+    "RegistryConflict",
     "EXIT_OK",
     "EXIT_FAILED_EXPECTATION",
     "EXIT_ERROR",
@@ -88,4 +93,12 @@ class VerifyError(BundleError):
 
 
 class StorageError(CertError):
+    pass
+
+
+class RegistryError(CertError):
+    pass
+
+
+class RegistryConflict(RegistryError):
     pass

@@ -1,0 +1,3 @@
+"""One file per schema revision."""
+
+__all__: list[str] = []
