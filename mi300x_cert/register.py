@@ -29,7 +29,7 @@ from typing import Any
 from .errors import CertError, StorageError, VerifyError
 from .outcome import Decision, decide, suite_verdicts
 
-__all__ = ["conclude", "location_of", "failed_expectations", "ensure_local_key_enrolled"]
+__all__ = ["conclude", "location_of", "failed_expectations", "ensure_local_key_enrolled", "is_embedded"]
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +90,6 @@ def _server(host: str | None):
     except CertError as e:
         log.warning("fleet file unreadable, no notifications configured for %s: %s", host, e)
         return None
-
-
-def _expires(finished: str | None, valid_days: int | None, certified: bool) -> str | None:
-    import datetime as _dt
-
-    if not certified or not finished or not valid_days:
-        return None
-    try:
-        t = _dt.datetime.fromisoformat(str(finished))
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=_dt.timezone.utc)
-    return (t + _dt.timedelta(days=int(valid_days))).astimezone(_dt.timezone.utc).isoformat()
 
 
 def _notify(alerts_created: list[dict], server: Any, context: dict | None) -> None:
@@ -243,8 +229,8 @@ def _record(reg: Any, *, host: str, run_id: str, decision: Decision, verdicts: A
         "result": decision.result, "certified": decision.certified, "reasons": list(decision.reasons),
         "verdicts": {**{n: True for n in decision.passed_suites}, **{n: False for n in decision.failed_suites},
                      **{n: None for n in decision.missing_suites}},
-        "bundle_uri": bundle_uri, "bundle_digest": digest, "signer_keyid": keyid, "trusted": trusted,
-        "expires_at": _expires(meta.get("finished"), getattr(server, "valid_days", None), decision.certified),
+        "bundle_uri": bundle_uri, "bundle_digest": digest, "signer_keyid": keyid, "trusted": bool(trusted),
+        "valid_days": getattr(server, "valid_days", None), "cards": getattr(server, "cards", None),
         "source": source, "dag_id": dag_id, **links,
     }
     cards: list[dict] = []
@@ -312,16 +298,26 @@ def _record(reg: Any, *, host: str, run_id: str, decision: Decision, verdicts: A
     return out
 
 
-def ensure_local_key_enrolled(host: str) -> dict | None:
+def is_embedded(reg: Any) -> bool:
+    """True when ``reg`` is the embedded default: SQLite under this machine's state dir, chosen because
+    neither ``$MI300X_CERT_REGISTRY_URL`` nor an Airflow connection names a registry."""
+    from .alerts import state_dir
+    from .registry.url import normalise_url
+
+    default = normalise_url(f"sqlite:///{Path(state_dir()).resolve() / 'registry.db'}")
+    return reg.url == default
+
+
+def ensure_local_key_enrolled(host: str | None) -> dict | None:
     """Embedded mode only (the registry is this machine's own SQLite file, i.e. this machine is its
     own control plane): enroll this machine's signing key for ``host`` when the host has no key yet,
     and say so. A fleet registry (``$MI300X_CERT_REGISTRY_URL`` / an Airflow connection) is never
     changed here: keys are enrolled there by an operator (``mi300x-cert keys enroll``)."""
     from .bundle.keys import load_signer
-    from .registry import is_embedded, open_registry
+    from .registry import open_registry
 
     reg = open_registry()
-    if not is_embedded(reg) or reg.list_keys(host=host):
+    if not host or not is_embedded(reg) or reg.list_keys(host=host):
         return None
     signer = load_signer()
     key = reg.enroll_key(host, signer.public_pem, by="embedded default",

@@ -48,9 +48,11 @@ def test_routes_need_a_valid_token(client):
 
 
 def test_acknowledge_from_the_dashboard(client):
-    from mi300x_cert import alerts
+    from mi300x_cert.registry import open_registry
 
-    a = alerts.raise_alert(suite="thermal", host="h1", dag_id="recertify_h1", run_id="r1", run_dir="/r1",
+    reg = open_registry()
+    a, _ = reg.raise_alert(suite="thermal", kind="expectation", host="h1", dag_id="recertify_h1", run_id="r1",
+                           message="suite 'thermal' failed on host h1",
                            failures=[{"expectation": "junction_max", "card": 2, "observed": 99, "expected": "<= 95"}])
     page = client.get("/", headers={"Authorization": "Bearer good"}).text
     assert a["id"] in page and "junction_max card=2" in page
@@ -59,8 +61,10 @@ def test_acknowledge_from_the_dashboard(client):
     assert r.status_code == 403, "cookie-authenticated POST without X-Requested-With"
     r = client.post(f"/api/alerts/{a['id']}/ack", json={"note": "fan swapped"}, headers={"X-Requested-With": "fetch"})
     assert r.status_code == 200 and r.json()["acknowledged_by"] == "oncall"
-    assert alerts.list_alerts() == []
+    assert reg.list_alerts() == []
     client.cookies.clear()
     r = client.post("/api/alerts/no-such-alert/ack", json={}, headers={"Authorization": "Bearer good"})
     assert r.status_code == 404
+    r = client.post(f"/api/alerts/{a['id']}/ack", json=["a list"], headers={"Authorization": "Bearer good"})
+    assert r.status_code == 400, "a malformed body is the client's error, not a 500"
     assert client.get("/api/alerts?all=true", headers={"Authorization": "Bearer good"}).json()[0]["note"] == "fan swapped"

@@ -64,30 +64,31 @@ def smtp_sink():
         srv.server_close()
 
 
-def test_alert_records_list_ack_and_format(tmp_path, monkeypatch):
+def test_alert_records_list_ack_and_format():
     from mi300x_cert import alerts
     from mi300x_cert.errors import CertError
+    from mi300x_cert.registry import open_registry
 
-    monkeypatch.setenv("MI300X_CERT_ALERTS_DIR", str(tmp_path / "alerts"))
-    failures = [{"expectation": "junction_active_max", "card": 3, "observed": 101.5, "expected": "<= 95"}]
-    a = alerts.raise_alert(suite="thermal", failures=failures, host="h1", dag_id="recertify_h1", run_id="r1",
-                           run_dir="/runs/r1", data_docs="/dd/index.html", recipients=[])
-    again = alerts.raise_alert(suite="thermal", failures=failures, host="h1", dag_id="recertify_h1", run_id="r1",
-                               run_dir="/runs/r1", recipients=[])
-    assert again["id"] == a["id"], "a retried task updates its alert instead of adding one"
-    assert [x["id"] for x in alerts.list_alerts()] == [a["id"]]
-    text = alerts.format_alert(alerts.get_alert(a["id"]))
-    assert "OPEN" in text and "card=3" in text and "observed 101.5" in text and "'<= 95'" in text
-    alerts.update_run_links("r1", None, report="/runs/r1/report/index.html", bundle_uri="s3://b/p")
-    acked = alerts.acknowledge(a["id"], by="oncall", note="fan replaced")
-    assert acked["acknowledged"] and acked["acknowledged_by"] == "oncall" and acked["note"] == "fan replaced"
-    assert alerts.list_alerts() == []
-    full = alerts.list_alerts(include_acknowledged=True)[0]
+    reg = open_registry()
+    failures = [{"expectation": "junction_active_max", "card": 3, "observed": 85.32525000000001, "expected": "<= 85"}]
+    a, created = reg.raise_alert(suite="thermal", kind="expectation", failures=failures, host="h1", run_id="r1",
+                                 dag_id="recertify_h1", data_docs="s3://b/p/artifacts/dd/index.html",
+                                 message=alerts.summary_text("thermal", failures, host="h1"))
+    again, created_again = reg.raise_alert(suite="thermal", kind="expectation", failures=failures, host="h1",
+                                           run_id="r1", message="retry")
+    assert created and not created_again and again["id"] == a["id"], "a retried task updates its alert"
+    assert [x["id"] for x in reg.list_alerts()] == [a["id"]]
+    text = alerts.format_alert(reg.get_alert(a["id"]))
+    assert "OPEN" in text and "card=3" in text and "observed 85.33" in text and "'<= 85'" in text
+    reg.update_run_links("h1", "r1", report="s3://b/p/artifacts/report/index.html", bundle_uri="s3://b/p")
+    acked = reg.acknowledge(a["id"], by="oncall", note="fan replaced")
+    assert acked["status"] == "acknowledged" and acked["acknowledged_by"] == "oncall" and acked["note"] == "fan replaced"
+    assert reg.list_alerts() == []
+    full = reg.list_alerts(include_acknowledged=True)[0]
     assert full["report"].endswith("index.html") and full["bundle_uri"] == "s3://b/p"
-    with pytest.raises(CertError, match="not found"):
-        alerts.acknowledge("nope", by="x")
-    with pytest.raises(CertError, match="not a valid id"):
-        alerts.get_alert("../../etc/passwd")
+    assert "ACKNOWLEDGED by oncall" in alerts.format_alert(full)
+    with pytest.raises(CertError, match="not found|unknown|no alert"):
+        reg.acknowledge("nope", by="x")
 
 
 @pytest.mark.integration
@@ -117,17 +118,16 @@ def test_hot_card_fails_thermal_alerts_and_mails(tmp_path, s3_server, smtp_sink,
     assert states["validation.validate_latency"] == "skipped", states
     # the evidence is still reported, signed and published
     assert states["report"] == "success" and states["sign"] == "success" and states["publish"] == "success", states
-    assert states["record_outcome"] == "failed"
+    assert states["register"] == "failed"  # the control plane's conclusion: NOT certified
     outcome = result["outcome"]
     assert outcome["certified"] is False and outcome["verdicts"]["thermal"] is False
     assert any("thermal" in r for r in outcome["reasons"])
     assert outcome["bundle_uri"].startswith("s3://airflow-alerts/")
 
     (alert,) = result["alerts"]
-    assert alert["suite"] == "thermal" and alert["host"] == "smoke-host" and not alert["acknowledged"]
+    assert alert["suite"] == "thermal" and alert["host"] == "smoke-host" and alert["status"] == "open"
     assert alert["failures"], alert
-    assert alert["report"] and alert["bundle_uri"] == outcome["bundle_uri"]
-    assert (tmp_path / "airflow" / "mi300x-cert" / "alerts" / f"{alert['id']}.json").is_file()
+    assert alert["report"].startswith(outcome["bundle_uri"]) and alert["bundle_uri"] == outcome["bundle_uri"]
 
     assert smtp_sink.messages, "the SMTP notifier sent nothing"
     mail = smtp_sink.messages[0]
@@ -140,6 +140,7 @@ def test_hot_card_fails_thermal_alerts_and_mails(tmp_path, s3_server, smtp_sink,
     monkeypatch.setenv("MI300X_CERT_STATE_DIR", str(tmp_path / "airflow" / "mi300x-cert"))
     assert main(["alerts"]) == 0
     assert main(["alerts", "--ack", alert["id"], "--by", "oncall", "--note", "checked fans"]) == 0
-    from mi300x_cert import alerts
+    from mi300x_cert.registry import close_all, open_registry
 
-    assert alerts.list_alerts() == []
+    close_all()
+    assert open_registry().list_alerts() == []

@@ -70,6 +70,22 @@ def test_certify_passes_and_publishes_a_verifiable_bundle(tmp_path, cert_env, ca
     run_prefix = "/".join(keys[0].split("/")[:4])
     assert cli.main(["verify", f"s3://{cert_env['bucket']}/{run_prefix}"]) == 0
     assert '"ok": true' in capsys.readouterr().out
+    # the registry has what the DAG's register task would have written: the certification (from the
+    # bundle read back from S3), one row per card by serial, no alert
+    from mi300x_cert.registry import open_registry
+
+    reg = open_registry()
+    cert = reg.get_certification("test-host", run["run_id"])
+    assert cert["result"] == "CERTIFIED" and cert["source"] == "certify" and cert["trusted"] is True
+    assert cert["bundle_uri"] == f"s3://{cert_env['bucket']}/{run_prefix}" and cert["signer_keyid"]
+    assert len(cert["cards"]) == len(json.loads((out / "inventory.json").read_text())["cards"])
+    assert reg.list_alerts(include_acknowledged=True) == []
+    assert cli.main(["fleet", "--json"]) == 0
+    fleet = {r["host"]: r for r in json.loads(capsys.readouterr().out)}
+    assert fleet["test-host"]["result"] == "CERTIFIED"
+    # registering the same published bundle again changes nothing
+    assert cli.main(["register", f"s3://{cert_env['bucket']}/{run_prefix}"]) == 0
+    assert "already registered, nothing changed" in capsys.readouterr().out
 
 
 def test_certify_with_a_hot_card_fails_naming_it(tmp_path, cert_env, capsys):
@@ -83,6 +99,21 @@ def test_certify_with_a_hot_card_fails_naming_it(tmp_path, cert_env, capsys):
     verdicts = json.loads((tmp_path / "run" / "validation" / "verdicts.json").read_text())
     assert verdicts["success"] is False
     assert verdicts["suites"]["thermal"]["success"] is False
+    # the same registry rows and alert as the DAG path: a NOT CERTIFIED certification, the thermal
+    # alert naming card 13, the failed expectations, and the hot card's row in its serial's history
+    from mi300x_cert.registry import open_registry
+
+    reg = open_registry()
+    run_id = json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
+    cert = reg.get_certification("test-host", run_id)
+    assert cert["result"] == "NOT CERTIFIED" and cert["verdicts"]["thermal"] is False
+    assert any(f["suite"] == "thermal" and f["card"] == 13 for f in cert["failed"])
+    (alert,) = reg.list_alerts()
+    assert alert["suite"] == "thermal" and alert["kind"] == "expectation" and alert["host"] == "test-host"
+    assert any(str(f.get("card")) == "13" for f in alert["failures"])
+    hot = [c for c in cert["cards"] if c["card"] == 13][0]
+    assert hot["card_ok"] is False
+    assert [r["run_id"] for r in reg.serial_history(hot["serial"])] == [run_id]
 
 
 def test_certify_bad_profile_is_one_error_and_no_run_dir(tmp_path, cert_env, capsys):

@@ -252,18 +252,32 @@ def test_cli_sign_says_what_it_signed(make_complete_run, capsys):
                            "development key: not a production certificate")
 
 
-def test_cli_verify_of_a_failed_bundle_exits_0_and_says_not_certified(make_complete_run, capsys):
-    """verify checks integrity (exit 0 when intact); what the bundle certifies is printed plainly."""
+def test_cli_verify_exit_status_follows_the_one_decision(make_complete_run, capsys):
+    """2: untrusted signer (or tampered); 1: intact and trusted but NOT CERTIFIED; 0: CERTIFIED.
+    --integrity-only: 0 for any intact bundle, trust not asked."""
     from mi300x_cert import cli
+    from mi300x_cert.bundle.keys import load_signer
+    from mi300x_cert.registry import open_registry
 
     failed = build_bundle(make_complete_run(success=False).root)
-    assert cli.main(["verify", str(failed)]) == 0
+    assert cli.main(["verify", str(failed)]) == 2  # the development key is enrolled for nobody
+    out, err = capsys.readouterr()
+    res = json.loads(out)
+    assert res["trusted"] is False and "not enrolled for host gpu-node-07" in res["trust_reason"]
+    assert "NOT a trusted key: key" in err
+    assert cli.main(["verify", "--integrity-only", str(failed)]) == 0
     out, err = capsys.readouterr()
     res = json.loads(out)
     assert res["result"] == "FAILED" and res["certified"] is False
     assert res["failed_tests"] == ["thermal", "thermal/expect_column_max_to_be_between[junction_c]"]
-    assert f"signature and {res['artifacts']} artifact digests OK" in err
-    assert "NOT CERTIFIED (result FAILED; failed: thermal," in err and "development key, NOT a trusted key" in err
+    assert f"signature and {res['artifacts']} artifact digests OK" in err and "trust not checked" in err
+    assert "NOT CERTIFIED (result FAILED; failed: thermal," in err
+
+    open_registry().enroll_key("gpu-node-07", load_signer().public_pem, by="test")
+    assert cli.main(["verify", str(failed)]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["decision"]["reasons"] == ["failed suites: thermal"]
+    assert "trusted (registry)" in err
     passed = build_bundle(make_complete_run().root)
     assert cli.main(["verify", str(passed)]) == 0
     assert "CERTIFIED (result PASSED)" in capsys.readouterr().err
