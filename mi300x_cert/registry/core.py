@@ -334,8 +334,9 @@ class Registry:
 
     @staticmethod
     def _known_revisions() -> set[str]:
-        d = Path(__file__).parent / "migrations" / "versions"
-        return {m.group(1) for p in d.glob("*.py") for m in [re.match(r"^(\d{4})_", p.name)] if m}
+        from .migrations.versions import known_revisions
+
+        return known_revisions()
 
     def upgrade(self) -> dict:
         """Apply the missing migrations (idempotent; concurrent callers serialise). Returns status()."""
@@ -344,8 +345,10 @@ class Registry:
         from sqlalchemy import text
         from sqlalchemy.exc import SQLAlchemyError
 
+        from .migrations import SCRIPT_LOCATION
+
         cfg = Config()
-        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        cfg.set_main_option("script_location", str(SCRIPT_LOCATION))
         with _file_lock(sqlite_path(self.url) if is_sqlite(self.url) else None):
             try:
                 with self._engine.connect() as conn:
