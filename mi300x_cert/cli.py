@@ -180,24 +180,108 @@ def cmd_certify(args) -> int:
     return EXIT_OK if outcome["certified"] else EXIT_FAILED_EXPECTATION
 
 
-def cmd_alerts(args) -> int:
-    from . import alerts
+def _registry(args):
+    from .registry import open_registry
 
-    if args.ack:
-        _print(alerts.acknowledge(args.ack, by=args.by or os.environ.get("USER", "operator"), note=args.note or ""))
+    return open_registry(getattr(args, "registry", None))
+
+
+def _fleet_file(args):
+    """The fleet file for fleet/audit views: --fleet FILE, else $MI300X_CERT_FLEET / include/fleet.yaml
+    when it exists (an explicit --fleet that is missing or broken is an error)."""
+    from .fleet import fleet_path, load_fleet
+
+    if getattr(args, "fleet", None):
+        return load_fleet(args.fleet)
+    return load_fleet() if fleet_path().is_file() else None
+
+
+def cmd_alerts(args) -> int:
+    from .registry.text import format_alerts
+
+    reg = _registry(args)
+    by = args.by or os.environ.get("USER", "operator")
+    if args.ack or args.reopen:
+        a = reg.acknowledge(args.ack, by=by, note=args.note or "") if args.ack else \
+            reg.reopen(args.reopen, by=by, note=args.note or "")
+        print(json.dumps(a, indent=2, default=str) if args.json else format_alerts([a], True))
         return EXIT_OK
-    rows = alerts.list_alerts(include_acknowledged=args.all)
-    if not rows:
-        print("no alerts" if args.all else "no open alerts")
-    for a in rows:
-        print(alerts.format_alert(a))
+    rows = reg.list_alerts(include_acknowledged=args.all, host=args.host)
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_alerts(rows, args.all))
     return EXIT_OK
 
 
 def cmd_history(args) -> int:
-    from .history import cli_history
+    from .history import cli_history, format_history, format_serials
 
-    return cli_history(args.serial, args.index, as_json=args.json)
+    if args.index:  # a JSON-lines index written by an older version
+        return cli_history(args.serial, args.index, as_json=args.json)
+    reg = _registry(args)
+    rows = reg.serial_history(args.serial) if args.serial else reg.list_serials()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(format_history(rows) if args.serial else format_serials(rows))
+    return EXIT_OK
+
+
+def cmd_fleet(args) -> int:
+    from .registry.text import format_fleet
+
+    fleet = _fleet_file(args)
+    rows = _registry(args).fleet(hosts=fleet.registry_hosts() if fleet else None)
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_fleet(rows))
+    return EXIT_OK
+
+
+def cmd_registry(args) -> int:
+    from .registry import Registry
+    from .registry.text import format_alerts, format_import, format_status
+
+    if args.action in ("upgrade", "status"):
+        reg = Registry(args.registry, auto_upgrade=False, check_schema=False)
+        try:
+            st = reg.upgrade() if args.action == "upgrade" else reg.status()
+        finally:
+            reg.close()
+        print(json.dumps(st, indent=2) if args.json else format_status(st))
+        return EXIT_OK if st["up_to_date"] else EXIT_ERROR
+    if args.action == "import":
+        if not args.state_dir:
+            raise CertError("registry import needs STATE_DIR (the directory holding alerts/, outcomes/, history/)")
+        res = _registry(args).import_state_dir(args.state_dir)
+        print(json.dumps(res, indent=2, default=str) if args.json else format_import(res))
+        return EXIT_OK
+    # audit
+    fleet = _fleet_file(args)
+    if fleet is None:
+        raise CertError("registry audit needs a fleet file (--fleet FILE or $MI300X_CERT_FLEET)")
+    rows = _registry(args).audit_expiry(fleet.registry_hosts())
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_alerts(rows, False))
+    return EXIT_OK
+
+
+def cmd_keys(args) -> int:
+    from .registry.text import format_keys
+
+    reg = _registry(args)
+    by = getattr(args, "by", None) or os.environ.get("USER", "operator")
+    if args.action == "enroll":
+        try:
+            pem = Path(args.public_key).read_bytes()
+        except OSError as e:
+            raise CertError(f"--public-key {args.public_key}: cannot be read: {e.strerror or e}") from None
+        k = reg.enroll_key(args.host, pem, by=by, note=args.note or "")
+        print(json.dumps(k, indent=2) if args.json else f"enrolled key {k['keyid']} for host {k['host']}")
+        return EXIT_OK
+    if args.action == "revoke":
+        k = reg.revoke_key(args.keyid, by=by, reason=args.reason or "")
+        print(json.dumps(k, indent=2) if args.json else
+              f"revoked key {k['keyid']} of host {k['host']} at {k['revoked_at']} by {k['revoked_by']}")
+        return EXIT_OK
+    rows = reg.list_keys(host=args.host)
+    print(json.dumps(rows, indent=2) if args.json else format_keys(rows))
+    return EXIT_OK
 
 
 def cmd_airflow_smoke(args) -> int:
@@ -284,18 +368,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_certify)
 
-    s = sub.add_parser("alerts", help="list or acknowledge expectation-failure alerts")
+    reg = argparse.ArgumentParser(add_help=False)
+    reg.add_argument("--registry", metavar="URL",
+                     help="registry database URL (default $MI300X_CERT_REGISTRY_URL, the Airflow connection "
+                          "mi300x_cert_registry, else SQLite in the state dir)")
+
+    s = sub.add_parser("alerts", parents=[reg], help="list, acknowledge or reopen alerts (fleet registry)")
     s.add_argument("--all", action="store_true", help="include acknowledged alerts")
+    s.add_argument("--host", help="only this host's alerts")
     s.add_argument("--ack", metavar="ALERT_ID")
-    s.add_argument("--by")
+    s.add_argument("--reopen", metavar="ALERT_ID")
+    s.add_argument("--by", help="who acknowledges / reopens (default $USER)")
     s.add_argument("--note")
+    s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_alerts)
 
-    s = sub.add_parser("history", help="certifications of one GPU by serial (no SERIAL: the serials known)")
+    s = sub.add_parser("history", parents=[reg],
+                       help="certifications of one GPU by serial, with drift flags (no SERIAL: the serials known)")
     s.add_argument("serial", nargs="?", metavar="SERIAL")
-    s.add_argument("--index", metavar="DIR", help="history index (default <state dir>/history)")
+    s.add_argument("--index", metavar="DIR", help="read a JSON-lines history index instead of the registry")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_history)
+
+    s = sub.add_parser("fleet", parents=[reg], help="one line per host: last result, age, expiry, open alerts")
+    s.add_argument("--fleet", metavar="FILE", help="fleet file (default $MI300X_CERT_FLEET or include/fleet.yaml)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_fleet)
+
+    s = sub.add_parser("registry", parents=[reg], help="the fleet registry database: upgrade, status, import, audit")
+    s.add_argument("action", choices=["upgrade", "status", "import", "audit"],
+                   help="upgrade: apply schema migrations; status: URL, revision, row counts; import STATE_DIR: "
+                        "bring in a state directory's alerts/outcomes/history files; audit: raise expiry alerts")
+    s.add_argument("state_dir", nargs="?", metavar="STATE_DIR", help="for import")
+    s.add_argument("--fleet", metavar="FILE", help="fleet file for audit")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_registry)
+
+    s = sub.add_parser("keys", help="bundle-signing keys of the hosts: enroll, list, revoke")
+    ksub = s.add_subparsers(dest="action", required=True)
+    k = ksub.add_parser("enroll", parents=[reg], help="trust a host's public key")
+    k.add_argument("host")
+    k.add_argument("--public-key", required=True, metavar="FILE", help="PEM public key (signer.pub.pem)")
+    k.add_argument("--by", help="who enrolls it (default $USER)")
+    k.add_argument("--note")
+    k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("list", parents=[reg], help="enrolled keys")
+    k.add_argument("--host")
+    k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("revoke", parents=[reg], help="stop trusting a key")
+    k.add_argument("keyid")
+    k.add_argument("--reason")
+    k.add_argument("--by", help="who revokes it (default $USER)")
+    k.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("airflow-smoke", help="run the smoke recertification DAG in a local Airflow home (dag.test)")
     s.add_argument("--home", help="AIRFLOW_HOME to create or reuse (default ./.airflow)")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .config import INCLUDE_DIR, _format_pydantic, resolve_groups
 from .errors import ProfileError
 
-__all__ = ["AlertSpec", "Server", "Fleet", "load_fleet", "fleet_path", "DEFAULT_FLEET"]
+__all__ = ["AlertSpec", "DriftSpec", "Server", "Fleet", "load_fleet", "fleet_path", "DEFAULT_FLEET"]
 
 DEFAULT_FLEET = INCLUDE_DIR / "fleet.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -53,11 +53,26 @@ class AlertSpec(_Strict):
         return v
 
 
+class DriftSpec(_Strict):
+    """Drift warning thresholds of the fleet registry (:class:`mi300x_cert.registry.DriftRule`)."""
+
+    slower_pct: float = Field(5.0, gt=0, description="SD s/image at least this % above the reference")
+    hotter_c: float = Field(5.0, gt=0, description="junction p95 / memory max at least this many °C hotter")
+    min_fleet_cards: int = Field(3, ge=1, description="serials of the SKU needed for a fleet median")
+
+    def rule(self):
+        from .registry.drift import DriftRule
+
+        return DriftRule(**self.model_dump())
+
+
 class Server(_Strict):
     name: str
     profile: str
     sku: str
     cards: int = Field(gt=0, le=256, description="GPU cards; the host's pool has one slot per card")
+    valid_days: int | None = Field(None, gt=0, le=3650,
+                                   description="days a certification stays valid (registry default 30)")
     card_groups: dict[str, list[int] | str] = Field(default_factory=dict)
     schedule: str | None = None
     valid_days: int = Field(30, ge=1, le=3650, description="days a certification of this host stays valid")
@@ -104,6 +119,7 @@ class Server(_Strict):
 
 class Fleet(_Strict):
     servers: list[Server] = Field(min_length=1)
+    drift: DriftSpec | None = None
     source_file: str | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
@@ -124,6 +140,15 @@ class Fleet(_Strict):
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.servers]
+
+    def registry_hosts(self) -> list[dict]:
+        """The hosts as the fleet registry's ``fleet()`` / ``audit_expiry()`` take them."""
+        return [{"name": s.name, "sku": s.sku, "profile": s.profile, "valid_days": s.valid_days}
+                for s in self.servers]
+
+    def drift_rule(self):
+        """The registry's drift rule: the file's ``drift:`` block, else the defaults."""
+        return (self.drift or DriftSpec()).rule()
 
     def card_groups(self) -> dict[str, list[int]]:
         """Every named card group of the fleet, in file order (the union offered by the trigger forms)."""

@@ -312,14 +312,22 @@ def _yes(v: Any) -> str:
 
 
 def format_history(rows: list[dict]) -> str:
+    """One line per certification of a serial; the last column names the failures of this card and,
+    for registry rows, its drift flags (:mod:`mi300x_cert.registry.drift`)."""
+    from .registry.text import format_drift
+
     head = ("date", "host", "card", "run id", "certified", "idle°C", "p95°C", "mem max°C", "power W",
-            "SD s/img", "failures naming this card")
+            "SD s/img", "failures naming this card / drift")
+
+    def last(r: dict) -> str:
+        fails = "; ".join(f"{f.get('suite')}: {f.get('reason') or f.get('expectation')}" for f in r.get("failures") or [])
+        drift = format_drift(r.get("drift") or [])
+        return " | ".join(x for x in (fails, f"drift: {drift}" if drift else "") if x) or "-"
+
     lines = [[str(r.get("date") or "-")[:19].replace("T", " "), str(r.get("host") or "-"), _f(r.get("card"), "{}"),
               str(r.get("run_id") or "-"), _yes(r.get("certified")), _f(r.get("idle_junction_mean_c")),
               _f(r.get("active_junction_p95_c")), _f(r.get("memory_max_c")), _f(r.get("active_power_mean_w")),
-              _f(r.get("sd_per_image_median_s"), "{:.4f}"),
-              "; ".join(f"{f.get('suite')}: {f.get('reason') or f.get('expectation')}" for f in r.get("failures") or [])
-              or "-"] for r in rows]
+              _f(r.get("sd_per_image_median_s"), "{:.4f}"), last(r)] for r in rows]
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells[:-1], widths)) + "  " + cells[-1]  # noqa: E731
     serial = rows[0].get("serial") if rows else "?"
@@ -328,7 +336,7 @@ def format_history(rows: list[dict]) -> str:
 
 def format_serials(rows: list[dict]) -> str:
     if not rows:
-        return "no serials in the history index"
+        return "no serials known"
     head = ["serial", "runs", "last date", "last host", "card", "last certified", "card ok"]
     lines = [[str(r["serial"]), str(r["runs"]), str(r.get("last_date") or "-")[:19].replace("T", " "),
               str(r.get("last_host") or "-"), _f(r.get("last_card"), "{}"), _yes(r.get("last_certified")),

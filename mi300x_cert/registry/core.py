@@ -334,8 +334,9 @@ class Registry:
 
     @staticmethod
     def _known_revisions() -> set[str]:
-        d = Path(__file__).parent / "migrations" / "versions"
-        return {m.group(1) for p in d.glob("*.py") for m in [re.match(r"^(\d{4})_", p.name)] if m}
+        from .migrations.versions import known_revisions
+
+        return known_revisions()
 
     def upgrade(self) -> dict:
         """Apply the missing migrations (idempotent; concurrent callers serialise). Returns status()."""
@@ -344,8 +345,10 @@ class Registry:
         from sqlalchemy import text
         from sqlalchemy.exc import SQLAlchemyError
 
+        from .migrations import SCRIPT_LOCATION
+
         cfg = Config()
-        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        cfg.set_main_option("script_location", str(SCRIPT_LOCATION))
         with _file_lock(sqlite_path(self.url) if is_sqlite(self.url) else None):
             try:
                 with self._engine.connect() as conn:
@@ -644,7 +647,7 @@ class Registry:
         r = conn.execute(q.order_by(card_results.c.date.desc(), card_results.c.id.desc()).limit(1)).mappings().first()
         return dict(r) if r else None
 
-    def _sku_median(self, conn, sku: str | None, exclude: set[str]) -> dict:
+    def _sku_median(self, conn, sku: str | None, exclude: set[str], min_count: int) -> dict:
         from sqlalchemy import select
 
         from .schema import card_results, serials
@@ -655,24 +658,26 @@ class Registry:
         q = (select(serials.c.serial, *cols).join(card_results, card_results.c.id == serials.c.last_card_result_id)
              .where(serials.c.sku == sku))
         rows = [dict(r) for r in conn.execute(q).mappings() if r["serial"] not in exclude]
-        return median_by_metric(rows, self.drift_rule.min_fleet_cards)
+        return median_by_metric(rows, min_count)
 
     def record_certification(self, cert: dict, cards: list[dict] | None = None,
-                             failed: list[dict] | None = None) -> tuple[dict, bool]:
+                             failed: list[dict] | None = None, *,
+                             drift_rule: DriftRule | None = None) -> tuple[dict, bool]:
         """Record one concluded certification with its card rows and failed expectations, in one
         transaction (see the module doc of :mod:`mi300x_cert.registry`). Returns ``(certification,
         created)``; the certification carries ``cards`` (each with its ``drift`` flags), ``failed``
         and ``drift`` (every flag of the run, with serial and card). The same (host, run_id) again with
         the same bundle_digest and result changes nothing (``created`` False); different content
-        raises RegistryConflict."""
+        raises RegistryConflict. ``drift_rule`` overrides the registry's (e.g. the fleet file's)."""
         c = self._check_cert(cert)
         c["registered_at"] = c["registered_at"] or _now()
         card_rows = self._check_cards(cards or [], c)
         failed_rows = self._check_failed(failed or [])
-        return self._write(self._record_tx, c, card_rows, failed_rows)
+        return self._write(self._record_tx, c, card_rows, failed_rows, drift_rule or self.drift_rule)
 
-    def _record_tx(self, conn, c: dict, card_rows: list[dict], failed_rows: list[dict]) -> tuple[dict, bool]:
-        from sqlalchemy import and_, case, func, or_, select, update
+    def _record_tx(self, conn, c: dict, card_rows: list[dict], failed_rows: list[dict],
+                   rule: DriftRule) -> tuple[dict, bool]:
+        from sqlalchemy import case, func, or_, select, update
 
         from .schema import card_results, certifications, failed_expectations, hosts, serials
 
@@ -695,12 +700,12 @@ class Registry:
 
         # drift: against the serial's previous certification and the SKU's fleet median
         mine = {r["serial"] for r in card_rows if r["serial"]}
-        median = self._sku_median(conn, c["sku"], mine) if mine else {}
+        median = self._sku_median(conn, c["sku"], mine, rule.min_fleet_cards) if mine else {}
         rows = []
         for r in card_rows:
             flags = []
             if r["serial"]:
-                flags = self.drift_rule.flags(r, self._previous(conn, r["serial"], r["date"]), median)
+                flags = rule.flags(r, self._previous(conn, r["serial"], r["date"]), median)
             rows.append({**r, "certification_id": cid, "host": c["host"], "run_id": c["run_id"], "sku": c["sku"],
                          "drift": flags})
         if rows:
@@ -733,7 +738,6 @@ class Registry:
                 hosts.c.last_certified_id.is_(None), concluded(hosts.c.last_certified_id) <= mine_at))
                 .values(last_certified_id=cid))
         row = conn.execute(select(certifications).where(certifications.c.id == cid)).mappings().one()
-        _ = and_  # (kept for readers: the conditions above are single statements, no read-modify-write)
         return self._cert_full(conn, row), True
 
     def get_certification(self, host: str, run_id: str) -> dict | None:

@@ -37,12 +37,10 @@ Needs: ``apt-get install -y postgresql`` (skipped with that hint when the binari
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +50,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from support.postgres import PG_MISSING, Postgres
+from support.postgres import free_port as _free_port
+from support.postgres import pg_bindir as _pg_bindir
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -62,21 +63,6 @@ ADMIN_PASSWORD = "edge-fleet-test"
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_bindir() -> Path | None:
-    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
-    for c in reversed(cands):
-        if (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
-            return Path(c)
-    found = shutil.which("pg_ctl")
-    return Path(found).parent if found and shutil.which("initdb") else None
 
 
 def _airflow_bin() -> str:
@@ -97,70 +83,6 @@ def _wait(pred, timeout: float, what: str, interval: float = 1.0, diag=None) -> 
         time.sleep(interval)
     extra = diag() if diag else ""
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc!r})\n{extra}")
-
-
-class Postgres:
-    """A throw-away PostgreSQL cluster: temp data dir, loopback TCP on a free port, socket in the temp dir."""
-
-    def __init__(self, bindir: Path, base: Path) -> None:
-        self.bindir = bindir
-        self.base = base
-        self.data = base / "pgdata"
-        self.sock = base / "pgsock"
-        self.log = base / "postgres.log"
-        self.port = _free_port()
-        self._prefix: list[str] = []
-        if os.geteuid() == 0:
-            # postgres refuses to run as root: run it as the packaged 'postgres' user (or nobody)
-            user = "postgres"
-            try:
-                import pwd
-
-                pwd.getpwnam(user)
-            except KeyError:
-                user = "nobody"
-            self._prefix = ["runuser", "-u", user, "--"]
-            self.user = user
-        else:
-            self.user = None
-
-    def _run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self._prefix + argv, check=True, capture_output=True, text=True, timeout=120, **kw)
-
-    def start(self) -> None:
-        self.base.mkdir(parents=True, exist_ok=True)
-        self.sock.mkdir(exist_ok=True)
-        if self.user:
-            import pwd
-
-            pw = pwd.getpwnam(self.user)
-            os.chmod(self.base, 0o755)
-            for p in (self.sock,):
-                os.chown(p, pw.pw_uid, pw.pw_gid)
-            self.data.mkdir(exist_ok=True)
-            os.chown(self.data, pw.pw_uid, pw.pw_gid)
-            self.log.touch()
-            os.chown(self.log, pw.pw_uid, pw.pw_gid)
-        self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "airflow", "-E", "UTF8", "--no-sync"])
-        opts = f"-p {self.port} -k {self.sock} -h 127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200"
-        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60", "start"])
-        self._run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "airflow"])
-        # the registry: its own database on the control plane's server (the compose stack's init does the same)
-        self._run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "mi300x_cert"])
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg2://airflow@127.0.0.1:{self.port}/airflow"
-
-    @property
-    def registry_url(self) -> str:
-        return f"postgresql+psycopg2://airflow@127.0.0.1:{self.port}/mi300x_cert"
-
-    def stop(self) -> None:
-        try:
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"])
-        except Exception:  # noqa: BLE001 - teardown best effort
-            pass
 
 
 class Proc:
@@ -261,6 +183,7 @@ class Stack:
         self.base_url = f"http://127.0.0.1:{self.api_port}"
         self.extra_env = extra_env or {}
         self.role_env = role_env or {}  # "control-plane" / "<host>": that machine's own dirs
+        self.registry_url: str | None = None
         self._token: str | None = None
 
     def env(self, role: str = "control-plane") -> dict:
@@ -302,8 +225,8 @@ class Stack:
         })
         e.update(self.extra_env)
         e.update(self.role_env.get(role, {}))
-        if role == "control-plane" and self.pg:
-            e["MI300X_CERT_REGISTRY_URL"] = self.pg.registry_url
+        if role == "control-plane" and self.registry_url:
+            e["MI300X_CERT_REGISTRY_URL"] = self.registry_url
         return e
 
     def cli(self, *args: str, role: str = "control-plane", check: bool = True) -> subprocess.CompletedProcess:
@@ -317,6 +240,8 @@ class Stack:
     def start_postgres(self, bindir: Path) -> None:
         self.pg = Postgres(bindir, self.base / "pg")
         self.pg.start()
+        # the registry: its own database on the control plane's server (the compose stack's init does the same)
+        self.registry_url = self.pg.create_database("mi300x_cert")
 
     def migrate(self) -> None:
         (self.home / "passwords.json").write_text(json.dumps({"admin": ADMIN_PASSWORD}))
@@ -489,7 +414,7 @@ def _fleet_yaml() -> str:
 def stack() -> Iterator[Stack]:
     bindir = _pg_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found: apt-get install -y postgresql")
+        pytest.skip(PG_MISSING)
     pytest.importorskip("airflow.providers.edge3", reason="apache-airflow-providers-edge3 is not installed")
     if not (REPO / "dags" / "recertify.py").is_file():
         pytest.skip("dags/recertify.py is missing")

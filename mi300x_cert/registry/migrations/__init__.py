@@ -1,4 +1,8 @@
 """Alembic migration scripts of the fleet registry, run programmatically by
 :meth:`mi300x_cert.registry.Registry.upgrade` (no ``alembic.ini`` needed)."""
 
-__all__: list[str] = []
+from pathlib import Path
+
+__all__ = ["SCRIPT_LOCATION"]
+
+SCRIPT_LOCATION = Path(__file__).resolve().parent

@@ -23,8 +23,8 @@ def run_migrations() -> None:
 try:  # executed by alembic; a plain import (package checks) does nothing
     from alembic import context as _context
 
-    _context.config  # raises NameError outside a migration run
-except (ImportError, NameError):
+    _context.config  # raises outside a migration run
+except (ImportError, NameError, AttributeError):
     pass
 else:
     run_migrations()
