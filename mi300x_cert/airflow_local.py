@@ -217,7 +217,19 @@ def smoke(home: str | Path | None = None, out: str | Path | None = None, hot_car
             store = {"endpoint": env["MI300X_CERT_S3_ENDPOINT"], "bucket": env["MI300X_CERT_S3_BUCKET"],
                      "access_key": env.get("AWS_ACCESS_KEY_ID") or "local",
                      "secret_key": env.get("AWS_SECRET_ACCESS_KEY") or "local"}
-            result["verified"] = pipeline.verify(result["bundle_uri"], store=store)
+            # trust as the home's registry (this machine's control plane) sees it, not the user's own state
+            saved = {k: os.environ.get(k) for k in ("MI300X_CERT_STATE_DIR", "MI300X_CERT_REGISTRY_URL")}
+            os.environ["MI300X_CERT_STATE_DIR"] = env["MI300X_CERT_STATE_DIR"]
+            if env.get("MI300X_CERT_REGISTRY_URL"):
+                os.environ["MI300X_CERT_REGISTRY_URL"] = env["MI300X_CERT_REGISTRY_URL"]
+            try:
+                result["verified"] = pipeline.verify(result["bundle_uri"], store=store)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         return result
     finally:
         if srv is not None:
@@ -397,7 +409,9 @@ def _print_smoke(result: dict) -> None:
           f"(mi300x-cert fleet / history / alerts)")
     print(f"bundle (S3)  : {o.get('bundle_uri')}  (endpoint {result.get('s3_endpoint')})")
     if result.get("verified"):
-        print(f"verified     : signature and {result['verified'].get('artifacts', '?')} artifacts, read back from S3")
+        v = result["verified"]
+        print(f"verified     : signature and {v.get('artifacts', '?')} artifacts, read back from S3; signer "
+              + (f"trusted ({v.get('trust_source')})" if v.get("trusted") else f"NOT trusted: {v.get('trust_reason')}"))
     local = Path(o["run_dir"]) / "bundle" if o.get("run_dir") else None
     if local is not None and local.is_dir():
         print(f"bundle (local): {local}  (check it any time: mi300x-cert verify {local})")

@@ -239,6 +239,12 @@ def cmd_registry(args) -> int:
     from .registry.text import format_alerts, format_import, format_status
 
     if args.action in ("upgrade", "status"):
+        if args.action == "upgrade" and args.create_database:
+            from .registry.core import create_database
+            from .registry.url import registry_url
+
+            if create_database(args.registry or registry_url()):
+                print("created the registry database", file=sys.stderr)
         reg = Registry(args.registry, auto_upgrade=False, check_schema=False)
         try:
             st = reg.upgrade() if args.action == "upgrade" else reg.status()
@@ -264,11 +270,21 @@ def cmd_registry(args) -> int:
 def cmd_keys(args) -> int:
     from .registry.text import format_keys
 
+    if args.action == "generate":  # on the GPU host: no registry involved, the private key stays here
+        from .bundle.keys import generate_host_key
+
+        k = generate_host_key(args.out, force=args.force)
+        if args.json:
+            print(json.dumps(k, indent=2))
+        else:
+            print(f"host signing key {k['path']} (keyid {k['keyid']})\npublic key {k['public_path']}\n"
+                  f"enroll it on the control plane: mi300x-cert keys enroll <host> --public-key {Path(k['public_path']).name}")
+        return EXIT_OK
     reg = _registry(args)
     by = getattr(args, "by", None) or os.environ.get("USER", "operator")
     if args.action == "enroll":
         try:
-            pem = Path(args.public_key).read_bytes()
+            pem = sys.stdin.buffer.read() if args.public_key == "-" else Path(args.public_key).read_bytes()
         except OSError as e:
             raise CertError(f"--public-key {args.public_key}: cannot be read: {e.strerror or e}") from None
         k = reg.enroll_key(args.host, pem, by=by, note=args.note or "")
@@ -401,14 +417,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "bring in a state directory's alerts/outcomes/history files; audit: raise expiry alerts")
     s.add_argument("state_dir", nargs="?", metavar="STATE_DIR", help="for import")
     s.add_argument("--fleet", metavar="FILE", help="fleet file for audit")
+    s.add_argument("--create-database", action="store_true",
+                   help="upgrade: first create the PostgreSQL database when it does not exist")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_registry)
 
-    s = sub.add_parser("keys", help="bundle-signing keys of the hosts: enroll, list, revoke")
+    s = sub.add_parser("keys", help="bundle-signing keys of the hosts: generate (on a host), enroll, list, revoke")
     ksub = s.add_subparsers(dest="action", required=True)
+    k = ksub.add_parser("generate", help="on a GPU host: make its own signing key (the private key never leaves it)")
+    k.add_argument("--out", metavar="FILE", help="private key path (default <MI300X_CERT_HOME_DIR>/host-signing-key.pem)")
+    k.add_argument("--force", action="store_true", help="replace an existing key (rotation: enroll the new one)")
+    k.add_argument("--json", action="store_true")
     k = ksub.add_parser("enroll", parents=[reg], help="trust a host's public key")
     k.add_argument("host")
-    k.add_argument("--public-key", required=True, metavar="FILE", help="PEM public key (signer.pub.pem)")
+    k.add_argument("--public-key", required=True, metavar="FILE",
+                   help="PEM public key (host-signing-key.pub.pem from 'keys generate'; - reads standard input)")
     k.add_argument("--by", help="who enrolls it (default $USER)")
     k.add_argument("--note")
     k.add_argument("--json", action="store_true")

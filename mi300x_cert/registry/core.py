@@ -349,6 +349,7 @@ class Registry:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(SCRIPT_LOCATION))
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # status() says what was applied
         with _file_lock(sqlite_path(self.url) if is_sqlite(self.url) else None):
             try:
                 with self._engine.connect() as conn:
@@ -1155,6 +1156,36 @@ class Registry:
         from .importer import import_state_dir
 
         return import_state_dir(self, path)
+
+
+def create_database(url: str) -> bool:
+    """Create the registry's PostgreSQL database when it does not exist (the compose stack's init and a
+    bare-metal install call this through ``mi300x-cert registry upgrade --create-database``). Connects
+    to the server's ``postgres`` maintenance database with the same credentials. Returns True when it
+    created one; SQLite needs nothing (False)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = normalise_url(url)
+    if is_sqlite(url):
+        return False
+    u = make_url(url)
+    name = u.database
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.-]{1,63}", name):
+        raise RegistryError(f"registry URL {mask_url(url)}: database name {name!r} cannot be created safely")
+    eng = create_engine(u.set(database="postgres"), isolation_level="AUTOCOMMIT", pool_pre_ping=True,
+                        connect_args={"connect_timeout": 10} if u.get_backend_name() == "postgresql" else {})
+    try:
+        with eng.connect() as conn:
+            if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar():
+                return False
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            return True
+    except SQLAlchemyError as e:
+        raise RegistryError(f"registry database {name!r} cannot be created at {mask_url(url)}: {_short(e)}") from None
+    finally:
+        eng.dispose()
 
 
 # ---- one Registry per URL per process -------------------------------------------------------------

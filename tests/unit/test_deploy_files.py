@@ -391,9 +391,10 @@ def test_docs_worker_commands_match_the_code() -> None:
 def test_docs_cover_the_operator_tasks() -> None:
     text = DOCS.read_text()
     for heading in ("## Install a control plane", "## Add a GPU server to the fleet", "## Celery instead of Edge",
-                    "## Rotate the signing key", "## Size pools and workers"):
+                    "## Enroll, rotate and revoke host keys", "## Size pools and workers"):
         assert heading in text, heading
-    for word in ("MI300X_CERT_SIGNING_KEY", "MI300X_CERT_VERIFY_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "MinIO"):
+    for word in ("MI300X_CERT_SIGNING_KEY", "keys generate", "keys enroll", "keys revoke", "MI300X_CERT_REGISTRY_URL",
+                 "AIRFLOW__API_AUTH__JWT_SECRET", "MinIO"):
         assert word in text, word
 
 
