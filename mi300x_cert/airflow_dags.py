@@ -463,7 +463,7 @@ def fleet_audit_body(fleet: Fleet | None = None, context: dict | None = None) ->
     from .registry import open_registry
 
     fleet = fleet or load_fleet()
-    hosts = [{"name": s.name, "sku": s.sku, "profile": s.profile, "valid_days": s.valid_days} for s in fleet.servers]
+    hosts = fleet.registry_hosts()
     reg = open_registry()
     before = {a["id"] for a in reg.list_alerts(include_acknowledged=True)}
     raised = reg.audit_expiry(hosts)

@@ -75,7 +75,6 @@ class Server(_Strict):
                                    description="days a certification stays valid (registry default 30)")
     card_groups: dict[str, list[int] | str] = Field(default_factory=dict)
     schedule: str | None = None
-    valid_days: int = Field(30, ge=1, le=3650, description="days a certification of this host stays valid")
     alerts: AlertSpec = Field(default_factory=AlertSpec)
     queue: str | None = None
     tags: list[str] = Field(default_factory=list)

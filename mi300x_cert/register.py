@@ -35,9 +35,17 @@ log = logging.getLogger(__name__)
 
 
 def _registry():
+    """The registry, with the drift rule of the fleet file (``drift:``) when there is one."""
     from .registry import open_registry
 
-    return open_registry()
+    reg = open_registry()
+    try:
+        from .fleet import load_fleet
+
+        reg.drift_rule = load_fleet().drift_rule()
+    except CertError as e:  # no fleet file here: the default rule
+        log.debug("drift rule: defaults (%s)", e)
+    return reg
 
 
 def location_of(uri: str) -> tuple[str | None, str | None, str | None]:

@@ -504,8 +504,7 @@ def fetch_bundle(uri: str, dest: str | Path, store: dict | None = None, *, clien
     bucket, prefix = parse_s3_uri(uri)
     if not prefix:
         raise StorageError(f"{uri}: a bundle URI needs a prefix (s3://bucket/certifications/...)")
-    cfg = load_store_config(store)  # endpoint and credentials; the bucket is the URI's
-    cfg.bucket = bucket
+    cfg = load_store_config({**(store or {}), "bucket": bucket})  # endpoint and credentials; the bucket is the URI's
     client = client or make_client(cfg)
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):

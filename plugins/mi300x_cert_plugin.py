@@ -136,8 +136,7 @@ def create_app() -> FastAPI:
         from mi300x_cert.fleet import load_fleet
 
         try:
-            hosts = [{"name": s.name, "sku": s.sku, "profile": s.profile, "valid_days": s.valid_days}
-                     for s in load_fleet().servers]
+            hosts = load_fleet().registry_hosts()
         except CertError:
             hosts = None
         return _json(_registry().fleet(hosts=hosts))

@@ -347,8 +347,13 @@ def _overall(rd: Any, profile: Any, suites: dict, seconds: float) -> dict:
                                      + (f": {meta.get('error')}" if meta.get("error") else "") + " (fails closed)",
                                      observed=meta.get("state"), expected="complete"))
     failures = run_problems + failures
+    from ..outcome import decide
+
+    decision = decide(state=meta.get("state"), error=meta.get("error"),
+                      verdicts={"suites": suites, "not_validated": missing})
     return {
-        "success": not failures and not missing,
+        "success": decision.certified and not failures,
+        "reasons": decision.reasons,
         "run_problems": run_problems,
         "run_id": meta.get("run_id"),
         "run_state": meta.get("state"),

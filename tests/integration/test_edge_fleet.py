@@ -719,6 +719,7 @@ def test_replayed_bundle_is_refused(stack: Stack, fleet_runs: dict, tmp_path: Pa
         data = f.read_bytes()
         key = "/".join(replay.split("/")[3:]) + "/" + f.relative_to(local).as_posix()
         client.put_object(Bucket=BUCKET, Key=key, Body=data,
+                          ChecksumAlgorithm="SHA256", Metadata={"sha256": hashlib.sha256(data).hexdigest()},
                           ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode())
     v = stack.cli("verify", replay, check=False)
     assert v.returncode == 2 and "replay" in v.stderr, v.stdout + v.stderr

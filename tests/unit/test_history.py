@@ -204,15 +204,3 @@ def test_default_index_is_under_the_state_dir(hot_run, tmp_path):
     history.record_run(hot_run)
     assert (tmp_path / "state" / "history" / "SIM0000.jsonl").is_file()
     assert history.card_history("SIM0000")[0]["card"] == 0
-
-
-def test_outcome_record_indexes_the_run_and_never_fails(hot_run, tmp_path, caplog):
-    from mi300x_cert import alerts
-
-    alerts.write_outcome({"host": "fake-host", "run_id": "fake-run", "run_dir": str(hot_run), "certified": False})
-    assert history.card_history("SIM0003")[0]["certified"] is False
-    # a broken run directory: the outcome is still written, the history only logs
-    path = alerts.write_outcome({"host": "h", "run_id": "r2", "run_dir": str(tmp_path / "nowhere"), "certified": True})
-    assert path.is_file()
-    assert any("not recorded" in m for m in caplog.messages)
-    assert history.record_run_quietly(None) is None
