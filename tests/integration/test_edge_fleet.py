@@ -628,12 +628,12 @@ def _plugin(stack: Stack, path: str) -> Any:
 
 
 def test_control_plane_sees_both_hosts_alerts_and_history(stack: Stack, fleet_runs: dict) -> None:
-    assert fleet_runs["states"]["host-a"] == "success", stack.diag()
-    assert fleet_runs["states"]["host-b"] == "failed"  # its register task failed the run: NOT certified
     fleet = {r["host"]: r for r in _cli_json(stack, "fleet")}
     assert set(fleet) >= set(HOSTS), fleet
     assert fleet["host-a"]["result"] == "CERTIFIED", fleet["host-a"]
     assert fleet["host-b"]["result"] == "NOT CERTIFIED", fleet["host-b"]
+    assert fleet_runs["states"]["host-a"] == "success", stack.diag()
+    assert fleet_runs["states"]["host-b"] == "failed"  # its register task failed the run: NOT certified
     for h in HOSTS:
         assert fleet[h]["run_id"] and fleet[h]["expires_at" if h == "host-a" else "run_id"]
     # host-b's failed thermal suite: an alert on the control plane, naming the hot card
