@@ -59,7 +59,7 @@ def test_recertify_dags_follow_the_fleet(dagbag):
         assert getattr(dag.timetable, "expression", None) == server.schedule
         ids = [t.task_id for t in dag.tasks]
         for tid in ("preflight", "bare_metal", "plan_sd", "run_sd_case", "finalize_sd", "whisper", "resnet50",
-                    "finish_run", "report", "sign", "publish", "record_outcome"):
+                    "finish_run", "report", "sign", "publish", "register"):
             assert tid in ids
         for suite in ("latency", "thermal", "network", "whisper", "resnet50"):
             assert f"validation.validate_{suite}" in ids
@@ -67,14 +67,18 @@ def test_recertify_dags_follow_the_fleet(dagbag):
             t = dag.get_task(tid)
             assert t.queue == f"gpu-{server.name}" and t.pool == f"gpu-{server.name}"
             assert t.pool_slots == server.cards
-        for tid in ("report", "sign", "publish", "record_outcome", "finish_run"):
+        for tid in ("report", "sign", "publish", "register", "finish_run"):
             assert dag.get_task(tid).trigger_rule == "all_done", tid
         # chain order
         assert "bare_metal" in dag.get_task("plan_sd").upstream_task_ids
         assert "finalize_sd" in dag.get_task("whisper").upstream_task_ids
         assert "resnet50" in dag.get_task("finish_run").upstream_task_ids
         assert {f"validation.validate_{s}" for s in ("latency", "thermal")} <= dag.get_task("report").upstream_task_ids
-        assert "publish" in dag.get_task("record_outcome").upstream_task_ids
+        assert "publish" in dag.get_task("register").upstream_task_ids
+        # the conclusion runs on the control plane: no GPU queue, pool or executor of the host
+        reg = dag.get_task("register")
+        assert reg.queue != f"gpu-{server.name}" and reg.pool != f"gpu-{server.name}"
+        assert getattr(reg, "executor", None) in (None, "")
         assert dag.get_task("run_sd_case").is_mapped if hasattr(dag.get_task("run_sd_case"), "is_mapped") else True
 
 

@@ -27,7 +27,7 @@ def test_smoke_dag_certifies_and_publishes(tmp_path, s3_server, monkeypatch):
     states = result["task_states"]
     assert result["state"] == "success", states
     for tid in ("preflight", "bare_metal", "plan_sd", "finalize_sd", "whisper", "resnet50", "finish_run",
-                "report", "sign", "publish", "record_outcome"):
+                "report", "sign", "publish", "register"):
         assert states.get(tid) == "success", (tid, states)
     cases = [k for k in states if k.startswith("run_sd_case[")]
     assert len(cases) >= 2 and all(states[k] == "success" for k in cases), states

@@ -63,7 +63,7 @@ def test_trigger_smoke_dag_over_rest(airflow_standalone):
     final = sa.wait_run(SMOKE, run["dag_run_id"], timeout=1200)
     states = sa.task_states(SMOKE, run["dag_run_id"])
     assert final["state"] == "success", (states, sa.log_tail())
-    assert states["record_outcome"] == "success" and states["publish"] == "success"
+    assert states["register"] == "success" and states["publish"] == "success"
     assert states["run_sd_case[0]"] == "success" and states["run_sd_case[1]"] == "success", states
     assert states["validation.validate_whisper"] == "skipped", states
     status, outcomes = sa.api("GET", "/mi300x-cert/api/outcomes")

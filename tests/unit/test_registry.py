@@ -451,7 +451,7 @@ def test_audit_expiry(reg, tmp_path, capsys):
 def test_import_of_a_state_dir_written_by_todays_writers(reg, tmp_path, monkeypatch, capsys):
     from fake_run import make_fake_run
 
-    from mi300x_cert import alerts, history
+    from mi300x_cert import history
 
     state = tmp_path / "old-state"
     monkeypatch.setenv("MI300X_CERT_STATE_DIR", str(state))
@@ -461,14 +461,22 @@ def test_import_of_a_state_dir_written_by_todays_writers(reg, tmp_path, monkeypa
     run = make_fake_run(tmp_path / "run", hot_card=3)
     meta = json.loads((run / "run.json").read_text())
     host, run_id = meta["host"], meta["run_id"]
-    a = alerts.raise_alert(suite="thermal", failures=[{"expectation": "expect_column_max_to_be_between",
-                                                      "column": "junction_p95_c", "card": 3, "observed": 98.0}],
-                           host=host, dag_id=f"recertify_{host}", run_id=run_id, run_dir=str(run))
-    alerts.acknowledge(a["id"], by="oncall", note="checked fans")
-    alerts.write_outcome({"host": host, "dag_id": f"recertify_{host}", "run_id": run_id, "run_dir": str(run),
-                          "profile": "smoke", "sku": "smoke", "certified": False, "reasons": ["failed suites: thermal"],
-                          "verdicts": {"thermal": False, "latency": True, "network": None}, "report": "/r.html",
-                          "bundle_uri": "s3://b/x"})
+    # the files an older version wrote (its alert, acknowledged; its outcome record; its history index)
+    a = {"id": f"20261125T083941Z-{host}-thermal-0123456789", "created": "2026-11-25T08:39:41+00:00", "host": host,
+         "dag_id": f"recertify_{host}", "run_id": run_id, "run_dir": str(run), "suite": "thermal",
+         "failures": [{"expectation": "expect_column_max_to_be_between", "column": "junction_p95_c", "card": 3,
+                       "observed": 98.0}], "report": None, "data_docs": None, "bundle_uri": None,
+         "acknowledged": True, "acknowledged_by": "oncall", "acknowledged_at": "2026-11-25T09:00:00+00:00",
+         "note": "checked fans"}
+    (state / "alerts").mkdir(parents=True)
+    (state / "alerts" / f"{a['id']}.json").write_text(json.dumps(a))
+    (state / "outcomes").mkdir(parents=True)
+    (state / "outcomes" / f"{host}-{run_id}.json").write_text(json.dumps({
+        "recorded": "2026-11-25T09:01:00+00:00", "host": host, "dag_id": f"recertify_{host}", "run_id": run_id,
+        "run_dir": str(run), "profile": "smoke", "sku": "smoke", "certified": False,
+        "reasons": ["failed suites: thermal"], "verdicts": {"thermal": False, "latency": True, "network": None},
+        "report": "/r.html", "bundle_uri": "s3://b/x"}))
+    history.record_run(run, certified=False)
     assert list((state / "history").glob("*.jsonl"))  # the writer indexed the run's cards
     # a history-only run (no outcome record) and an unreadable file
     other = make_fake_run(tmp_path / "run2", hot_card=None)
