@@ -134,6 +134,10 @@ def _init_in_process() -> dict:
     for p in pool_specs():
         Pool.create_or_update_pool(p["name"], p["slots"], p["description"], include_deferred=False)
         pools.append(p)
+    from .register import ensure_local_key_enrolled
+
+    # this machine is its own control plane here: its key speaks for the smoke host (embedded registry only)
+    ensure_local_key_enrolled(SMOKE_DAG_ID.removeprefix("recertify_"))
     return {"pools": pools}
 
 
@@ -141,10 +145,10 @@ def _dagtest_in_process(dag_id: str, conf: dict) -> dict:
     from airflow.dag_processing.dagbag import DagBag
 
     init = _init_in_process()
-    from .register import ensure_local_key_enrolled
+    if dag_id != SMOKE_DAG_ID:
+        from .register import ensure_local_key_enrolled
 
-    # this machine is its own control plane here: its key speaks for the smoke host
-    ensure_local_key_enrolled(dag_id.removeprefix("recertify_"))
+        ensure_local_key_enrolled(dag_id.removeprefix("recertify_"))
     bag = DagBag(dag_folder=str(REPO_ROOT / "dags"))
     if bag.import_errors:
         raise CertError(f"DAG import errors: {bag.import_errors}")

@@ -41,9 +41,11 @@ def test_smoke_dag_certifies_and_publishes(tmp_path, s3_server, monkeypatch):
     run_dir = Path(outcome["run_dir"])
     assert run_dir.is_relative_to(tmp_path / "runs")
     assert json.loads((run_dir / "run.json").read_text())["state"] == "complete"
-    assert json.loads((run_dir / "outcome.json").read_text())["certified"] is True
-    assert Path(outcome["report"]).is_file()
+    assert Path(outcome["report_file"]).is_file()
+    assert outcome["report"] == outcome["bundle_uri"] + "/artifacts/report/index.html"
+    assert outcome["source"] == "register" and outcome["trusted"] is True and len(outcome["cards"]) == 16
     assert result["alerts"] == []
+    assert result["verified"]["trusted"] is True and result["verified"]["decision"]["certified"] is True
 
     # the bundle is in S3, and its signature and digests check out
     uri = outcome["bundle_uri"]

@@ -67,5 +67,7 @@ def test_trigger_smoke_dag_over_rest(airflow_standalone):
     assert states["run_sd_case[0]"] == "success" and states["run_sd_case[1]"] == "success", states
     assert states["validation.validate_whisper"] == "skipped", states
     status, outcomes = sa.api("GET", "/mi300x-cert/api/outcomes")
-    mine = [o for o in outcomes if o["run_id"] == run["dag_run_id"]]
+    from mi300x_cert.airflow_dags import _safe
+
+    mine = [o for o in outcomes if o["run_id"] == _safe(run["dag_run_id"])]
     assert mine and mine[0]["certified"] is True and mine[0]["bundle_uri"].startswith("s3://"), outcomes
