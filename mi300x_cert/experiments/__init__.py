@@ -151,6 +151,9 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
     except Exception as e:  # a vendor library failing in an unexpected way
         raise TelemetryError(f"telemetry backend {prof.telemetry.backend!r} failed its check: {type(e).__name__}: {e}") from e
     out = Path(out)
+    if (out / "run.json").is_file():
+        raise RunDirError(f"{out} already holds a run; choose a new --out, or finish that run with "
+                          f"`mi300x-cert run --resume {out}` (or `mi300x-cert certify --resume {out}`)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunDirError(f"{out} exists and is not empty; choose a new --out")
     try:
