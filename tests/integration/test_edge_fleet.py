@@ -306,7 +306,10 @@ class Stack:
         argv = worker_argv(host, slots)
         # two workers on one machine need their own PID files (one per host in production)
         argv += ["--pid", str(self.home / f"edge-worker-{host}.pid")]
-        p = Proc(f"worker-{host}", [_airflow_bin(), *argv[1:]], self.env(), self.logs).start()
+        # each simulated GPU server has its own host-lock directory, as each real one has its own
+        # state dir (both hosts here share one profile, hence one host.name)
+        env = {**self.env(), "MI300X_CERT_LOCK_DIR": str(self.base / "locks" / host)}
+        p = Proc(f"worker-{host}", [_airflow_bin(), *argv[1:]], env, self.logs).start()
         self.procs[f"worker-{host}"] = p
         return p
 
