@@ -501,7 +501,8 @@ def manual_params(kind: str, fleet: Fleet | None = None) -> dict[str, Param]:
     card_values, card_display = _card_set_choices(fleet)
     p: dict[str, Param] = {
         "host": Param(hosts[0], type="string", enum=hosts, title="Host",
-                      values_display={s.name: f"{s.name} ({s.profile}, {s.cards} cards)" for s in fleet.servers},
+                      values_display={s.name: f"{s.name} ({s.profile}, {s.cards} card{'s' if s.cards != 1 else ''})"
+                                      for s in fleet.servers},
                       description="fleet server to certify (include/fleet.yaml)", section="Target"),
         "card_set": Param(PROFILE_DEFAULT, type="string", enum=card_values, values_display=card_display,
                           title="Card set", section="Target",

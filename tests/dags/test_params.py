@@ -55,6 +55,7 @@ def test_form_fields_render_as_typed_widgets(dags):
     assert schema["card_set"]["values_display"]["[0-3]"] == "Cards [0-3] (4 cards) on smoke-host, mi300x-01"
     assert schema["card_set"]["values_display"]["[0]"] == "Cards [0] (1 card) on h100-01"
     assert "h100-01` [0]" in schema["custom_cards"]["description_md"]
+    assert schema["host"]["values_display"]["h100-01"] == "h100-01 (h100, 1 card)"
     assert "array" in schema["batch_configs"]["type"] and "128x4" in schema["batch_configs"]["examples"]
     assert schema["process_counts"]["examples"] == [1, 2, 4, 8, 16]
     assert schema["repetitions"]["minimum"] == 1
