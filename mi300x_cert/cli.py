@@ -64,23 +64,22 @@ def cmd_inventory(args) -> int:
 
 def _run_or_resume(args, command: str) -> dict:
     """``--resume DIR`` finishes a run in place; otherwise ``--profile`` and ``--out`` start a new one."""
-    from .errors import CertError as _Usage
     from .experiments import prepare_and_run, resume_run
 
     experiment = getattr(args, "experiment", None) or "all"
     if args.resume:
         extra = [flag for flag, v in (("--profile", args.profile), ("--out", args.out), ("--run-id", args.run_id)) if v]
         if extra:
-            raise _Usage(f"{command} --resume DIR continues the run in DIR with its stored profile; "
+            raise CertError(f"{command} --resume DIR continues the run in DIR with its stored profile; "
                          f"leave out {', '.join(extra)}")
         if experiment != "all":
-            raise _Usage(f"{command} --resume DIR finishes every experiment the run planned; "
+            raise CertError(f"{command} --resume DIR finishes every experiment the run planned; "
                          f"leave out {experiment!r} (or write 'all')")
         print(f"resuming run directory: {args.resume}", file=sys.stderr)
         return resume_run(args.resume, EXPERIMENTS, progress=not args.quiet, wait_s=args.wait)
     missing = [flag for flag, v in (("--profile", args.profile), ("--out", args.out)) if not v]
     if missing:
-        raise _Usage(f"{command} needs {' and '.join(missing)} (or --resume DIR to finish an interrupted run)")
+        raise CertError(f"{command} needs {' and '.join(missing)} (or --resume DIR to finish an interrupted run)")
     names = EXPERIMENTS if experiment == "all" else [experiment]
     # a run of one experiment disables the others in the run's profile, so the run can be complete
     overrides = None if experiment == "all" else {

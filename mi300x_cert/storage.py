@@ -693,7 +693,8 @@ def publish_bundle(bundle_dir: str | Path, store: dict | None = None, *, client:
         tail = ""
         if left:
             tail = (f"; {len(left)} object(s) left over, listed in {where}" if where
-                    else f"; {len(left)} object(s) left over (the list could not be written: see the log)")
+                    else f"; {len(left)} object(s) left over (no list could be written beside the bundle or in the "
+                         f"state dir; the first: {', '.join(x['key'] for x in left[:3])})")
         count = f"the {len(created)}" if removed == len(created) else f"{removed} of the {len(created)}"
         raise StorageError(f"publishing {uri} failed at {current}: {_reason(e, cfg)}; removed {count} "
                            f"object(s) this attempt created{tail}") from e
