@@ -92,7 +92,9 @@ DTYPES = ["float32", "float16", "bfloat16"]
 THRESHOLD_SETS = ["smoke", "mi300x", "h100"]
 PROFILE_DEFAULT = "profile"
 CUSTOM = "custom"
-CUSTOM_CARDS_PATTERN = r"^\s*(\[?\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*\]?)?\s*$"
+# only the characters a card list may hold: the schema's error quotes the pattern, so it stays readable;
+# the list itself (syntax, cards of the chosen host) is checked by check_conf with a plain message
+CUSTOM_CARDS_PATTERN = r"^[0-9 ,\[\]-]*$"
 MODEL_SOURCE_PATTERN = r"^(|synthetic:[A-Za-z0-9._-]+|[^:\s][^:]*)$"
 BATCH_CONFIG_PATTERN = r"^\d+x\d+$"
 
@@ -506,13 +508,29 @@ def build_recertify_dags(fleet: Fleet | None = None) -> dict[str, DAG]:
 
 # ---- manual DAGs with trigger forms -------------------------------------------------------------
 def _card_set_choices(fleet: Fleet) -> tuple[list[str], dict[str, str]]:
+    """Every named card set of the fleet, labelled with the hosts that have it (a Param's choices
+    cannot depend on the chosen host; ``check_conf`` refuses a set the chosen host lacks)."""
     groups = fleet.card_groups()
+    hosts = fleet.group_hosts()
     values = [PROFILE_DEFAULT, *groups.keys(), "all", CUSTOM]
     display = {PROFILE_DEFAULT: "As in the host profile", "all": "All cards of the host",
                CUSTOM: "Custom (enter the list below)"}
+    everywhere = len(fleet.servers) > 1 and all(len(h) == len(fleet.servers) for h in hosts.values())
     for name, cards in groups.items():
-        display[name] = f"Cards {name} ({len(cards)} cards)"
+        on = hosts.get(name, [])
+        where = "every host" if everywhere or len(on) == len(fleet.servers) > 1 else ", ".join(on)
+        display[name] = f"Cards {name} ({len(cards)} card{'s' if len(cards) != 1 else ''}) on {where}"
     return values, display
+
+
+def _host_cards_md(fleet: Fleet) -> str:
+    return "; ".join(f"`{s.name}` {_card_ranges(s.card_ids)}" for s in fleet.servers)
+
+
+def _card_ranges(cards: list[int]) -> str:
+    from .config import _ranges
+
+    return _ranges(list(cards))
 
 
 def manual_params(kind: str, fleet: Fleet | None = None) -> dict[str, Param]:
@@ -522,12 +540,18 @@ def manual_params(kind: str, fleet: Fleet | None = None) -> dict[str, Param]:
     card_values, card_display = _card_set_choices(fleet)
     p: dict[str, Param] = {
         "host": Param(hosts[0], type="string", enum=hosts, title="Host",
-                      values_display={s.name: f"{s.name} ({s.profile}, {s.cards} cards)" for s in fleet.servers},
+                      values_display={s.name: f"{s.name} ({s.profile}, {s.cards} card{'s' if s.cards != 1 else ''})"
+                                      for s in fleet.servers},
                       description="fleet server to certify (include/fleet.yaml)", section="Target"),
         "card_set": Param(PROFILE_DEFAULT, type="string", enum=card_values, values_display=card_display,
-                          title="Card set", description="named card group, all cards, or custom", section="Target"),
+                          title="Card set", section="Target",
+                          description_md="A named card set of the fleet (the hosts that have it are in its label), "
+                                         "all cards of the host, or *Custom*. A set the chosen host does not have is "
+                                         "refused before the run starts, naming the host's cards."),
         "custom_cards": Param(None, type=["string", "null"], pattern=CUSTOM_CARDS_PATTERN, title="Custom card list",
-                              description_md="Used when *Card set* is **custom**: e.g. `[0,2,5-7]` or `12-15`.",
+                              description_md="Used when *Card set* is **custom**: card ids and ranges, e.g. "
+                                             "`[0,2,5-7]` or `12-15` (digits, `,`, `-` and brackets only). Cards per "
+                                             f"host: {_host_cards_md(fleet)}.",
                               section="Target"),
     }
     if kind in ("certify", "sd_throughput"):
@@ -574,25 +598,28 @@ def conf_to_request(kind: str, conf: dict, fleet: Fleet | None = None) -> dict:
 
     card_set = conf.get("card_set") or PROFILE_DEFAULT
     cards: Any = None
+    host_cards = _card_ranges(server.card_ids)
     if card_set == CUSTOM:
         text = (conf.get("custom_cards") or "").strip()
         if not text:
-            raise ProfileError("field 'custom_cards': card set is 'custom' but no card list was given")
+            raise ProfileError("field 'custom_cards': card set is 'custom' but no card list was given "
+                               "(e.g. [0,2,5-7] or 12-15)")
         try:
             cards = parse_card_spec(text)
         except CardError as e:
-            raise ProfileError(f"field 'custom_cards': {e}") from None
+            raise ProfileError(f"field 'custom_cards': {e} (write card ids and ranges, e.g. [0,2,5-7] or 12-15)") from None
+        bad = [c for c in cards if c not in server.card_ids]
+        if bad:
+            raise ProfileError(f"field 'custom_cards': host {server.name} has no card(s) {bad}; its cards are {host_cards}")
     elif card_set == "all":
         cards = "all"
     elif card_set != PROFILE_DEFAULT:
         groups = server.card_groups or {}
-        if card_set in groups:
-            cards = list(groups[card_set])  # type: ignore[arg-type]
-        else:
-            try:
-                cards = parse_card_spec(card_set)
-            except CardError as e:
-                raise ProfileError(f"field 'card_set': {e}") from None
+        if card_set not in groups:
+            sets = ", ".join(groups) or "none"
+            raise ProfileError(f"field 'card_set': host {server.name} has no card set {card_set!r} "
+                               f"(its cards: {host_cards}; its card sets: {sets}; or choose 'all' or 'custom')")
+        cards = list(groups[card_set])  # type: ignore[arg-type]
     if cards is not None:
         if "bare-metal" in experiments:
             exps.setdefault("bare-metal", {})["groups"] = [cards] if cards != "all" else ["all"]

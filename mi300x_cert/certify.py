@@ -18,8 +18,9 @@ def _say(msg: str) -> None:
     print(f"[certify] {msg}", file=sys.stderr, flush=True)
 
 
-def certify(profile: str | Path, out: str | Path, *, run_id: str | None = None, progress: bool = True,
-            publish: bool = True, overrides: dict | None = None, store: dict | None = None) -> dict:
+def certify(profile: str | Path | None, out: str | Path | None, *, run_id: str | None = None, progress: bool = True,
+            publish: bool = True, overrides: dict | None = None, store: dict | None = None,
+            resume: str | Path | None = None, wait_s: float | None = None) -> dict:
     """Certify one host. Returns ``{"certified", "run_dir", "verdicts", "report", "bundle", "uri"}``.
 
     ``certified`` is :func:`mi300x_cert.outcome.decide`'s answer, reached through
@@ -28,12 +29,29 @@ def certify(profile: str | Path, out: str | Path, *, run_id: str | None = None, 
     enrolled for the host. A run that could not complete is validated and reported (the failed cases
     fail the latency suite) but not signed: a certificate is only issued over complete measurements.
     Either way the registry gets the certification record and its alerts.
-    """
-    from .experiments import run_all
 
-    run_dir = pipeline.prepare_run(profile, out, overrides=overrides, run_id=run_id)
-    _say(f"run directory: {run_dir}")
-    result = run_all(run_dir, EXPERIMENTS, progress=progress)
+    ``resume``: an interrupted run directory to finish instead of starting a new one (``profile``
+    and ``out`` are then None); validation, report, signature and publication follow as usual.
+    The measurements hold the host lock (``wait_s``: how long to wait for another run).
+    """
+    from .experiments import prepare_and_run, resume_run
+
+    if resume is not None:
+        if profile is not None or out is not None or run_id is not None:
+            from .errors import CertError
+
+            raise CertError("certify --resume DIR continues the run in DIR with its stored profile; "
+                            "leave out --profile, --out and --run-id")
+        _say(f"resuming run directory: {resume}")
+        result = resume_run(resume, EXPERIMENTS, progress=progress, wait_s=wait_s)
+    else:
+        if profile is None or out is None:
+            from .errors import CertError
+
+            raise CertError("certify needs --profile and --out (or --resume DIR to finish an interrupted run)")
+        result = prepare_and_run(profile, out, EXPERIMENTS, overrides=overrides, run_id=run_id, progress=progress,
+                                 wait_s=wait_s)
+    run_dir = str(result["run_dir"])
     _say(f"measurements: {result.get('state')}")
 
     verdicts = pipeline.validate(run_dir)

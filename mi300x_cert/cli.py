@@ -62,18 +62,35 @@ def cmd_inventory(args) -> int:
     return EXIT_OK
 
 
-def cmd_run(args) -> int:
-    from . import pipeline
+def _run_or_resume(args, command: str) -> dict:
+    """``--resume DIR`` finishes a run in place; otherwise ``--profile`` and ``--out`` start a new one."""
+    from .experiments import prepare_and_run, resume_run
 
-    names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
+    experiment = getattr(args, "experiment", None) or "all"
+    if args.resume:
+        extra = [flag for flag, v in (("--profile", args.profile), ("--out", args.out), ("--run-id", args.run_id)) if v]
+        if extra:
+            raise CertError(f"{command} --resume DIR continues the run in DIR with its stored profile; "
+                         f"leave out {', '.join(extra)}")
+        if experiment != "all":
+            raise CertError(f"{command} --resume DIR finishes every experiment the run planned; "
+                         f"leave out {experiment!r} (or write 'all')")
+        print(f"resuming run directory: {args.resume}", file=sys.stderr)
+        return resume_run(args.resume, EXPERIMENTS, progress=not args.quiet, wait_s=args.wait)
+    missing = [flag for flag, v in (("--profile", args.profile), ("--out", args.out)) if not v]
+    if missing:
+        raise CertError(f"{command} needs {' and '.join(missing)} (or --resume DIR to finish an interrupted run)")
+    names = EXPERIMENTS if experiment == "all" else [experiment]
     # a run of one experiment disables the others in the run's profile, so the run can be complete
-    overrides = None if args.experiment == "all" else {
+    overrides = None if experiment == "all" else {
         "experiments": {n: {"enabled": False} for n in EXPERIMENTS if n not in names}}
-    run_dir = pipeline.prepare_run(args.profile, args.out, overrides=overrides, run_id=args.run_id)
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    from .experiments import run_all
+    return prepare_and_run(args.profile, args.out, names, overrides=overrides, run_id=args.run_id,
+                           progress=not args.quiet, wait_s=args.wait)
 
-    result = run_all(run_dir, names, progress=not args.quiet)
+
+def cmd_run(args) -> int:
+    result = _run_or_resume(args, "run")
+    run_dir = result.get("run_dir")
     _print(result)
     if result.get("state") == "complete":
         print(f"run complete: {run_dir}", file=sys.stderr)
@@ -176,7 +193,7 @@ def cmd_certify(args) -> int:
     from .certify import certify
 
     outcome = certify(args.profile, args.out, run_id=args.run_id, progress=not args.quiet,
-                      publish=not args.no_publish)
+                      publish=not args.no_publish, resume=args.resume, wait_s=args.wait)
     return EXIT_OK if outcome["certified"] else EXIT_FAILED_EXPECTATION
 
 
@@ -318,6 +335,24 @@ def cmd_bench(args) -> int:
     return bench_main(args.rest)
 
 
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more seconds")
+    return value
+
+
+def _lock_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--resume", metavar="DIR", help="finish the interrupted run in DIR: cases already done are kept, "
+                                                   "the rest run (no --profile/--out)")
+    s.add_argument("--wait", type=_wait_seconds, metavar="SECONDS",
+                   help="when another run measures on this host, wait this long for it, then refuse naming it "
+                        "(default $MI300X_CERT_LOCK_WAIT_S, else 120; 0 refuses at once)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mi300x-cert", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"mi300x-cert {__version__}")
@@ -331,11 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default="smoke")
     s.set_defaults(func=cmd_inventory)
 
-    s = sub.add_parser("run", help="run one experiment or all into a new run directory")
-    s.add_argument("experiment", choices=EXPERIMENTS + ["all"])
-    s.add_argument("--profile", required=True)
-    s.add_argument("--out", required=True, help="new run directory")
+    s = sub.add_parser("run", help="run one experiment or all into a new run directory (or --resume one)")
+    s.add_argument("experiment", nargs="?", choices=EXPERIMENTS + ["all"], help="default with --resume: all")
+    s.add_argument("--profile")
+    s.add_argument("--out", help="new run directory")
     s.add_argument("--run-id")
+    _lock_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
 
@@ -377,9 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_register)
 
     s = sub.add_parser("certify", help="run → validate → report → sign → publish")
-    s.add_argument("--profile", required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--profile")
+    s.add_argument("--out")
     s.add_argument("--run-id")
+    _lock_args(s)
     s.add_argument("--no-publish", action="store_true")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_certify)

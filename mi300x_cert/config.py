@@ -118,9 +118,10 @@ def parse_card_spec(spec: Any, known: list[int] | None = None, groups: dict[str,
     return seen
 
 
-def resolve_groups(groups: dict[str, Any], known: list[int], label: str = "group") -> dict[str, list[int]]:
+def resolve_groups(groups: dict[str, Any], known: list[int] | None, label: str = "group") -> dict[str, list[int]]:
     """Named card groups (each a card spec) resolved against ``known`` cards; a bad one raises
-    ValueError naming it (pydantic turns it into one error naming the field)."""
+    ValueError naming it (pydantic turns it into one error naming the field). ``known=None`` checks
+    the syntax only."""
     resolved: dict[str, list[int]] = {}
     for name, spec in groups.items():
         try:
@@ -131,6 +132,8 @@ def resolve_groups(groups: dict[str, Any], known: list[int], label: str = "group
 
 
 def _ranges(cards: list[int]) -> str:
+    if len(cards) == 1:
+        return f"[{cards[0]}]"
     if cards and cards == list(range(cards[0], cards[-1] + 1)):
         return f"[{cards[0]}-{cards[-1]}]"
     return str(cards)

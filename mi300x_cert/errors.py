@@ -8,6 +8,7 @@
     ├── NetworkIsolationError      enforced isolation requested but not available
     ├── WorkerError                a workload worker failed, hung or crashed
     ├── RunDirError                a run directory is missing, incomplete or inconsistent
+    ├── HostBusyError              another run holds the host's measurement lock
     ├── ValidationError            a suite could not be evaluated (not: an expectation failed)
     ├── BundleError                a bundle cannot be built
     │   └── VerifyError            a signature or digest does not check out
@@ -30,6 +31,7 @@ __all__ = [
     "NetworkIsolationError",
     "WorkerError",
     "RunDirError",
+    "HostBusyError",
     "ValidationError",
     "BundleError",
     "VerifyError",
@@ -77,6 +79,10 @@ class WorkerError(CertError):
 
 
 class RunDirError(CertError):
+    pass
+
+
+class HostBusyError(CertError):
     pass
 
 

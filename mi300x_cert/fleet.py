@@ -2,8 +2,10 @@
 
 ``include/fleet.yaml`` (or ``$MI300X_CERT_FLEET``) is validated into :class:`Fleet`. A bad file raises
 one :class:`~mi300x_cert.errors.ProfileError` naming the file and the field
-(e.g. ``servers.1.schedule``). This module imports only PyYAML and pydantic: the Airflow DAG files
-read it at parse time.
+(e.g. ``servers.1.schedule``). :func:`load_fleet` then checks every server against its profile: the
+fleet's ``cards`` must be the profile's ``host.cards`` and every card group must name cards the host
+has; all disagreements are one ProfileError naming both files and both fields. This module imports
+only PyYAML and pydantic: the Airflow DAG files read it at parse time.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import INCLUDE_DIR, _format_pydantic, resolve_groups
-from .errors import ProfileError
+from .config import INCLUDE_DIR, _format_pydantic, _ranges, resolve_groups
+from .errors import CertError, ProfileError
 
-__all__ = ["AlertSpec", "DriftSpec", "Server", "Fleet", "load_fleet", "fleet_path", "DEFAULT_FLEET"]
+__all__ = ["AlertSpec", "DriftSpec", "Server", "Fleet", "load_fleet", "check_profiles", "fleet_path", "DEFAULT_FLEET"]
 
 DEFAULT_FLEET = INCLUDE_DIR / "fleet.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -98,7 +101,8 @@ class Server(_Strict):
 
     @model_validator(mode="after")
     def _groups(self) -> "Server":
-        self.card_groups = resolve_groups(self.card_groups, list(range(self.cards)), "card_groups")  # type: ignore[assignment]
+        # syntax only here; which cards the host has is checked against its profile in load_fleet
+        self.card_groups = resolve_groups(self.card_groups, None, "card_groups")  # type: ignore[assignment]
         if self.queue is None:
             self.queue = f"gpu-{self.name}"
         return self
@@ -157,6 +161,14 @@ class Fleet(_Strict):
                 out.setdefault(gname, list(cards))  # type: ignore[arg-type]
         return out
 
+    def group_hosts(self) -> dict[str, list[str]]:
+        """Card group name → the hosts that have a group of that name, in file order."""
+        out: dict[str, list[str]] = {}
+        for s in self.servers:
+            for gname in s.card_groups:
+                out.setdefault(gname, []).append(s.name)
+        return out
+
 
 def fleet_path() -> Path:
     return Path(os.environ.get("MI300X_CERT_FLEET") or DEFAULT_FLEET)
@@ -178,4 +190,42 @@ def load_fleet(path: str | Path | None = None) -> Fleet:
     except ValidationError as e:
         raise ProfileError(f"{p}: {_format_pydantic(e)}") from None
     fleet.source_file = str(p)
+    check_profiles(fleet)
     return fleet
+
+
+def check_profiles(fleet: Fleet) -> None:
+    """Every server agrees with its profile: ``cards`` = the profile's ``host.cards``, and every card
+    group names only cards the host has. Raises one ProfileError naming the fleet file, the profile
+    file and the fields of every disagreement (all servers at once)."""
+    from .config import load_profile
+
+    src = fleet.source_file or "fleet"
+    cache: dict[str, Any] = {}
+    problems: list[str] = []
+    for i, s in enumerate(fleet.servers):
+        where = f"servers.{i} ({s.name})"
+        if s.profile not in cache:
+            try:
+                cache[s.profile] = load_profile(s.profile)
+            except CertError as e:
+                cache[s.profile] = e
+        prof = cache[s.profile]
+        if isinstance(prof, CertError):
+            problems.append(f"{where}.profile: {prof}")
+            continue
+        pfile = prof.source_file or s.profile
+        fleet_ids = list(range(s.cards))
+        prof_ids = list(prof.host.card_ids)
+        if fleet_ids != prof_ids:
+            problems.append(f"{where}.cards = {s.cards} but its profile {pfile} has host.cards = "
+                            f"{len(prof_ids)} (cards {_ranges(prof_ids)}): make them agree")
+        have = [c for c in fleet_ids if c in prof_ids]
+        for gname, cards in s.card_groups.items():
+            bad = [c for c in cards if c not in have]  # type: ignore[union-attr]
+            if bad:
+                problems.append(f"{where}.card_groups {gname!r}: unknown card id(s) {bad}: the host has cards "
+                                f"{_ranges(have) if have else '(none)'}"
+                                + ("" if fleet_ids != prof_ids else f" ({pfile} host.cards)"))
+    if problems:
+        raise ProfileError(f"{src} disagrees with the profiles: " + "; ".join(problems))

@@ -179,7 +179,8 @@ class RunDir:
                run_id: str | None = None) -> "RunDir":
         root = Path(root)
         if (root / "run.json").exists():
-            raise RunDirError(f"{root} already holds a run; choose a new --out or resume it")
+            raise RunDirError(f"{root} already holds a run; choose a new --out, or finish that run with "
+                              f"`mi300x-cert run --resume {root}` (or `mi300x-cert certify --resume {root}`)")
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RunDirError(f"{root} exists and is not empty")
         existed = root.exists()
@@ -230,9 +231,18 @@ class RunDir:
     def mark_failed(self, error: str) -> None:
         self._update_meta(state="failed", finished=utcnow(), error=error)
 
+    def reopen(self) -> None:
+        """Mark an interrupted or failed run ``running`` again before it is resumed; the earlier
+        state and error are kept under ``resumed`` in run.json."""
+        meta = self.meta
+        meta.setdefault("resumed", []).append({"at": utcnow(), "state": meta.get("state"), "error": meta.get("error")})
+        meta.update(state="running", finished=None, error=None)
+        atomic_write_json(self.root / "run.json", meta)
+
     def require_complete(self) -> None:
         if self.state != "complete":
-            raise RunDirError(f"run {self.root} is not complete (state: {self.state}; error: {self.meta.get('error')})")
+            hint = (f"; finish it with `mi300x-cert run --resume {self.root}`" if self.state in ("running", "failed") else "")
+            raise RunDirError(f"run {self.root} is not complete (state: {self.state}; error: {self.meta.get('error')}){hint}")
 
     def load_profile(self):
         """The profile the run used (``profile.yaml``); RunDirError (one line, naming the field)

@@ -13,6 +13,9 @@ retention_days              MI300X_CERT_S3_RETENTION_DAYS   object-lock retentio
 retention_mode              MI300X_CERT_S3_RETENTION_MODE   GOVERNANCE (default) or COMPLIANCE
 create_bucket               MI300X_CERT_S3_CREATE_BUCKET    create a missing bucket (default: embedded only)
 prefix                      MI300X_CERT_S3_PREFIX           first key component, default "certifications"
+
+deadline_s                  MI300X_CERT_S3_DEADLINE_S       once the store stops answering, publish gives up
+                                                            within this many seconds, clean-up included (60)
 ==========================  ==============================  ==============================================
 
 plus tuning keys (dict only): ``connect_timeout`` (s, default 3), ``read_timeout`` (30), ``attempts``
@@ -29,7 +32,15 @@ a mismatch deletes that version and uploads again. Artifacts go first; ``manifes
 ``envelope.dsse.json`` last: the envelope is the commit marker a reader waits for. Re-publishing the
 same bundle skips objects already present with the same digest; a different object at the same key is
 an error (certificates are immutable). When publishing fails after retries, the objects this attempt
-created are deleted again, so no partial bundle is left behind.
+created are deleted again (``DeleteObjects`` in batches of up to 1,000, by version; the commit markers
+first), so no partial bundle is left behind.
+
+Bounded failure: once a request fails, the publish keeps retrying for at most half of ``deadline_s``
+(and ``attempts`` tries per object); the clean-up must then finish within ``deadline_s`` of that first
+failure. A healthy publish is never cut short, however many objects it has. What could not be removed
+in time is listed in a JSON file (``publish-failed-<time>.json`` beside the bundle directory, else in
+``<state dir>/publish-failed``) and the error, one short line, says where. Left-overs never verify:
+the envelope (the commit marker) is uploaded last and deleted first.
 """
 
 from __future__ import annotations
@@ -81,7 +92,9 @@ _ENV = {
     "retention_mode": "MI300X_CERT_S3_RETENTION_MODE",
     "create_bucket": "MI300X_CERT_S3_CREATE_BUCKET",
     "prefix": "MI300X_CERT_S3_PREFIX",
+    "deadline_s": "MI300X_CERT_S3_DEADLINE_S",
 }
+DELETE_BATCH = 1000  # S3 DeleteObjects limit
 
 
 @dataclass
@@ -101,6 +114,7 @@ class StoreConfig:
     attempts: int = 4
     botocore_attempts: int = 3
     backoff_s: float = 0.5
+    deadline_s: float = 60.0
 
     @property
     def where(self) -> str:
@@ -167,6 +181,14 @@ def load_store_config(store: dict | None = None) -> StoreConfig:
                 setattr(cfg, name, typ(store[name]))
             except (TypeError, ValueError):
                 raise StorageError(f"store setting {name}={store[name]!r} is not a number") from None
+    dl = get("deadline_s")
+    if dl is not None:
+        try:
+            cfg.deadline_s = float(dl)
+        except (TypeError, ValueError):
+            raise StorageError(f"deadline_s ({_ENV['deadline_s']}) = {dl!r} is not a number of seconds") from None
+        if not cfg.deadline_s > 0:
+            raise StorageError(f"deadline_s ({_ENV['deadline_s']}) = {dl!r} must be more than 0 seconds")
     cfg.attempts = max(1, cfg.attempts)
     cfg.botocore_attempts = max(1, cfg.botocore_attempts)
     return cfg
@@ -269,26 +291,73 @@ def _b64(hexdigest: str) -> str:
     return base64.b64encode(bytes.fromhex(hexdigest)).decode("ascii")
 
 
-def _sleep(cfg: StoreConfig, attempt: int) -> None:
-    time.sleep(min(cfg.backoff_s * (2 ** attempt), 10.0))
+def _sleep(cfg: StoreConfig, attempt: int, budget: "_Budget | None" = None) -> None:
+    pause = min(cfg.backoff_s * (2 ** attempt), 10.0)
+    if budget is not None:
+        pause = max(0.0, min(pause, budget.retry_left()))
+    time.sleep(pause)
 
 
-def _retry(cfg: StoreConfig, what: str, fn: Callable[[], Any]) -> Any:
+class _Budget:
+    """How long a publish keeps going once the store stops answering: retries until half of
+    ``deadline_s`` after the first failure since the last success, clean-up until all of it."""
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = float(deadline_s)
+        self.failing_since: float | None = None
+
+    def ok(self) -> None:
+        self.failing_since = None
+
+    def failed(self) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+
+    def retry_left(self) -> float:
+        if self.failing_since is None:
+            return float("inf")
+        return self.failing_since + self.deadline_s / 2 - time.monotonic()
+
+    def cleanup_until(self) -> float:
+        return (self.failing_since if self.failing_since is not None else time.monotonic()) + self.deadline_s
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _retry(cfg: StoreConfig, what: str, fn: Callable[[], Any], budget: _Budget | None = None) -> Any:
     last: Exception | None = None
+    tries = 0
     for attempt in range(cfg.attempts):
+        tries += 1
         try:
-            return fn()
+            result = fn()
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001 - classified below
             if not _is_transient(e):
-                raise StorageError(f"{what} on {cfg.where}: {e}") from e
+                raise StorageError(f"{what} on {cfg.where}: {_short(e)}") from e
             last = e
+            if budget is not None:
+                budget.failed()
+                if budget.retry_left() <= 0:
+                    break
             if attempt + 1 < cfg.attempts:
-                _sleep(cfg, attempt)
+                _sleep(cfg, attempt, budget)
+            continue
+        if budget is not None:
+            budget.ok()
+        return result
+    gave_up = (f", gave up {cfg.deadline_s / 2:g} s after the first failure (half of deadline_s)"
+               if budget is not None and budget.retry_left() <= 0 and tries < cfg.attempts else "")
     if last is not None and _is_connection_error(last):
-        raise StorageError(f"cannot reach S3 endpoint {cfg.where} ({what}, {cfg.attempts} attempts): {last}") from last
-    raise StorageError(f"{what} on {cfg.where} failed after {cfg.attempts} attempts: {last}") from last
+        err = StorageError(f"cannot reach S3 endpoint {cfg.where} ({what}, {tries} attempts{gave_up}): {_short(last)}")
+    else:
+        err = StorageError(f"{what} on {cfg.where} failed after {tries} attempts{gave_up}: {_short(last) if last else ''}")
+    err.gave_up = gave_up  # type: ignore[attr-defined]
+    raise err from last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +440,10 @@ def _remote_sha256(client: Any, bucket: str, key: str, head: dict) -> str:
 
 
 def _put_one(client: Any, cfg: StoreConfig, key: str, data: bytes, sha_hex: str, content_type: str,
-             created: list[tuple[str, str | None]]) -> str:
-    """Put one object (skip when identical is present). Returns "uploaded" or "skipped"."""
+             created: list[tuple[str, str | None]], budget: _Budget | None = None,
+             uncertain: list[str] | None = None) -> str:
+    """Put one object (skip when identical is present). Returns "uploaded" or "skipped". A put
+    whose answer never came is named in ``uncertain`` (it may have been stored)."""
     from botocore.exceptions import ClientError, FlexibleChecksumError
 
     want = _b64(sha_hex)
@@ -388,6 +459,8 @@ def _put_one(client: Any, cfg: StoreConfig, key: str, data: bytes, sha_hex: str,
                                    f"(sha256 {base64.b64decode(have).hex()}, ours {sha_hex}): certificates are immutable")
             if maybe_landed:  # our own earlier put landed though its answer was lost: ours to roll back
                 created.append((key, head.get("VersionId")))
+                if uncertain is not None and key in uncertain:
+                    uncertain.remove(key)
                 return "uploaded"
             return "skipped"
         kwargs: dict[str, Any] = {
@@ -408,7 +481,11 @@ def _put_one(client: Any, cfg: StoreConfig, key: str, data: bytes, sha_hex: str,
             raise
         except Exception:
             maybe_landed = True
+            if uncertain is not None and key not in uncertain:
+                uncertain.append(key)
             raise
+        if uncertain is not None and key in uncertain:
+            uncertain.remove(key)
         version = resp.get("VersionId")
         created.append((key, version))
         # read it back and hash the bytes here: a server may store a claimed checksum unchecked
@@ -429,7 +506,7 @@ def _put_one(client: Any, cfg: StoreConfig, key: str, data: bytes, sha_hex: str,
             raise _ChecksumMismatch(f"s3://{cfg.bucket}/{key}: {problem}")
         return "uploaded"
 
-    return _retry(cfg, f"upload of s3://{cfg.bucket}/{key}", attempt)
+    return _retry(cfg, f"upload of s3://{cfg.bucket}/{key}", attempt, budget)
 
 
 def _delete(client: Any, cfg: StoreConfig, key: str, version: str | None) -> None:
@@ -441,19 +518,127 @@ def _delete(client: Any, cfg: StoreConfig, key: str, version: str | None) -> Non
     client.delete_object(**kwargs)
 
 
-def _rollback(client: Any, cfg: StoreConfig, created: list[tuple[str, str | None]]) -> list[str]:
-    """Delete what this attempt created (newest first). Returns messages for what could not go."""
-    problems = []
-    for key, version in reversed(created):
+def _delete_batch(client: Any, cfg: StoreConfig, batch: list[tuple[str, str | None]], *, versions: bool = True
+                  ) -> list[tuple[str, str | None, str]]:
+    """One DeleteObjects request. Returns the entries the store refused, with its reason."""
+    objects = [{"Key": k, **({"VersionId": v} if (v and versions) else {})} for k, v in batch]
+    kwargs: dict[str, Any] = {"Bucket": cfg.bucket, "Delete": {"Objects": objects, "Quiet": True}}
+    if versions and cfg.retention_days and cfg.retention_mode == "GOVERNANCE":
+        kwargs["BypassGovernanceRetention"] = True
+    resp = client.delete_objects(**kwargs)
+    refused = {(e.get("Key"), e.get("VersionId") or None): f"{e.get('Code')}: {e.get('Message')}"
+               for e in resp.get("Errors") or []}
+    out = []
+    for k, v in batch:
+        why = refused.get((k, v if versions else None)) or refused.get((k, None))
+        if why:
+            out.append((k, v, why))
+    return out
+
+
+def _rollback(client: Any, cfg: StoreConfig, created: list[tuple[str, str | None]], until: float
+              ) -> list[dict]:
+    """Delete what this attempt created — the commit markers first, then the rest in batches of
+    ``DELETE_BATCH`` — by ``until`` (a ``time.monotonic()`` deadline). Returns what is left over:
+    ``[{"key", "version_id", "state"}]``."""
+    left: list[dict] = []
+    markers = [c for c in reversed(created) if c[0].rsplit("/", 1)[-1] in COMMIT_ORDER_LAST]
+    rest = [c for c in reversed(created) if c not in markers]
+    batches = ([markers] if markers else []) + [rest[i:i + DELETE_BATCH] for i in range(0, len(rest), DELETE_BATCH)]
+    unreachable: str | None = None
+    for batch in batches:
+        pending = list(batch)
+        why = unreachable or "not deleted: deadline reached"
+        attempt = 0
+        while pending and unreachable is None and time.monotonic() < until and attempt < cfg.attempts:
+            try:
+                refused = _delete_batch(client, cfg, pending)
+            except Exception as e:  # noqa: BLE001 - the store failing is what we are cleaning up after
+                why = f"not deleted: {_short(e, 200)}"
+                attempt += 1
+                if attempt >= cfg.attempts and _is_connection_error(e):
+                    unreachable = f"not deleted: the store cannot be reached ({_short(e, 200)})"
+                    why = unreachable
+                    break
+                time.sleep(max(0.0, min(cfg.backoff_s * (2 ** (attempt - 1)), 10.0, until - time.monotonic())))
+                continue
+            pending = [(k, v) for k, v, _ in refused]
+            if pending and time.monotonic() < until:
+                # a locked version (COMPLIANCE retention) cannot go; a delete marker still hides it
+                try:
+                    still = {(k, v) for k, v, _ in _delete_batch(client, cfg, pending, versions=False)}
+                except Exception as e:  # noqa: BLE001
+                    still = set(pending)
+                    why = f"not deleted: {_short(e, 200)}"
+                for k, v, reason in refused:
+                    state = (f"not deleted ({reason})" if (k, v) in still
+                             else f"hidden by a delete marker (version locked: {reason})")
+                    left.append({"key": k, "version_id": v, "state": state})
+                pending = []
+            break
+        for k, v in pending:
+            left.append({"key": k, "version_id": v, "state": why})
+    return left
+
+
+def _landed_after_all(client: Any, cfg: StoreConfig, keys: list[str], until: float) -> dict:
+    """Puts whose answer never came: one HEAD each (while time is left) tells whether they landed.
+    ``{"ours": [(key, version)], "unknown": [key]}`` — a key that was absent before our put and is
+    present now is ours to delete."""
+    out: dict[str, list] = {"ours": [], "unknown": []}
+    for key in keys:
+        if time.monotonic() >= until:
+            out["unknown"].append(key)
+            continue
         try:
-            _retry(cfg, f"delete of s3://{cfg.bucket}/{key}", lambda: _delete(client, cfg, key, version))
-        except StorageError as e:
-            try:  # a locked version cannot be removed; a delete marker still hides it
-                client.delete_object(Bucket=cfg.bucket, Key=key)
-                problems.append(f"{key}: hidden by a delete marker (version locked: {e})")
-            except Exception as e2:  # noqa: BLE001
-                problems.append(f"{key}: {e2}")
-    return problems
+            head = _head(client, cfg.bucket, key)
+        except Exception:  # noqa: BLE001 - the store is what failed
+            out["unknown"].append(key)
+            continue
+        if head is not None:
+            out["ours"].append((key, head.get("VersionId")))
+    return out
+
+
+def _leftover_note(left: list[dict]) -> str:
+    if any(x["key"].endswith("/envelope.dsse.json") for x in left):
+        return ("envelope.dsse.json is among them: it is uploaded after every other object, so the bundle at this "
+                "URI was complete when it was stored; check it with mi300x-cert verify")
+    return ("no envelope.dsse.json among them (it is uploaded last and deleted first): these objects never verify "
+            "as a certificate; publishing the bundle again completes it, or delete them")
+
+
+def _reason(e: BaseException, cfg: StoreConfig) -> str:
+    """The failure in a few words (the full text goes to the left-over file)."""
+    cause = e.__cause__ if isinstance(e, StorageError) else e
+    if isinstance(cause, Exception) and _is_connection_error(cause):
+        return f"cannot reach S3 endpoint {cfg.where} ({type(cause).__name__}{getattr(e, 'gave_up', '')})"
+    return _short(e, 600)  # our own messages; botocore texts inside them are already cut to 300
+
+
+def _leftover_file(bundle: Path, record: dict) -> Path | None:
+    """Write the full list of left-over objects beside the bundle (else under the state dir)."""
+    import json as _json
+
+    from .rundir import atomic_write_text
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    name = f"publish-failed-{stamp}.json"
+    text = _json.dumps(record, indent=2, sort_keys=True) + "\n"
+    candidates = [bundle.resolve().parent / name]
+    try:
+        from .alerts import state_dir
+
+        candidates.append(state_dir() / "publish-failed" / f"{_safe(record.get('run_id') or 'bundle', 'run id')}-{name}")
+    except Exception:  # noqa: BLE001 - the state dir is a fallback only
+        pass
+    for path in candidates:
+        try:
+            atomic_write_text(path, text)
+            return path
+        except OSError:
+            continue
+    return None
 
 
 def publish_bundle(bundle_dir: str | Path, store: dict | None = None, *, client: Any = None) -> str:
@@ -476,20 +661,43 @@ def publish_bundle(bundle_dir: str | Path, store: dict | None = None, *, client:
     client = client or make_client(cfg)
     _ensure_bucket(client, cfg)
     created: list[tuple[str, str | None]] = []
+    uncertain: list[str] = []
+    budget = _Budget(cfg.deadline_s)
     current = None
+    names = _bundle_files(bundle)
     try:
-        for name in _bundle_files(bundle):
+        for name in names:
             current = name
             data = (bundle / name).read_bytes()
             _put_one(client, cfg, f"{prefix}/{name}", data, hashlib.sha256(data).hexdigest(),
-                     _content_type(name), created)
+                     _content_type(name), created, budget, uncertain)
     except BaseException as e:  # a failure, an interruption (SIGINT/SIGTERM) or a bug: no partial bundle stays
-        problems = _rollback(client, cfg, created)
+        budget.failed()
+        until = budget.cleanup_until()
+        maybe = _landed_after_all(client, cfg, [k for k in uncertain if not any(k == c[0] for c in created)], until)
+        created.extend(maybe["ours"])
+        left = _rollback(client, cfg, created, until)
+        left += [{"key": k, "version_id": None, "state": "possibly stored: the store never answered its upload"}
+                 for k in maybe["unknown"]]
+        removed = len(created) - sum(1 for x in left if x["key"] not in maybe["unknown"])
+        where = None
+        if left:
+            where = _leftover_file(bundle, {
+                "uri": uri, "endpoint": cfg.where, "bucket": cfg.bucket, "failed_at": current,
+                "error": _short(e, 2000), "created": len(created), "removed": removed, "left_over": left,
+                "run_id": prefix.rsplit("/", 1)[-1],
+                "note": (_leftover_note(left)),
+            })
         if not isinstance(e, (StorageError, OSError)):
             raise
-        left = f"; could not remove: {'; '.join(problems)}" if problems else ""
-        raise StorageError(f"publishing {uri} failed at {current}: {e}; removed the {len(created) - len(problems)} "
-                           f"object(s) this attempt created{left}") from e
+        tail = ""
+        if left:
+            tail = (f"; {len(left)} object(s) left over, listed in {where}" if where
+                    else f"; {len(left)} object(s) left over (no list could be written beside the bundle or in the "
+                         f"state dir; the first: {', '.join(x['key'] for x in left[:3])})")
+        count = f"the {len(created)}" if removed == len(created) else f"{removed} of the {len(created)}"
+        raise StorageError(f"publishing {uri} failed at {current}: {_reason(e, cfg)}; removed {count} "
+                           f"object(s) this attempt created{tail}") from e
     return uri
 
 

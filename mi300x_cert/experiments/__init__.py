@@ -6,7 +6,11 @@
     finalize_experiment(run_dir, name) -> dict rows.csv, statistics tables, conditions.json
     run_experiment(run_dir, name) -> dict      plan → every case → finalize (the CLI path)
     run_all(run_dir, names) -> dict            the enabled ones among names, then finish_run
+    resume_run(run_dir) -> dict                finish an interrupted run: only what is missing, then finish_run
     finish_run(run_dir) -> state               complete only if every enabled experiment is finalized, all cases ok
+
+Everything that measures holds the host's lock (:func:`mi300x_cert.hostlock.host_lock`): ``run_case``
+and ``run_experiment`` (the Airflow tasks), ``run_all`` and ``resume_run`` (the command line).
 
 Experiments register with ``@register("sd-throughput")`` in their own module; the registry maps
 names to modules and imports one only when it is asked for, and no experiment module imports torch
@@ -38,7 +42,10 @@ __all__ = [
     "finalize_experiment",
     "run_experiment",
     "run_all",
+    "resume_run",
+    "prepare_and_run",
     "finish_run",
+    "measuring",
 ]
 
 EXPERIMENTS = ("bare-metal", "sd-throughput", "whisper", "resnet50")
@@ -82,6 +89,14 @@ def _locked(rd: Any) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def measuring(rd: Any, profile: Any, wait_s: float | None = None) -> Any:
+    """The host lock of a run directory's host (its profile's ``host.name``): one measurement per
+    host at a time. Re-entrant in one process for the same run directory."""
+    from ..hostlock import host_lock
+
+    return host_lock(profile.host.name, rd.root, wait_s)
 
 
 def _open_backend(profile: Any, rd: Any = None) -> Any:
@@ -136,6 +151,9 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
     except Exception as e:  # a vendor library failing in an unexpected way
         raise TelemetryError(f"telemetry backend {prof.telemetry.backend!r} failed its check: {type(e).__name__}: {e}") from e
     out = Path(out)
+    if (out / "run.json").is_file():
+        raise RunDirError(f"{out} already holds a run; choose a new --out, or finish that run with "
+                          f"`mi300x-cert run --resume {out}` (or `mi300x-cert certify --resume {out}`)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunDirError(f"{out} exists and is not empty; choose a new --out")
     try:
@@ -219,19 +237,32 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
     raises WorkerError after the status is written (the Airflow task path, so the task fails and
     its retry reruns only this case).
     """
-    from ..network import NetworkMonitor, NETWORK_COLUMNS, SOCKET_COLUMNS, isolation_prefix
-    from ..rundir import CsvStream, RunDir, utcnow
-    from ..telemetry import EVENT_COLUMNS, TELEMETRY_COLUMNS, Sampler
-    from ..launcher import launch
+    from ..rundir import RunDir
 
     rd = RunDir(run_dir)
-    exp = get_experiment(experiment)
     case_id = str(case["case_id"])
     if rd.case_done(experiment, case_id):
         st = dict(rd.case_status(experiment, case_id) or {})
         st["skipped"] = True
         return st
     profile = rd.load_profile()
+    with measuring(rd, profile):
+        return _run_case_locked(rd, profile, experiment, case, raise_on_failure=raise_on_failure, progress=progress)
+
+
+def _run_case_locked(rd: Any, profile: Any, experiment: str, case: dict, *, raise_on_failure: bool,
+                     progress: bool) -> dict:
+    from ..network import NetworkMonitor, NETWORK_COLUMNS, SOCKET_COLUMNS, isolation_prefix
+    from ..rundir import CsvStream, utcnow
+    from ..telemetry import EVENT_COLUMNS, TELEMETRY_COLUMNS, Sampler
+    from ..launcher import launch
+
+    exp = get_experiment(experiment)
+    case_id = str(case["case_id"])
+    if rd.case_done(experiment, case_id):  # finished by another process while we waited for the lock
+        st = dict(rd.case_status(experiment, case_id) or {})
+        st["skipped"] = True
+        return st
     run_id = rd.run_id
     attempt = _retire_attempt(rd, experiment, case_id)
     stem = f"{experiment}-{case_id}"
@@ -471,28 +502,76 @@ def run_experiment(run_dir: str | Path, experiment: str, progress: bool = False,
         return {"experiment": experiment, "state": "disabled"}
     cases = exp.plan(rd, profile)
     bar = None
-    if progress:
-        from tqdm import tqdm
+    with measuring(rd, profile):  # the whole experiment: no other run slips in between its cases
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=len(cases), desc=experiment, unit="case", file=sys.stderr, dynamic_ncols=True)
-    try:
-        for case in cases:
-            st = run_case(rd.root, experiment, case, raise_on_failure=raise_on_failure, progress=progress)
+            bar = tqdm(total=len(cases), desc=experiment, unit="case", file=sys.stderr, dynamic_ncols=True)
+        try:
+            for case in cases:
+                st = run_case(rd.root, experiment, case, raise_on_failure=raise_on_failure, progress=progress)
+                if bar is not None:
+                    bar.set_postfix_str(f"{case['case_id']}: {st.get('status')}{' (done earlier)' if st.get('skipped') else ''}")
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.set_postfix_str(f"{case['case_id']}: {st.get('status')}{' (done earlier)' if st.get('skipped') else ''}")
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return finalize_experiment(rd.root, experiment)
+                bar.close()
+        return finalize_experiment(rd.root, experiment)
 
 
-def run_all(run_dir: str | Path, names: list[str] | tuple[str, ...] = EXPERIMENTS, progress: bool = False) -> dict:
-    """Run the enabled experiments among ``names`` in order, then :func:`finish_run`."""
+def run_all(run_dir: str | Path, names: list[str] | tuple[str, ...] = EXPERIMENTS, progress: bool = False, *,
+            wait_s: float | None = None) -> dict:
+    """Run the enabled experiments among ``names`` in order, then :func:`finish_run`, holding the
+    host lock throughout (``wait_s``: how long to wait for it; HostBusyError names the holder).
+    Cases already done are skipped, so this also finishes an interrupted run."""
     from ..rundir import RunDir
 
     rd = RunDir(run_dir)
     profile = rd.load_profile()
+    with measuring(rd, profile, wait_s):
+        return _run_all_locked(rd, profile, names, progress)
+
+
+def prepare_and_run(profile: str | Path, out: str | Path, names: list[str] | tuple[str, ...] = EXPERIMENTS, *,
+                    overrides: dict | None = None, run_id: str | None = None, progress: bool = False,
+                    wait_s: float | None = None) -> dict:
+    """:func:`prepare_run` then :func:`run_all`, both under the host lock (the command line's
+    ``run`` and ``certify``): a busy host is refused before a run directory is created."""
+    from ..config import load_profile
+    from ..hostlock import host_lock
+
+    prof = load_profile(profile, overrides=overrides)
+    with host_lock(prof.host.name, out, wait_s):
+        run_dir = prepare_run(profile, out, overrides=overrides, run_id=run_id)
+        print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
+        return run_all(run_dir, names, progress=progress, wait_s=wait_s)
+
+
+def resume_run(run_dir: str | Path, names: list[str] | tuple[str, ...] = EXPERIMENTS, progress: bool = False, *,
+               wait_s: float | None = None) -> dict:
+    """Finish an interrupted or failed run in place (``mi300x-cert run --resume DIR``): cases with
+    status ok are kept, the interrupted or failed ones run again (their earlier files move under
+    ``attempts/``), then the experiments are finalized and the run is marked complete or failed.
+
+    A run that is still measuring holds the host lock: resuming it waits for it / refuses naming it.
+    A complete run is returned as it is. Raises RunDirError when ``run_dir`` is not a run directory.
+    """
+    from ..rundir import RunDir
+
+    rd = RunDir(run_dir)
+    profile = rd.load_profile()
+    with measuring(rd, profile, wait_s):
+        if rd.state == "complete":
+            return {"state": "complete", "run_dir": str(rd.root), "error": None, "experiments": {},
+                    "resumed": False}
+        with _locked(rd):
+            rd.reopen()
+        result = _run_all_locked(rd, profile, names, progress)
+        result["resumed"] = True
+        return result
+
+
+def _run_all_locked(rd: Any, profile: Any, names: list[str] | tuple[str, ...], progress: bool) -> dict:
     results: dict[str, Any] = {}
     current = None
     try:

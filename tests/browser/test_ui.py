@@ -38,7 +38,7 @@ def fill_and_trigger(page, url: str, shots: Path) -> None:
     dialog = page.get_by_role("dialog")
     dialog.get_by_text("Trigger Dag - manual_certify").wait_for(timeout=30_000)
     dialog.get_by_role("button", name="Target").click()
-    pick(page, "card_set", "Cards [0-3] (4 cards)")
+    pick(page, "card_set", "Cards [0-3] (4 cards) on smoke-host, mi300x-01")
     dialog.get_by_role("button", name="Matrix").click()
     pick(page, "batch_configs", "1x2")
     pick(page, "process_counts", "1")

@@ -50,6 +50,12 @@ def test_form_fields_render_as_typed_widgets(dags):
     assert schema["host"]["enum"][0] == "smoke-host"
     assert "[12-15]" in schema["card_set"]["enum"] and "custom" in schema["card_set"]["enum"]
     assert schema["card_set"]["values_display"]["[0,2,5,6,7,9,11,12]"].startswith("Cards")
+    # every named set says which hosts have it (a Param cannot depend on the chosen host)
+    assert schema["card_set"]["values_display"]["[4-7]"] == "Cards [4-7] (4 cards) on mi300x-01"
+    assert schema["card_set"]["values_display"]["[0-3]"] == "Cards [0-3] (4 cards) on smoke-host, mi300x-01"
+    assert schema["card_set"]["values_display"]["[0]"] == "Cards [0] (1 card) on h100-01"
+    assert "h100-01` [0]" in schema["custom_cards"]["description_md"]
+    assert schema["host"]["values_display"]["h100-01"] == "h100-01 (h100, 1 card)"
     assert "array" in schema["batch_configs"]["type"] and "128x4" in schema["batch_configs"]["examples"]
     assert schema["process_counts"]["examples"] == [1, 2, 4, 8, 16]
     assert schema["repetitions"]["minimum"] == 1
@@ -95,7 +101,7 @@ def test_conf_becomes_overrides(small_fleet):
 
 
 @pytest.mark.parametrize("conf, field", [
-    ({"card_set": "custom", "custom_cards": "[6-12]"}, "card_set"),       # card 12 not on an 8-card host
+    ({"card_set": "custom", "custom_cards": "[6-12]"}, "custom_cards"),   # card 12 not on an 8-card host
     ({"card_set": "custom", "custom_cards": ""}, "custom_cards"),
     ({"model_source": "synthetic:no-such-arch"}, "model_source"),
     ({"model_source": "/nonexistent/weights"}, "model_source"),
@@ -107,3 +113,84 @@ def test_cross_validation_names_the_field(small_fleet, conf, field):
 
     with pytest.raises(ProfileError, match=f"field '{field}'"):
         check_request("certify", {"host": "eight-host", **conf}, small_fleet)
+
+
+def test_custom_card_list_schema_error_is_readable(dags):
+    """The schema's error quotes its pattern: a character class, not a regex of the whole syntax."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError) as e:
+        _validate(dags["manual_certify"], {"custom_cards": "zero, one"})
+    msg = str(e.value).splitlines()[0]
+    assert msg == "Invalid input for param custom_cards: 'zero, one' does not match '^[0-9 ,\\\\[\\\\]-]*$'", msg
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """An 8-card host and a 1-card host with their own card sets."""
+    from mi300x_cert.fleet import load_fleet
+
+    eight = tmp_path / "eight.yaml"
+    eight.write_text("name: eight\nsku: smoke\nhost: {cards: 8}\ndevice: cpu\n"
+                     "experiments:\n  bare-metal: {groups: ['[0-3]']}\n  sd-throughput: {cards: '[0-3]'}\n")
+    one = tmp_path / "one.yaml"
+    one.write_text("name: one\nsku: smoke\nhost: {cards: 1}\ndevice: cpu\n"
+                   "experiments:\n  bare-metal: {groups: ['[0]']}\n  sd-throughput: {cards: '[0]', process_counts: [1]}\n")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"servers:\n  - {{name: eight-host, profile: {eight}, sku: smoke, cards: 8, "
+                     "card_groups: {'[0-3]': '0-3', '[4-7]': '4-7'}}\n"
+                     f"  - {{name: one-host, profile: {one}, sku: smoke, cards: 1, card_groups: {{'[0]': [0]}}}}\n")
+    return load_fleet(fleet)
+
+
+def test_card_set_labels_name_their_hosts(two_hosts):
+    from mi300x_cert.airflow_dags import manual_params
+
+    p = manual_params("certify", two_hosts)
+    shown = p["card_set"].schema["values_display"]
+    assert shown["[4-7]"] == "Cards [4-7] (4 cards) on eight-host"
+    assert shown["[0]"] == "Cards [0] (1 card) on one-host"
+    assert "`eight-host` [0-7]; `one-host` [0]" in p["custom_cards"].schema["description_md"]
+
+
+@pytest.mark.parametrize("conf, message", [
+    ({"card_set": "[4-7]"},
+     "field 'card_set': host one-host has no card set '[4-7]' (its cards: [0]; its card sets: [0]; or choose 'all' or 'custom')"),
+    ({"card_set": "custom", "custom_cards": "[0-3]"},
+     "field 'custom_cards': host one-host has no card(s) [1, 2, 3]; its cards are [0]"),
+    ({"card_set": "custom", "custom_cards": "5-"},
+     "field 'custom_cards': card set '5-': '5-' is neither a card id, a range nor a group name "
+     "(write card ids and ranges, e.g. [0,2,5-7] or 12-15)"),
+])
+def test_card_set_the_host_lacks_is_refused_naming_its_cards(two_hosts, conf, message):
+    """Refused by check_conf, before the run is handed to the host: one message naming the host and its cards."""
+    from mi300x_cert.airflow_dags import check_request
+    from mi300x_cert.errors import ProfileError
+
+    with pytest.raises(ProfileError) as e:
+        check_request("certify", {"host": "one-host", **conf}, two_hosts)
+    assert str(e.value) == message
+    # the same sets are fine on the host that has them
+    ok = check_request("certify", {"host": "eight-host", "card_set": "[4-7]"}, two_hosts)
+    assert ok["overrides"]["experiments"]["sd-throughput"]["cards"] == [4, 5, 6, 7]
+    ok = check_request("certify", {"host": "one-host", "card_set": "[0]"}, two_hosts)
+    assert ok["overrides"]["experiments"]["bare-metal"]["groups"] == [[0]]
+
+
+def test_check_conf_task_refuses_a_card_set_of_another_host(two_hosts):
+    """The manual DAG's first task fails (no retry) with the readable message: the run never starts."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mi300x_cert.airflow_dags import build_manual_dag
+
+    dag = build_manual_dag("certify", two_hosts)
+    task = dag.get_task("check_conf")
+    assert task.retries == 0
+    from unittest import mock
+
+    with mock.patch("mi300x_cert.airflow_dags.get_current_context",
+                    return_value={"params": {"host": "one-host", "card_set": "[0-3]"}, "run_id": "r",
+                                  "dag": dag}):
+        with pytest.raises(AirflowFailException, match=r"bad trigger form: field 'card_set': host one-host has no "
+                                                        r"card set '\[0-3\]' \(its cards: \[0\]"):
+            task.python_callable()

@@ -127,3 +127,35 @@ def test_certify_bad_profile_is_one_error_and_no_run_dir(tmp_path, cert_env, cap
     assert "batch_configs" in err and "8by64" in err and str(path) in err
     assert not (tmp_path / "run").exists()
     assert _keys(cert_env) == []
+
+
+def test_certify_resume_finishes_a_killed_run_and_publishes(tmp_path, cert_env, capsys):
+    """`certify` SIGKILLed while a worker is mid-case leaves `state: running`; `certify --resume`
+    measures what is missing, then validates, signs, publishes and verifies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    prof = _profile(tmp_path, "ok")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MI300X_CERT_DEBUG_PARAMS": json.dumps({"hang_at": 0})}
+    proc = subprocess.Popen([sys.executable, "-m", "mi300x_cert.cli", "certify", "--profile", str(prof), "--out",
+                             str(out), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "results" / "bare-metal" / "cases"
+    t0 = time.time()
+    while not any("hanging at batch 0" in p.read_text() for p in log.glob("*/proc*.log")):
+        assert time.time() - t0 < 60 and proc.poll() is None, "the worker never hung"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert json.loads((out / "run.json").read_text())["state"] == "running"
+
+    rc = cli.main(["certify", "--resume", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert f"resuming run directory: {out}" in err and "published and verified: s3://" in err and "CERTIFIED" in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["state"] == "complete" and [r["state"] for r in run["resumed"]] == ["running"]
+    assert any(k.endswith("/envelope.dsse.json") for k in _keys(cert_env))

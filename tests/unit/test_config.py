@@ -162,3 +162,56 @@ def test_bad_run_id_is_refused_before_anything_is_written(tmp_path, run_id):
     with pytest.raises(RunDirError, match="is not usable"):
         prepare_run("smoke", out, run_id=run_id)
     assert not out.exists()
+
+
+# ---- fleet ↔ profile consistency ---------------------------------------------------------------
+def test_shipped_fleet_agrees_with_its_profiles():
+    from mi300x_cert.fleet import load_fleet
+
+    fleet = load_fleet()
+    for s in fleet.servers:
+        prof = load_profile(s.profile)
+        assert s.card_ids == prof.host.card_ids, s.name
+        assert all(set(cards) <= set(prof.host.card_ids) for cards in s.card_groups.values()), s.name
+    assert fleet.server("h100-01").cards == 1
+
+
+def _fleet(tmp_path: Path, cards: int, groups: str = "{'[0]': [0]}") -> Path:
+    f = tmp_path / "fleet.yaml"
+    f.write_text("servers:\n  - {name: smoke-host, profile: smoke, sku: smoke, cards: 16}\n"
+                 f"  - {{name: h100-01, profile: h100, sku: h100, cards: {cards}, card_groups: {groups}}}\n")
+    return f
+
+
+def test_fleet_cards_differing_from_the_profile_is_one_error_naming_both_files(tmp_path):
+    from mi300x_cert.fleet import load_fleet
+
+    f = _fleet(tmp_path, 8, "{'[0-3]': [0, 1, 2, 3], '[4-7]': '4-7'}")
+    with pytest.raises(ProfileError) as e:
+        load_fleet(f)
+    msg = str(e.value)
+    h100 = load_profile("h100").source_file
+    assert msg.startswith(f"{f} disagrees with the profiles: ")
+    assert f"servers.1 (h100-01).cards = 8 but its profile {h100} has host.cards = 1 (cards [0])" in msg
+    assert "servers.1 (h100-01).card_groups '[0-3]': unknown card id(s) [1, 2, 3]: the host has cards [0]" in msg
+    assert "'[4-7]': unknown card id(s) [4, 5, 6, 7]" in msg
+    assert "\n" not in msg and "smoke-host" not in msg  # one line; the host that agrees is not blamed
+
+
+def test_fleet_card_group_naming_a_card_the_host_lacks_is_refused(tmp_path):
+    from mi300x_cert.fleet import load_fleet
+
+    with pytest.raises(ProfileError) as e:
+        load_fleet(_fleet(tmp_path, 1, "{'[0-1]': '0-1'}"))
+    assert str(e.value).endswith("servers.1 (h100-01).card_groups '[0-1]': unknown card id(s) [1]: the host has cards [0] "
+                                 f"({load_profile('h100').source_file} host.cards)")
+    assert load_fleet(_fleet(tmp_path, 1)).server("h100-01").card_groups == {"[0]": [0]}
+
+
+def test_fleet_server_with_a_missing_profile_names_the_field(tmp_path):
+    from mi300x_cert.fleet import load_fleet
+
+    f = tmp_path / "fleet.yaml"
+    f.write_text("servers:\n  - {name: a, profile: no-such-profile, sku: smoke, cards: 4}\n")
+    with pytest.raises(ProfileError, match=r"servers\.0 \(a\)\.profile: profile 'no-such-profile' not found"):
+        load_fleet(f)
