@@ -150,6 +150,26 @@ def _varied_whisper():
     return m, feats
 
 
+def test_whisper_generate_many_same_tokens_as_generate_per_batch():
+    """A stream of batches through ``generate_many``: each batch's tokens are generate's on it; on
+    the CPU there are no device streams, so the batches run in series and the notes say why."""
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    m, feats = _varied_whisper()
+    gc = m.generation_config
+    n = 6
+    fw = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=n,
+                     begin_suppress_tokens=gc.begin_suppress_tokens, eos_token_id=gc.eos_token_id, encoder_chunk=1)
+    xs = [feats[:2], feats[1:], feats[:2]]
+    outs = fw.generate_many(xs)
+    assert len(outs) == 3
+    for x, got in zip(xs, outs):
+        want = m.generate(x, max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")
+        assert torch.equal(want[:, -n:], got[:, -n:])
+    assert fw.notes["batches"]["overlap"] is False and "CPU" in fw.notes["batches"]["why"]
+    assert fw.overlap_possible()[0] is False and fw.generate_many([]) == []
+
+
 def test_whisper_fast_encoder_in_chunks_same_tokens_and_options_checked():
     """The encoder run in chunks of clips (bounding memory at large batches) changes nothing."""
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
