@@ -421,11 +421,15 @@ def _whisper_overlap_row(args: argparse.Namespace, fast: Any, variant: str, b: i
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         ev = fast.batch_events
+        # time between batch completions; batch i (0 < i < n-1) decoded while the encoder of batch
+        # i+1 ran beside it: those are the steady state (the last batch has no encoder beside it)
         steps = [ev[i - 1].elapsed_time(ev[i]) / 1e3 for i in range(1, len(ev)) if ev[i] is not None]
+        steady = steps[:-1]
         row.update({"overlap": bool(fast.notes.get("batches", {}).get("overlap")), "overlap_note": fast.notes.get("batches"),
                     "stream_s": dt, "batch_latency_s": dt / n, "tokens": n * b * N, "tokens_per_s": n * b * N / dt,
-                    "steady_batch_s": statistics.median(steps) if steps else None,
-                    "steady_tokens_per_s": b * N / statistics.median(steps) if steps else None,
+                    "between_batches_s": steps,
+                    "steady_batch_s": statistics.median(steady) if steady else None,
+                    "steady_tokens_per_s": b * N / statistics.median(steady) if steady else None,
                     "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
         got = outs[0][:, -N:].cpu()
         serial = tokens.get(f"{variant}-{b}")
