@@ -543,9 +543,9 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 _log(f"[whisper] {variant} b{b} failed: {row['error']}")
             m.forward = stock_forward
-            if fast is not None:
+            if fast is not None:  # saved before the overlap row, which reuses its caches and graph
                 row.update(counts)
-            res.add("whisper", row)
+                res.add("whisper", row)
             if fast is not None and args.whisper_overlap > 1 and "error" not in row:
                 if time.time() > deadline:
                     res.data["notes"].append(f"whisper {variant}+overlap b{b}: skipped (time limit)")
