@@ -7,8 +7,9 @@
 Every number is measured in the same process on the same card: medians over ``--repeats`` timed
 batches after one warm-up batch (warm-up, compilation and graph capture reported separately),
 synchronized before the clock is read. TFLOP/s use a FLOP count made with
-``torch.utils.flop_counter`` on the same modules; the card's reference matrix rate is an 8192³ bf16
-GEMM measured in the same run. The JSON is written after each measurement, so a killed run keeps
+``torch.utils.flop_counter`` on the same modules; the card's ceilings — an 8192³ bf16 GEMM and a
+4 GiB device-to-device copy — are measured in the same run, and every figure is also rendered as a
+fraction of them. The JSON is written after each measurement, so a killed run keeps
 what it finished. ``--write-docs`` renders the Markdown table from one or more JSON files.
 
 Variants:
@@ -19,7 +20,9 @@ Variants:
   Whisper  stock     = WhisperForConditionalGeneration.generate, eager, sdpa, greedy
            recipe    = stock generate with a static cache and forward compiled (reduce-overhead)
            optimized = FastWhisper (compiled encoder, hidden-form cross-attention, static cache,
-                       graph-captured decode step); --whisper-cross adds forced forms
+                       graph-captured decode step); --whisper-cross adds forced forms;
+                       optimized+overlap = a stream of --whisper-overlap batches, the next batch's
+                       encoder on a second stream during decoding (generate_many)
 """
 
 from __future__ import annotations

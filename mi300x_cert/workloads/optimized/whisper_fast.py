@@ -25,6 +25,12 @@ Triton kernel that streams each head's K/V once (the step is bound by reading th
 the written cache rows. Without triton (CPU) the K/V form runs through SDPA and the hidden form
 through plain torch ops (float32 attention). The encoder runs in chunks of
 clips so that large batches fit beside their cross K/V caches.
+
+A stream of batches (:meth:`FastWhisper.generate_many`) can run the next batch's encoder on a
+second device stream while the current batch decodes (hidden form, GPU): same tokens as
+:meth:`FastWhisper.generate` per batch. It pays only where the encoder's kernels can be resident
+beside the decode step's (on an H200 the hidden-form kernel's shared memory leaves them no room:
+measured no gain, see docs/performance.md).
 """
 
 from __future__ import annotations
