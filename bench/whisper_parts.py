@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(encoder)")
     ap.add_argument("--profile-batch", type=int, default=0, help="profile one decode step at this batch")
     ap.add_argument("--skip-encoder", action="store_true", help="only the cross-attention (and the step profile)")
+    ap.add_argument("--extra-configs", default="sweep", choices=["sweep", "none"],
+                    help="also time launch configurations beyond the chooser's candidates")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import torch
@@ -90,8 +92,12 @@ def main() -> None:
     ref_last = wf.hidden_attention_reference(qp[-4:], X[0][-4:]).float()
     cfgs: dict[str, Any] = {}
     with torch.inference_mode():
-        extra = ((128, 1, 4, 2, 16), (64, 1, 8, 3, 16), (32, 1, 2, 3, 16), (64, 1, 4, 4, 16), (16, 1, 4, 3, 32),
-                 (64, 1, 8, 3, 32), (32, 1, 16, 2, 32), (16, 1, 8, 2, 64))
+        # beyond the chooser's candidates: fewer rows per block (less shared memory, so a second
+        # program or another kernel fits on a multiprocessor), more warps, deeper pipelines
+        extra = ((16, 1, 4, 2, 16), (16, 1, 4, 4, 16), (16, 1, 8, 3, 16), (16, 1, 8, 4, 16), (32, 1, 8, 2, 16),
+                 (32, 1, 8, 3, 16), (64, 1, 8, 2, 16), (16, 1, 2, 3, 16), (32, 1, 4, 3, 32), (16, 1, 8, 3, 32))
+        if a.extra_configs == "none":
+            extra = ()
         for c in wf.HIDDEN_ATTN_CONFIGS + extra:
             key = "b{} s{} w{} st{} h{}".format(*c)
             try:

@@ -7,8 +7,9 @@
 Every number is measured in the same process on the same card: medians over ``--repeats`` timed
 batches after one warm-up batch (warm-up, compilation and graph capture reported separately),
 synchronized before the clock is read. TFLOP/s use a FLOP count made with
-``torch.utils.flop_counter`` on the same modules; the card's reference matrix rate is an 8192³ bf16
-GEMM measured in the same run. The JSON is written after each measurement, so a killed run keeps
+``torch.utils.flop_counter`` on the same modules; the card's ceilings — an 8192³ bf16 GEMM and a
+4 GiB device-to-device copy — are measured in the same run, and every figure is also rendered as a
+fraction of them. The JSON is written after each measurement, so a killed run keeps
 what it finished. ``--write-docs`` renders the Markdown table from one or more JSON files.
 
 Variants:
@@ -19,7 +20,9 @@ Variants:
   Whisper  stock     = WhisperForConditionalGeneration.generate, eager, sdpa, greedy
            recipe    = stock generate with a static cache and forward compiled (reduce-overhead)
            optimized = FastWhisper (compiled encoder, hidden-form cross-attention, static cache,
-                       graph-captured decode step); --whisper-cross adds forced forms
+                       graph-captured decode step); --whisper-cross adds forced forms;
+                       optimized+overlap = a stream of --whisper-overlap batches, the next batch's
+                       encoder on a second stream during decoding (generate_many)
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _log(*a: Any) -> None:
 class Results:
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.data: dict[str, Any] = {"conditions": {}, "gemm": None, "sd": [], "whisper": [], "telemetry": None,
+        self.data: dict[str, Any] = {"conditions": {}, "gemm": None, "copy": None, "sd": [], "whisper": [], "telemetry": None,
                                      "notes": []}
 
     def save(self) -> None:
@@ -114,6 +117,48 @@ def measure_gemm(n: int = 8192, reps: int = 20) -> dict[str, Any]:
         ts.append(s.elapsed_time(e) / 1e3)
     t = statistics.median(ts)
     return {"n": n, "dtype": "bfloat16", "median_s": t, "tflops": 2 * n**3 / t / 1e12}
+
+
+def measure_copy(gib: float = 4.0, reps: int = 20) -> dict[str, Any]:
+    """Device-to-device copy of ``gib`` GiB: TB/s counting bytes read plus bytes written (median of
+    ``reps`` event-timed copies): the card's memory-bandwidth ceiling for this run."""
+    import torch
+
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        dst.copy_(src)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    t = statistics.median(ts)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"gib": gib, "median_s": t, "tb_per_s": 2 * n * 2 / t / 1e12}
+
+
+def whisper_bound(row: dict[str, Any], gemm: dict[str, Any] | None, copy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The tokens/s this run's measured ceilings allow a Whisper row: per generated token, the
+    cross-attention bytes over the copy rate and the encoder's FLOPs (per clip ÷ new tokens) over
+    the GEMM rate; summed when the encoder runs in series, the larger of the two when it overlaps
+    decoding. None without the ceilings or the row's counts."""
+    b, f = row.get("xattn_bytes_per_token"), row.get("encoder_tflop_per_clip")
+    if not (gemm and copy and b and f and row.get("new_tokens")):
+        return None
+    if row.get("cross_form") == "kv":  # every layer's K and V instead of the encoder output once
+        b = 2 * b
+    t_x = b / (copy["tb_per_s"] * 1e12)
+    t_e = f / row["new_tokens"] / gemm["tflops"]
+    t = max(t_x, t_e) if row.get("overlap") else t_x + t_e
+    return {"tokens_per_s": 1 / t, "fraction": row["tokens_per_s"] * t, "xattn_us_per_token": t_x * 1e6,
+            "encoder_us_per_token": t_e * 1e6, "overlapped": bool(row.get("overlap"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +388,66 @@ def _whisper_recipe_in_child(args: argparse.Namespace, b: int, ref: Any, deadlin
         return row
 
 
+def _whisper_counts(m: Any, nmel: int) -> dict[str, Any]:
+    """What one generated token costs the optimized path at least: the encoder output read by every
+    decoder layer's cross-attention (hidden form: L × S × E elements) and the encoder's FLOPs per
+    30 s clip (FlopCounterMode on one clip)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(m.parameters())
+    x = torch.randn(1, nmel, 3000, device=p.device, dtype=p.dtype)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        S = int(m.model.encoder(x).last_hidden_state.shape[1])
+    L, E = int(m.config.decoder_layers), int(m.config.d_model)
+    return {"encoder_tflop_per_clip": fc.get_total_flops() / 1e12,
+            "xattn_bytes_per_token": L * S * E * p.element_size()}
+
+
+def _whisper_overlap_row(args: argparse.Namespace, fast: Any, variant: str, b: int, feats: list[Any],
+                         tokens: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    """``--whisper-overlap`` batches of size ``b`` through ``generate_many`` (the next batch's encoder
+    on a second stream during decoding): tokens/s over the whole stream (the first batch's encoder
+    in series included), the steady per-batch time between batch completions (device events), and
+    the tokens against the same path in series and against stock."""
+    import torch
+
+    n, N = int(args.whisper_overlap), args.new_tokens
+    row: dict[str, Any] = {"variant": f"{variant}+overlap", "batch": b, "new_tokens": N, "dtype": args.dtype,
+                           "model": args.whisper_model, "batches": n, "cross_form": fast.cross, **counts}
+    try:
+        xs = [feats[i % 2] for i in range(n)]
+        fast.generate_many(xs[:2])  # warm: the side stream's first use
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = fast.generate_many(xs)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        ev = fast.batch_events
+        # time between batch completions; batch i (0 < i < n-1) decoded while the encoder of batch
+        # i+1 ran beside it: those are the steady state (the last batch has no encoder beside it)
+        steps = [ev[i - 1].elapsed_time(ev[i]) / 1e3 for i in range(1, len(ev)) if ev[i] is not None]
+        steady = steps[:-1]
+        row.update({"overlap": bool(fast.notes.get("batches", {}).get("overlap")), "overlap_note": fast.notes.get("batches"),
+                    "stream_s": dt, "batch_latency_s": dt / n, "tokens": n * b * N, "tokens_per_s": n * b * N / dt,
+                    "between_batches_s": steps,
+                    "steady_batch_s": statistics.median(steady) if steady else None,
+                    "steady_tokens_per_s": b * N / statistics.median(steady) if steady else None,
+                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+        got = outs[0][:, -N:].cpu()
+        serial = tokens.get(f"{variant}-{b}")
+        if serial is not None:
+            row["vs_serial"] = _token_agreement(serial, got)
+        ref = tokens.get(f"stock-{b}")
+        if ref is not None:
+            row["vs_stock"] = _token_agreement(ref, got)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        _log(f"[whisper] {variant}+overlap b{b} failed: {row['error']}")
+    torch.cuda.empty_cache()
+    return row
+
+
 def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> None:
     import torch
 
@@ -365,6 +470,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                                   suppress_tokens=getattr(gc, "suppress_tokens", None),
                                   begin_suppress_tokens=getattr(gc, "begin_suppress_tokens", None),
                                   eos_token_id=gc.eos_token_id, device="cuda", cross=c)
+    counts = _whisper_counts(m, nmel)
     stock_batches = [int(x) for x in args.whisper_stock_batch.split(",")]
     batches = sorted(set(stock_batches) | {int(x) for x in args.whisper_batch.split(",")})
     child = bool(getattr(args, "whisper_recipe_child", False))
@@ -440,11 +546,20 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 _log(f"[whisper] {variant} b{b} failed: {row['error']}")
             m.forward = stock_forward
+            if fast is not None:  # saved before the overlap row, which reuses its caches and graph
+                row.update(counts)
+                res.add("whisper", row)
+            if fast is not None and args.whisper_overlap > 1 and "error" not in row:
+                if time.time() > deadline:
+                    res.data["notes"].append(f"whisper {variant}+overlap b{b}: skipped (time limit)")
+                else:
+                    res.add("whisper", _whisper_overlap_row(args, fast, variant, b, feats, tokens, counts))
             for other in fasts.values():  # peak memory of the next variant starts from no caches
                 other._states.clear()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            res.add("whisper", row)
+            if fast is None:
+                res.add("whisper", row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,8 +674,12 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
                 f"diffusers {c.get('diffusers')}, transformers {c.get('transformers')}, python {c.get('python')}; "
                 f"started {c.get('started')}.", ""]
         g = d.get("gemm")
+        cp = d.get("copy")
         if g:
             out += [f"Reference matrix rate: {g['n']}³ {g['dtype']} GEMM = **{g['tflops']:.0f} TFLOP/s** (median of timed products).", ""]
+        if cp:
+            out += [f"Reference memory rate: {cp['gib']:g} GiB device-to-device copy = **{cp['tb_per_s']:.2f} TB/s** "
+                    "(bytes read + written, median of timed copies).", ""]
         sd = [r for r in d.get("sd", []) if "per_image_s" in r]
         if sd:
             fl = d.get("sd_flops", {})
@@ -587,8 +706,12 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
             out += ["### Whisper large-v3 architecture (synthetic weights), greedy, forced new tokens", "",
                     f"{wh[0].get('dtype')}, {wh[0].get('new_tokens')} new tokens per clip (EOS suppressed), 30 s log-mel "
                     "input; latency = encoder + decoding of the whole batch (synchronized).", "",
-                    "| batch | path | tokens/s | × stock (b same) | batch s | warm-up s | peak GiB | token agreement with stock |",
-                    "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                    "Bound: the tokens/s this run's ceilings allow (cross-attention bytes per token at the copy rate "
+                    "plus — or, overlapped, beside — the encoder's FLOPs per token at the GEMM rate). `+overlap`: "
+                    "a stream of batches, the next batch's encoder on a second stream (tokens/s over the whole stream, "
+                    "first encoder in series included; steady: between batch completions).", "",
+                    "| batch | path | tokens/s | × stock (b same) | batch s | warm-up s | peak GiB | bound tok/s | % of bound | token agreement with stock |",
+                    "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
             stock = {r["batch"]: r for r in wh if r["variant"] == "stock"}
             best_stock = max((r["tokens_per_s"] for r in stock.values()), default=None)
             for r in sorted(wh, key=lambda r: (r["batch"], r["variant"] != "stock")):
@@ -598,9 +721,25 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
                 vs_s = (f"{100 * vs['token_agreement']:.1f}% tokens, {100 * vs['clips_identical']:.0f}% clips identical"
                         if vs else ("reference" if r["variant"] == "stock" else "–"))
                 rs = _fmt(ratio, 2) + ("" if s or r["variant"] == "stock" else " (vs best stock)")
-                out.append(f"| {r['batch']} | {r['variant']} | {r['tokens_per_s']:.0f} | {rs} | {r['batch_latency_s']:.2f} | "
-                           f"{_fmt(r.get('warmup_s'), 1)} | {_fmt(r.get('peak_mem_gib'), 1)} | {vs_s} |")
+                bd = whisper_bound(r, g, cp) if r["variant"] not in ("stock", "recipe") else None
+                tps = f"{r['tokens_per_s']:.0f}"
+                if r.get("steady_tokens_per_s"):
+                    tps += f" (steady {r['steady_tokens_per_s']:.0f})"
+                out.append(f"| {r['batch']} | {r['variant']} | {tps} | {rs} | {r['batch_latency_s']:.2f} | "
+                           f"{_fmt(r.get('warmup_s'), 1)} | {_fmt(r.get('peak_mem_gib'), 1)} | "
+                           f"{_fmt(bd and bd['tokens_per_s'], 0)} | {_fmt(bd and 100 * bd['fraction'], 0)} | {vs_s} |")
             out.append("")
+            kern = []
+            for r in wh:
+                us = {k: v for k, v in ((r.get("attention") or {}).get("us_per_layer") or {}).items() if v == v and v}
+                tb = (r.get("attention") or {}).get("tb_per_s") or {}
+                if us and r["variant"] != "stock":
+                    k = min(us, key=us.get)
+                    frac = f" = {100 * tb[k] / cp['tb_per_s']:.0f}% of the copy rate" if cp and tb.get(k) else ""
+                    kern.append(f"b{r['batch']} {r['variant']}: {k} {us[k]:.0f} µs per layer, "
+                                f"{_fmt(tb.get(k), 2)} TB/s{frac}")
+            if kern:
+                out += ["Cross-attention kernel chosen per batch (timed on the batch's own data): " + "; ".join(kern) + ".", ""]
             modes = {r["variant"]: r["recipe_mode"] for r in wh if r.get("recipe_mode")}
             for v, mode in modes.items():
                 out += [f"`{v}`: {mode}.", ""]
@@ -638,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whisper-recipe-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--whisper-cross", default="auto",
                    help="cross-attention forms of the optimized path, comma-separated: auto,kv,hidden")
+    p.add_argument("--whisper-overlap", type=int, default=3,
+                   help="batches per optimized overlap measurement (next encoder on a second stream); 0 or 1: none")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--telemetry-batch", default="1")
     p.add_argument("--telemetry-batches", type=int, default=6)
@@ -684,8 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     w = args.workload
     if not args.whisper_recipe_child:
         res.data["gemm"] = measure_gemm()
+        res.data["copy"] = measure_copy()
         res.save()
-    _log(json.dumps(res.data["conditions"]), json.dumps(res.data["gemm"]))
+    _log(json.dumps(res.data["conditions"]), json.dumps(res.data["gemm"]), json.dumps(res.data.get("copy")))
     if w in ("sd", "all"):
         bench_sd(args, res, deadline)
     if w in ("whisper", "all"):

@@ -75,3 +75,25 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function():
         want = m.generate(feats, max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")[:, -n:]
     agree = float((want == got).float().mean())
     assert agree >= 0.9, agree
+
+
+def test_whisper_overlapped_encoder_same_tokens_as_series():
+    """A stream of batches with the next batch's encoder on a second stream during decoding (the
+    hidden form, graphs captured): the same tokens as each batch through ``generate`` alone."""
+    from mi300x_cert.bench import _whisper_model
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    m = _whisper_model("synthetic:whisper-large-v3", torch.float16)
+    cfg, gc = m.config, m.generation_config
+    B, n = 8, 12
+    g = torch.Generator(device="cuda").manual_seed(2)
+    xs = [torch.randn(B, cfg.num_mel_bins, 3000, device="cuda", generator=g).half() for _ in range(3)]
+    fw = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=n, suppress_tokens=gc.suppress_tokens,
+                     begin_suppress_tokens=gc.begin_suppress_tokens, eos_token_id=gc.eos_token_id,
+                     device="cuda", compile_encoder=False, encoder_chunk=4)
+    series = [fw.generate(x) for x in xs]
+    got = fw.generate_many(xs)
+    assert fw.notes["batches"]["overlap"] is True, fw.notes["batches"]
+    assert all(e is not None for e in fw.batch_events) and len(fw.batch_events) == 3
+    for a, b in zip(series, got):
+        assert torch.equal(a, b)

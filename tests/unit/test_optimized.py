@@ -134,6 +134,37 @@ def test_bench_renders_markdown_from_json():
     assert "TestCard" in md and "| 32 | optimized | 0.200 | 1.50 | 420 | 52 |" in md
 
 
+def test_bench_whisper_rows_against_the_runs_ceilings():
+    """Each optimized Whisper row is set against the run's own ceilings: cross-attention bytes per
+    token at the copy rate plus (in series) or beside (overlapped) the encoder's FLOPs per token at
+    the GEMM rate; the K/V form reads twice the bytes; stock rows and rows without counts get none."""
+    from mi300x_cert.bench import _whisper_counts, render_markdown, whisper_bound
+
+    gemm, copy = {"n": 8192, "dtype": "bfloat16", "tflops": 800.0}, {"gib": 4.0, "tb_per_s": 4.0}
+    row = {"variant": "optimized", "batch": 1024, "new_tokens": 128, "tokens_per_s": 8000.0, "batch_latency_s": 16.4,
+           "cross_form": "hidden", "xattn_bytes_per_token": 120e6, "encoder_tflop_per_clip": 2.56,
+           "attention": {"us_per_layer": {"triton a": 2000.0, "triton b": float("nan")},
+                         "tb_per_s": {"triton a": 2.0, "triton b": None}}}
+    b = whisper_bound(row, gemm, copy)
+    assert b["xattn_us_per_token"] == pytest.approx(30.0) and b["encoder_us_per_token"] == pytest.approx(25.0)
+    assert b["tokens_per_s"] == pytest.approx(1e6 / 55) and b["fraction"] == pytest.approx(8000 * 55e-6)
+    ov = dict(row, variant="optimized+overlap", overlap=True, steady_tokens_per_s=9000.0)
+    assert whisper_bound(ov, gemm, copy)["tokens_per_s"] == pytest.approx(1e6 / 30)
+    assert whisper_bound(dict(row, cross_form="kv"), gemm, copy)["xattn_us_per_token"] == pytest.approx(60.0)
+    assert whisper_bound(row, gemm, None) is None and whisper_bound({"tokens_per_s": 1.0}, gemm, copy) is None
+    stock = {"variant": "stock", "batch": 64, "new_tokens": 128, "tokens_per_s": 3000.0, "batch_latency_s": 2.7}
+    md = render_markdown([{"conditions": {"card": "TestCard"}, "gemm": gemm, "copy": copy, "sd": [],
+                           "whisper": [stock, row, ov], "telemetry": None, "notes": []}])
+    assert "4 GiB device-to-device copy = **4.00 TB/s**" in md
+    assert "| 1024 | optimized | 8000 | 2.67 (vs best stock) | 16.40 | – | – | 18182 | 44 |" in md
+    assert "| 1024 | optimized+overlap | 8000 (steady 9000) |" in md and "| 33333 | 24 |" in md
+    assert "triton a 2000 µs per layer, 2.00 TB/s = 50% of the copy rate" in md
+    m, _ = _varied_whisper()
+    c = _whisper_counts(m, 80)
+    L, E = m.config.decoder_layers, m.config.d_model
+    assert c["xattn_bytes_per_token"] == L * 1500 * E * 4 and c["encoder_tflop_per_clip"] > 0
+
+
 def _varied_whisper():
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
@@ -148,6 +179,26 @@ def _varied_whisper():
     m.generation_config = GenerationConfig.from_pretrained(d)
     feats = torch.randn(3, 80, 3000, generator=torch.Generator().manual_seed(0))
     return m, feats
+
+
+def test_whisper_generate_many_same_tokens_as_generate_per_batch():
+    """A stream of batches through ``generate_many``: each batch's tokens are generate's on it; on
+    the CPU there are no device streams, so the batches run in series and the notes say why."""
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    m, feats = _varied_whisper()
+    gc = m.generation_config
+    n = 6
+    fw = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=n,
+                     begin_suppress_tokens=gc.begin_suppress_tokens, eos_token_id=gc.eos_token_id, encoder_chunk=1)
+    xs = [feats[:2], feats[1:], feats[:2]]
+    outs = fw.generate_many(xs)
+    assert len(outs) == 3
+    for x, got in zip(xs, outs):
+        want = m.generate(x, max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")
+        assert torch.equal(want[:, -n:], got[:, -n:])
+    assert fw.notes["batches"]["overlap"] is False and "CPU" in fw.notes["batches"]["why"]
+    assert fw.overlap_possible()[0] is False and fw.generate_many([]) == []
 
 
 def test_whisper_fast_encoder_in_chunks_same_tokens_and_options_checked():

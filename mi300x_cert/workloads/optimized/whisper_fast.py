@@ -25,6 +25,12 @@ Triton kernel that streams each head's K/V once (the step is bound by reading th
 the written cache rows. Without triton (CPU) the K/V form runs through SDPA and the hidden form
 through plain torch ops (float32 attention). The encoder runs in chunks of
 clips so that large batches fit beside their cross K/V caches.
+
+A stream of batches (:meth:`FastWhisper.generate_many`) can run the next batch's encoder on a
+second device stream while the current batch decodes (hidden form, GPU): same tokens as
+:meth:`FastWhisper.generate` per batch. It pays only where the encoder's kernels can be resident
+beside the decode step's (on an H200 the hidden-form kernel's shared memory leaves them no room:
+measured no gain, see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -422,6 +428,17 @@ DECODE_ATTN_CONFIGS: tuple[tuple[int, int, int], ...] = (
     (64, 1, 4), (128, 1, 4), (32, 1, 2), (64, 2, 4), (64, 4, 4), (128, 1, 8))
 
 
+def _done_event() -> Any:
+    """A timing event recorded on the current device stream (None without a GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
+
+
 class FastWhisper:
     """Greedy decoding of ``new_tokens`` tokens per clip with a graph-captured static-cache step."""
 
@@ -505,6 +522,7 @@ class FastWhisper:
         self._states: dict[int, dict[str, Any]] = {}
         self.capture_s: dict[int, float] = {}
         self.reason = "eager" if not self.use_graphs else "not captured yet"
+        self.batch_events: list[Any] = []  # generate_many: a device event after each batch (GPU), else None
 
     # -- per-batch-size static state ---------------------------------------------------------------
     def _state(self, B: int, S: int) -> dict[str, Any]:
@@ -661,13 +679,17 @@ class FastWhisper:
                     st["cv"][li][c0:c1].copy_(ca.v_proj(enc).view(c1 - c0, S, self.H, self.D).transpose(1, 2))
                 del enc
             assert st is not None
-            for li in range(len(self.layers)):
-                st["k"][li].zero_()
-                st["v"][li].zero_()
-            st["tokens"].zero_()
-            st["tokens"][:, : len(self.prompt)] = st["prompt"]
-            st["pos"].zero_()
+            self._reset(st)
         return st
+
+    def _reset(self, st: dict[str, Any]) -> None:
+        """Self-attention caches cleared, the prompt placed, position 0 (start of a batch)."""
+        for li in range(len(self.layers)):
+            st["k"][li].zero_()
+            st["v"][li].zero_()
+        st["tokens"].zero_()
+        st["tokens"][:, : len(self.prompt)] = st["prompt"]
+        st["pos"].zero_()
 
     # -- attention kernel choice (per batch size, timed on the card) ---------------------------------
     def _choose_attention(self, st: dict[str, Any]) -> None:
@@ -789,44 +811,126 @@ class FastWhisper:
                        f"cross-attention ({ch.get('cross_form', 'kv')} form): {ch.get('cross', 'sdpa')}; "
                        f"self-attention: {ch.get('self', 'sdpa')}")
 
+    def _ready(self, st: dict[str, Any], input_features: Any) -> dict[str, Any]:
+        """After the first prefill of a batch size: the attention choice (once per size, falling
+        back to the K/V form where no hidden-form kernel works here) and the graph capture."""
+        import torch
+
+        B = int(st["tokens"].shape[0])
+        if not st.get("attn_chosen"):
+            self._choose_attention(st)
+            st["attn_chosen"] = True
+            if st["cross"] == "hidden" and st["xattn"] is None and str(self.device).startswith("cuda"):
+                # no launch configuration of the kernel works on this card: the K/V form
+                # (SDPA or the decode kernel) is faster than the float32 reference path
+                note = self.attn_choice[B].get("rejected")
+                self.cross = "kv"
+                st = self.prefill(input_features)
+                self._choose_attention(st)
+                st["attn_chosen"] = True
+                self.attn_choice[B]["note"] = f"hidden form unavailable ({note}); K/V form"
+        if self.use_graphs and st["graph"] is None:
+            try:
+                self._capture(st)
+            except Exception as e:  # same function, eagerly
+                self.use_graphs = False
+                self.reason = f"capture failed, eager: {type(e).__name__}: {str(e)[:200]}"
+                torch.cuda.synchronize()
+                st = self.prefill(input_features)
+        return st
+
+    def _decode(self, st: dict[str, Any]) -> Any:
+        """All decode steps of the prefilled batch (graph replays, or eager steps); its tokens."""
+        n = self.total - 1
+        if self.use_graphs:
+            g = st["graph"]
+            for _ in range(n):
+                g.replay()
+        else:
+            for _ in range(n):
+                self._step(st)
+        B = int(st["tokens"].shape[0])
+        self.notes.update({"cross_attention_form": self.cross, "encoder": self.encoder_label,
+                           "decode_step": self.reason, "attention": self.attn_choice.get(B)})
+        return st["tokens"].clone()
+
     def generate(self, input_features: Any) -> Any:
         """Token ids (B, prompt + new_tokens), like ``generate(...)`` returns for Whisper."""
         import torch
 
         with torch.inference_mode():
-            st = self.prefill(input_features)
-            B = int(st["tokens"].shape[0])
-            n = self.total - 1
-            if not st.get("attn_chosen"):
-                self._choose_attention(st)
-                st["attn_chosen"] = True
-                if st["cross"] == "hidden" and st["xattn"] is None and str(self.device).startswith("cuda"):
-                    # no launch configuration of the kernel works on this card: the K/V form
-                    # (SDPA or the decode kernel) is faster than the float32 reference path
-                    note = self.attn_choice[B].get("rejected")
-                    self.cross = "kv"
-                    st = self.prefill(input_features)
-                    self._choose_attention(st)
-                    st["attn_chosen"] = True
-                    self.attn_choice[B]["note"] = f"hidden form unavailable ({note}); K/V form"
-            if self.use_graphs and st["graph"] is None:
-                try:
-                    self._capture(st)
-                except Exception as e:  # same function, eagerly
-                    self.use_graphs = False
-                    self.reason = f"capture failed, eager: {type(e).__name__}: {str(e)[:200]}"
-                    torch.cuda.synchronize()
-                    st = self.prefill(input_features)
-            if self.use_graphs:
-                g = st["graph"]
-                for _ in range(n):
-                    g.replay()
-            else:
-                for _ in range(n):
-                    self._step(st)
-            self.notes.update({"cross_attention_form": self.cross, "encoder": self.encoder_label,
-                               "decode_step": self.reason, "attention": self.attn_choice.get(B)})
-            return st["tokens"].clone()
+            st = self._ready(self.prefill(input_features), input_features)
+            return self._decode(st)
+
+    def overlap_possible(self) -> tuple[bool, str]:
+        """Whether :meth:`generate_many` can run the next batch's encoder beside the current
+        batch's decoding, and why not where it cannot."""
+        import torch
+
+        if not str(self.device).startswith("cuda") or not torch.cuda.is_available():
+            return False, "no device streams here (CPU): batches run in series"
+        if self.cross != "hidden":
+            return False, "K/V form: the next batch's cross K/V would need a second set of caches; in series"
+        return True, "next batch's encoder on a second stream during decoding"
+
+    def generate_many(self, batches: Any, overlap: bool = True) -> list[Any]:
+        """Token ids for several batches of one size, in order: the same tokens as :meth:`generate`
+        on each. With ``overlap`` (on a GPU, hidden form), the encoder of batch i+1 runs on a second
+        device stream while batch i decodes: the encoder is compute-bound and the decode step is
+        bound by reading the encoder output, so the two share the card instead of running in
+        series. The next encoder output goes to a staging buffer, copied into the graph's own
+        buffer once batch i's decoding is done (one device copy, ≈2 ms at b1024). The first batch's
+        encoder runs in series (nothing to hide it behind). What ran is recorded in
+        ``notes["batches"]``."""
+        import torch
+
+        xs = list(batches)
+        if not xs:
+            return []
+        ok, why = self.overlap_possible()
+        shapes = {tuple(x.shape) for x in xs}
+        if overlap and ok and len(shapes) > 1:
+            ok, why = False, f"batches of different shapes {sorted(shapes)}: in series"
+        overlap = bool(overlap and ok and len(xs) > 1)
+        outs: list[Any] = []
+        with torch.inference_mode():
+            self.batch_events = []
+            if not overlap:
+                for x in xs:
+                    outs.append(self.generate(x))
+                    self.batch_events.append(_done_event())
+                self.notes["batches"] = {"count": len(xs), "overlap": False,
+                                         "why": why if len(xs) > 1 else "one batch"}
+                return outs
+            main = torch.cuda.current_stream()
+            side = torch.cuda.Stream(device=xs[0].device)
+            enc_done = torch.cuda.Event()
+            st = self._ready(self.prefill(xs[0]), xs[0])
+            if st["cross"] != "hidden":  # the hidden form was rejected on this card: series
+                outs.append(self._decode(st))
+                outs.extend(self.generate(x) for x in xs[1:])
+                self.notes["batches"] = {"count": len(xs), "overlap": False,
+                                         "why": "hidden form unavailable here: in series"}
+                return outs
+            staging = torch.empty_like(st["enc"])
+            for i in range(len(xs)):
+                if i > 0:  # the encoder output of batch i, staged during batch i-1's decoding
+                    main.wait_event(enc_done)
+                    st["enc"].copy_(staging)
+                    self._reset(st)
+                if i + 1 < len(xs):
+                    side.wait_stream(main)  # the staging buffer has been copied out, inputs ready
+                    with torch.cuda.stream(side):
+                        x = xs[i + 1].to(self.dtype)
+                        for c0 in range(0, x.shape[0], self.encoder_chunk):
+                            c1 = min(x.shape[0], c0 + self.encoder_chunk)
+                            staging[c0:c1].copy_(self._encode(x[c0:c1]))
+                        enc_done.record(side)
+                outs.append(self._decode(st))
+                self.batch_events.append(_done_event())
+            main.wait_stream(side)
+        self.notes["batches"] = {"count": len(xs), "overlap": True, "why": why}
+        return outs
 
 
 def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastWhisper:
