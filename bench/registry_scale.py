@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                               "versions": _versions(), "command": "python bench/registry_scale.py " + " ".join(
                                   argv if argv is not None else sys.argv[1:])},
                "backends": [], "skipped": {}}
+    results["conditions"]["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     tmp = Path(tempfile.mkdtemp(prefix="registry-scale-"))
     tmp.chmod(0o755)
     try:
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--backends: unknown backend {backend!r} (sqlite, postgresql)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    results["conditions"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
