@@ -480,7 +480,9 @@ def test_import_of_a_state_dir_written_by_todays_writers(reg, tmp_path, monkeypa
     monkeypatch.delenv("MI300X_CERT_OUTCOMES_DIR", raising=False)
     run = make_fake_run(tmp_path / "run", hot_card=3)
     meta = json.loads((run / "run.json").read_text())
-    host, run_id = meta["host"], meta["run_id"]
+    # the DAG names a run by Airflow's run id; run.json by its directory-safe form
+    host, run_id = meta["host"], "manual__2026-11-25T00:00:00+00:00"
+    assert meta["run_id"] != run_id
     a = alerts.raise_alert(suite="thermal", failures=[{"expectation": "expect_column_max_to_be_between",
                                                       "column": "junction_p95_c", "card": 3, "observed": 98.0}],
                            host=host, dag_id=f"recertify_{host}", run_id=run_id, run_dir=str(run))
@@ -505,6 +507,7 @@ def test_import_of_a_state_dir_written_by_todays_writers(reg, tmp_path, monkeypa
     assert [p["path"] for p in res["problems"]] == [str(state / "alerts" / "broken.json")]
     cert = reg.get_certification(host, run_id)
     assert cert["result"] == "NOT CERTIFIED" and cert["source"] == "import" and cert["report"] == "/r.html"
+    assert len(cert["cards"]) == n_cards and reg.get_certification(host, meta["run_id"]) is None
     assert cert["verdicts"] == {"thermal": False, "latency": True, "network": None}
     assert cert["failed"][0]["suite"] == "thermal" and cert["failed"][0]["card"] == 3
     only_hist = reg.get_certification("h-other", "run-2")
