@@ -18,6 +18,11 @@ A run directory gives one row per card of its inventory (:func:`card_history_row
 
 A value the run does not have is ``None``, never 0.
 
+These rows are what a certification carries into the fleet registry
+(:meth:`mi300x_cert.registry.Registry.record_certification`); ``mi300x-cert history`` reads the
+registry (with drift flags). The JSON-lines index below is the file-based store it replaces
+(``mi300x-cert registry import`` brings one in; ``mi300x-cert history --index DIR`` still reads one).
+
 The index (:func:`record_run`) is one JSON-lines file per serial, ``<index dir>/<serial>.jsonl``,
 one line per (serial, host, run id), sorted by date; recording a run again replaces its lines.
 Files are rewritten atomically under a lock. The index dir is ``$MI300X_CERT_HISTORY_DIR``, else

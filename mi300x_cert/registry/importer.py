@@ -38,6 +38,15 @@ def _read_json(path: Path, problems: list[dict]) -> Any:
         return None
 
 
+def _resolved(path: object) -> str | None:
+    if not path:
+        return None
+    try:
+        return str(Path(str(path)).resolve())
+    except (OSError, RuntimeError):
+        return str(path)
+
+
 def _history_rows(root: Path, problems: list[dict]) -> dict[tuple[str, str], list[dict]]:
     runs: dict[tuple[str, str], list[dict]] = {}
     d = root / "history"
@@ -101,6 +110,13 @@ def import_state_dir(reg, path: str | Path) -> dict:
             by_run.setdefault((str(a["host"]), str(a["run_id"])), []).append(a)
 
     history = _history_rows(root, problems)
+    # a run directory's run.json names the run by its directory-safe id (manual__2026-…T07_26_08…),
+    # the DAG's outcome and alerts by Airflow's run id (manual__2026-…T07:26:08…): match by run_dir
+    by_dir: dict[str, tuple[str, str]] = {}
+    for key, rows in history.items():
+        d = _resolved(rows[0].get("run_dir"))
+        if d:
+            by_dir.setdefault(d, key)
 
     # certifications: outcome records, then history-only runs; oldest first so drift compares in order
     todo: list[tuple[str, dict, list[dict], list[dict]]] = []
@@ -114,7 +130,9 @@ def import_state_dir(reg, path: str | Path) -> dict:
             problems.append({"path": str(p), "error": "outcome record without host or run_id: not imported"})
             continue
         key = (str(o["host"]), str(o["run_id"]))
-        rows = history.get(key, [])
+        hkey = key if key in history else by_dir.get(_resolved(o.get("run_dir")) or "", key)
+        rows = history.get(hkey, [])
+        seen.add(hkey)
         certified = o.get("certified") is True
         verdicts = o.get("verdicts") if isinstance(o.get("verdicts"), dict) else {}
         cert = {

@@ -134,13 +134,20 @@ def test_hot_card_fails_thermal_alerts_and_mails(tmp_path, s3_server, smtp_sink,
     assert "gpu-fleet@example.com" in mail["to"]
     assert "thermal" in mail["data"] and "smoke-host" in mail["data"]
 
-    # the CLI sees and acknowledges it
+    # the CLI sees and acknowledges the alert the control plane's register task raised
     from mi300x_cert.cli import main
+    from mi300x_cert.registry import open_registry
 
-    monkeypatch.setenv("MI300X_CERT_STATE_DIR", str(tmp_path / "airflow" / "mi300x-cert"))
+    from mi300x_cert.airflow_dags import _safe
+
+    state = tmp_path / "airflow" / "mi300x-cert"
+    monkeypatch.setenv("MI300X_CERT_STATE_DIR", str(state))  # the registry the DAG's register task wrote
     assert main(["alerts"]) == 0
     assert main(["alerts", "--ack", alert["id"], "--by", "oncall", "--note", "checked fans"]) == 0
-    from mi300x_cert.registry import close_all, open_registry
+    from mi300x_cert.registry import close_all
 
     close_all()
-    assert open_registry().list_alerts() == []
+    reg = open_registry()
+    assert reg.list_alerts() == [] and reg.get_alert(alert["id"])["acknowledged_by"] == "oncall"
+    cert = reg.get_certification("smoke-host", _safe(result["run_id"]))
+    assert cert["result"] == "NOT CERTIFIED" and cert["failed"], cert

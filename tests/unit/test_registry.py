@@ -126,12 +126,21 @@ def test_url_resolution(tmp_path, monkeypatch):
     assert registry_url() == "postgresql+psycopg2://a:b@db:5432/fleet"
 
 
-def test_url_from_an_airflow_connection(monkeypatch):
-    pytest.importorskip("airflow")
-    monkeypatch.delenv("MI300X_CERT_REGISTRY_URL", raising=False)
-    monkeypatch.delenv("MI300X_CERT_REGISTRY_CONN_ID", raising=False)
-    monkeypatch.setenv("AIRFLOW_CONN_MI300X_CERT_REGISTRY", "postgres://cert:secret-pw@db.internal:5432/fleet")
-    assert registry_url() == "postgresql+psycopg2://cert:secret-pw@db.internal:5432/fleet"
+def test_url_from_an_airflow_connection(tmp_path):
+    """In a fresh interpreter (importing Airflow configures its logging for the whole process)."""
+    import importlib.util
+    import os
+    import subprocess
+
+    if importlib.util.find_spec("airflow") is None:
+        pytest.skip("Airflow is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MI300X_CERT_REGISTRY")}
+    env.update(AIRFLOW_CONN_MI300X_CERT_REGISTRY="postgres://cert:secret-pw@db.internal:5432/fleet",
+               AIRFLOW_HOME=str(tmp_path / "airflow"))
+    code = "from mi300x_cert.registry import registry_url; print(registry_url())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "postgresql+psycopg2://cert:secret-pw@db.internal:5432/fleet"
 
 
 def test_open_registry_is_cached_per_url(url):
@@ -144,6 +153,17 @@ def test_package_import_is_light():
     code = "import sys, mi300x_cert.registry; print('sqlalchemy' in sys.modules, 'alembic' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_upsert_host_keeps_what_it_is_not_given(reg):
+    h = reg.upsert_host("h1", sku="mi300x", profile="mi300x", cards=16, valid_days=7)
+    assert (h["sku"], h["cards"], h["valid_days"]) == ("mi300x", 16, 7) and h["first_seen"] == h["last_seen"]
+    h2 = reg.upsert_host("h1", cards=8)
+    assert (h2["sku"], h2["cards"], h2["valid_days"]) == ("mi300x", 8, 7) and h2["first_seen"] == h["first_seen"]
+    with pytest.raises(RegistryError, match="valid_days"):
+        reg.upsert_host("h1", valid_days=0)
+    with pytest.raises(RegistryError, match="host is required"):
+        reg.upsert_host("")
 
 
 # ---- keys -----------------------------------------------------------------------------------------
@@ -460,7 +480,9 @@ def test_import_of_a_state_dir_written_by_todays_writers(reg, tmp_path, monkeypa
     monkeypatch.delenv("MI300X_CERT_OUTCOMES_DIR", raising=False)
     run = make_fake_run(tmp_path / "run", hot_card=3)
     meta = json.loads((run / "run.json").read_text())
-    host, run_id = meta["host"], meta["run_id"]
+    # the DAG names a run by Airflow's run id; run.json by its directory-safe form
+    host, run_id = meta["host"], "manual__2026-11-25T00:00:00+00:00"
+    assert meta["run_id"] != run_id
     # the files an older version wrote (its alert, acknowledged; its outcome record; its history index)
     a = {"id": f"20261125T083941Z-{host}-thermal-0123456789", "created": "2026-11-25T08:39:41+00:00", "host": host,
          "dag_id": f"recertify_{host}", "run_id": run_id, "run_dir": str(run), "suite": "thermal",
@@ -493,6 +515,7 @@ def test_import_of_a_state_dir_written_by_todays_writers(reg, tmp_path, monkeypa
     assert [p["path"] for p in res["problems"]] == [str(state / "alerts" / "broken.json")]
     cert = reg.get_certification(host, run_id)
     assert cert["result"] == "NOT CERTIFIED" and cert["source"] == "import" and cert["report"] == "/r.html"
+    assert len(cert["cards"]) == n_cards and reg.get_certification(host, meta["run_id"]) is None
     assert cert["verdicts"] == {"thermal": False, "latency": True, "network": None}
     assert cert["failed"][0]["suite"] == "thermal" and cert["failed"][0]["card"] == 3
     only_hist = reg.get_certification("h-other", "run-2")
