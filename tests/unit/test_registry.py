@@ -332,12 +332,12 @@ def test_drift_rule_validation_and_fleet_file_key(tmp_path):
     from mi300x_cert.fleet import load_fleet
 
     p = tmp_path / "fleet.yaml"
-    p.write_text("servers:\n  - {name: a, profile: smoke, sku: smoke, cards: 2, valid_days: 7}\n"
+    p.write_text("servers:\n  - {name: a, profile: smoke, sku: smoke, cards: 16, valid_days: 7}\n"
                  "drift: {slower_pct: 10, hotter_c: 3}\n")
     f = load_fleet(p)
     assert f.drift_rule() == DriftRule(slower_pct=10, hotter_c=3)
     assert f.registry_hosts() == [{"name": "a", "sku": "smoke", "profile": "smoke", "valid_days": 7}]
-    p.write_text("servers:\n  - {name: a, profile: smoke, sku: smoke, cards: 2}\ndrift: {hotter_c: -1}\n")
+    p.write_text("servers:\n  - {name: a, profile: smoke, sku: smoke, cards: 16}\ndrift: {hotter_c: -1}\n")
     with pytest.raises(ProfileError, match="drift.hotter_c"):
         load_fleet(p)
 
@@ -360,7 +360,7 @@ def test_fleet_view(reg, capsys):
     assert rows["new"]["status"] == "never_certified" and rows["new"]["certified_ever"] is False
     assert rows["new"]["in_fleet"] and rows["old"]["in_fleet"] is False
     fleet = Path(reg.url.split("///", 1)[1]).parent / "fleet.yaml"
-    fleet.write_text("servers:\n  - {name: new, profile: smoke, sku: smoke, cards: 2}\n")
+    fleet.write_text("servers:\n  - {name: new, profile: smoke, sku: smoke, cards: 16}\n")
     assert main(["fleet", "--fleet", str(fleet)]) == 0
     out = capsys.readouterr().out
     assert "never certified" in out and "NOT CERTIFIED" in out and "host(s) certified now" in out
@@ -462,7 +462,7 @@ def test_audit_expiry(reg, tmp_path, capsys):
     assert {a["host"] for a in reg.audit_expiry(hosts, now="2026-11-22T00:00:00Z")} == {"never", "failing"}
     assert "lapsed" in {a["host"] for a in reg.audit_expiry(hosts, now="2026-12-30T00:00:00Z")}
     fleet = tmp_path / "fleet.yaml"
-    fleet.write_text("servers:\n  - {name: never, profile: smoke, sku: smoke, cards: 2}\n")
+    fleet.write_text("servers:\n  - {name: never, profile: smoke, sku: smoke, cards: 16}\n")
     assert main(["registry", "audit", "--fleet", str(fleet)]) == 0
     assert "never_certified host=never" in capsys.readouterr().out
 
