@@ -297,6 +297,10 @@ def _record(reg: Any, *, host: str, run_id: str, decision: Decision, verdicts: A
             raised.append(reg.raise_alert(suite="drift", kind="drift", severity="warning",
                                           message="drift against the card's own history or its SKU median:\n" + "\n".join(lines),
                                           failures=drift, **common))
+    if decision.certified and created:  # a fresh certificate settles the host's expiry alerts
+        for a in reg.list_alerts(host=host):
+            if a.get("kind") in ("never_certified", "expired"):
+                reg.acknowledge(a["id"], by="mi300x-cert", note=f"settled: host certified again by run {run_id}")
     for alert, made in raised:
         out["alerts"].append(alert)
         if made:

@@ -87,16 +87,22 @@ def test_unenrolled_signer_is_refused_and_recorded(make_complete_run, reg):
 
 def test_enrolled_signer_certifies_once_then_nothing_changes(make_complete_run, reg, enrolled):
     enrolled()
+    # the daily audit found the host never certified; the certificate settles that alert
+    reg.audit_expiry([{"name": "gpu-node-07", "valid_days": 30}])
+    assert [a["kind"] for a in reg.list_alerts()] == ["never_certified"]
     rd = make_complete_run()
     bundle = build_bundle(rd.root)
     out = conclude(bundle=bundle, source="certify")
     assert out["certified"] and out["created"] and out["reasons"] == [] and out["alerts"] == []
+    settled = reg.list_alerts(include_acknowledged=True)
+    assert [(a["kind"], a["status"], a["acknowledged_by"]) for a in settled] == [("never_certified", "acknowledged", "mi300x-cert")]
     rec = reg.get_certification("gpu-node-07", rd.run_id)
     assert rec["result"] == "CERTIFIED" and rec["source"] == "certify" and rec["signer_keyid"]
     assert sorted(c["serial"] for c in rec["cards"]) == ["SN-0", "SN-1"]
     assert [r["run_id"] for r in reg.serial_history("SN-0")] == [rd.run_id]
     again = conclude(bundle=bundle)
     assert again["certified"] and again["created"] is False
+    assert [a["kind"] for a in reg.list_alerts()] == []
     assert len(reg.list_certifications()) == 1
     # a different bundle for the same run (re-signed: a new envelope) is a conflict; the record stays
     other = build_bundle(rd.root)
