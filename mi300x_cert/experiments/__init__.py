@@ -115,7 +115,7 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
     RunDirError; on any of them no directory is created.
     """
     from ..config import load_profile
-    from ..errors import RunDirError, TelemetryError
+    from ..errors import ProfileError, RunDirError, TelemetryError
     from ..network import isolation_prefix
     from ..rundir import RunDir, atomic_write_json, discard_new_run
 
@@ -127,6 +127,12 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
             exp.check(prof)
             enabled.append(name)
     _, net_mode = isolation_prefix(prof.network.mode)
+    from ..validation import load_profile_params
+
+    try:  # a run that no thresholds set can judge is refused before anything is measured
+        load_profile_params(prof)
+    except CertError as e:
+        raise ProfileError(f"{prof.source_file}: {e}") from None
     try:
         with _open_backend(prof) as backend:
             devices = backend.devices()
@@ -176,7 +182,7 @@ def _retire_attempt(rd: Any, experiment: str, case_id: str) -> int:
     stem = f"{experiment}-{case_id}"
     cases_dir = rd.experiment_dir(experiment) / "cases"
     candidates = [cases_dir / f"{case_id}.rows.csv", cases_dir / f"{case_id}.json"]
-    candidates += [rd.root / k / f"{stem}.csv" for k in ("telemetry", "events", "network", "sockets")]
+    candidates += [rd.root / k / f"{stem}.csv" for k in ("telemetry", "events", "network", "sockets", "netns")]
     logs = cases_dir / case_id
     prev = rd.case_status(experiment, case_id) or {}
     attempt = int(prev.get("attempt", 0)) + 1 if prev else 1
@@ -219,7 +225,7 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
     raises WorkerError after the status is written (the Airflow task path, so the task fails and
     its retry reruns only this case).
     """
-    from ..network import NetworkMonitor, NETWORK_COLUMNS, SOCKET_COLUMNS, isolation_prefix
+    from ..network import NETNS_COLUMNS, NETWORK_COLUMNS, SOCKET_COLUMNS, NetworkMonitor, isolation_prefix
     from ..rundir import CsvStream, RunDir, utcnow
     from ..telemetry import EVENT_COLUMNS, TELEMETRY_COLUMNS, Sampler
     from ..launcher import launch
@@ -240,6 +246,7 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
     status: dict[str, Any] = {"case": case, "attempt": attempt, "started": utcnow(),
                               "telemetry_file": f"telemetry/{stem}.csv", "events_file": f"events/{stem}.csv",
                               "network_file": f"network/{stem}.csv", "sockets_file": f"sockets/{stem}.csv",
+                              "netns_file": f"netns/{stem}.csv",
                               "rows_file": f"results/{experiment}/cases/{case_id}.rows.csv"}
     reason: str | None = None
     interrupted: BaseException | None = None
@@ -255,7 +262,8 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
         ev = rd.stream("events", stem, EVENT_COLUMNS)
         net = rd.stream("network", stem, NETWORK_COLUMNS)
         sock = rd.stream("sockets", stem, SOCKET_COLUMNS)
-        streams = [rows_stream, tel, ev, net, sock]
+        nsx = rd.stream("netns", stem, NETNS_COLUMNS)
+        streams = [rows_stream, tel, ev, net, sock, nsx]
         conds_by_proc: dict[int, dict] = {}
         cards = [s["card"] for s in specs]
         spec_by_proc = {s["proc"]: s for s in specs}
@@ -268,7 +276,8 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
         with _open_backend(profile, rd) as backend:
             sampler = Sampler(backend, tel, ev, rate_hz=profile.telemetry.rate_hz)
             monitor = NetworkMonitor(net, sock, rate_hz=profile.network.rate_hz,
-                                     exclude_interfaces=profile.network.exclude_interfaces, mode=net_mode)
+                                     exclude_interfaces=profile.network.exclude_interfaces, mode=net_mode,
+                                     netns_stream=nsx)
             sampler.start()
             monitor.start()
             bm = exp.spec(profile) if exp.phased else None
