@@ -69,7 +69,9 @@ def cmd_run(args) -> int:
     # a run of one experiment disables the others in the run's profile, so the run can be complete
     overrides = None if args.experiment == "all" else {
         "experiments": {n: {"enabled": False} for n in EXPERIMENTS if n not in names}}
-    run_dir = pipeline.prepare_run(args.profile, args.out, overrides=overrides, run_id=args.run_id)
+    # measuring needs no thresholds set (a reference run calibrates one); validate/certify do
+    run_dir = pipeline.prepare_run(args.profile, args.out, overrides=overrides, run_id=args.run_id,
+                                   require_thresholds=False)
     print(f"run directory: {run_dir}", file=sys.stderr)
     from .experiments import run_all
 

@@ -106,13 +106,16 @@ def _profile_yaml(profile: Any) -> str:
 
 
 # ---- prepare ------------------------------------------------------------------------------------
-def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = None, run_id: str | None = None) -> Path:
+def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = None, run_id: str | None = None, *,
+                require_thresholds: bool = True) -> Path:
     """Validate the profile, every enabled experiment's model source and card sets, the telemetry
     backend and the network mode — all before anything is written — then create the run directory
     with ``profile.yaml``, ``inventory.json`` and a ``conditions.json`` skeleton. Returns its path.
 
     Raises ProfileError, CardError, ModelSourceError, TelemetryError, NetworkIsolationError or
-    RunDirError; on any of them no directory is created.
+    RunDirError; on any of them no directory is created. A profile whose SKU and workload path have
+    no thresholds set is a ProfileError naming both, unless ``require_thresholds`` is False (a
+    measurement-only run, e.g. a reference run for ``mi300x-cert baseline``).
     """
     from ..config import load_profile
     from ..errors import ProfileError, RunDirError, TelemetryError
@@ -129,10 +132,11 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
     _, net_mode = isolation_prefix(prof.network.mode)
     from ..validation import load_profile_params
 
-    try:  # a run that no thresholds set can judge is refused before anything is measured
-        load_profile_params(prof)
-    except CertError as e:
-        raise ProfileError(f"{prof.source_file}: {e}") from None
+    if require_thresholds:  # a run that no thresholds set can judge is refused before anything is measured
+        try:
+            load_profile_params(prof)
+        except CertError as e:
+            raise ProfileError(f"{prof.source_file}: {e}") from None
     try:
         with _open_backend(prof) as backend:
             devices = backend.devices()
