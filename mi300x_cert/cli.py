@@ -84,6 +84,15 @@ def cmd_run(args) -> int:
     return EXIT_ERROR
 
 
+def cmd_baseline(args) -> int:
+    from .validation.baseline import baseline
+
+    out = baseline(args.run_dirs, args.out, policy=args.policy, set_name=args.set_name)
+    print(f"thresholds set {out['set']} from {len(out['runs'])} run(s) written to {out['out']}", file=sys.stderr)
+    _print(out)
+    return EXIT_OK
+
+
 def cmd_validate(args) -> int:
     from . import pipeline
 
@@ -218,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--suite", help="one suite (latency, thermal, network, whisper, resnet50); default all")
     s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("baseline", help="derive a thresholds set (params file) from reference runs")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="complete reference runs of one profile")
+    s.add_argument("--out", required=True, help="params file to write (e.g. expectations/params/h200.yaml)")
+    s.add_argument("--policy", help="params file whose limits of policy (throttle events, sensor readability, "
+                                    "recovery margin, network bounds) are copied; default: built-in values")
+    s.add_argument("--set", dest="set_name", help="set name (default: the runs' <sku> or <sku>-<path>)")
+    s.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("report", help="figures, tables and verdicts as one HTML page")
     s.add_argument("run_dir")
