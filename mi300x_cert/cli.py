@@ -46,7 +46,13 @@ def cmd_profiles(args) -> int:
         try:
             prof = load_profile(p)
             exps = [n for n in EXPERIMENTS if getattr(prof.experiments, n.replace("-", "_")).enabled]
-            print(f"ok    {p.stem:<12} sku={prof.sku:<8} backend={prof.telemetry.backend:<9} cards={len(prof.host.card_ids):<3} experiments={','.join(exps)}")
+            from .validation import expectations_dir
+
+            thr = prof.thresholds_set
+            have = (expectations_dir() / "params" / f"{thr}.yaml").is_file()
+            thr_txt = thr if have else f"{thr} (none yet: `run` works, `certify` is refused until `baseline` makes it)"
+            print(f"ok    {p.stem:<12} sku={prof.sku:<8} path={prof.path:<9} backend={prof.telemetry.backend:<9} "
+                  f"cards={len(prof.host.card_ids):<3} experiments={','.join(exps)} thresholds={thr_txt}")
         except CertError as e:
             bad += 1
             print(f"ERROR {e}", file=sys.stderr)
