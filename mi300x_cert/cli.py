@@ -46,7 +46,13 @@ def cmd_profiles(args) -> int:
         try:
             prof = load_profile(p)
             exps = [n for n in EXPERIMENTS if getattr(prof.experiments, n.replace("-", "_")).enabled]
-            print(f"ok    {p.stem:<12} sku={prof.sku:<8} backend={prof.telemetry.backend:<9} cards={len(prof.host.card_ids):<3} experiments={','.join(exps)}")
+            from .validation import expectations_dir
+
+            thr = prof.thresholds_set
+            have = (expectations_dir() / "params" / f"{thr}.yaml").is_file()
+            thr_txt = thr if have else f"{thr} (none yet: `run` works, `certify` is refused until `baseline` makes it)"
+            print(f"ok    {p.stem:<12} sku={prof.sku:<8} path={prof.path:<9} backend={prof.telemetry.backend:<9} "
+                  f"cards={len(prof.host.card_ids):<3} experiments={','.join(exps)} thresholds={thr_txt}")
         except CertError as e:
             bad += 1
             print(f"ERROR {e}", file=sys.stderr)
@@ -84,8 +90,9 @@ def _run_or_resume(args, command: str) -> dict:
     # a run of one experiment disables the others in the run's profile, so the run can be complete
     overrides = None if experiment == "all" else {
         "experiments": {n: {"enabled": False} for n in EXPERIMENTS if n not in names}}
+    # measuring needs no thresholds set (a reference run calibrates one); validate/certify do
     return prepare_and_run(args.profile, args.out, names, overrides=overrides, run_id=args.run_id,
-                           progress=not args.quiet, wait_s=args.wait)
+                           progress=not args.quiet, wait_s=args.wait, require_thresholds=False)
 
 
 def cmd_run(args) -> int:
@@ -97,6 +104,15 @@ def cmd_run(args) -> int:
         return EXIT_OK
     print(f"error: run {result.get('state')}: {result.get('error')}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def cmd_baseline(args) -> int:
+    from .validation.baseline import baseline
+
+    out = baseline(args.run_dirs, args.out, policy=args.policy, set_name=args.set_name)
+    print(f"thresholds set {out['set']} from {len(out['runs'])} run(s) written to {out['out']}", file=sys.stderr)
+    _print(out)
+    return EXIT_OK
 
 
 def cmd_validate(args) -> int:
@@ -379,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--suite", help="one suite (latency, thermal, network, whisper, resnet50); default all")
     s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("baseline", help="derive a thresholds set (params file) from reference runs")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="complete reference runs of one profile")
+    s.add_argument("--out", required=True, help="params file to write (e.g. expectations/params/h200.yaml)")
+    s.add_argument("--policy", help="params file whose limits of policy (throttle events, sensor readability, "
+                                    "recovery margin, network bounds) are copied; default: built-in values")
+    s.add_argument("--set", dest="set_name", help="set name (default: the runs' <sku> or <sku>-<path>)")
+    s.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("report", help="figures, tables and verdicts as one HTML page")
     s.add_argument("run_dir")

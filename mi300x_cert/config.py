@@ -193,7 +193,7 @@ class _ExperimentBase(_Strict):
 
 
 class BareMetalSpec(_ExperimentBase):
-    groups: list[str | list[int]] = Field(default_factory=lambda: ["[12-15]", "[0-3]"])
+    groups: list[str | list[int]] = Field(default_factory=lambda: ["[12-15]", "[0-3]"], min_length=1)
     idle_s: float = Field(5.0, ge=0)
     active_s: float = Field(10.0, gt=0, description="minimum active time per group; batches repeat until reached")
     cooldown_s: float = Field(10.0, ge=0)
@@ -210,6 +210,9 @@ class SDThroughputSpec(_ExperimentBase):
     @field_validator("batch_configs")
     @classmethod
     def _bc(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("the SD matrix is empty: list at least one batch config BxN (e.g. 8x64), "
+                             "or set enabled: false")
         return [parse_batch_config(x).label for x in v]
 
     @field_validator("process_counts")
@@ -233,10 +236,10 @@ class WhisperSpec(_ExperimentBase):
 class ResNetSpec(_ExperimentBase):
     model: str = "synthetic:resnet-50"
     cards: str | list[int] = "[0]"
-    image_sizes: list[int] = Field(default_factory=lambda: [224, 384, 512])
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 128])
+    image_sizes: list[int] = Field(default_factory=lambda: [224, 384, 512], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 128], min_length=1)
     iterations: int = Field(10, gt=0)
-    modes: list[Literal["eager", "compiled"]] = Field(default_factory=lambda: ["eager", "compiled"])
+    modes: list[Literal["eager", "compiled"]] = Field(default_factory=lambda: ["eager", "compiled"], min_length=1)
     compile: CompileSpec = Field(default_factory=lambda: CompileSpec(enabled=True, mode="default"))
 
 
@@ -263,7 +266,7 @@ class SDSpec(_Strict):
 class Profile(_Strict):
     name: str
     description: str = ""
-    sku: str = Field(description="thresholds set: expectations/params/<sku>.yaml")
+    sku: str = Field(description="with path: the thresholds set expectations/params/<sku>.yaml (stock) or <sku>-<path>.yaml")
     host: HostSpec = Field(default_factory=HostSpec)
     device: Literal["cpu", "cuda", "auto"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
@@ -274,12 +277,17 @@ class Profile(_Strict):
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     sd: SDSpec = Field(default_factory=SDSpec)
     experiments: ExperimentsSpec = Field(default_factory=ExperimentsSpec)
-    thresholds: str | None = Field(None, description="override of the thresholds set (defaults to sku)")
+    thresholds: str | None = Field(None, description="explicit thresholds set (defaults to <sku> on the stock path, <sku>-<path> otherwise)")
     source_file: str | None = Field(None, exclude=True)
 
     @property
     def thresholds_set(self) -> str:
-        return self.thresholds or self.sku
+        """The thresholds set judging this profile: ``thresholds`` when given, else ``<sku>`` for the
+        stock workload path and ``<sku>-<path>`` for any other (``h100-optimized``). Never a fallback
+        from one path's set to another's: a workload path has its own measured baseline."""
+        if self.thresholds:
+            return self.thresholds
+        return self.sku if self.path == "stock" else f"{self.sku}-{self.path}"
 
     def cards(self, spec: Any) -> list[int]:
         """Resolve a card spec ('all', a group name, a range or a list) against this host."""

@@ -24,14 +24,16 @@ __all__ = [
 ]
 
 
-def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = None, run_id: str | None = None) -> str:
-    """Validate the profile (cards, model sources), create the run directory, write inventory.
+def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = None, run_id: str | None = None, *,
+                require_thresholds: bool = True) -> str:
+    """Validate the profile (cards, model sources, its thresholds set unless ``require_thresholds``
+    is False — a reference run made to calibrate one), create the run directory, write inventory.
 
     Bad input raises before anything is created. Returns the run directory path.
     """
     from .experiments import prepare_run as _prepare
 
-    return str(_prepare(profile, out, overrides=overrides, run_id=run_id))
+    return str(_prepare(profile, out, overrides=overrides, run_id=run_id, require_thresholds=require_thresholds))
 
 
 def plan_cases(run_dir: str | Path, experiment: str) -> list[dict]:

@@ -15,6 +15,7 @@ Layout (``RunDir.root``)::
     events/<stem>.csv               phase and batch markers (streamed)
     network/<stem>.csv              interface byte counters (streamed)
     sockets/<stem>.csv              connections opened by workload processes (streamed)
+    netns/<stem>.csv                each worker's network namespace id and that namespace's interface counters
     stats/<table>.csv               Appendix A/B tables and the other experiments' summaries
     conditions.json                 the conditions of every figure/table, per experiment
     validation/ report/ bundle/     later steps
@@ -287,8 +288,8 @@ class RunDir:
         atomic_write_json(self.case_status_path(experiment, case_id), {"case_id": case_id, "status": status, "at": utcnow(), **info})
 
     def stream(self, kind: str, stem: str, columns: list[str] | None = None) -> CsvStream:
-        """A streamed CSV under ``telemetry/``, ``events/``, ``network/`` or ``sockets/``."""
-        if kind not in ("telemetry", "events", "network", "sockets"):
+        """A streamed CSV under ``telemetry/``, ``events/``, ``network/``, ``sockets/`` or ``netns/``."""
+        if kind not in ("telemetry", "events", "network", "sockets", "netns"):
             raise ValueError(kind)
         return CsvStream(self.root / kind / f"{stem}.csv", columns)
 

@@ -45,12 +45,14 @@ class DebugWorkload:
     """A workload without a model: batch latency = ``latency_s + per_item_s * batch_size``.
 
     Faults (for tests), applied only to ``only_procs`` when given: ``fail_load`` (reason string),
-    ``crash_at`` / ``hang_at`` (measured batch index), ``load_s`` (sleep while loading).
+    ``crash_at`` / ``hang_at`` (measured batch index), ``load_s`` (sleep while loading),
+    ``connect_to`` (``"host:port"``: a TCP connection opened while loading and held until the
+    worker ends — a workload that talks to the network, for the network verdict's tests).
     """
 
     DEFAULTS: dict[str, Any] = {"latency_s": 0.005, "per_item_s": 0.001, "overhead_s": 0.001,
                                 "tokens_per_item": 0, "load_s": 0.0, "fail_load": None,
-                                "crash_at": None, "hang_at": None, "only_procs": None}
+                                "crash_at": None, "hang_at": None, "only_procs": None, "connect_to": None}
 
     def __init__(self, params: dict, device: str, proc: int = 0, kind: str = "debug"):
         self.p = {**self.DEFAULTS, **{k: v for k, v in params.items() if k in self.DEFAULTS}}
@@ -60,7 +62,13 @@ class DebugWorkload:
         self.device = device
         faulty = self.p["only_procs"] is None or proc in self.p["only_procs"]
         if not faulty:
-            self.p.update(fail_load=None, crash_at=None, hang_at=None)
+            self.p.update(fail_load=None, crash_at=None, hang_at=None, connect_to=None)
+        self._sock = None
+        if self.p["connect_to"]:
+            import socket
+
+            host, _, port = str(self.p["connect_to"]).rpartition(":")
+            self._sock = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
         time.sleep(float(self.p["load_s"]))
         if self.p["fail_load"]:
             raise RuntimeError(f"debug workload: {self.p['fail_load']}")
@@ -92,7 +100,8 @@ class DebugWorkload:
         return out
 
     def close(self) -> None:
-        pass
+        if self._sock is not None:
+            self._sock.close()
 
 
 def resolve_device(requested: str) -> str:

@@ -121,16 +121,19 @@ def _profile_yaml(profile: Any) -> str:
 
 
 # ---- prepare ------------------------------------------------------------------------------------
-def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = None, run_id: str | None = None) -> Path:
+def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = None, run_id: str | None = None, *,
+                require_thresholds: bool = True) -> Path:
     """Validate the profile, every enabled experiment's model source and card sets, the telemetry
     backend and the network mode — all before anything is written — then create the run directory
     with ``profile.yaml``, ``inventory.json`` and a ``conditions.json`` skeleton. Returns its path.
 
     Raises ProfileError, CardError, ModelSourceError, TelemetryError, NetworkIsolationError or
-    RunDirError; on any of them no directory is created.
+    RunDirError; on any of them no directory is created. A profile whose SKU and workload path have
+    no thresholds set is a ProfileError naming both, unless ``require_thresholds`` is False (a
+    measurement-only run, e.g. a reference run for ``mi300x-cert baseline``).
     """
     from ..config import load_profile
-    from ..errors import RunDirError, TelemetryError
+    from ..errors import ProfileError, RunDirError, TelemetryError
     from ..network import isolation_prefix
     from ..rundir import RunDir, atomic_write_json, discard_new_run
 
@@ -142,6 +145,13 @@ def prepare_run(profile: str | Path, out: str | Path, overrides: dict | None = N
             exp.check(prof)
             enabled.append(name)
     _, net_mode = isolation_prefix(prof.network.mode)
+    from ..validation import load_profile_params
+
+    if require_thresholds:  # a run that no thresholds set can judge is refused before anything is measured
+        try:
+            load_profile_params(prof)
+        except CertError as e:
+            raise ProfileError(f"{prof.source_file}: {e}") from None
     try:
         with _open_backend(prof) as backend:
             devices = backend.devices()
@@ -194,7 +204,7 @@ def _retire_attempt(rd: Any, experiment: str, case_id: str) -> int:
     stem = f"{experiment}-{case_id}"
     cases_dir = rd.experiment_dir(experiment) / "cases"
     candidates = [cases_dir / f"{case_id}.rows.csv", cases_dir / f"{case_id}.json"]
-    candidates += [rd.root / k / f"{stem}.csv" for k in ("telemetry", "events", "network", "sockets")]
+    candidates += [rd.root / k / f"{stem}.csv" for k in ("telemetry", "events", "network", "sockets", "netns")]
     logs = cases_dir / case_id
     prev = rd.case_status(experiment, case_id) or {}
     attempt = int(prev.get("attempt", 0)) + 1 if prev else 1
@@ -252,7 +262,7 @@ def run_case(run_dir: str | Path, experiment: str, case: dict, *, raise_on_failu
 
 def _run_case_locked(rd: Any, profile: Any, experiment: str, case: dict, *, raise_on_failure: bool,
                      progress: bool) -> dict:
-    from ..network import NetworkMonitor, NETWORK_COLUMNS, SOCKET_COLUMNS, isolation_prefix
+    from ..network import NETNS_COLUMNS, NETWORK_COLUMNS, SOCKET_COLUMNS, NetworkMonitor, isolation_prefix
     from ..rundir import CsvStream, utcnow
     from ..telemetry import EVENT_COLUMNS, TELEMETRY_COLUMNS, Sampler
     from ..launcher import launch
@@ -271,6 +281,7 @@ def _run_case_locked(rd: Any, profile: Any, experiment: str, case: dict, *, rais
     status: dict[str, Any] = {"case": case, "attempt": attempt, "started": utcnow(),
                               "telemetry_file": f"telemetry/{stem}.csv", "events_file": f"events/{stem}.csv",
                               "network_file": f"network/{stem}.csv", "sockets_file": f"sockets/{stem}.csv",
+                              "netns_file": f"netns/{stem}.csv",
                               "rows_file": f"results/{experiment}/cases/{case_id}.rows.csv"}
     reason: str | None = None
     interrupted: BaseException | None = None
@@ -286,7 +297,8 @@ def _run_case_locked(rd: Any, profile: Any, experiment: str, case: dict, *, rais
         ev = rd.stream("events", stem, EVENT_COLUMNS)
         net = rd.stream("network", stem, NETWORK_COLUMNS)
         sock = rd.stream("sockets", stem, SOCKET_COLUMNS)
-        streams = [rows_stream, tel, ev, net, sock]
+        nsx = rd.stream("netns", stem, NETNS_COLUMNS)
+        streams = [rows_stream, tel, ev, net, sock, nsx]
         conds_by_proc: dict[int, dict] = {}
         cards = [s["card"] for s in specs]
         spec_by_proc = {s["proc"]: s for s in specs}
@@ -299,7 +311,8 @@ def _run_case_locked(rd: Any, profile: Any, experiment: str, case: dict, *, rais
         with _open_backend(profile, rd) as backend:
             sampler = Sampler(backend, tel, ev, rate_hz=profile.telemetry.rate_hz)
             monitor = NetworkMonitor(net, sock, rate_hz=profile.network.rate_hz,
-                                     exclude_interfaces=profile.network.exclude_interfaces, mode=net_mode)
+                                     exclude_interfaces=profile.network.exclude_interfaces, mode=net_mode,
+                                     netns_stream=nsx)
             sampler.start()
             monitor.start()
             bm = exp.spec(profile) if exp.phased else None
@@ -534,15 +547,16 @@ def run_all(run_dir: str | Path, names: list[str] | tuple[str, ...] = EXPERIMENT
 
 def prepare_and_run(profile: str | Path, out: str | Path, names: list[str] | tuple[str, ...] = EXPERIMENTS, *,
                     overrides: dict | None = None, run_id: str | None = None, progress: bool = False,
-                    wait_s: float | None = None) -> dict:
+                    wait_s: float | None = None, require_thresholds: bool = True) -> dict:
     """:func:`prepare_run` then :func:`run_all`, both under the host lock (the command line's
-    ``run`` and ``certify``): a busy host is refused before a run directory is created."""
+    ``run`` and ``certify``): a busy host is refused before a run directory is created.
+    ``require_thresholds``: see :func:`prepare_run` (False for a measurement-only ``run``)."""
     from ..config import load_profile
     from ..hostlock import host_lock
 
     prof = load_profile(profile, overrides=overrides)
     with host_lock(prof.host.name, out, wait_s):
-        run_dir = prepare_run(profile, out, overrides=overrides, run_id=run_id)
+        run_dir = prepare_run(profile, out, overrides=overrides, run_id=run_id, require_thresholds=require_thresholds)
         print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
         return run_all(run_dir, names, progress=progress, wait_s=wait_s)
 

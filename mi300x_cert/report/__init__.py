@@ -155,6 +155,41 @@ def _resnet_section(run_dir: Path) -> str:
     return table_html(pd.DataFrame(rows), left=("case", "mode"))
 
 
+def _network_section(run_dir: Path) -> str:
+    """Which evidence decided the network verdict, the workers' namespaces, and the host's traffic
+    (in enforced mode: background bytes of other processes, recorded and not judged)."""
+    import pandas as pd
+
+    from .html import esc, table_html
+
+    verdict = _read_json(run_dir / "validation" / "network.json")
+    ev = (verdict or {}).get("evidence")
+    if not isinstance(ev, dict):
+        return _missing("validation/network.json with its evidence (run `mi300x-cert validate`)")
+    out = [f"<p><b>Isolation mode:</b> {esc(ev.get('mode'))}. <b>Decided by:</b> {esc(ev.get('decided_by'))}</p>",
+           f"<p><b>Workers:</b> {esc(ev.get('workers'))}, in a namespace of their own: {esc(ev.get('workers_isolated'))} "
+           f"(host namespace {esc(', '.join(ev.get('host_netns') or []) or 'not recorded')}; "
+           f"{len(ev.get('namespaces') or [])} worker namespace(s))</p>"]
+    bg = ev.get("background_bytes")
+    if isinstance(bg, dict):
+        out.append(f"<p><b>Background bytes</b> (host interfaces during active phases, other processes' traffic; "
+                   f"reported, not judged): sent {float(bg.get('bytes_sent', 0)):,.0f} B, "
+                   f"received {float(bg.get('bytes_recv', 0)):,.0f} B</p>")
+    frame = run_dir / "validation" / "frames" / "network.csv"
+    try:
+        df = pd.read_csv(frame)
+    except (OSError, ValueError):
+        df = None
+    if df is not None and "kind" in df.columns:
+        host = df[df["kind"].isin(["background", "traffic_active"])]
+        cols = [c for c in ("subject", "kind", "seconds", "bytes_sent", "bytes_recv", "idle_rate_sent_bps",
+                            "idle_rate_recv_bps", "excess_bytes_sent", "excess_bytes_recv", "rate_basis") if c in host.columns]
+        if len(host):
+            out.append("<p>Host interface traffic during active phases against the same host's idle-phase rate:</p>"
+                       + table_html(host[cols], left=("subject", "kind", "rate_basis")))
+    return "".join(out)
+
+
 def _inventory_section(run_dir: Path) -> str:
     import pandas as pd
 
@@ -202,6 +237,7 @@ def build_report(run_dir: str | Path) -> Path:
         ("Appendix B: batch latency", appendix_b),
         ("Whisper token throughput", _whisper_section(root)),
         ("ResNet-50 throughput", _resnet_section(root)),
+        ("Network isolation evidence", _network_section(root)),
         ("Inventory", _inventory_section(root)),
         ("Conditions", _conditions_section(root)),
     ]

@@ -379,7 +379,7 @@ def fig7_lines(run_dir: Path, path: Path, plt) -> str:
 
 
 FIGURES: list[tuple[int, str, str, Callable]] = [
-    (1, "Network activity during inference", "Bytes sent and received per sample on external (non-loopback) interfaces; active phases shaded.", fig1_network),
+    (1, "Network activity during inference", "Bytes sent and received per sample on the host's external (non-loopback) interfaces — every process of the machine, not only the workload (in enforced mode these are background; the verdict rests on the workers' own namespaces, see Network isolation evidence); active phases shaded.", fig1_network),
     (2, "GPU utilization (3-D)", "Utilization of every card over time: the active cards carry the load, the rest stay idle.", fig2_utilization),
     (3, "GPU memory use", "Memory used per card; vertical lines mark batch starts.", fig3_memory),
     (4, "Temperature by card (memory and junction)", "Junction in purple, memory in pink; active cards marked; °C left axis, °F right axis.", fig4_temperature),

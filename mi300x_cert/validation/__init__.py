@@ -28,12 +28,12 @@ from typing import Any, Iterator
 
 from ..errors import RunDirError, ValidationError
 
-__all__ = ["validate", "format_verdict", "SUITES", "load_params", "expectations_dir"]
+__all__ = ["validate", "format_verdict", "SUITES", "load_params", "load_profile_params", "expectations_dir"]
 
 SUITES: tuple[str, ...] = ("latency", "thermal", "network", "whisper", "resnet50")
 
-_ID_COLUMNS = ("card", "role", "batch_config", "process_count", "case_id", "interface", "phase", "pid", "raddr",
-               "experiment")
+_ID_COLUMNS = ("card", "role", "batch_config", "process_count", "case_id", "interface", "phase", "pid", "process",
+               "raddr", "netns", "experiment")
 _EXP_ATTR = {"bare-metal": "bare_metal", "sd-throughput": "sd_throughput", "whisper": "whisper",
              "resnet50": "resnet50"}
 
@@ -64,6 +64,21 @@ def load_params(thresholds_set: str, directory: Path | None = None) -> dict[str,
     if not isinstance(suites, dict):
         raise ValidationError(f"params/{p.name}: needs a 'suites' mapping of suite → parameters")
     return {str(k): dict(v or {}) for k, v in suites.items()}
+
+
+def load_profile_params(profile: Any, directory: Path | None = None) -> dict[str, dict]:
+    """The thresholds of ``profile`` (its SKU and workload path, or its explicit ``thresholds``);
+    a missing set raises ValidationError naming the SKU and the path — never a fallback."""
+    try:
+        return load_params(profile.thresholds_set, directory)
+    except ValidationError as e:
+        if profile.thresholds or "has no file" not in str(e):
+            raise
+        known = sorted(x.stem for x in ((directory or expectations_dir()) / "params").glob("*.yaml"))
+        raise ValidationError(
+            f"profile {profile.name!r}: no thresholds set for SKU {profile.sku!r} on workload path {profile.path!r} "
+            f"(expected params/{profile.thresholds_set}.yaml; known sets: {known}). Calibrate one with "
+            f"`mi300x-cert baseline RUN_DIR… --out expectations/params/{profile.thresholds_set}.yaml`") from None
 
 
 @contextlib.contextmanager
@@ -237,6 +252,8 @@ def _run_suite(name: str, run_dir: Path, profile: Any, params_all: dict | None, 
     params = params or {}
     verdict["params"] = {k: v for k, v in params.items()}
     frame = build_frame(name, run_dir, profile, params)
+    if frame.notes.get("evidence") is not None:  # which evidence decided (network): in the verdict and the certificate
+        verdict["evidence"] = frame.notes["evidence"]
     for p in frame.problems:
         failures.append(_problem(name, "input_present", f"{p} (fails closed)"))
     frames_dir = run_dir / "validation" / "frames"
@@ -306,7 +323,7 @@ def validate(run_dir: str | Path, suite: str | None = None, *, expectations: str
     exp_dir = Path(expectations) if expectations else expectations_dir()
     params_all, params_error = None, None
     try:
-        params_all = load_params(profile.thresholds_set, exp_dir)
+        params_all = load_profile_params(profile, exp_dir)
     except ValidationError as e:
         params_error = str(e)
     names = [suite] if suite else list(SUITES)
@@ -361,6 +378,7 @@ def _overall(rd: Any, profile: Any, suites: dict, seconds: float) -> dict:
         "sku": profile.sku,
         "thresholds": profile.thresholds_set,
         "validated": sorted(suites),
+        "network_evidence": (suites.get("network") or {}).get("evidence"),
         "not_validated": missing,
         "failures": failures,
         "data_docs": "validation/gx/uncommitted/data_docs/local_site/index.html",

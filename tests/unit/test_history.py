@@ -49,12 +49,14 @@ def _csv(path: Path) -> list[dict]:
 
 def _expected(root: Path, card: int) -> dict:
     """The card's numbers computed straight from the CSVs: phase segments from the event markers."""
-    marks = [e for e in _csv(root / "events" / "bare-metal.csv") if e["kind"] == "phase"]
+    # one events/telemetry file per bare-metal group; the groups follow each other in time
+    marks = sorted((e for f in sorted((root / "events").glob("bare-metal*.csv")) for e in _csv(f) if e["kind"] == "phase"),
+                   key=lambda e: float(e["t"]))
     segs = [(float(m["t"]), float(marks[i + 1]["t"]) if i + 1 < len(marks) else float("inf"), m["phase"],
              json.loads(m["cards"])) for i, m in enumerate(marks)]
     idle_j, act_j, act_p = [], [], []
     mem = []
-    for r in _csv(root / "telemetry" / "bare-metal.csv"):
+    for r in (r for f in sorted((root / "telemetry").glob("bare-metal*.csv")) for r in _csv(f)):
         if int(r["card"]) != card:
             continue
         mem.append(float(r["memory_c"]))

@@ -236,3 +236,40 @@ def test_enforced_isolation_blocks_loopback_of_the_parent_namespace(loopback_lis
     jailed = subprocess.run(argv + [sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert jailed.returncode != 0
     assert any(w in jailed.stderr for w in ("Network is unreachable", "Connection refused", "Cannot assign")), jailed.stderr
+
+
+# ---- the workers' own evidence: namespace readings and the per-namespace socket audit ------------
+def test_worker_namespace_readings_are_written_per_phase(tmp_path):
+    readings = {"netns": "net:[4026532999]", "interfaces": {"lo": (10, 10)}}
+    ns = CsvStream(tmp_path / "netns.csv", network.NETNS_COLUMNS)
+    mon = NetworkMonitor(None, None, rate_hz=1, counters_fn=FakeCounters(), connections_fn=lambda pid: [],
+                         netns_stream=ns, netns_fn=lambda pid: readings, host_netns="net:[4026531840]")
+    mon.tick()
+    mon.watch(4321)
+    mon.phase("active")
+    ns.close()
+    rows = read_csv(tmp_path / "netns.csv")
+    assert [r["phase"] for r in rows] == ["", "", "active"]  # watched, the tick before the switch, after it
+    assert all(r["netns"] == "net:[4026532999]" and r["host_netns"] == "net:[4026531840]" for r in rows)
+    assert rows[-1]["external_bytes_sent"] == "0" and rows[-1]["interfaces"] == "lo:10:10"
+    assert mon.summary()["workers"]["4321"]["namespaces"] == ["net:[4026532999]"]
+
+
+@pytest.mark.skipif(network.enforced_available()[0] is None, reason="no private network namespace here")
+def test_a_worker_in_a_private_namespace_is_read_in_its_own_namespace(tmp_path):
+    """A process under the enforced prefix: its namespace differs from ours, holds only `lo`, and
+    the audit finds its loopback listener in its own namespace's tables (psutil would not)."""
+    prefix, _ = network.enforced_available()
+    code = ("import socket,sys,time; s=socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+            "print(s.getsockname()[1], flush=True); sys.stdin.readline()")
+    p = subprocess.Popen(prefix + [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(p.stdout.readline())
+        r = network.netns_reading(p.pid)
+        assert r["netns"] != network.netns_id("self")
+        assert set(r["interfaces"]) == {"lo"}
+        conns = network.proc_connections(p.pid)
+        assert [(c.laddr, c.status) for _, c in conns] == [(("127.0.0.1", port), "LISTEN")]
+    finally:
+        p.stdin.close()
+        p.wait(timeout=10)
