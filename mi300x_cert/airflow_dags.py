@@ -89,7 +89,15 @@ BATCH_CONFIG_CHOICES = ["1x512", "2x256", "4x128", "8x64", "16x32", "32x16", "64
                         "1x1", "1x2", "2x1", "2x2", "4x1"]
 PROCESS_COUNT_CHOICES = [1, 2, 4, 8, 16]
 DTYPES = ["float32", "float16", "bfloat16"]
-THRESHOLD_SETS = ["smoke", "mi300x", "h100"]
+def _threshold_sets() -> list[str]:
+    """The shipped thresholds sets (``expectations/params/*.yaml``), read once at parse time."""
+    from .config import REPO_ROOT
+
+    d = REPO_ROOT / "expectations" / "params"
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else ["smoke"]
+
+
+THRESHOLD_SETS = _threshold_sets()
 PROFILE_DEFAULT = "profile"
 CUSTOM = "custom"
 # only the characters a card list may hold: the schema's error quotes the pattern, so it stays readable;

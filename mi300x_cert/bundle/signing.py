@@ -77,7 +77,7 @@ def summarize_verdicts(verdicts: Any | None, state: str | None = "complete") -> 
     summary: dict[str, Any] = {"present": True, "success": decision.certified, "suites": details,
                                "skipped": list(decision.skipped_suites), "reasons": decision.reasons}
     if isinstance(verdicts, dict):
-        for k in ("thresholds", "profile", "sku", "not_validated"):
+        for k in ("thresholds", "profile", "sku", "not_validated", "network_evidence"):
             if k in verdicts:
                 summary[k] = verdicts[k]
     if not suites or not (decision.passed_suites or decision.failed_suites):
