@@ -61,6 +61,7 @@ __all__ = [
     "build_manual_dag",
     "build_fleet_audit_dag",
     "register_body",
+    "safe_run_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,12 @@ def runs_root() -> Path:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def safe_run_id(airflow_run_id: str) -> str:
+    """The run id the registry and the run directory use for an Airflow run id (the console's extra
+    links resolve an Airflow run to its certification through this)."""
+    return _safe(airflow_run_id)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

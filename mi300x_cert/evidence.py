@@ -39,7 +39,12 @@ BUNDLE_TOP = ("manifest.json", "SHA256SUMS", "statement.json", "envelope.dsse.js
 
 
 class EvidenceError(CertError):
-    """A bundle file cannot be shown: unknown, missing, or its bytes do not match the registered digests."""
+    """A bundle file cannot be shown: unknown or missing (``status`` 404), or its bytes do not match the
+    registered digests (``status`` 409: never served)."""
+
+    def __init__(self, message: str, status: int = 404):
+        super().__init__(message)
+        self.status = status
 
 
 def content_type(name: str) -> str:
@@ -127,7 +132,7 @@ class Evidence:
         got = _sha(env_bytes)
         if got != self.digest:
             raise EvidenceError(f"{self.uri}/envelope.dsse.json has sha256 {got}, the registry recorded {self.digest}: "
-                                "the published bundle changed after it was registered")
+                                "the published bundle changed after it was registered", status=409)
         try:
             env = json.loads(env_bytes)
             statement_bytes = base64.b64decode(env["payload"], validate=True)
@@ -138,7 +143,7 @@ class Evidence:
         man_bytes = self._get("manifest.json")
         want = (files.get("manifest.json") or {}).get("sha256")
         if not want or _sha(man_bytes) != want:
-            raise EvidenceError(f"{self.uri}/manifest.json does not match the digest in the signed statement")
+            raise EvidenceError(f"{self.uri}/manifest.json does not match the digest in the signed statement", status=409)
         try:
             manifest = json.loads(man_bytes)
             entries = {e["name"]: e for e in manifest["artifacts"]}
@@ -146,7 +151,7 @@ class Evidence:
             raise EvidenceError(f"{self.uri}/manifest.json is not a bundle manifest ({e})") from None
         subjects = {s.get("name"): (s.get("digest") or {}).get("sha256") for s in statement.get("subject") or []}
         if subjects != {n: e.get("sha256") for n, e in entries.items()}:
-            raise EvidenceError(f"{self.uri}/manifest.json disagrees with the subjects of the signed statement")
+            raise EvidenceError(f"{self.uri}/manifest.json disagrees with the subjects of the signed statement", status=409)
         self._statement = statement
         self._statement_files = files
         self._top = {"envelope.dsse.json": env_bytes, "statement.json": statement_bytes, "manifest.json": man_bytes}
@@ -195,7 +200,7 @@ class Evidence:
             data = self._get(path)
             want = (self._statement_files.get(path) or {}).get("sha256")
             if not want or _sha(data) != want:
-                raise EvidenceError(f"{self.uri}/{path} does not match the digest in the signed statement")
+                raise EvidenceError(f"{self.uri}/{path} does not match the digest in the signed statement", status=409)
             return data
         if path in ("key-info.json", "signer.pub.pem"):
             data = self._get(path)
@@ -204,7 +209,7 @@ class Evidence:
                 from .bundle.manifest import canonical_json
 
                 if data != canonical_json(signer):
-                    raise EvidenceError(f"{self.uri}/key-info.json differs from the signer block of the signed statement")
+                    raise EvidenceError(f"{self.uri}/key-info.json differs from the signer block of the signed statement", status=409)
             else:
                 from .bundle.keys import public_key_from_pem
 
@@ -213,7 +218,7 @@ class Evidence:
                 except CertError as e:
                     raise EvidenceError(f"{self.uri}/signer.pub.pem: {e}") from None
                 if key.keyid != signer.get("keyid"):
-                    raise EvidenceError(f"{self.uri}/signer.pub.pem is not the key named in the signed statement")
+                    raise EvidenceError(f"{self.uri}/signer.pub.pem is not the key named in the signed statement", status=409)
             return data
         if not path.startswith("artifacts/"):
             raise EvidenceError(f"{path!r} is not a file of the bundle {self.uri}")
@@ -224,5 +229,5 @@ class Evidence:
         data = self._get(path)
         if _sha(data) != entry.get("sha256") or len(data) != entry.get("size"):
             raise EvidenceError(f"{self.uri}/{path} does not match its signed digest (sha256 {_sha(data)}, "
-                                f"{len(data)} bytes): not served")
+                                f"{len(data)} bytes): not served", status=409)
         return data
