@@ -246,7 +246,7 @@ Great Expectations suites, builds the report, signs the bundle and publishes it 
 * queue `{queue}`, pool `{pool}` ({cards} slots; every GPU task takes all of them)
 * schedule: `{schedule}` (UTC)
 * a failed suite fails its `validate_<suite>` task with the failed expectations, writes an alert
-  (dashboard: *Certification* in the nav bar; CLI: `mi300x-cert alerts`) and notifies {recipients};
+  (console: *Certification* in the nav bar; CLI: `mi300x-cert alerts`) and notifies {recipients};
   report, sign and publish still run; `register` (on the control plane) verifies the published
   bundle against the key enrolled for this host, records the certification and alerts, and marks
   the run **NOT certified** when any condition fails.

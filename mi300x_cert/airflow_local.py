@@ -449,7 +449,7 @@ def cli_standalone(home: str | None, port: int | None) -> int:
         print(f"Airflow UI   : {sa.url}")
         print(f"user         : admin, password in {sa.password_file}")
         print(f"S3 endpoint  : {sa.env['MI300X_CERT_S3_ENDPOINT']} (bucket {sa.env['MI300X_CERT_S3_BUCKET']})")
-        print(f"dashboard    : {sa.url}/mi300x-cert/  (Ctrl-C stops everything)", flush=True)
+        print(f"console      : {sa.url}/mi300x-cert/  (Ctrl-C stops everything)", flush=True)
         while sa.proc.poll() is None:
             time.sleep(1)
         return sa.proc.returncode or 0
