@@ -36,7 +36,7 @@ def test_plugin_checks_the_token(airflow_standalone):
     assert status == 200 and isinstance(body, list)
     req = urllib.request.Request(f"{sa.url}/mi300x-cert/", headers={"Authorization": f"Bearer {sa.token()}"})
     with urllib.request.urlopen(req, timeout=30) as r:
-        assert b"Certification dashboard" in r.read()
+        assert b"Fleet overview" in r.read()
     status, body = sa.api("GET", "/api/v2/plugins")
     assert status == 200 and any(p["name"] == "mi300x_cert" for p in body["plugins"]), body
 
