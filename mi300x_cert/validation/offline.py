@@ -53,19 +53,20 @@ _GX_ASSETS = "https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/"
 _VEGA = ("vega-5.33.1", "vega-lite-5.23.0", "vega-embed-6.29.0")
 
 # an asset reference: src/href attribute or CSS url(), absolute http(s)
-_ASSET_RE = re.compile(r"""(?:\b(?:src|href)\s*=\s*["']|url\(\s*["']?)\s*(https?://[^"')\s>]+)""", re.I)
+_ASSET_RE = re.compile(r"""(?:\b(?:src|href)\s*=\s*["']?|url\(\s*["']?)\s*((?:https?:)?//[^"')\s>]+)""", re.I)
 _TAG_RE = re.compile(r"<(script|link|img|source|iframe)\b[^>]*>", re.I)
 _A_EXTERNAL_RE = re.compile(r"""(<a\b[^>]*?)\s+href\s*=\s*["']https?://[^"']*["']""", re.I)
 _FORM_EXTERNAL_RE = re.compile(r"""<form\b[^>]*action\s*=\s*["']https?://.*?</form>""", re.I | re.S)
 
 
 def external_assets(text: str) -> list[str]:
-    """Every absolute http(s) URL the page or stylesheet would *load*: ``src``/``href`` of script,
-    link, img, source and iframe tags, and CSS ``url(…)`` (data: URIs and XML namespaces are not loads)."""
+    """Every absolute http(s) or scheme-relative (``//host/…``) URL the page or stylesheet would
+    *load*: ``src``/``href`` of script, link, img, source and iframe tags, and CSS ``url(…)`` (data:
+    URIs, XML namespaces and links a reader may follow are not loads)."""
     out: list[str] = []
     for tag in _TAG_RE.finditer(text):
         out += [m.group(1) for m in _ASSET_RE.finditer(tag.group(0))]
-    out += re.findall(r"""url\(\s*["']?(https?://[^"')\s]+)""", text, re.I)
+    out += re.findall(r"""url\(\s*["']?((?:https?:)?//[^"')\s]+)""", text, re.I)
     return out
 
 
