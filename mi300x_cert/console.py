@@ -77,6 +77,20 @@ def _is_num(s: str) -> bool:
         return False
 
 
+def _txt(v: Any) -> str:
+    """A number formatted like :func:`fmt`, any other value as plain text (the caller escapes)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return html.unescape(fmt(v))
+    return "" if v is None else str(v)
+
+
+AGAINST = {"previous": "its previous run", "sku_median": "the SKU median"}
+
+
+def _against(v: Any) -> str:
+    return AGAINST.get(str(v), str(v))
+
+
 def fmt_age(seconds: Any) -> str:
     if seconds is None:
         return "–"
@@ -139,6 +153,7 @@ button{background:#0b5cad;color:#fff;border:0;border-radius:4px;padding:4px 10px
 .drift{color:#8a5300;font-weight:600} .err{color:#a4161a;font-weight:600} .plots{display:flex;flex-wrap:wrap;gap:12px}
 .plots figure{margin:0;background:#fff;border:1px solid #dde2e7;border-radius:6px;padding:6px} figcaption{font-size:12px;color:#5b6570}
 code{font-size:12px;background:#eef1f4;padding:0 3px;border-radius:3px} .ev a{margin-right:10px}
+td.nw{white-space:nowrap} td.drift{min-width:280px}
 """
 
 
@@ -322,7 +337,7 @@ def host_page(host: str, host_row: dict | None, certs: list[dict], older: dict |
         drift = c.get("drift") or []
         dr = (f'<p class="drift">drift: ' + "; ".join(
             f'{esc(f.get("serial"))} {esc(METRICS.get(f.get("metric"), (f.get("metric"),))[0])} {fmt(f.get("value"))} vs '
-            f'{esc(f.get("against"))} {fmt(f.get("reference"))}' for f in drift) + "</p>") if drift else ""
+            f'{esc(_against(f.get("against")))} {fmt(f.get("reference"))}' for f in drift) + "</p>") if drift else ""
         blocks.append(
             f'<div class="card cert" id="run-{esc(c.get("run_id"))}"><div>{_badge(None, c.get("certified"))} '
             f'<a href="{_u("run", host, c.get("run_id"))}"><b>{esc(c.get("run_id"))}</b></a> '
@@ -386,7 +401,8 @@ def svg_trend(points: list[tuple[str, float | None, bool, str]], *, title: str, 
     step = max(1, math.ceil(n / 6))
     for i, (lab, v, flagged, tip) in enumerate(points):
         if i % step == 0 or i == n - 1:
-            parts.append(f'<text x="{x(i):.1f}" y="{pt + h + 14}" font-size="10" text-anchor="middle" fill="#555">{esc(lab)}</text>')
+            anchor = "start" if i == 0 and n > 1 else ("end" if i == n - 1 and n > 1 else "middle")
+            parts.append(f'<text x="{x(i):.1f}" y="{pt + h + 14}" font-size="10" text-anchor="{anchor}" fill="#555">{esc(lab)}</text>')
         if isinstance(v, (int, float)):
             color, r = ("#c62828", 6) if flagged else ("#0b5cad", 3.5)
             parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="{r}" fill="{color}" class="{"flag" if flagged else "pt"}">'
@@ -411,12 +427,12 @@ def serial_page(serial: str, rows: list[dict], *, user: str, open_alerts: int) -
                     for m, (label, unit) in METRICS.items())
     trs = []
     for r in rows:
-        drift = "; ".join(f'{METRICS.get(f.get("metric"), (f.get("metric"),))[0]} {fmt(f.get("value"))} vs '
-                          f'{f.get("against")} {fmt(f.get("reference"))} (limit {fmt(f.get("limit"))})'
+        drift = "; ".join(f'{METRICS.get(f.get("metric"), (f.get("metric"),))[0]} {_txt(f.get("value"))} vs '
+                          f'{_against(f.get("against"))} {_txt(f.get("reference"))} (limit {_txt(f.get("limit"))})'
                           for f in r.get("drift") or [])
         cells = "".join(f'<td class="n{" drift" if flagged(r, m) else ""}">{fmt(r.get(m))}</td>' for m in METRICS)
-        trs.append(f'<tr><td>{fmt_ts(r.get("date"))}</td><td><a href="{_u("host", r.get("host"))}">{esc(r.get("host"))}</a></td>'
-                   f'<td class="n">{esc(r.get("card"))}</td><td><a href="{_u("run", r.get("host"), r.get("run_id"))}">{esc(r.get("run_id"))}</a></td>'
+        trs.append(f'<tr><td class="nw">{fmt_ts(r.get("date"))}</td><td class="nw"><a href="{_u("host", r.get("host"))}">{esc(r.get("host"))}</a></td>'
+                   f'<td class="n">{esc(r.get("card"))}</td><td class="nw"><a href="{_u("run", r.get("host"), r.get("run_id"))}">{esc(r.get("run_id"))}</a></td>'
                    f'<td>{_badge(None, r.get("certified"))}</td><td>{"ok" if r.get("card_ok") else ("FAILED" if r.get("card_ok") is False else "–")}</td>'
                    f'{cells}<td class="drift">{esc(drift)}</td></tr>')
     heads = "".join(f"<th>{esc(label)} ({esc(unit)})</th>" for label, unit in METRICS.values())
@@ -523,8 +539,8 @@ def _alert_block(a: dict, serials: dict[int, str]) -> str:
     fails = [f for f in a.get("failures") or [] if isinstance(f, dict)]
     if a.get("kind") == "drift":
         lis = "".join(f'<li>GPU <a href="{_u("serial", f.get("serial"))}">{esc(f.get("serial"))}</a> (card {esc(f.get("card"))}): '
-                      f'{esc(METRICS.get(f.get("metric"), (f.get("metric"),))[0])} {fmt(f.get("value"))} vs {esc(f.get("against"))} '
-                      f'{fmt(f.get("reference"))}</li>' for f in fails)
+                      f'{esc(METRICS.get(f.get("metric"), (f.get("metric"),))[0])} {fmt(f.get("value"))} vs '
+                      f'{esc(_against(f.get("against")))} {fmt(f.get("reference"))}</li>' for f in fails)
     else:
         lis = "".join(f"<li>{_failure_line(f, serials)}</li>" for f in fails)
     if not lis and a.get("message"):
