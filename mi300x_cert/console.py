@@ -153,7 +153,7 @@ button{background:#0b5cad;color:#fff;border:0;border-radius:4px;padding:4px 10px
 .drift{color:#8a5300;font-weight:600} .err{color:#a4161a;font-weight:600} .plots{display:flex;flex-wrap:wrap;gap:12px}
 .plots figure{margin:0;background:#fff;border:1px solid #dde2e7;border-radius:6px;padding:6px} figcaption{font-size:12px;color:#5b6570}
 code{font-size:12px;background:#eef1f4;padding:0 3px;border-radius:3px} .ev a{margin-right:10px}
-td.nw{white-space:nowrap} td.drift{min-width:280px}
+td.nw{white-space:nowrap} td.drift{min-width:240px} .wide{overflow-x:auto} .wide th{white-space:normal}
 """
 
 
@@ -370,9 +370,13 @@ def svg_trend(points: list[tuple[str, float | None, bool, str]], *, title: str, 
         return head + f'<text x="{pl}" y="{height / 2}" font-size="12" fill="#777">no data</text></svg>'
     lo, hi = min(vals), max(vals)
     if hi == lo:
-        lo, hi = lo - max(1.0, abs(lo) * 0.05), hi + max(1.0, abs(hi) * 0.05)
+        d = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - d, hi + d
     pad = (hi - lo) * 0.1
+    nonneg = min(vals) >= 0
     lo, hi = lo - pad, hi + pad
+    if nonneg:  # temperatures, watts, seconds: the axis does not go below zero
+        lo = max(lo, 0.0)
     w, h = width - pl - pr, height - pt - pb
     n = len(points)
 
@@ -440,8 +444,8 @@ def serial_page(serial: str, rows: list[dict], *, user: str, open_alerts: int) -
     body = (f'<h1>GPU {esc(serial)}</h1><p class="meta">{esc(sku or "")} · {len(rows)} certification(s) · '
             f'drift flags mark a run at least the fleet file\'s limit slower or hotter than this GPU\'s previous run or its SKU median</p>'
             f'<div class="plots">{plots}</div><h2>Every certification of this GPU</h2>'
-            f'<table id="history"><tr><th>date</th><th>host</th><th>card</th><th>run</th><th>result</th><th>card verdict</th>'
-            f'{heads}<th>drift flags</th></tr>{"".join(trs)}</table>')
+            f'<div class="wide"><table id="history"><tr><th>date</th><th>host</th><th>card</th><th>run</th><th>result</th><th>card verdict</th>'
+            f'{heads}<th>drift flags</th></tr>{"".join(trs)}</table></div>')
     return layout(f"GPU {serial} · certification", body, user=user, current="serials", open_alerts=open_alerts)
 
 
@@ -520,7 +524,7 @@ def run_page(cert: dict, *, user: str, open_alerts: int, alerts: list[dict]) -> 
             + f"<h2>Suites</h2><table style=\"width:auto\"><tr><th>suite</th><th>verdict</th></tr>{verdicts}</table>"
             + (f"<h2>Failed expectations</h2><ul>{failed}</ul>" if failed else "")
             + (f"<h2>Alerts</h2><ul>{al}</ul>" if al else "")
-            + f"<h2>Cards</h2><table><tr><th>card</th><th>serial</th><th>bus</th><th>verdict</th>{heads}</tr>{cards}</table>")
+            + f'<h2>Cards</h2><div class="wide"><table><tr><th>card</th><th>serial</th><th>bus</th><th>verdict</th>{heads}</tr>{cards}</table></div>')
     return layout(f"{host} {run} · certification", body, user=user, current="fleet", open_alerts=open_alerts)
 
 
