@@ -29,22 +29,13 @@ import threading
 from pathlib import PurePosixPath
 from typing import Any
 
-from .errors import CertError, StorageError
+from .errors import CertError, EvidenceError, StorageError
 
 __all__ = ["Evidence", "EvidenceError", "content_type", "REPORT", "DATA_DOCS", "BUNDLE_TOP"]
 
 REPORT = "artifacts/report/index.html"
 DATA_DOCS = "artifacts/validation/gx/uncommitted/data_docs/local_site/index.html"
 BUNDLE_TOP = ("manifest.json", "SHA256SUMS", "statement.json", "envelope.dsse.json", "signer.pub.pem", "key-info.json")
-
-
-class EvidenceError(CertError):
-    """A bundle file cannot be shown: unknown or missing (``status`` 404), or its bytes do not match the
-    registered digests (``status`` 409: never served)."""
-
-    def __init__(self, message: str, status: int = 404):
-        super().__init__(message)
-        self.status = status
 
 
 def content_type(name: str) -> str:
