@@ -104,10 +104,33 @@ def _rewrite(text: str, page: Path, site: Path, keep_vega: bool) -> str:
 def make_offline(site_dir: str | Path) -> dict:
     """Vendor the libraries into ``site_dir/static/vendor`` and rewrite every HTML/CSS file of the
     site to use them. Returns ``{"pages", "vega", "external"}`` (external: URLs still loaded from
-    outside, which must be empty)."""
+    outside, which must be empty). The per-suite validation tasks of one run may call this at the
+    same time: one at a time (a lock file in the temp dir), each file replaced atomically."""
+    import fcntl
+
     site = Path(site_dir)
     if not site.is_dir():
         return {"pages": 0, "vega": False, "external": []}
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(site.resolve()).encode()).hexdigest()[:16]
+    # the lock lives outside the run directory: everything inside it is signed into the bundle
+    with open(Path(tempfile.gettempdir()) / f"mi300x-cert-offline-{key}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            return _make_offline(site)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _make_offline(site: Path) -> dict:
     files = sorted(p for p in site.rglob("*") if p.suffix in (".html", ".css") and p.is_file()
                    and "vendor" not in p.relative_to(site).parts)
     texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}
@@ -123,6 +146,6 @@ def make_offline(site_dir: str | Path) -> dict:
     for p, t in texts.items():
         new = _rewrite(t, p, site, vega)
         if new != t:
-            p.write_text(new, encoding="utf-8")
+            _write(p, new)
         external += [f"{p.relative_to(site).as_posix()}: {u}" for u in external_assets(new)]
     return {"pages": len(files), "vega": vega, "external": external}
