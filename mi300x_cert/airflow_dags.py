@@ -61,6 +61,8 @@ __all__ = [
     "build_manual_dag",
     "build_fleet_audit_dag",
     "register_body",
+    "safe_run_id",
+    "host_dag_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,12 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
+def safe_run_id(airflow_run_id: str) -> str:
+    """The run id the registry and the run directory use for an Airflow run id (the console's extra
+    links resolve an Airflow run to its certification through this)."""
+    return _safe(airflow_run_id)
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in (over or {}).items():
@@ -231,6 +239,8 @@ def register_body(server: Server, dag_id: str, run_id: str, bundle_uri: str | No
              server.name, _safe(run_id), outcome["result"], "; ".join(outcome["reasons"]) or "all conditions met",
              outcome.get("bundle_uri"), outcome.get("report"), outcome.get("data_docs"),
              [a.get("id") for a in outcome.get("alerts") or []])
+    log.info("console: /mi300x-cert/run/%s/%s (report, Data Docs and bundle files checked against the registered "
+             "digests; also the extra links of this task)", server.name, _safe(run_id))
     return outcome
 
 
@@ -244,7 +254,7 @@ Great Expectations suites, builds the report, signs the bundle and publishes it 
 * queue `{queue}`, pool `{pool}` ({cards} slots; every GPU task takes all of them)
 * schedule: `{schedule}` (UTC)
 * a failed suite fails its `validate_<suite>` task with the failed expectations, writes an alert
-  (dashboard: *Certification* in the nav bar; CLI: `mi300x-cert alerts`) and notifies {recipients};
+  (console: *Certification* in the nav bar; CLI: `mi300x-cert alerts`) and notifies {recipients};
   report, sign and publish still run; `register` (on the control plane) verifies the published
   bundle against the key enrolled for this host, records the certification and alerts, and marks
   the run **NOT certified** when any condition fails.
@@ -284,6 +294,8 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
         schedule=schedule,
         catchup=False,
         max_active_runs=1,
+        description=(f"Recertify {server.name} ({server.sku}, {server.cards} card{'s' if server.cards != 1 else ''}): "
+                     "measure, validate, report, sign, publish to S3, register"),
         tags=["mi300x-cert", "recertify", f"host:{server.name}", f"sku:{server.sku}", *server.tags],
         default_args=dict(DEFAULT_ARGS),
         doc_md=RECERTIFY_DOC.format(name=server.name, profile=server.profile, sku=server.sku, queue=server.queue,
@@ -382,7 +394,12 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
             if not run_dir:
                 raise AirflowSkipException("no run directory: nothing to report")
             path = pipeline.report(run_dir)
+            from .validation.gx_runner import DATA_DOCS_REL
+
+            docs = Path(run_dir) / DATA_DOCS_REL
             log.info("report written: %s (published inside the bundle as artifacts/report/index.html)", path)
+            log.info("Data Docs: %s (published as artifacts/%s)", docs if docs.is_file() else "none (no suite ran)",
+                     DATA_DOCS_REL)
             return path
 
         @task(task_id="sign", trigger_rule="all_done", **light)
@@ -712,6 +729,25 @@ def check_request(kind: str, conf: dict, fleet: Fleet | None = None) -> dict:
     return req
 
 
+def host_dag_problem(ti: Any, dag_id: str) -> str | None:
+    """Why the run cannot be handed to the host's DAG ``dag_id`` now, or None. A paused host DAG would
+    leave the manual run *running* for ever (its triggered run is queued and never starts): the
+    manual run fails at once instead, saying so. It does not unpause the DAG itself, because
+    unpausing also starts the host's cron schedule — that is the operator's decision."""
+    if ti is None or not hasattr(ti, "get_dag"):
+        return None  # outside a task (unit tests of the form): nothing to ask
+    try:
+        info = ti.get_dag(dag_id)
+    except Exception as e:  # noqa: BLE001 - the API server answered 404 or could not be asked
+        return (f"host DAG {dag_id} cannot be found ({type(e).__name__}: {e}); is the host in the fleet file and the "
+                "DAG parsed? Nothing was started.")
+    if getattr(info, "is_paused", False):
+        return (f"host DAG {dag_id} is paused, so the run would never start. Unpause it (the toggle on its page in "
+                f"the Airflow UI, or 'airflow dags unpause {dag_id}') and trigger this form again. Nothing was started. "
+                "(Unpausing also starts its schedule.)")
+    return None
+
+
 MANUAL_DOC = """\
 ### Manual {title}
 
@@ -719,7 +755,8 @@ Fill in the form (*Trigger*): host, card set, {matrix}data type, model source an
 The form is checked twice: by its JSON schema when you submit (bad values are refused naming the
 field) and by `check_conf` against the host's profile (e.g. a card the host does not have).
 The run then executes as a `recertify_<host>` run on that host's queue and pool, with the form as
-profile overrides; this run waits for it and fails when it fails.
+profile overrides; this run waits for it and fails when it fails. When `recertify_<host>` is
+**paused**, `check_conf` fails at once saying so (nothing starts): unpause the host's DAG first.
 """
 
 
@@ -738,6 +775,7 @@ def build_manual_dag(kind: str, fleet: Fleet | None = None) -> DAG:
         schedule=None,
         catchup=False,
         max_active_runs=4,
+        description=f"Manual {title} of one fleet host from a typed form (runs as recertify_<host>)",
         tags=["mi300x-cert", "manual", f"experiment:{kind}"],
         default_args=dict(DEFAULT_ARGS),
         doc_md=MANUAL_DOC.format(title=title, matrix=matrix),
@@ -754,6 +792,9 @@ def build_manual_dag(kind: str, fleet: Fleet | None = None) -> DAG:
                 req = check_request(kind, dict(ctx["params"]), fleet)
             except CertError as e:
                 raise AirflowFailException(f"bad trigger form: {e}") from e
+            problem = host_dag_problem(ctx.get("ti"), f"recertify_{req['host']}")
+            if problem:
+                raise AirflowFailException(problem)
             return {"experiments": req["experiments"], "overrides": req["overrides"],
                     "requested_by": f"{ctx['dag'].dag_id}/{ctx['run_id']}"}
 

@@ -442,14 +442,17 @@ def cli_smoke(home: str | None, out: str | None, hot_card: int | None, as_json: 
 
 
 def cli_standalone(home: str | None, port: int | None) -> int:
-    sa = start_standalone(home or DEFAULT_HOME, port or 8080)
+    # an operator at the UI reads task logs: INFO, so `report` and `register` show what they wrote
+    # (the tests' and the smoke's Airflow stay at WARNING: 2 cores)
+    level = os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
+    sa = start_standalone(home or DEFAULT_HOME, port or 8080, extra_env={"AIRFLOW__LOGGING__LOGGING_LEVEL": level})
     try:
         print(f"starting Airflow at {sa.url} (log: {sa.log_path}) …", flush=True)
         sa.wait_ready(timeout=600, dag_id=None)
         print(f"Airflow UI   : {sa.url}")
         print(f"user         : admin, password in {sa.password_file}")
         print(f"S3 endpoint  : {sa.env['MI300X_CERT_S3_ENDPOINT']} (bucket {sa.env['MI300X_CERT_S3_BUCKET']})")
-        print(f"dashboard    : {sa.url}/mi300x-cert/  (Ctrl-C stops everything)", flush=True)
+        print(f"console      : {sa.url}/mi300x-cert/  (Ctrl-C stops everything)", flush=True)
         while sa.proc.poll() is None:
             time.sleep(1)
         return sa.proc.returncode or 0

@@ -2,7 +2,7 @@
 
 Alerts (one per failed suite of a run, a refused bundle, an expired certificate, drift…) are rows
 of :mod:`mi300x_cert.registry`, written by :func:`mi300x_cert.register.conclude` on the control plane
-and acknowledged there (``mi300x-cert alerts --ack``, the dashboard). This module formats them for
+and acknowledged there (``mi300x-cert alerts --ack``, the console). This module formats them for
 people and sends the notifications (e-mail through an Airflow SMTP connection, Slack through a
 webhook connection) when configured; a notifier that fails is logged, never allowed to hide the
 record. It also names this machine's state directory (``$MI300X_CERT_STATE_DIR``, else

@@ -3,7 +3,7 @@
 A profile is a YAML file (``include/profiles/<name>.yaml``). Unknown keys and bad values raise
 one :class:`~mi300x_cert.errors.ProfileError` that names the file and the field.
 
-Batch configurations follow the seed report's Appendix tables: ``"BxN"`` is a batch of ``B``
+Batch configurations follow the reference MI300X validation report's Appendix tables: ``"BxN"`` is a batch of ``B``
 images, repeated ``N`` times per process (``1x512`` … ``128x4`` all make 512 images per process;
 the per-image latency of ``128x4`` is the batch latency / 128).
 """

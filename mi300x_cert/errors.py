@@ -13,6 +13,8 @@
     ├── BundleError                a bundle cannot be built
     │   └── VerifyError            a signature or digest does not check out
     ├── StorageError               the object store refused or could not be reached
+    ├── EvidenceError              a registered bundle's file cannot be shown: unknown (status 404)
+    │                              or not matching the registered digests (status 409, never served)
     └── RegistryError              the fleet registry database cannot be reached, is behind its
         │                          schema, or refused a record (names the URL, password masked)
         └── RegistryConflict       a record contradicts one already registered (never overwritten)
@@ -38,6 +40,7 @@ __all__ = [
     "StorageError",
     "RegistryError",
     "RegistryConflict",
+    "EvidenceError",
     "EXIT_OK",
     "EXIT_FAILED_EXPECTATION",
     "EXIT_ERROR",
@@ -100,6 +103,14 @@ class VerifyError(BundleError):
 
 class StorageError(CertError):
     pass
+
+
+class EvidenceError(CertError):
+    """``status``: the HTTP status the console answers with (404 unknown/missing, 409 digest mismatch)."""
+
+    def __init__(self, message: str, status: int = 404):
+        super().__init__(message)
+        self.status = status
 
 
 class RegistryError(CertError):

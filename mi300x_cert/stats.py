@@ -1,4 +1,4 @@
-"""Appendix A and B tables of the seed report, computed from raw result rows.
+"""Appendix A and B tables of the reference MI300X validation report, computed from raw result rows.
 
 Appendix A: per-image latency (``per_image_s`` = batch latency / batch size). Appendix B: batch
 latency (``latency_s``) and batch latency with overhead (``latency_overhead_s``: + input preparation

@@ -1,5 +1,5 @@
 """Temperature units, in one place. Sensors, frames and suites work in °C; what people read shows °F
-beside it (the seed report speaks °F). A temperature *difference* converts without the +32 offset:
+beside it (the reference MI300X validation report speaks °F). A temperature *difference* converts without the +32 offset:
 1 °C of difference is 1.8 °F."""
 
 from __future__ import annotations

@@ -94,6 +94,8 @@ def airflow_standalone(tmp_path_factory, s3_server):
     sa = start_standalone(home, extra_env={
         "MI300X_CERT_S3_ENDPOINT": s3_server.endpoint, "MI300X_CERT_S3_BUCKET": "airflow-standalone",
         "MI300X_CERT_S3_CREATE_BUCKET": "true", "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+        # a read-only user too (the console refuses it acknowledging alerts)
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
     })
     try:
         sa.wait_ready(timeout=420)

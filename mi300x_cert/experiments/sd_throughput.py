@@ -2,7 +2,7 @@
 
 Case ``p<N>-b<BxM>-r<k>``: ``N`` processes, each on its own card (the first ``N`` cards of the
 experiment's card set; shared round-robin only when ``procs_per_card`` allows it), each generating
-``M`` batches of ``B`` images. Statistics: the seed report's Appendix A and B tables.
+``M`` batches of ``B`` images. Statistics: the reference MI300X validation report's Appendix A and B tables.
 """
 
 from __future__ import annotations

@@ -100,7 +100,10 @@ def _verdict_section(verdicts: dict | None) -> str:
                    f'<tbody>{"".join(frows)}</tbody></table>')
     docs = verdicts.get("data_docs")
     if docs:
-        out.append(f"<p>Great Expectations Data Docs: <code>{esc(docs)}</code> (relative to the run directory)</p>")
+        # the report is report/index.html of the run directory (and of artifacts/ in the bundle): a
+        # relative link works on disk, from S3 and through the console alike
+        out.append(f'<p>Great Expectations Data Docs: <a href="../{esc(docs)}"><code>{esc(docs)}</code></a> '
+                   "(relative to the run directory)</p>")
     return "\n".join(out)
 
 

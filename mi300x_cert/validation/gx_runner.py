@@ -189,6 +189,9 @@ class GXRunner:
             result = cp.run(batch_parameters={"dataframe": df}, expectation_parameters=params)
         except Exception as e:
             raise ValidationError(f"GX could not run suite {name}: {type(e).__name__}: {e}") from e
+        from .offline import make_offline
+
+        make_offline(self.data_docs.parent)  # the CDN assets GX links → local copies (air-gapped sites)
         out: list[dict] = []
         for vr in result.run_results.values():
             for r in vr.results:

@@ -100,8 +100,8 @@ def test_trigger_form_runs_the_certification(airflow_standalone):
             assert host_run["conf"]["overrides"]["experiments"]["sd-throughput"]["batch_configs"] == ["1x2"]
             assert host_run["conf"]["overrides"]["experiments"]["sd-throughput"]["cards"] == [0, 1, 2, 3]
 
-            page.goto(f"{sa.url}/mi300x-cert/", wait_until="networkidle")  # the dashboard via the UI cookie
-            assert "Certification dashboard" in page.content()
+            page.goto(f"{sa.url}/mi300x-cert/", wait_until="networkidle")  # the console via the UI cookie
+            assert "Fleet overview" in page.content()
             page.screenshot(path=str(ARTIFACTS / "ui-05-dashboard.png"), full_page=True)
         finally:
             browser.close()

@@ -48,6 +48,7 @@ def test_dags_have_tags_retries_and_docs(dagbag):
         assert "mi300x-cert" in dag.tags
         assert dag.default_args.get("retries", 0) >= 1, f"{dag_id} has no retries"
         assert dag.doc_md and len(dag.doc_md) > 80, f"{dag_id} has no doc_md"
+        assert dag.description and len(dag.description) > 20, f"{dag_id} has no description"
 
 
 def test_recertify_dags_follow_the_fleet(dagbag):

@@ -194,3 +194,55 @@ def test_check_conf_task_refuses_a_card_set_of_another_host(two_hosts):
         with pytest.raises(AirflowFailException, match=r"bad trigger form: field 'card_set': host one-host has no "
                                                         r"card set '\[0-3\]' \(its cards: \[0\]"):
             task.python_callable()
+
+
+@pytest.mark.parametrize("paused", [True, False])
+def test_check_conf_fails_fast_when_the_host_dag_is_paused(two_hosts, paused):
+    """A paused recertify_<host> would leave the manual run 'running' for ever: check_conf fails at
+    once with the message (no retry, nothing triggered); an active host DAG passes."""
+    import time
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mi300x_cert.airflow_dags import build_manual_dag
+
+    dag = build_manual_dag("certify", two_hosts)
+    task = dag.get_task("check_conf")
+    asked = []
+
+    class _TI:
+        def get_dag(self, dag_id):
+            asked.append(dag_id)
+            return SimpleNamespace(dag_id=dag_id, is_paused=paused)
+
+    ctx = {"params": {"host": "one-host", "card_set": "[0]"}, "run_id": "r", "dag": dag, "ti": _TI()}
+    t0 = time.monotonic()
+    with mock.patch("mi300x_cert.airflow_dags.get_current_context", return_value=ctx):
+        if paused:
+            with pytest.raises(AirflowFailException, match=r"host DAG recertify_one-host is paused, so the run would "
+                                                            r"never start\. Unpause it .*airflow dags unpause recertify_one-host"):
+                task.python_callable()
+        else:
+            assert task.python_callable()["experiments"]
+    assert asked == ["recertify_one-host"] and time.monotonic() - t0 < 5
+
+
+def test_check_conf_names_a_host_dag_that_cannot_be_found(two_hosts):
+    from unittest import mock
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mi300x_cert.airflow_dags import build_manual_dag
+
+    dag = build_manual_dag("certify", two_hosts)
+
+    class _TI:
+        def get_dag(self, dag_id):
+            raise LookupError(f"DAG {dag_id} not found")
+
+    ctx = {"params": {"host": "one-host", "card_set": "[0]"}, "run_id": "r", "dag": dag, "ti": _TI()}
+    with mock.patch("mi300x_cert.airflow_dags.get_current_context", return_value=ctx):
+        with pytest.raises(AirflowFailException, match="host DAG recertify_one-host cannot be found"):
+            dag.get_task("check_conf").python_callable()

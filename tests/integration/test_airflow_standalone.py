@@ -36,7 +36,7 @@ def test_plugin_checks_the_token(airflow_standalone):
     assert status == 200 and isinstance(body, list)
     req = urllib.request.Request(f"{sa.url}/mi300x-cert/", headers={"Authorization": f"Bearer {sa.token()}"})
     with urllib.request.urlopen(req, timeout=30) as r:
-        assert b"Certification dashboard" in r.read()
+        assert b"Fleet overview" in r.read()
     status, body = sa.api("GET", "/api/v2/plugins")
     assert status == 200 and any(p["name"] == "mi300x_cert" for p in body["plugins"]), body
 
@@ -62,6 +62,7 @@ def test_trigger_smoke_dag_over_rest(airflow_standalone):
     assert status == 200, run
     final = sa.wait_run(SMOKE, run["dag_run_id"], timeout=1200)
     states = sa.task_states(SMOKE, run["dag_run_id"])
+    _extra_links_lead_to_the_report(sa, run)  # whatever the outcome: a NOT CERTIFIED run has evidence too
     assert final["state"] == "success", (states, sa.log_tail())
     assert states["register"] == "success" and states["publish"] == "success"
     assert states["run_sd_case[0]"] == "success" and states["run_sd_case[1]"] == "success", states
@@ -71,3 +72,24 @@ def test_trigger_smoke_dag_over_rest(airflow_standalone):
 
     mine = [o for o in outcomes if o["run_id"] == _safe(run["dag_run_id"])]
     assert mine and mine[0]["certified"] is True and mine[0]["bundle_uri"].startswith("s3://"), outcomes
+
+
+def _extra_links_lead_to_the_report(sa, run) -> None:
+    """The console's extra links on the run's tasks, and where they lead (the report, checked against
+    the registry)."""
+    from urllib.parse import quote
+
+    status, links = sa.api("GET", f"/api/v2/dags/{SMOKE}/dagRuns/{quote(run['dag_run_id'], safe='')}"
+                                  "/taskInstances/register/links")
+    assert status == 200, links
+    report_link = links["extra_links"]["Certification report"]
+    assert report_link and report_link.endswith("/report") and "/mi300x-cert/go/" in report_link, links
+    assert links["extra_links"]["Data Docs"] and links["extra_links"]["Signed bundle"], links
+    req = urllib.request.Request(f"{sa.url}{report_link}", headers={"Authorization": f"Bearer {sa.token()}"})
+    with urllib.request.urlopen(req, timeout=60) as r:  # follows the redirect to the evidence
+        page = r.read().decode()
+        assert r.status == 200 and "/artifacts/report/index.html" in r.url, r.url
+    assert "Certification report" in page
+    status, links = sa.api("GET", f"/api/v2/dags/{SMOKE}/dagRuns/{quote(run['dag_run_id'], safe='')}"
+                                  "/taskInstances/preflight/links")
+    assert status == 200 and not links["extra_links"].get("Certification report"), links
