@@ -11,7 +11,7 @@ Checks:
 * killing a worker in the middle of a mapped sweep and starting it again finishes the run without
   running a completed case twice and without losing a result.
 
-The DAGs are the real ``dags/recertify.py`` built from a test fleet file (``$MI300X_CERT_FLEET``)
+The DAGs are the real ``dags/recertify*.py`` built from a test fleet file (``$MI300X_CERT_FLEET``)
 with two hosts on ``tests/fixtures/profiles/edge-smoke.yaml`` (4 simulated cards, 6 SD cases);
 the workers run the engine's debug workload (``MI300X_CERT_WORKLOAD=debug``: no model, a modelled
 latency), and bundles are published to an embedded S3 server on 127.0.0.1. Both hosts' runs go at
@@ -457,8 +457,9 @@ def stack() -> Iterator[Stack]:
     os.chmod(base, 0o755)
     dags = base / "dags"
     dags.mkdir()
-    # only the recertification DAGs (the manual DAGs hand over to them; not needed here)
-    (dags / "recertify.py").symlink_to(REPO / "dags" / "recertify.py")
+    # only the recertification DAGs, all shard files (the manual DAGs hand over to them; not needed here)
+    for f in sorted((REPO / "dags").glob("recertify*.py")):
+        (dags / f.name).symlink_to(f)
     plugins = base / "plugins"
     plugins.mkdir()
     fleet = base / "fleet.yaml"
