@@ -102,7 +102,8 @@ def _parse_one(file: str) -> dict[str, Any]:
         "dags": len(bag.dags),
         "tasks": sum(len(d.tasks) for d in bag.dags.values()),
         "serialized_bytes": sum(len(json.dumps(s, default=str)) for s in serialized),
-        "import_errors": {Path(k).name: str(v)[-500:] for k, v in bag.import_errors.items()},
+        "import_errors": {Path(k).name: str(v).replace(str(REPO), "<repo>")[-500:]
+                          for k, v in bag.import_errors.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 

@@ -510,10 +510,11 @@ def _enabled_quiet(run_dir: str, experiment: str) -> bool:
 
 # ---- the recertification DAG files: the fleet in shards ------------------------------------------
 # dags/recertify.py is shard 0, dags/recertify_1.py … recertify_<RECERTIFY_SHARDS-1>.py the others. One
-# file of a 2,000-host fleet took longer than Airflow's import timeout (30 s) on 2 cores; in shards every
-# file parses in a fraction of it and the dag-processor parses them in parallel (docs/performance.md,
-# "DAG parse scale"). Changing the count means adding or removing files: tests/dags checks both agree.
-RECERTIFY_SHARDS = 8
+# file of a 2,000-host fleet took longer than Airflow's import timeout (30 s) on 2 cores; in 16 shards
+# (≈125 hosts each) every file parses in a fraction of it, with room for a busy machine (the timeouts
+# are wall-clock), and the dag-processor parses them in parallel (docs/performance.md, "DAG parse
+# scale"). Changing the count means adding or removing files: tests/dags checks both agree.
+RECERTIFY_SHARDS = 16
 RECERTIFY_FILE_STEM = "recertify"
 
 

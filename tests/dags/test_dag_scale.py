@@ -86,7 +86,7 @@ def test_generated_50_host_fleet_parses_to_50_identical_dags(tmp_path, monkeypat
         # in the file of its shard
         assert Path(dag.fileloc).name == recertify_shard_file(recertify_shard(s.name))
         files.add(Path(dag.fileloc).name)
-    assert len(files) == RECERTIFY_SHARDS  # 50 generated names reach every shard file
+    assert len(files) == RECERTIFY_SHARDS  # the 50 generated names reach every shard file
 
 
 def test_shard_files_match_the_shard_count():
@@ -108,9 +108,9 @@ def test_shard_of_a_host_is_stable():
     from mi300x_cert.airflow_dags import RECERTIFY_SHARDS, build_recertify_dags, recertify_shard
     from mi300x_cert.fleet import load_fleet
 
-    assert RECERTIFY_SHARDS == 8
+    assert RECERTIFY_SHARDS == 16
     assert {h: recertify_shard(h) for h in ("smoke-host", "mi300x-01", "h100-01")} == {
-        "smoke-host": 3, "mi300x-01": 0, "h100-01": 1}
+        "smoke-host": 11, "mi300x-01": 0, "h100-01": 9}
     fleet = load_fleet()
     union: dict = {}
     for k in range(RECERTIFY_SHARDS):
@@ -123,12 +123,18 @@ def test_shard_of_a_host_is_stable():
 
 
 def test_missing_shard_file_is_an_import_error(tmp_path, monkeypatch):
-    fleet_file = _bench().write_fleet(20, tmp_path / "fleet.yaml")
+    from mi300x_cert.airflow_dags import recertify_shard, recertify_shard_file
+
+    bench = _bench()
+    fleet_file = bench.write_fleet(50, tmp_path / "fleet.yaml")
     monkeypatch.setenv("MI300X_CERT_FLEET", str(fleet_file))
     bag = _dagbag(_recertify_folder(tmp_path, [DAGS / "recertify.py", DAGS / "recertify_1.py"]))
     (err,) = bag.import_errors.values()
     assert "recertification DAG file(s) missing beside recertify.py" in err
-    assert "recertify_2.py (hosts " in err and "recertify_1.py" not in err.split("missing beside")[1]
+    missing = err.split("missing beside recertify.py:")[1]
+    for s in bench.fleet_servers(50):
+        f = recertify_shard_file(recertify_shard(s["name"]))
+        assert (f"{f} (hosts " in missing) == (f not in ("recertify.py", "recertify_1.py")), f
 
 
 def test_params_schemas_are_shared_read_only_and_still_validate():
