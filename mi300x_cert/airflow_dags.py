@@ -36,12 +36,14 @@ import datetime as _dt
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG, Param, TaskGroup, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from .errors import ProfileError
 from .fleet import Fleet, Server, load_fleet
 
 __all__ = [
@@ -58,6 +60,10 @@ __all__ = [
     "manual_params",
     "build_recertify_dag",
     "build_recertify_dags",
+    "RECERTIFY_SHARDS",
+    "recertify_shard",
+    "recertify_shard_file",
+    "recertify_shard_of_file",
     "build_manual_dag",
     "build_fleet_audit_dag",
     "register_body",
@@ -264,13 +270,55 @@ Trigger with conf `{{"overrides": {{...profile overrides...}}, "experiments": [.
 """
 
 
+class _SharedSchema(dict):
+    """A Param's JSON schema that every recertification DAG and task shares: read-only, so never copied.
+
+    Airflow deep-copies a DAG's Params into every operator (once per class of its hierarchy: four times
+    for a ``@task``); only a Param's value may change per task, never its schema.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for k, v in dict.items(self):  # nested schemas are shared too, so read-only as well
+            if isinstance(v, dict) and not isinstance(v, _SharedSchema):
+                dict.__setitem__(self, k, _SharedSchema(v))
+
+    def __deepcopy__(self, memo: dict) -> "_SharedSchema":
+        return self
+
+    def __copy__(self) -> "_SharedSchema":
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_SharedSchema, (dict(self),))
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a recertification Param schema is shared by every DAG and is read-only")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
+
+
+# Airflow validates a Param with jsonschema.validate(), which first checks the schema itself against
+# its draft's meta-schema; it does so on every DAG and twice per task while serializing it (about 70
+# checks per recertification DAG). Against the default draft (2020-12, resolved through $dynamicRef)
+# that check costs 3x more CPU than against draft 7, in which the keywords used here mean the same.
+# The schemas are built once (see _SharedSchema).
+PARAM_SCHEMA_DRAFT = "http://json-schema.org/draft-07/schema#"
+_EXPERIMENTS_SCHEMA = _SharedSchema({
+    "$schema": PARAM_SCHEMA_DRAFT, "type": "array", "title": "Experiments",
+    "items": {"type": "string", "enum": list(EXPERIMENTS)}, "examples": list(EXPERIMENTS),
+    "minItems": 1, "uniqueItems": True,
+})
+_OVERRIDES_SCHEMA = _SharedSchema({"$schema": PARAM_SCHEMA_DRAFT, "type": "object", "title": "Profile overrides"})
+
+
 def _recertify_params() -> dict[str, Param]:
+    """The run conf form of ``recertify_<host>``: fresh Params (their values are per DAG) on shared schemas."""
     return {
-        "experiments": Param(list(EXPERIMENTS), type="array", title="Experiments",
-                             items={"type": "string", "enum": list(EXPERIMENTS)}, examples=list(EXPERIMENTS),
-                             minItems=1, uniqueItems=True, description="experiments to run (default: all)"),
-        "overrides": Param({}, type="object", title="Profile overrides",
-                           description="nested profile fields, merged over the host profile (advanced)"),
+        "experiments": Param(list(EXPERIMENTS), description="experiments to run (default: all)",
+                             schema=_EXPERIMENTS_SCHEMA),
+        "overrides": Param({}, description="nested profile fields, merged over the host profile (advanced)",
+                           schema=_OVERRIDES_SCHEMA),
     }
 
 
@@ -526,9 +574,69 @@ def build_fleet_audit_dag(fleet: Fleet | None = None, schedule: str = "30 6 * * 
     return dag
 
 
-def build_recertify_dags(fleet: Fleet | None = None) -> dict[str, DAG]:
+# ---- the recertification DAG files: the fleet in shards ------------------------------------------
+# dags/recertify.py is shard 0, dags/recertify_1.py … recertify_<RECERTIFY_SHARDS-1>.py the others. One
+# file of a 2,000-host fleet took longer than Airflow's import timeout (30 s) on 2 cores; in 16 shards
+# (≈125 hosts each) every file parses in a fraction of it, with room for a busy machine (the timeouts
+# are wall-clock), and the dag-processor parses them in parallel (docs/performance.md, "DAG parse
+# scale"). Changing the count means adding or removing files: tests/dags checks both agree.
+RECERTIFY_SHARDS = 16
+RECERTIFY_FILE_STEM = "recertify"
+
+
+def recertify_shard(host: str, shards: int = RECERTIFY_SHARDS) -> int:
+    """The shard (DAG file) of a host: a stable hash of its name, so adding or removing hosts never
+    moves another host's DAG to a different file."""
+    return zlib.crc32(host.encode()) % shards
+
+
+def recertify_shard_file(shard: int) -> str:
+    """File name of a shard in ``dags/``."""
+    return f"{RECERTIFY_FILE_STEM}.py" if shard == 0 else f"{RECERTIFY_FILE_STEM}_{shard}.py"
+
+
+def recertify_shard_of_file(path: str | Path) -> int:
+    """Shard number of a recertification DAG file from its name (``recertify.py`` → 0, ``recertify_3.py`` → 3)."""
+    stem = Path(path).stem
+    if stem == RECERTIFY_FILE_STEM:
+        return 0
+    head, _, num = stem.rpartition("_")
+    if head != RECERTIFY_FILE_STEM or not num.isdigit() or not 0 < int(num) < RECERTIFY_SHARDS:
+        raise ValueError(f"{Path(path).name}: not a recertification DAG file (recertify.py or recertify_<k>.py "
+                         f"with 1 <= k < {RECERTIFY_SHARDS})")
+    return int(num)
+
+
+def build_recertify_dags(fleet: Fleet | None = None, *, shard: int | None = None,
+                         dag_file: str | Path | None = None) -> dict[str, DAG]:
+    """``recertify_<host>`` of every fleet host, or of the hosts of one shard.
+
+    ``dag_file``: the calling DAG file; its name gives the shard. When it is shard 0 (``recertify.py``),
+    the other shard files must lie beside it — a missing one would silently drop its hosts' DAGs, so
+    that raises, naming the files and hosts.
+    """
     fleet = fleet or load_fleet()
-    return {s.dag_id: build_recertify_dag(s) for s in fleet.servers}
+    if dag_file is not None:
+        shard = recertify_shard_of_file(dag_file)
+    if shard is None:
+        servers = fleet.servers
+    else:
+        if not 0 <= shard < RECERTIFY_SHARDS:
+            raise ValueError(f"shard {shard} out of range 0..{RECERTIFY_SHARDS - 1}")
+        by_shard: dict[int, list[Server]] = {}
+        for s in fleet.servers:
+            by_shard.setdefault(recertify_shard(s.name), []).append(s)
+        if dag_file is not None and shard == 0:
+            folder = Path(dag_file).parent
+            missing = {recertify_shard_file(k): [s.name for s in by_shard[k]] for k in sorted(by_shard)
+                       if k and not (folder / recertify_shard_file(k)).is_file()}
+            if missing:
+                raise ProfileError(
+                    f"{folder}: recertification DAG file(s) missing beside {recertify_shard_file(0)}: "
+                    + "; ".join(f"{f} (hosts {', '.join(h[:5])}{' …' if len(h) > 5 else ''})" for f, h in missing.items())
+                    + f" — deploy all {RECERTIFY_SHARDS} recertify*.py files together")
+        servers = by_shard.get(shard, [])
+    return {s.dag_id: build_recertify_dag(s) for s in servers}
 
 
 # ---- manual DAGs with trigger forms -------------------------------------------------------------

@@ -27,6 +27,9 @@ DEFAULT_FLEET = INCLUDE_DIR / "fleet.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _CONN_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# libyaml's safe loader when PyYAML was built with it: same documents, about 5x faster (the DAG files
+# load the fleet at every parse)
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _Strict(BaseModel):
@@ -180,7 +183,7 @@ def load_fleet(path: str | Path | None = None) -> Fleet:
     if not p.is_file():
         raise ProfileError(f"fleet file {p} not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_SafeLoader) or {}
     except yaml.YAMLError as e:
         raise ProfileError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -26,7 +26,7 @@ Checks:
 * a replayed bundle (a valid one copied under another run's S3 prefix) is refused by ``register``
   and by ``verify s3://…``.
 
-The DAGs are the real ``dags/recertify.py`` built from a test fleet file (``$MI300X_CERT_FLEET``)
+The DAGs are the real ``dags/recertify*.py`` built from a test fleet file (``$MI300X_CERT_FLEET``)
 with two hosts on ``tests/fixtures/profiles/edge-smoke.yaml`` (4 simulated cards, 6 SD cases);
 the workers run the engine's debug workload (``MI300X_CERT_WORKLOAD=debug``: no model, a modelled
 latency), and bundles are published to an embedded S3 server on 127.0.0.1. Both hosts' runs go at
@@ -425,8 +425,9 @@ def stack() -> Iterator[Stack]:
     os.chmod(base, 0o755)
     dags = base / "dags"
     dags.mkdir()
-    # only the recertification DAGs (the manual DAGs hand over to them; not needed here)
-    (dags / "recertify.py").symlink_to(REPO / "dags" / "recertify.py")
+    # only the recertification DAGs, all shard files (the manual DAGs hand over to them; not needed here)
+    for f in sorted((REPO / "dags").glob("recertify*.py")):
+        (dags / f.name).symlink_to(f)
     fleet = base / "fleet.yaml"
     fleet.write_text(_fleet_yaml())
     s3 = s3local.start(0, "127.0.0.1")
