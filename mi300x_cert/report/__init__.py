@@ -4,8 +4,8 @@
 
 One self-contained HTML page (figures embedded as base64 PNG): verdicts with observed vs expected
 values (from ``validation/verdicts.json``; "not validated" when absent), Figures 1–7, the thermal
-summary per card in °C and °F, the Appendix A/B tables (``stats/*.csv``), whisper and resnet50
-summaries, the inventory and the conditions. A missing input never raises: its figure or section
+summary per card in °C and °F, the Appendix A/B tables (``stats/*.csv``), each experiment plugin's
+own section, the inventory and the conditions. A missing input never raises: its figure or section
 says what is missing.
 """
 
@@ -135,24 +135,36 @@ def _whisper_section(run_dir: Path) -> str:
     return table_html(pd.DataFrame(rows), left=("case", "model"))
 
 
-def _resnet_section(run_dir: Path) -> str:
+def _experiment_sections(root: Path) -> list[tuple[str, str]]:
+    """Each experiment plugin's own section (from its ``stats/`` tables), in its report order."""
+    from ..experiments import all_experiments
+
+    out = []
+    for exp in sorted(all_experiments(), key=lambda e: e.report_order):
+        try:
+            html = exp.report_section(root)
+        except Exception as e:  # a section never breaks the report: it says what is missing
+            html = _missing(f"{exp.name} section could not be built: {type(e).__name__}: {e}")
+        if html is not None:
+            out.append((exp.title, html))
+    return out
+
+
+def _utilization_section(root: Path) -> str:
+    """``stats/utilization.csv`` as written when the run finished (the same rows are signed)."""
     import pandas as pd
 
     from .html import table_html
 
-    df = _rows(run_dir, "resnet50")
-    if df is None or df.empty:
-        return _missing("results/resnet50/rows.csv")
-    if not {"case_id", "items", "latency_s"}.issubset(df.columns):
-        return _missing("columns case_id/items/latency_s in results/resnet50/rows.csv")
-    keys = [c for c in ("mode", "image_size", "batch_size") if c in df.columns]
-    rows = []
-    for cid, g in df.groupby("case_id"):
-        lat = pd.to_numeric(g["latency_s"], errors="coerce")
-        items = pd.to_numeric(g["items"], errors="coerce").sum()
-        rows.append({"case": cid, **{k: g[k].iloc[0] for k in keys}, "batches": len(g), "images": items,
-                     "median batch s": lat.median(), "images/s": items / lat.sum() if lat.sum() > 0 else float("nan")})
-    return table_html(pd.DataFrame(rows), left=("case", "mode"))
+    try:
+        df = pd.read_csv(root / "stats" / "utilization.csv")
+    except (OSError, ValueError):
+        return _missing("stats/utilization.csv (written when the run finishes)")
+    note = ("<p>Each workload's achieved rate against the ceiling the ceilings experiment measured "
+            "on the same cards in this run (matrix TFLOP/s: the better of float16/bfloat16, the card alone; "
+            "HBM: BabelStream copy). Work per item is counted by the workload (FLOP counter, weight and "
+            "key/value bytes); see docs/performance.md, Utilization.</p>")
+    return note + table_html(df, left=("workload", "case", "cards", "what"))
 
 
 def _network_section(run_dir: Path) -> str:
@@ -235,8 +247,8 @@ def build_report(run_dir: str | Path) -> Path:
         ("Thermal summary per card (°C and °F)", _thermal_section(root)),
         ("Appendix A: per-image latency", appendix_a),
         ("Appendix B: batch latency", appendix_b),
-        ("Whisper token throughput", _whisper_section(root)),
-        ("ResNet-50 throughput", _resnet_section(root)),
+        *_experiment_sections(root),
+        ("Utilization against this run's measured ceilings", _utilization_section(root)),
         ("Network isolation evidence", _network_section(root)),
         ("Inventory", _inventory_section(root)),
         ("Conditions", _conditions_section(root)),
