@@ -60,6 +60,7 @@ class Experiment:
     task_id: str = ""  # Airflow task id (default: name with '-' → '_')
     form_fields: tuple[str, ...] = ()  # trigger-form fields that apply to it besides host/cards/dtype/model
     report_order: int = 50  # place of its report section (lower first)
+    report_title: str = ""  # heading of its report section (default: title)
     follows_card_set: bool = False  # the full certification's card set (trigger form) applies to it
     has_model: bool = True  # a model source the trigger form may override
 

@@ -39,6 +39,7 @@ class ResNet50(Experiment):
     spec_model = ResNetSpec
     title = "ResNet-50 benchmark"
     report_order = 40
+    report_title = "ResNet-50 throughput"
     suites = ("resnet50",)
     fanout = "serial"
     kind = "resnet50"

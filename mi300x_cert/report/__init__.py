@@ -104,35 +104,19 @@ def _thermal_section(run_dir: Path) -> str:
     return note + table_html(out, left=("phase",)) + "".join(_missing(p) for p in fr.problems)
 
 
-def _rows(run_dir: Path, exp: str):
-    import pandas as pd
-
-    p = run_dir / "results" / exp / "rows.csv"
-    return pd.read_csv(p) if p.is_file() else None
-
-
 def _whisper_section(run_dir: Path) -> str:
     import pandas as pd
 
     from .html import table_html
 
-    df = _rows(run_dir, "whisper")
-    if df is None or df.empty:
-        return _missing("results/whisper/rows.csv")
-    need = [c for c in ("case_id", "tokens", "items", "latency_s", "t_start", "t_end") if c not in df.columns]
-    if need:
-        return _missing(f"columns {need} in results/whisper/rows.csv")
-    for c in ("tokens", "items", "latency_s", "t_start", "t_end"):
-        df[c] = pd.to_numeric(df[c], errors="coerce")
-    rows = []
-    for cid, g in df.groupby("case_id"):
-        wall = g["t_end"].max() - g["t_start"].min()
-        rows.append({"case": cid, "model": g["model"].iloc[0] if "model" in g else "", "batches": len(g),
-                     "clips": g["items"].sum(), "total tokens": g["tokens"].sum(),
-                     "tokens per clip": g["tokens"].sum() / max(g["items"].sum(), 1),
-                     "wall s": wall, "tokens/s (total)": g["tokens"].sum() / wall if wall > 0 else float("nan"),
-                     "tokens/s (compute)": g["tokens"].sum() / g["latency_s"].sum() if g["latency_s"].sum() > 0 else float("nan")})
-    return table_html(pd.DataFrame(rows), left=("case", "model"))
+    try:  # the experiment's own table, written once at finalize (the verdict reads it too)
+        table = pd.read_csv(run_dir / "stats" / "whisper_tokens.csv")
+    except (OSError, ValueError):
+        return _missing("stats/whisper_tokens.csv")
+    show = table.rename(columns={"case_id": "case", "tokens": "total tokens", "wall_s": "wall s",
+                                 "total_tokens_per_s": "tokens/s (total)", "compute_tokens_per_s": "tokens/s (compute)",
+                                 "tokens_per_s_per_gpu": "tokens/s per GPU"})
+    return table_html(show, left=("case", "accelerator"))
 
 
 def _experiment_sections(root: Path) -> list[tuple[str, str]]:
@@ -146,7 +130,7 @@ def _experiment_sections(root: Path) -> list[tuple[str, str]]:
         except Exception as e:  # a section never breaks the report: it says what is missing
             html = _missing(f"{exp.name} section could not be built: {type(e).__name__}: {e}")
         if html is not None:
-            out.append((exp.title, html))
+            out.append((exp.report_title or exp.title, html))
     return out
 
 

@@ -460,12 +460,16 @@ def whisper_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
                          "case_id": str(r["case_id"]),
                          "tokens_per_clip": (r["tokens"] / items) if items and items == items else np.nan,
                          "configured_tokens": configured})
-        for cid, g in df.groupby("case_id"):
-            ok = g[g["status"] == "ok"] if "status" in g.columns else g
-            wall = (ok["t_end"].max() - ok["t_start"].min()) if {"t_start", "t_end"}.issubset(ok.columns) and len(ok) else np.nan
-            rows.append({"subject": f"case {cid} total", "kind": "total", "case_id": str(cid),
-                         "tokens_total": float(ok["tokens"].sum()), "wall_s": wall,
-                         "tokens_per_s": (float(ok["tokens"].sum()) / wall) if wall and wall == wall and wall > 0 else np.nan})
+        # tokens/s per case: the experiment's own table (written once at finalize; the report shows it)
+        try:
+            table = _read_csv(run_dir / "stats" / "whisper_tokens.csv")
+        except Exception as e:
+            problems.append(f"missing or unreadable table stats/whisper_tokens.csv: {type(e).__name__}")
+            table = None
+        for r in (table.to_dict("records") if table is not None else []):
+            rows.append({"subject": f"case {r['case_id']} total", "kind": "total", "case_id": str(r["case_id"]),
+                         "tokens_total": float(r["tokens"]), "wall_s": r["wall_s"],
+                         "tokens_per_s": r["total_tokens_per_s"] if r["total_tokens_per_s"] == r["total_tokens_per_s"] else np.nan})
     rows += _case_rows(cases)
     out = pd.DataFrame(rows)
     for col in ("subject", "kind", "case_status"):

@@ -121,22 +121,58 @@ def test_healthy_box_passes(tmp_path):
     assert v["evaluated"] == v["declared"] == 20
 
 
-def test_resnet50_report_equals_verdict(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def resnet_and_ceilings(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path_factory.mktemp("util") / "r"
+    ov = {"experiments": {n: {"enabled": n in ("resnet50", NAME)} for n in EXPERIMENTS}}
+    ov["experiments"][NAME]["cards"] = "[0]"
+    try:
+        res = prepare_and_run("smoke", out, ["resnet50", NAME], overrides=ov, progress=False, wait_s=60)
+    finally:
+        mp.undo()
+    assert res["state"] == "complete", res
+    return out
+
+
+def test_resnet50_report_equals_verdict(resnet_and_ceilings):
     """ResNet-50: the verdict's images/s and the report's are the same stats/resnet50.csv cells."""
     from mi300x_cert.report import build_report
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out = tmp_path / "r"
-    res = prepare_and_run("smoke", out, ["resnet50"], overrides=_only("resnet50"), progress=False, wait_s=60)
-    assert res["state"] == "complete"
+    out = resnet_and_ceilings
     validate(out, "resnet50")
     frame = pd.read_csv(out / "validation" / "frames" / "resnet50.csv")
     stats = pd.read_csv(out / "stats" / "resnet50.csv")
     thr = frame[frame["kind"] == "throughput"].merge(stats, on="case_id", suffixes=("_frame", "_stats"))
-    assert len(thr) == len(stats) and (thr["images_per_s_frame"] == thr["images_per_s_stats"]).all()
+    assert len(thr) == len(stats) == 2 and (thr["images_per_s_frame"] == thr["images_per_s_stats"]).all()
     html = build_report(out).read_text()
+    section = html[html.index("ResNet-50 throughput"):]
     for v in stats["images_per_s"]:
-        assert f"{v:.4g}" in html or f"{v:,.2f}" in html or re.search(str(round(v, 1)), html)
+        assert f"{v:.4g}" in section or f"{v:,.4g}" in section or f"{v:,.2f}" in section or f"{v:.2f}" in section, v
+
+
+def test_utilization_in_table_report_statement_and_history(resnet_and_ceilings):
+    from mi300x_cert.bundle.signing import build_statement
+    from mi300x_cert.history import card_history_rows
+    from mi300x_cert.report import build_report
+    from mi300x_cert.utilization import read_utilization
+
+    out = resnet_and_ceilings
+    rows = read_utilization(out)
+    res = [r for r in rows if r["workload"] == "resnet50"]
+    assert len(res) == 2 and all(r["ceiling_metric"] == "matrix_tflops" for r in res)
+    ceiling = pd.read_csv(out / "stats" / "hardware_ceilings.csv")
+    best = ceiling[(ceiling["card"] == 0) & ceiling["test"].isin(["gemm-float16", "gemm-bfloat16"])]["value"].max()
+    for r in res:  # achieved = images/s × counted FLOPs per image; fraction = achieved / the measured ceiling
+        assert r["ceiling"] == pytest.approx(best) and r["achieved"] > 0
+        assert r["fraction"] == pytest.approx(r["achieved"] / best)
+    assert "Utilization against this run's measured ceilings" in build_report(out).read_text()
+    card0 = next(r for r in card_history_rows(out) if r["card"] == 0)
+    assert set(card0["utilization"]) == {f"resnet50 {r['case']}" for r in res}
+    st = build_statement(subjects=[], meta={}, inventory=None, conditions=None, verdicts=None, profile_digest=None,
+                         bundle_digests={}, signer_block={}, versions={}, notes=[], utilization=rows)
+    assert st["predicate"]["certification"]["utilization"] == rows
 
 
 @pytest.mark.parametrize("name,limit", [("resnet50", 4), (NAME, 4)])

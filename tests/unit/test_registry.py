@@ -62,7 +62,7 @@ def _cards(n=4, *, date=T0, sd=1.0, p95=60.0, mem=70.0, prefix="SN", start=0) ->
 # ---- schema, migrations, URL ----------------------------------------------------------------------
 def test_first_open_creates_the_schema_at_head(reg, capsys):
     st = reg.status()
-    assert st["revision"] == reg.head() == "0001" and st["up_to_date"]
+    assert st["revision"] == reg.head() == "0002" and st["up_to_date"]
     assert set(st["counts"]) >= {"hosts", "keys", "certifications", "card_results", "failed_expectations", "alerts",
                                  "alert_events"}
     assert main(["registry", "status"]) == 0
@@ -94,7 +94,7 @@ def test_a_database_behind_its_schema_asks_for_registry_upgrade(tmp_path, capsys
     assert main(["registry", "status", "--registry", u]) == 2
     assert "registry upgrade" in capsys.readouterr().out
     assert main(["registry", "upgrade", "--registry", u]) == 0
-    assert Registry(u, auto_upgrade=False).revision() == "0001"
+    assert Registry(u, auto_upgrade=False).revision() == "0002"
     assert main(["registry", "upgrade", "--registry", u]) == 0  # idempotent
 
 
