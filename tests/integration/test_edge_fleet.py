@@ -630,8 +630,8 @@ def _plugin(stack: Stack, path: str) -> Any:
 def test_control_plane_sees_both_hosts_alerts_and_history(stack: Stack, fleet_runs: dict) -> None:
     fleet = {r["host"]: r for r in _cli_json(stack, "fleet")}
     assert set(fleet) >= set(HOSTS), fleet
-    assert fleet["host-a"]["result"] == "CERTIFIED", fleet["host-a"]
-    assert fleet["host-b"]["result"] == "NOT CERTIFIED", fleet["host-b"]
+    assert fleet["host-a"]["result"] == "CERTIFIED", (fleet["host-a"]["reasons"], fleet["host-a"])
+    assert fleet["host-b"]["result"] == "NOT CERTIFIED", (fleet["host-b"]["reasons"], fleet["host-b"])
     assert fleet_runs["states"]["host-a"] == "success", stack.diag()
     assert fleet_runs["states"]["host-b"] == "failed"  # its register task failed the run: NOT certified
     for h in HOSTS:
