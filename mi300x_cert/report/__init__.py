@@ -232,7 +232,7 @@ def build_report(run_dir: str | Path) -> Path:
         ("Appendix A: per-image latency", appendix_a),
         ("Appendix B: batch latency", appendix_b),
         *_experiment_sections(root),
-        ("Utilization against this run's measured ceilings", _utilization_section(root)),
+        ("Utilization against the measured ceilings of this run", _utilization_section(root)),
         ("Network isolation evidence", _network_section(root)),
         ("Inventory", _inventory_section(root)),
         ("Conditions", _conditions_section(root)),
