@@ -78,7 +78,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from mi300x_cert.bench import _sd_params, environment
+    from bench.cli import _sd_params, environment
     from mi300x_cert.workloads.optimized.common import event_time_us, pick_sdpa_backend
     from mi300x_cert.workloads.sd import SDWorkload
 

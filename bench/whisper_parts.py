@@ -51,7 +51,7 @@ def main() -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from mi300x_cert.bench import _whisper_model, environment
+    from bench.cli import _whisper_model, environment
     from mi300x_cert.workloads.optimized import whisper_fast as wf
 
     t_end = time.time() + a.time_limit

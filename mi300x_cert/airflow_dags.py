@@ -2,9 +2,9 @@
 
 * ``recertify_<host>`` — one per fleet server, on the server's cron schedule. Task chain::
 
-    preflight → bare_metal → plan_sd → run_sd_case (mapped over small case dicts) → finalize_sd
-      → whisper → resnet50 → finish_run → validate_{latency,thermal,network,whisper,resnet50}
-      → report → sign → publish → register
+    preflight → one task per registered experiment, in registry order (an experiment whose
+      ``fanout`` is ``mapped`` gets plan_<x> → run_<x>_case (mapped over small case dicts) →
+      finalize_<x>) → finish_run → validate_<suite> for every suite → report → sign → publish → register
 
   GPU tasks run on queue ``gpu-<host>`` in pool ``gpu-<host>`` (one slot per card; a GPU task takes
   every slot, so measurements on one host never overlap) with the executor named by
@@ -73,24 +73,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = ["bare-metal", "sd-throughput", "whisper", "resnet50"]
-SUITES = ["latency", "thermal", "network", "whisper", "resnet50"]
-# A suite is evaluated when one of its experiments ran (network: whenever anything ran).
+from .experiments import EXPERIMENTS as _REGISTERED  # noqa: E402  (no torch: plugin modules are light)
+from .experiments import all_experiments, get_experiment, suite_names, suite_owner  # noqa: E402
+
+# Everything below iterates the experiment registry (mi300x_cert.experiments): adding an experiment
+# adds its task, its suites' validation tasks, its manual DAG and its trigger-form choices.
+EXPERIMENTS = list(_REGISTERED)
+SUITES = suite_names()
+# A suite is evaluated when its experiment ran (network: whenever anything ran).
 SUITE_EXPERIMENTS: dict[str, list[str]] = {
-    "latency": ["sd-throughput"],
-    "thermal": ["bare-metal"],
-    "network": list(EXPERIMENTS),
-    "whisper": ["whisper"],
-    "resnet50": ["resnet50"],
+    s: ([suite_owner(s).name] if suite_owner(s) is not None else list(EXPERIMENTS)) for s in SUITES  # type: ignore[union-attr]
 }
 # manual DAG name → experiments it runs
-MANUAL_EXPERIMENTS: dict[str, list[str]] = {
-    "certify": list(EXPERIMENTS),
-    "bare_metal": ["bare-metal"],
-    "sd_throughput": ["sd-throughput"],
-    "whisper": ["whisper"],
-    "resnet50": ["resnet50"],
-}
+MANUAL_EXPERIMENTS: dict[str, list[str]] = {"certify": list(EXPERIMENTS),
+                                            **{e.spec_attr: [e.name] for e in all_experiments()}}
 GPU_EXECUTOR_ENV = "MI300X_CERT_GPU_EXECUTOR"
 RUNS_DIR_ENV = "MI300X_CERT_RUNS_DIR"
 BATCH_CONFIG_CHOICES = ["1x512", "2x256", "4x128", "8x64", "16x32", "32x16", "64x8", "128x4",
@@ -360,56 +356,46 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
             ctx["ti"].xcom_push(key="enabled", value=[e for e in EXPERIMENTS if _experiment_enabled(run_dir, e)])
             return run_dir
 
-        @task(task_id="bare_metal", **gpu)
-        def bare_metal(run_dir: str) -> dict:
-            from . import pipeline
+        def make_serial(name: str, task_id: str):
+            @task(task_id=task_id, **gpu)
+            def run_whole(run_dir: str, _after: Any = None) -> dict:
+                from . import pipeline
 
-            if not _experiment_enabled(run_dir, "bare-metal"):
-                return {"experiment": "bare-metal", "state": "disabled"}
-            return pipeline.run_experiment(run_dir, "bare-metal")
+                if not _experiment_enabled(run_dir, name):
+                    return {"experiment": name, "state": "disabled"}
+                return pipeline.run_experiment(run_dir, name)
 
-        @task(task_id="plan_sd", **light)
-        def plan_sd(run_dir: str, _after: Any = None) -> list[dict]:
-            from . import pipeline
+            return run_whole
 
-            if not _experiment_enabled(run_dir, "sd-throughput"):
-                return []
-            return pipeline.plan_cases(run_dir, "sd-throughput")
+        def make_mapped(name: str, tid: str):
+            @task(task_id=f"plan_{tid}", **light)
+            def plan(run_dir: str, _after: Any = None) -> list[dict]:
+                from . import pipeline
 
-        @task(task_id="run_sd_case", map_index_template="{{ case_label }}", **gpu)
-        def run_sd_case(run_dir: str, case: dict) -> dict:
-            from . import pipeline
+                if not _experiment_enabled(run_dir, name):
+                    return []
+                return pipeline.plan_cases(run_dir, name)
 
-            ctx = get_current_context()
-            ctx["case_label"] = str(case.get("case_id") or case)  # type: ignore[index]
-            status = pipeline.run_case(run_dir, "sd-throughput", case)
-            if str(status.get("status", "ok")) not in ("ok", "skipped", "done"):
-                raise RuntimeError(f"case {case.get('case_id')}: {status.get('reason') or status}")
-            return status
+            @task(task_id=f"run_{tid}_case", map_index_template="{{ case_label }}", **gpu)
+            def run_case(run_dir: str, case: dict) -> dict:
+                from . import pipeline
 
-        @task(task_id="finalize_sd", trigger_rule="none_failed", **light)
-        def finalize_sd(run_dir: str) -> dict:
-            from . import pipeline
+                ctx = get_current_context()
+                ctx["case_label"] = str(case.get("case_id") or case)  # type: ignore[index]
+                status = pipeline.run_case(run_dir, name, case)
+                if str(status.get("status", "ok")) not in ("ok", "skipped", "done"):
+                    raise RuntimeError(f"case {case.get('case_id')}: {status.get('reason') or status}")
+                return status
 
-            if not _experiment_enabled(run_dir, "sd-throughput"):
-                return {"experiment": "sd-throughput", "state": "disabled"}
-            return pipeline.finalize_experiment(run_dir, "sd-throughput")
+            @task(task_id=f"finalize_{tid}", trigger_rule="none_failed", **light)
+            def finalize(run_dir: str) -> dict:
+                from . import pipeline
 
-        @task(task_id="whisper", **gpu)
-        def whisper(run_dir: str) -> dict:
-            from . import pipeline
+                if not _experiment_enabled(run_dir, name):
+                    return {"experiment": name, "state": "disabled"}
+                return pipeline.finalize_experiment(run_dir, name)
 
-            if not _experiment_enabled(run_dir, "whisper"):
-                return {"experiment": "whisper", "state": "disabled"}
-            return pipeline.run_experiment(run_dir, "whisper")
-
-        @task(task_id="resnet50", **gpu)
-        def resnet50(run_dir: str) -> dict:
-            from . import pipeline
-
-            if not _experiment_enabled(run_dir, "resnet50"):
-                return {"experiment": "resnet50", "state": "disabled"}
-            return pipeline.run_experiment(run_dir, "resnet50")
+            return plan, run_case, finalize
 
         @task(task_id="finish_run", trigger_rule="all_done", retries=0, **light)
         def finish_run() -> str:
@@ -489,17 +475,19 @@ def build_recertify_dag(server: Server, *, schedule: Any = "fleet", dag_id: str 
                                                 "report", "data_docs")}
 
         run_dir = preflight()
-        bm = bare_metal(run_dir)
-        cases = plan_sd(run_dir, bm)
-        mapped = run_sd_case.partial(run_dir=run_dir).expand(case=cases)
-        fin = finalize_sd(run_dir)
-        mapped >> fin
-        w = whisper(run_dir)
-        fin >> w
-        r = resnet50(run_dir)
-        w >> r
+        last: Any = None
+        for exp in all_experiments():  # one task (or plan → mapped cases → finalize) per experiment
+            if exp.fanout == "mapped":
+                plan, run_case, finalize = make_mapped(exp.name, exp.dag_task_id)
+                mapped = run_case.partial(run_dir=run_dir).expand(case=plan(run_dir, last))
+                fin = finalize(run_dir)
+                mapped >> fin
+                last = fin
+            else:
+                t = make_serial(exp.name, exp.dag_task_id)(run_dir, last)
+                last = t
         done = finish_run()
-        r >> done
+        last >> done
         with TaskGroup("validation", tooltip="one Great Expectations suite per task") as validation:
             vals = [make_validate(s)(run_dir) for s in SUITES]
         done >> validation
@@ -703,6 +691,11 @@ def manual_params(kind: str, fleet: Fleet | None = None) -> dict[str, Param]:
                                  description="repetitions of every case", section="Matrix")
     p["dtype"] = Param(PROFILE_DEFAULT, type="string", enum=[PROFILE_DEFAULT, *DTYPES], title="Data type",
                        values_display={PROFILE_DEFAULT: "As in the host profile"}, section="Model")
+    if kind != "certify" and not get_experiment(MANUAL_EXPERIMENTS[kind][0]).has_model:
+        p["thresholds"] = Param(PROFILE_DEFAULT, type="string", enum=[PROFILE_DEFAULT, *THRESHOLD_SETS],
+                                title="Thresholds set", values_display={PROFILE_DEFAULT: "The host's SKU"},
+                                section="Model")
+        return p
     p["model_source"] = Param(None, type=["string", "null"], pattern=MODEL_SOURCE_PATTERN, title="Model source",
                               description_md="`synthetic:<arch>` (e.g. `synthetic:sd-v1-4`) or a local weights "
                                              "directory on the host; empty: the profile's.", section="Model")
@@ -754,13 +747,9 @@ def conf_to_request(kind: str, conf: dict, fleet: Fleet | None = None) -> dict:
                                f"(its cards: {host_cards}; its card sets: {sets}; or choose 'all' or 'custom')")
         cards = list(groups[card_set])  # type: ignore[arg-type]
     if cards is not None:
-        if "bare-metal" in experiments:
-            exps.setdefault("bare-metal", {})["groups"] = [cards] if cards != "all" else ["all"]
-        if "sd-throughput" in experiments:
-            exps.setdefault("sd-throughput", {})["cards"] = cards
-        for e in ("whisper", "resnet50"):
-            if kind == e:
-                exps.setdefault(e, {})["cards"] = cards
+        for e in all_experiments():  # the card set goes to each selected experiment that follows it
+            if e.name in experiments and (e.follows_card_set or kind == e.spec_attr):
+                exps.setdefault(e.name, {}).update(e.card_override(cards))
 
     if conf.get("batch_configs"):
         exps.setdefault("sd-throughput", {})["batch_configs"] = list(conf["batch_configs"])
@@ -783,7 +772,7 @@ def conf_to_request(kind: str, conf: dict, fleet: Fleet | None = None) -> dict:
         if kind in ("certify", "bare_metal", "sd_throughput"):
             ov["sd"] = {"model": src}
         else:
-            exps.setdefault(kind, {})["model"] = src
+            exps.setdefault(experiments[0], {})["model"] = src
     thresholds = conf.get("thresholds") or PROFILE_DEFAULT
     if thresholds != PROFILE_DEFAULT:
         ov["thresholds"] = thresholds
@@ -873,9 +862,11 @@ def build_manual_dag(kind: str, fleet: Fleet | None = None) -> DAG:
     from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 
     fleet = fleet or load_fleet()
-    title = {"certify": "certification (all experiments)", "bare_metal": "bare-metal thermal run",
-             "sd_throughput": "Stable Diffusion throughput matrix", "whisper": "Whisper token throughput",
-             "resnet50": "ResNet-50 benchmark"}[kind]
+    if kind not in MANUAL_EXPERIMENTS:
+        from .errors import ProfileError
+
+        raise ProfileError(f"unknown manual DAG kind {kind!r} (known: {list(MANUAL_EXPERIMENTS)})")
+    title = "certification (all experiments)" if kind == "certify" else get_experiment(MANUAL_EXPERIMENTS[kind][0]).title
     matrix = "batch configs, process counts, repetitions, " if kind in ("certify", "sd_throughput") else (
         "repetitions, " if kind == "whisper" else "")
     with DAG(

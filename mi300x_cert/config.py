@@ -42,36 +42,17 @@ INCLUDE_DIR = REPO_ROOT / "include"
 PROFILES_DIR = INCLUDE_DIR / "profiles"
 MODELS_DIR = INCLUDE_DIR / "models"
 
-REPORT_BATCH_CONFIGS = ["1x512", "2x256", "4x128", "8x64", "16x32", "32x16", "64x8", "128x4"]
-REPORT_PROCESS_COUNTS = [1, 2, 4, 8, 16]
+from .specbase import (  # noqa: E402  (shared with the experiment plugins)
+    REPORT_BATCH_CONFIGS,
+    REPORT_PROCESS_COUNTS,
+    BatchConfig,
+    CompileSpec,
+    ExperimentSection,
+    _Strict,
+    parse_batch_config,
+)
 
-_BATCH_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
-
-
-class BatchConfig(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    batch_size: int = Field(gt=0)
-    n_batches: int = Field(gt=0)
-
-    @property
-    def label(self) -> str:
-        return f"{self.batch_size}x{self.n_batches}"
-
-    @property
-    def images(self) -> int:
-        return self.batch_size * self.n_batches
-
-
-def parse_batch_config(value: str | BatchConfig) -> BatchConfig:
-    if isinstance(value, BatchConfig):
-        return value
-    m = _BATCH_RE.match(str(value))
-    if not m:
-        raise ValueError(f"batch config {value!r} is not of the form BxN (e.g. 8x64)")
-    b, n = int(m.group(1)), int(m.group(2))
-    if b <= 0 or n <= 0:
-        raise ValueError(f"batch config {value!r} needs positive numbers")
-    return BatchConfig(batch_size=b, n_batches=n)
+_ExperimentBase = ExperimentSection
 
 
 def parse_card_spec(spec: Any, known: list[int] | None = None, groups: dict[str, list[int]] | None = None) -> list[int]:
@@ -139,10 +120,6 @@ def _ranges(cards: list[int]) -> str:
     return str(cards)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class HostSpec(_Strict):
     name: str = "localhost"
     cards: int | list[int] = 16
@@ -166,6 +143,9 @@ class SimulatedSpec(_Strict):
     broken_sensor_cards: list[int] = Field(default_factory=list, description="these cards read None for junction temperature")
     throttle_cards: list[int] = Field(default_factory=list, description="these cards report thermal throttling while active")
     time_scale: float = Field(20.0, gt=0, description="thermal time-constant speed-up, so short CPU runs heat up")
+    hbm_scale: dict[int, float] = Field(default_factory=dict, description="these cards' memory bandwidth × factor (a weak HBM stack)")
+    pcie_width: dict[int, int] = Field(default_factory=dict, description="these cards' host link trained at this width (default x16)")
+    power_cap_w: dict[int, float] = Field(default_factory=dict, description="these cards cannot draw more than this many watts under load")
 
 
 class TelemetrySpec(_Strict):
@@ -180,75 +160,24 @@ class NetworkSpec(_Strict):
     exclude_interfaces: list[str] = Field(default_factory=lambda: ["lo"])
 
 
-class CompileSpec(_Strict):
-    enabled: bool = False
-    backend: str = "inductor"
-    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "max-autotune"
-
-
-class _ExperimentBase(_Strict):
-    enabled: bool = True
-    timeout_s: float = Field(1800.0, gt=0, description="per worker process")
-    warmup_batches: int = Field(1, ge=0)
-
-
-class BareMetalSpec(_ExperimentBase):
-    groups: list[str | list[int]] = Field(default_factory=lambda: ["[12-15]", "[0-3]"], min_length=1)
-    idle_s: float = Field(5.0, ge=0)
-    active_s: float = Field(10.0, gt=0, description="minimum active time per group; batches repeat until reached")
-    cooldown_s: float = Field(10.0, ge=0)
-    batch_size: int = Field(1, gt=0)
-
-
-class SDThroughputSpec(_ExperimentBase):
-    process_counts: list[int] = Field(default_factory=lambda: list(REPORT_PROCESS_COUNTS))
-    batch_configs: list[str] = Field(default_factory=lambda: list(REPORT_BATCH_CONFIGS))
-    repetitions: int = Field(1, gt=0)
-    cards: str | list[int] = "all"
-    procs_per_card: int = Field(1, gt=0, description=">1 shares one card between processes (labelled in results)")
-
-    @field_validator("batch_configs")
-    @classmethod
-    def _bc(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("the SD matrix is empty: list at least one batch config BxN (e.g. 8x64), "
-                             "or set enabled: false")
-        return [parse_batch_config(x).label for x in v]
-
-    @field_validator("process_counts")
-    @classmethod
-    def _pc(cls, v: list[int]) -> list[int]:
-        if not v or any(p <= 0 for p in v):
-            raise ValueError("process counts must be positive integers")
-        return v
-
-
-class WhisperSpec(_ExperimentBase):
-    model: str = "synthetic:whisper-large-v3"
-    cards: str | list[int] = "[0]"
-    batch_size: int = Field(16, gt=0)
-    new_tokens: int = Field(128, gt=0, description="tokens generated per clip (forced, no early stop)")
-    clips: int = Field(0, ge=0, description="0 = every clip in include/audio; more repeats them")
-    repetitions: int = Field(1, gt=0)
-    compile: CompileSpec = Field(default_factory=lambda: CompileSpec(enabled=True, mode="max-autotune"))
-
-
-class ResNetSpec(_ExperimentBase):
-    model: str = "synthetic:resnet-50"
-    cards: str | list[int] = "[0]"
-    image_sizes: list[int] = Field(default_factory=lambda: [224, 384, 512], min_length=1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32, 128], min_length=1)
-    iterations: int = Field(10, gt=0)
-    modes: list[Literal["eager", "compiled"]] = Field(default_factory=lambda: ["eager", "compiled"], min_length=1)
-    compile: CompileSpec = Field(default_factory=lambda: CompileSpec(enabled=True, mode="default"))
-
-
-class ExperimentsSpec(_Strict):
-    bare_metal: BareMetalSpec = Field(default_factory=BareMetalSpec, alias="bare-metal")
-    sd_throughput: SDThroughputSpec = Field(default_factory=SDThroughputSpec, alias="sd-throughput")
-    whisper: WhisperSpec = Field(default_factory=WhisperSpec)
-    resnet50: ResNetSpec = Field(default_factory=ResNetSpec)
+class _ExperimentsBase(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _experiments_spec() -> type[_ExperimentsBase]:
+    """``experiments:`` of a profile: one typed section per registered experiment (each plugin
+    owns its section's model; see :mod:`mi300x_cert.experiments`)."""
+    from pydantic import create_model
+
+    from .experiments import section_models  # experiment modules import no torch
+
+    fields: dict[str, Any] = {}
+    for name, attr, model in section_models():
+        fields[attr] = (model, Field(default_factory=model, alias=name))
+    return create_model("ExperimentsSpec", __base__=_ExperimentsBase, **fields)
+
+
+ExperimentsSpec = _experiments_spec()
 
 
 class SDSpec(_Strict):
@@ -299,11 +228,14 @@ class Profile(_Strict):
     def _check_cards(self) -> "Profile":
         # an unknown card id is a CardError (not a ProfileError) naming the field; pydantic lets
         # non-ValueError exceptions through and load_profile prefixes the file
-        exps = self.experiments
-        fields: list[tuple[str, Any]] = [(f"experiments.bare-metal.groups[{i}]", g) for i, g in enumerate(exps.bare_metal.groups)]
-        fields += [("experiments.sd-throughput.cards", exps.sd_throughput.cards), ("experiments.whisper.cards", exps.whisper.cards),
-                   ("experiments.resnet50.cards", exps.resnet50.cards)]
-        fields += [("telemetry.simulated", [c]) for c in list(self.telemetry.simulated.hot_cards) + self.telemetry.simulated.broken_sensor_cards]
+        from .experiments import all_experiments
+
+        fields: list[tuple[str, Any]] = []
+        for exp in all_experiments():
+            fields += exp.card_fields(getattr(self.experiments, exp.spec_attr))
+        sim = self.telemetry.simulated
+        fields += [("telemetry.simulated", [c]) for c in list(sim.hot_cards) + sim.broken_sensor_cards + list(sim.hbm_scale)
+                   + list(sim.pcie_width) + list(sim.power_cap_w)]
         for where, spec in fields:
             try:
                 self.cards(spec)

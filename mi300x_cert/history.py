@@ -4,7 +4,8 @@ A run directory gives one row per card of its inventory (:func:`card_history_row
 
     {serial, card, name, bus_id, host, hostname, run_id, date, finished, profile, sku, state,
      certified, card_ok, idle_junction_mean_c, active_junction_p95_c, memory_max_c,
-     active_power_mean_w, sd_per_image_median_s, sd_batches, failures: [{suite, expectation,
+     active_power_mean_w, sd_per_image_median_s, sd_batches, utilization: {"<workload> <case>": fraction
+     of the run's measured ceiling}, failures: [{suite, expectation,
      subject, reason}], run_dir}
 
 * ``idle_junction_mean_c``, ``active_junction_p95_c``, ``active_power_mean_w`` come from the
@@ -163,6 +164,21 @@ def _verdict_failures(verdicts: dict | None) -> list[dict]:
     return [f for v in (verdicts.get("suites") or {}).values() if isinstance(v, dict) for f in v.get("failures") or []]
 
 
+def _card_utilization(util: Any, card: int | None) -> dict | None:
+    """``{"<workload> <case>": fraction}`` of the rows of ``stats/utilization.json`` measured on
+    ``card`` (None when the run has no such table)."""
+    if not isinstance(util, list) or card is None:
+        return None
+    out = {}
+    for r in util:
+        if not isinstance(r, dict) or r.get("fraction") is None:
+            continue
+        cards = {_int(x) for x in str(r.get("cards") or "").split()}
+        if card in cards:
+            out[f"{r.get('workload')} {r.get('case')}"] = round(float(r["fraction"]), 4)
+    return out
+
+
 def card_history_rows(run_dir: str | Path, *, certified: bool | None = None) -> list[dict]:
     """One row per card in the run's inventory (see the module doc). ``certified`` overrides what the
     run directory says (the DAG knows it before ``outcome.json`` is written)."""
@@ -180,6 +196,7 @@ def card_history_rows(run_dir: str | Path, *, certified: bool | None = None) -> 
             certified = verdicts["success"] and meta.get("state") == "complete"
     failures = _verdict_failures(verdicts)
     thermal, mem, sd = _thermal(root), _memory_max(root), _sd_per_image(root)
+    util = _read_json(root / "stats" / "utilization.json")
     host, hostname = _host(meta, inv)
     rows = []
     for c in inv["cards"]:
@@ -200,6 +217,7 @@ def card_history_rows(run_dir: str | Path, *, certified: bool | None = None) -> 
             "active_power_mean_w": th.get("active_power_mean_w"),
             "sd_per_image_median_s": statistics.median(lat) if lat else None, "sd_batches": len(lat) or None,
             "failures": mine, "run_dir": str(root.resolve()),
+            "utilization": _card_utilization(util, idx),
         })
     return rows
 

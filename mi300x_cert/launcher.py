@@ -247,7 +247,9 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
             proc = int(spec.get("proc", len(workers)))
             log_path = (log_dir / f"proc{proc}.log") if log_dir else None
             log_f = open(log_path, "ab") if log_path else subprocess.DEVNULL
-            wenv = pin_env(spec.get("card"), vendor, str(spec.get("device", "auto")), n, base=env)
+            # a worker that spans cards (peer-to-peer copies) sees every card of the host
+            wenv = pin_env(None if spec.get("all_cards_visible") else spec.get("card"), vendor,
+                           str(spec.get("device", "auto")), n, base=env)
             popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_f,
                                      env=wenv, text=True, bufsize=1, start_new_session=True)
             w = _Worker(spec, popen, log_path, log_f if log_path else None)

@@ -2,7 +2,7 @@
 
 Reads its spec as one JSON line on stdin::
 
-    {"proc": 0, "card": 12, "device": "cpu"|"cuda"|"auto", "kind": "sd"|"whisper"|"resnet50"|"debug",
+    {"proc": 0, "card": 12, "device": "cpu"|"cuda"|"auto", "kind": <a workload kind>|"debug",
      "params": {...workload params...}, "warmup_batches": 1,
      "plan": {"mode": "fixed", "batch_size": 8, "n_batches": 64}          # or "batch_sizes": [..]
            | {"mode": "duration", "batch_size": 1, "min_s": 10.0}}        # repeat until min_s passed (>= 1 batch)
@@ -174,16 +174,20 @@ def _load(spec: dict, proto: _Proto) -> tuple[Any, str]:
     kind = str(spec.get("kind", "debug"))
     params = dict(spec.get("params") or {})
     proc = int(spec.get("proc", 0))
-    if kind == "debug" or os.environ.get("MI300X_CERT_WORKLOAD") == "debug":
+    from .workloads import load_workload, uses_torch
+
+    # the debug workload stands in for every model; a modelled workload (no torch) runs as itself
+    if kind == "debug" or (os.environ.get("MI300X_CERT_WORKLOAD") == "debug" and uses_torch(kind, params)):
         extra = json.loads(os.environ.get("MI300X_CERT_DEBUG_PARAMS") or "{}")
         device = "cpu" if spec.get("device", "auto") in ("cpu", "auto") else "cuda"
         return DebugWorkload({**params, **extra}, device, proc=proc, kind=kind), device
+    if not uses_torch(kind, params):  # a modelled workload: no torch in this process
+        return load_workload(kind, params, "cpu"), "cpu"
     device = resolve_device(str(spec.get("device", "auto")))
     import torch
 
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get("MI300X_CERT_CPU_THREADS") or os.environ.get("OMP_NUM_THREADS") or 1))
-    from .workloads import load_workload
 
     return load_workload(kind, params, device), device
 

@@ -134,6 +134,8 @@ def build_bundle(run_dir: str | Path, key: str | Path | None = None) -> Path:
         inventory = _optional_json(arts / "inventory.json", "inventory.json", notes)
         conditions = _optional_json(arts / "conditions.json", "conditions.json", notes)
         verdicts = _optional_json(arts / "validation" / "verdicts.json", "validation/verdicts.json", notes)
+        util_path = arts / "stats" / "utilization.json"
+        utilization = _optional_json(util_path, "stats/utilization.json", notes) if util_path.is_file() else None
         by_name = {e["name"]: e for e in entries}
         profile_digest = by_name.get("profile.yaml", {}).get("sha256")
         if profile_digest is None:
@@ -147,7 +149,7 @@ def build_bundle(run_dir: str | Path, key: str | Path | None = None) -> Path:
             conditions=conditions, verdicts=verdicts, profile_digest=profile_digest,
             bundle_digests={"manifest.json": sha256_bytes(manifest_bytes), "SHA256SUMS": sha256_bytes(sums_bytes)},
             signer_block=signer_block, versions=_versions(inventory if isinstance(inventory, dict) else None),
-            notes=notes)
+            notes=notes, utilization=utilization if isinstance(utilization, list) else None)
         statement_bytes = canonical_json(statement)
         envelope = sign_payload(statement_bytes, signer.signer)
 

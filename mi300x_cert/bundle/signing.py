@@ -88,7 +88,7 @@ def summarize_verdicts(verdicts: Any | None, state: str | None = "complete") -> 
 
 def build_statement(*, subjects: list[dict], meta: dict, inventory: dict | None, conditions: Any | None,
                     verdicts: Any | None, profile_digest: str | None, bundle_digests: dict[str, str],
-                    signer_block: dict, versions: dict, notes: list[str]) -> dict:
+                    signer_block: dict, versions: dict, notes: list[str], utilization: list | None = None) -> dict:
     """The in-toto Statement v1 of one run. ``subjects``: [{name, sha256}] sorted by name."""
     tr = summarize_verdicts(verdicts, meta.get("state"))
     inv = inventory if isinstance(inventory, dict) else {}
@@ -123,6 +123,8 @@ def build_statement(*, subjects: list[dict], meta: dict, inventory: dict | None,
         "conditions_present": conditions is not None,
         "versions": versions,
         "notes": notes,
+        # each workload's achieved rate / the run's measured ceiling (stats/utilization.json)
+        "utilization": utilization,
     }
     predicate = {
         "result": tr["result"],

@@ -37,6 +37,10 @@ __all__ = [
     "register",
     "get_experiment",
     "experiment_names",
+    "all_experiments",
+    "section_models",
+    "suite_names",
+    "suite_owner",
     "prepare_run",
     "run_case",
     "finalize_experiment",
@@ -48,9 +52,11 @@ __all__ = [
     "measuring",
 ]
 
-EXPERIMENTS = ("bare-metal", "sd-throughput", "whisper", "resnet50")
+# The one place that lists the experiment plugins (name → module under mi300x_cert.experiments), in
+# the order a full run measures them. Everything else iterates the registry.
 _MODULES = {"bare-metal": "bare_metal", "sd-throughput": "sd_throughput", "whisper": "whisper_tokens",
-            "resnet50": "resnet50"}
+            "resnet50": "resnet50", "hardware-ceilings": "hardware_ceilings"}
+EXPERIMENTS: tuple[str, ...] = tuple(_MODULES)
 _REGISTRY: dict[str, type[Experiment]] = {}
 
 
@@ -67,6 +73,33 @@ def register(name: str) -> Callable[[type[Experiment]], type[Experiment]]:
 
 def experiment_names() -> list[str]:
     return list(EXPERIMENTS)
+
+
+def all_experiments() -> list[Experiment]:
+    """Every registered experiment, in run order (imports each plugin module; none imports torch)."""
+    return [get_experiment(n) for n in EXPERIMENTS]
+
+
+def section_models() -> list[tuple[str, str, Any]]:
+    """(name, profile attribute, section model) of every experiment: the profile's ``experiments:``."""
+    return [(e.name, e.spec_attr, e.spec_model) for e in all_experiments()]
+
+
+def suite_names() -> list[str]:
+    """Every Great Expectations suite: each experiment's own, in run order, then ``network`` (which
+    judges the evidence of every experiment)."""
+    out: list[str] = []
+    for e in all_experiments():
+        out += [s for s in e.suites if s not in out]
+    return out + ["network"]
+
+
+def suite_owner(suite: str) -> Experiment | None:
+    """The experiment that owns ``suite`` (None for ``network``, which judges them all)."""
+    for e in all_experiments():
+        if suite in e.suites:
+            return e
+    return None
 
 
 def get_experiment(name: str) -> Experiment:
@@ -626,6 +659,12 @@ def finish_run(run_dir: str | Path) -> str:
             problems.append(f"{name}/{cid}: {why}")
         if info.get("state") != "finalized" and not info.get("failed_cases"):
             problems.append(f"{name}: state {info.get('state')}")
+    try:  # utilization against this run's ceilings: reported (report, statement, history), not judged
+        from ..utilization import write_utilization
+
+        write_utilization(rd.root)
+    except Exception as e:  # never fails a run; the report says the table is missing
+        print(f"utilization table not written: {type(e).__name__}: {e}", file=sys.stderr)
     with _locked(rd):
         if problems:
             rd.mark_failed("failed cases: " + "; ".join(problems))

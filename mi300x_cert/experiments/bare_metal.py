@@ -9,24 +9,74 @@ card and the network are recorded throughout; the thermal and network verdicts r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import Profile
+from pydantic import Field
+
+from ..specbase import ExperimentSection as _ExperimentBase
 from . import register
 from .base import Experiment, card_label
 from .sd_throughput import sd_params
 
+if TYPE_CHECKING:
+    from ..config import Profile
+
 __all__ = ["BareMetal"]
+
+
+class BareMetalSpec(_ExperimentBase):
+    groups: list[str | list[int]] = Field(default_factory=lambda: ["[12-15]", "[0-3]"], min_length=1)
+    idle_s: float = Field(5.0, ge=0)
+    active_s: float = Field(10.0, gt=0, description="minimum active time per group; batches repeat until reached")
+    cooldown_s: float = Field(10.0, ge=0)
+    batch_size: int = Field(1, gt=0)
 
 
 @register("bare-metal")
 class BareMetal(Experiment):
+    spec_model = BareMetalSpec
+    title = "Bare-metal SD phases"
+    suites = ("thermal",)
+    fanout = "serial"
+    task_id = "bare_metal"
+    follows_card_set = True
+
+    baseline_policy = {"thermal": {"recovery_margin_c": 5.0, "max_throttle_events": 0, "min_sensor_readable": 0.98}}
+
+    def baseline_frame_params(self, policy: dict) -> dict:
+        return {"recovery_margin_c": float(policy["thermal"]["recovery_margin_c"])}
+
+    def baseline_specs(self, policy: dict) -> list:
+        margin = float(policy["thermal"]["recovery_margin_c"])
+        return [
+            ("thermal", "idle_min_c", "floor", "temperature", "junction_mean_c", "idle mean junction (coolest card)", False, {"role": "idle"}),
+            ("thermal", "idle_max_c", "ceiling", "temperature", "junction_mean_c", "idle mean junction (warmest card)", True, {"role": "idle"}),
+            ("thermal", "active_min_c", "floor", "temperature", "junction_p95_c", "active p95 junction (coolest loaded card)", False, {"role": "active"}),
+            ("thermal", "active_max_c", "ceiling", "temperature", "junction_p95_c", "active p95 junction (hottest loaded card)", True, {"role": "active"}),
+            ("thermal", "junction_limit_c", "ceiling", "temperature", "junction_max_c", "highest junction reading", True, None),
+            ("thermal", "memory_limit_c", "ceiling", "temperature", "memory_max_c", "highest memory reading", True, None),
+            ("thermal", "min_active_delta_c", "floor", "difference", "delta_active_idle_c", "active − idle mean junction (smallest)", False, {"role": "active"}),
+            ("thermal", "recovery_max_s", "ceiling", "time", "recovery_s",
+             f"seconds to within {margin:g} °C of idle after the load (slowest card)", True, {"role": "active"}),
+        ]
+
+    def card_fields(self, spec: Any) -> list[tuple[str, Any]]:
+        return [(f"experiments.bare-metal.groups[{i}]", g) for i, g in enumerate(spec.groups)]
+
+    def card_override(self, cards: Any) -> dict:
+        return {"groups": [cards] if cards != "all" else ["all"]}
     kind = "sd"
-    spec_attr = "bare_metal"
     phased = True
 
     def model_source(self, profile: Profile) -> str:
         return profile.sd.model
+
+    def frame(self, suite: str, run_dir: Any, profile: Any, params: dict) -> Any:
+        from pathlib import Path
+
+        from ..validation.frames import thermal_frame
+
+        return thermal_frame(Path(run_dir), profile, params)
 
     def cases(self, profile: Profile) -> list[dict]:
         spec = profile.experiments.bare_metal

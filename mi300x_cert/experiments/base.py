@@ -8,10 +8,12 @@ shared, in :mod:`mi300x_cert.experiments`. No torch here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import Profile, resolve_model_source
 from ..errors import CardError
+
+if TYPE_CHECKING:  # the profile module builds its experiments section from this registry
+    from ..config import Profile
 
 __all__ = ["Experiment", "ROW_COLUMNS", "CONDITION_COLUMNS", "card_label"]
 
@@ -38,14 +40,72 @@ def card_label(cards: list[int]) -> str:
 
 
 class Experiment:
-    """Subclasses set ``name`` (via ``@register``), ``kind`` (workload), ``spec_attr`` and implement
-    :meth:`cases`, :meth:`workload_params` and :meth:`summarize`."""
+    """One experiment = one plugin. Subclasses set ``name`` (via ``@register``), ``kind`` (the
+    workload), ``spec_model`` (the typed profile section ``experiments.<name>``) and implement
+    :meth:`cases`, :meth:`workload_params` and :meth:`summarize` (the metric tables under
+    ``stats/``, computed once at finalize). An experiment that owns Great Expectations suites names
+    them in ``suites`` and builds their frames in :meth:`frame` from its own ``stats/`` tables; its
+    report section is :meth:`report_section`; ``fanout`` says how the DAG runs its cases
+    (``serial``: one task runs them all; ``mapped``: one mapped task per case). The CLI, the DAGs,
+    validation, the trigger form and the report iterate the registry: nothing else names it."""
 
     name: str = "?"
-    kind: str = "?"  # workload kind: sd | whisper | resnet50
-    spec_attr: str = "?"  # attribute of profile.experiments
+    kind: str = "?"  # workload kind (mi300x_cert.workloads.KINDS)
+    title: str = ""  # human title: DAG descriptions, trigger form, report heading
+    spec_model: Any = None  # pydantic model of the profile section experiments.<name>
     extra_columns: list[str] = []
     phased: bool = False  # idle → load → active → cooldown phases (bare-metal)
+    suites: tuple[str, ...] = ()  # Great Expectations suites this experiment owns (expectations/<suite>.json)
+    fanout: str = "serial"  # serial | mapped (one Airflow task per case)
+    task_id: str = ""  # Airflow task id (default: name with '-' → '_')
+    form_fields: tuple[str, ...] = ()  # trigger-form fields that apply to it besides host/cards/dtype/model
+    report_order: int = 50  # place of its report section (lower first)
+    report_title: str = ""  # heading of its report section (default: title)
+    follows_card_set: bool = False  # the full certification's card set (trigger form) applies to it
+    has_model: bool = True  # a model source the trigger form may override
+
+    @property
+    def spec_attr(self) -> str:
+        """Attribute of ``profile.experiments`` holding this experiment's section."""
+        return self.name.replace("-", "_")
+
+    @property
+    def dag_task_id(self) -> str:
+        return self.task_id or self.name.replace("-", "_")
+
+    def card_fields(self, spec: Any) -> list[tuple[str, Any]]:
+        """(field path, card spec) pairs of this experiment's section, checked against the host."""
+        cards = getattr(spec, "cards", None)
+        return [(f"experiments.{self.name}.cards", cards)] if cards is not None else []
+
+    def card_override(self, cards: Any) -> dict:
+        """The section override that points this experiment at ``cards`` (the trigger form's card set)."""
+        return {"cards": cards}
+
+    # ---- verdicts and report (read this experiment's stats/ tables; compute nothing) ----------
+    def frame(self, suite: str, run_dir: Any, profile: Any, params: dict) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError(f"experiment {self.name} owns no suite {suite!r}")
+
+    def report_section(self, run_dir: Any) -> str | None:
+        """HTML of this experiment's report section (None: no section of its own)."""
+        return None
+
+    # ---- calibration (mi300x-cert baseline) ------------------------------------------------------
+    baseline_policy: dict[str, dict[str, Any]] = {}  # suite → limits of policy (not measured)
+
+    def baseline_frame_params(self, policy: dict) -> dict:
+        """Parameters the frames of a reference run are built with."""
+        return {}
+
+    def baseline_specs(self, policy: dict) -> list[tuple[str, str, str, str, str, str, bool, dict | None]]:
+        """What a reference run calibrates: (suite, parameter, floor|ceiling, margin kind, frame column,
+        description, worst is the highest, row selector)."""
+        return []
+
+    def utilization_rates(self, run_dir: Any) -> list[dict]:
+        """Achieved rates this experiment contributes to the utilization table: dicts with
+        ``workload``, ``card``, ``metric`` (``matrix_tflops`` | ``hbm_gbps``), ``achieved``."""
+        return []
 
     # ---- profile ---------------------------------------------------------------------------
     def spec(self, profile: Profile) -> Any:
@@ -62,6 +122,8 @@ class Experiment:
 
     def check(self, profile: Profile) -> None:
         """Validate everything a run needs from the profile (raises ModelSourceError / CardError)."""
+        from ..config import resolve_model_source
+
         resolve_model_source(self.model_source(profile))
         self.cases(profile)
 

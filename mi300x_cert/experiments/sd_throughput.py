@@ -7,11 +7,17 @@ experiment's card set; shared round-robin only when ``procs_per_card`` allows it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import Profile, parse_batch_config
+from pydantic import Field, field_validator
+
+from ..specbase import REPORT_BATCH_CONFIGS, REPORT_PROCESS_COUNTS, parse_batch_config
+from ..specbase import ExperimentSection as _ExperimentBase
 from . import register
 from .base import Experiment
+
+if TYPE_CHECKING:
+    from ..config import Profile
 
 __all__ = ["SDThroughput"]
 
@@ -23,13 +29,85 @@ def sd_params(profile: Profile) -> dict:
             "guidance": sd.guidance, "scheduler": sd.scheduler, "prompts": sd.prompts}
 
 
+class SDThroughputSpec(_ExperimentBase):
+    process_counts: list[int] = Field(default_factory=lambda: list(REPORT_PROCESS_COUNTS))
+    batch_configs: list[str] = Field(default_factory=lambda: list(REPORT_BATCH_CONFIGS))
+    repetitions: int = Field(1, gt=0)
+    cards: str | list[int] = "all"
+    procs_per_card: int = Field(1, gt=0, description=">1 shares one card between processes (labelled in results)")
+
+    @field_validator("batch_configs")
+    @classmethod
+    def _bc(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("the SD matrix is empty: list at least one batch config BxN (e.g. 8x64), "
+                             "or set enabled: false")
+        return [parse_batch_config(x).label for x in v]
+
+    @field_validator("process_counts")
+    @classmethod
+    def _pc(cls, v: list[int]) -> list[int]:
+        if not v or any(p <= 0 for p in v):
+            raise ValueError("process counts must be positive integers")
+        return v
+
+
 @register("sd-throughput")
 class SDThroughput(Experiment):
+    spec_model = SDThroughputSpec
+    title = "SD throughput matrix"
+    suites = ("latency",)
+    fanout = "mapped"
+    task_id = "sd"
+    follows_card_set = True
+
+    def utilization_rates(self, run_dir: Any) -> list[dict]:
+        """Per process count × batch config: FLOPs per image / median per-image latency (one
+        process per card) → TFLOP/s per card, against the matrix ceiling."""
+        from pathlib import Path
+
+        import pandas as pd
+
+        from ..rundir import RunDir
+        from ..utilization import workload_work
+
+        root = Path(run_dir)
+        flops = workload_work(root, self.name).get("flops_per_item")
+        try:
+            table = pd.read_csv(root / "stats" / "sd_throughput_long.csv")
+            cases = self.cases(RunDir(root).load_profile())
+        except (OSError, ValueError):
+            return []
+        out = []
+        for r in table[table["metric"] == "per_image_s"].to_dict("records"):
+            case = next((c for c in cases if int(c["process_count"]) == int(r["process_count"])
+                         and c["batch_config"] == r["batch_config"]), None)
+            cards = sorted(set(case["cards"])) if case else []
+            shared = bool(case and len(set(case["cards"])) < len(case["cards"]))
+            out.append({"workload": self.name, "case": f"N={int(r['process_count'])} {r['batch_config']}", "cards": cards,
+                        "what": "text encoder + denoising + VAE decode",
+                        "achieved": (flops / float(r["median"]) / 1e12) if flops and r["median"] else None,
+                        "unit": "TFLOP/s", "ceiling_metric": "matrix_tflops",
+                        "note": ("cards shared by several processes: per process, not per card" if shared else "")
+                        or ("" if flops else "FLOPs per image not counted")})
+        return out
+
+    def baseline_specs(self, policy: dict) -> list:
+        return [
+            ("latency", "cv_max", "ceiling", "variation", "cv_per_image", "run-to-run variation std/mean (worst config)", True, {"kind": "config"}),
+            ("latency", "min_per_card_scaling", "floor", "rate", "per_card_scaling", "per-card throughput at N ÷ at the baseline N (worst config)", False, {"kind": "config"}),
+        ]
     kind = "sd"
-    spec_attr = "sd_throughput"
 
     def model_source(self, profile: Profile) -> str:
         return profile.sd.model
+
+    def frame(self, suite: str, run_dir: Any, profile: Any, params: dict) -> Any:
+        from pathlib import Path
+
+        from ..validation.frames import latency_frame
+
+        return latency_frame(Path(run_dir), profile, params)
 
     def cases(self, profile: Profile) -> list[dict]:
         spec = profile.experiments.sd_throughput

@@ -9,17 +9,25 @@ total tokens/s.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import INCLUDE_DIR, Profile
+from pydantic import Field
+
+from ..specbase import CompileSpec
+from ..specbase import ExperimentSection as _ExperimentBase
 from . import register
 from .base import Experiment
+
+if TYPE_CHECKING:
+    from ..config import Profile
 
 __all__ = ["WhisperTokens", "clip_count"]
 
 
 def clip_count(clips: int) -> int:
     """``clips`` when positive, else the number of clips shipped in include/audio."""
+    from ..config import INCLUDE_DIR
+
     if clips > 0:
         return clips
     index = INCLUDE_DIR / "audio" / "clips.json"
@@ -33,11 +41,80 @@ def clip_count(clips: int) -> int:
     return max(1, len(list((INCLUDE_DIR / "audio").glob("*.wav"))))
 
 
+class WhisperSpec(_ExperimentBase):
+    model: str = "synthetic:whisper-large-v3"
+    cards: str | list[int] = "[0]"
+    batch_size: int = Field(16, gt=0)
+    new_tokens: int = Field(128, gt=0, description="tokens generated per clip (forced, no early stop)")
+    clips: int = Field(0, ge=0, description="0 = every clip in include/audio; more repeats them")
+    repetitions: int = Field(1, gt=0)
+    compile: CompileSpec = Field(default_factory=lambda: CompileSpec(enabled=True, mode="max-autotune"))
+
+
 @register("whisper")
 class WhisperTokens(Experiment):
+    spec_model = WhisperSpec
+    title = "Whisper token throughput"
+    report_order = 30
+    suites = ("whisper",)
+    fanout = "serial"
     kind = "whisper"
-    spec_attr = "whisper"
     extra_columns = ["tokens_per_s"]
+
+    def frame(self, suite: str, run_dir: Any, profile: Any, params: dict) -> Any:
+        from pathlib import Path
+
+        from ..validation.frames import whisper_frame
+
+        return whisper_frame(Path(run_dir), profile, params)
+
+    def utilization_rates(self, run_dir: Any) -> list[dict]:
+        """Per case: the encoder (FLOPs per clip × clips/s per card, against the matrix ceiling) and
+        decoding (bytes a token must read × tokens/s per card, against HBM bandwidth). Both rates
+        use the whole generate() wall time, so each is a lower bound of its phase's own rate."""
+        from pathlib import Path
+
+        import pandas as pd
+
+        from ..rundir import RunDir
+        from ..utilization import workload_work
+
+        root = Path(run_dir)
+        work = workload_work(root, self.name)
+        try:
+            table = pd.read_csv(root / "stats" / "whisper_tokens.csv")
+            profile = RunDir(root).load_profile()
+        except (OSError, ValueError):
+            return []
+        spec = self.spec(profile)
+        cards = self.cards(profile)
+        out = []
+        for r in table.to_dict("records"):
+            gpus = max(1, int(r.get("gpus") or 1))
+            clips_s = float(r["clips"]) / float(r["wall_s"]) / gpus if r.get("wall_s") else None
+            enc = work.get("encoder_flops_per_clip")
+            out.append({"workload": self.name, "case": f"{r['case_id']} encoder", "cards": cards,
+                        "what": "encoder FLOPs × clips/s (whole generate time)",
+                        "achieved": (enc * clips_s / 1e12) if enc and clips_s else None, "unit": "TFLOP/s",
+                        "ceiling_metric": "matrix_tflops", "note": "" if enc else "encoder FLOPs not counted"})
+            wb, kv = work.get("decoder_weight_bytes"), work.get("cross_kv_bytes_per_clip")
+            per_token = (wb / spec.batch_size + kv) if wb and kv else None
+            tps = float(r["tokens_per_s_per_gpu"]) if r.get("tokens_per_s_per_gpu") == r.get("tokens_per_s_per_gpu") else None
+            out.append({"workload": self.name, "case": f"{r['case_id']} decoding", "cards": cards,
+                        "what": f"(decoder weights / batch {spec.batch_size} + cross-attention K/V per clip) × tokens/s",
+                        "achieved": (per_token * tps / 1e9) if per_token and tps else None, "unit": "GB/s",
+                        "ceiling_metric": "hbm_gbps", "note": "" if per_token else "bytes per token not counted"})
+        return out
+
+    def baseline_specs(self, policy: dict) -> list:
+        return [("whisper", "min_tokens_per_s", "floor", "rate", "tokens_per_s", "tokens/s over a case's wall time (slowest case)", False, {"kind": "total"})]
+
+    def report_section(self, run_dir: Any) -> str | None:
+        from pathlib import Path
+
+        from ..report import _whisper_section
+
+        return _whisper_section(Path(run_dir))
 
     def _sizes(self, profile: Profile) -> list[int]:
         spec = profile.experiments.whisper

@@ -49,7 +49,8 @@ CERT_FIELDS = ("host", "run_id", "profile", "sku", "path", "started", "finished"
                "expires_at", "source", "dag_id", "report", "data_docs")
 _CERT_EXTRA = ("valid_days", "cards")  # accepted in the cert dict: they go to the host row
 CARD_FIELDS = ("serial", "card", "name", "bus_id", "date", "idle_junction_mean_c", "active_junction_p95_c",
-               "memory_max_c", "active_power_mean_w", "sd_per_image_median_s", "sd_batches", "card_ok", "failures")
+               "memory_max_c", "active_power_mean_w", "sd_per_image_median_s", "sd_batches", "card_ok", "failures",
+               "utilization")
 FAILED_FIELDS = ("suite", "expectation", "column", "card", "observed", "expected", "reason")
 _TS_FIELDS = ("started", "finished", "registered_at", "expires_at")
 _ALERT_OUT = ("id", "host", "run_id", "dag_id", "suite", "kind", "severity", "created", "message", "failures",

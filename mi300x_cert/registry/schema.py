@@ -17,7 +17,7 @@ from sqlalchemy import (JSON, Boolean, Column, Float, ForeignKey, Index, Integer
 __all__ = ["metadata", "hosts", "keys", "certifications", "card_results", "failed_expectations", "serials",
            "alerts", "alert_events", "SCHEMA_HEAD"]
 
-SCHEMA_HEAD = "0001"  # the newest migration's revision id (a test checks it against the scripts)
+SCHEMA_HEAD = "0002"  # the newest migration's revision id (a test checks it against the scripts)
 
 metadata = MetaData(naming_convention={
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -107,6 +107,7 @@ card_results = Table(
     Column("card_ok", Boolean),
     Column("failures", JSON, nullable=False),
     Column("drift", JSON, nullable=False),
+    Column("utilization", JSON),  # {"<workload> <case>": achieved / the run's measured ceiling} (0002)
     Index(None, "serial", "date"),
     Index(None, "certification_id"),
 )

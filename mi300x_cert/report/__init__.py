@@ -4,8 +4,8 @@
 
 One self-contained HTML page (figures embedded as base64 PNG): verdicts with observed vs expected
 values (from ``validation/verdicts.json``; "not validated" when absent), Figures 1–7, the thermal
-summary per card in °C and °F, the Appendix A/B tables (``stats/*.csv``), whisper and resnet50
-summaries, the inventory and the conditions. A missing input never raises: its figure or section
+summary per card in °C and °F, the Appendix A/B tables (``stats/*.csv``), each experiment plugin's
+own section, the inventory and the conditions. A missing input never raises: its figure or section
 says what is missing.
 """
 
@@ -104,55 +104,51 @@ def _thermal_section(run_dir: Path) -> str:
     return note + table_html(out, left=("phase",)) + "".join(_missing(p) for p in fr.problems)
 
 
-def _rows(run_dir: Path, exp: str):
-    import pandas as pd
-
-    p = run_dir / "results" / exp / "rows.csv"
-    return pd.read_csv(p) if p.is_file() else None
-
-
 def _whisper_section(run_dir: Path) -> str:
     import pandas as pd
 
     from .html import table_html
 
-    df = _rows(run_dir, "whisper")
-    if df is None or df.empty:
-        return _missing("results/whisper/rows.csv")
-    need = [c for c in ("case_id", "tokens", "items", "latency_s", "t_start", "t_end") if c not in df.columns]
-    if need:
-        return _missing(f"columns {need} in results/whisper/rows.csv")
-    for c in ("tokens", "items", "latency_s", "t_start", "t_end"):
-        df[c] = pd.to_numeric(df[c], errors="coerce")
-    rows = []
-    for cid, g in df.groupby("case_id"):
-        wall = g["t_end"].max() - g["t_start"].min()
-        rows.append({"case": cid, "model": g["model"].iloc[0] if "model" in g else "", "batches": len(g),
-                     "clips": g["items"].sum(), "total tokens": g["tokens"].sum(),
-                     "tokens per clip": g["tokens"].sum() / max(g["items"].sum(), 1),
-                     "wall s": wall, "tokens/s (total)": g["tokens"].sum() / wall if wall > 0 else float("nan"),
-                     "tokens/s (compute)": g["tokens"].sum() / g["latency_s"].sum() if g["latency_s"].sum() > 0 else float("nan")})
-    return table_html(pd.DataFrame(rows), left=("case", "model"))
+    try:  # the experiment's own table, written once at finalize (the verdict reads it too)
+        table = pd.read_csv(run_dir / "stats" / "whisper_tokens.csv")
+    except (OSError, ValueError):
+        return _missing("stats/whisper_tokens.csv")
+    show = table.rename(columns={"case_id": "case", "tokens": "total tokens", "wall_s": "wall s",
+                                 "total_tokens_per_s": "tokens/s (total)", "compute_tokens_per_s": "tokens/s (compute)",
+                                 "tokens_per_s_per_gpu": "tokens/s per GPU"})
+    return table_html(show, left=("case", "accelerator"))
 
 
-def _resnet_section(run_dir: Path) -> str:
+def _experiment_sections(root: Path) -> list[tuple[str, str]]:
+    """Each experiment plugin's own section (from its ``stats/`` tables), in its report order."""
+    from ..experiments import all_experiments
+
+    out = []
+    for exp in sorted(all_experiments(), key=lambda e: e.report_order):
+        try:
+            html = exp.report_section(root)
+        except Exception as e:  # a section never breaks the report: it says what is missing
+            html = _missing(f"{exp.name} section could not be built: {type(e).__name__}: {e}")
+        if html is not None:
+            out.append((exp.report_title or exp.title, html))
+    return out
+
+
+def _utilization_section(root: Path) -> str:
+    """``stats/utilization.csv`` as written when the run finished (the same rows are signed)."""
     import pandas as pd
 
     from .html import table_html
 
-    df = _rows(run_dir, "resnet50")
-    if df is None or df.empty:
-        return _missing("results/resnet50/rows.csv")
-    if not {"case_id", "items", "latency_s"}.issubset(df.columns):
-        return _missing("columns case_id/items/latency_s in results/resnet50/rows.csv")
-    keys = [c for c in ("mode", "image_size", "batch_size") if c in df.columns]
-    rows = []
-    for cid, g in df.groupby("case_id"):
-        lat = pd.to_numeric(g["latency_s"], errors="coerce")
-        items = pd.to_numeric(g["items"], errors="coerce").sum()
-        rows.append({"case": cid, **{k: g[k].iloc[0] for k in keys}, "batches": len(g), "images": items,
-                     "median batch s": lat.median(), "images/s": items / lat.sum() if lat.sum() > 0 else float("nan")})
-    return table_html(pd.DataFrame(rows), left=("case", "mode"))
+    try:
+        df = pd.read_csv(root / "stats" / "utilization.csv")
+    except (OSError, ValueError):
+        return _missing("stats/utilization.csv (written when the run finishes)")
+    note = ("<p>Each workload's achieved rate against the ceiling the ceilings experiment measured "
+            "on the same cards in this run (matrix TFLOP/s: the better of float16/bfloat16, the card alone; "
+            "HBM: BabelStream copy). Work per item is counted by the workload (FLOP counter, weight and "
+            "key/value bytes); see docs/performance.md, Utilization.</p>")
+    return note + table_html(df, left=("workload", "case", "cards", "what"))
 
 
 def _network_section(run_dir: Path) -> str:
@@ -235,8 +231,8 @@ def build_report(run_dir: str | Path) -> Path:
         ("Thermal summary per card (°C and °F)", _thermal_section(root)),
         ("Appendix A: per-image latency", appendix_a),
         ("Appendix B: batch latency", appendix_b),
-        ("Whisper token throughput", _whisper_section(root)),
-        ("ResNet-50 throughput", _resnet_section(root)),
+        *_experiment_sections(root),
+        ("Utilization against the measured ceilings of this run", _utilization_section(root)),
         ("Network isolation evidence", _network_section(root)),
         ("Inventory", _inventory_section(root)),
         ("Conditions", _conditions_section(root)),

@@ -146,7 +146,31 @@ class AmdSmiBackend(VendorLibraryBackend):
             "bus_id": na(bus),
             "domain": domain,
             "uuid": na(uid),
+            **self._link_and_limit(h),
         }
+
+    def _link_and_limit(self, h: Any) -> dict[str, Any]:
+        """PCIe generation/width (``amdsmi_get_pcie_info``) and the board power cap in W
+        (``amdsmi_get_power_cap_info``, reported in µW); None where the library lacks them."""
+        out: dict[str, Any] = {"link_gen": None, "link_width": None, "link_width_max": None, "power_limit_w": None}
+        pcie = self._call("amdsmi_get_pcie_info", h) or {}
+        metric = pcie.get("pcie_metric") if isinstance(pcie, dict) else None
+        static = pcie.get("pcie_static") if isinstance(pcie, dict) else None
+        if isinstance(metric, dict):
+            out["link_width"] = _num(na(metric.get("pcie_width")))
+            speed = _num(na(metric.get("pcie_speed")))  # MT/s: 32000 = gen5, 16000 = gen4
+            if speed:
+                out["link_gen"] = {2500: 1, 5000: 2, 8000: 3, 16000: 4, 32000: 5, 64000: 6}.get(int(speed))
+        if isinstance(static, dict):
+            out["link_width_max"] = _num(na(static.get("max_pcie_width")))
+        cap = self._call("amdsmi_get_power_cap_info", h) or {}
+        v = _num(na(cap.get("power_cap"))) if isinstance(cap, dict) else None
+        if v:
+            out["power_limit_w"] = round(v / 1e6, 3) if v > 1e5 else float(v)
+        for k in ("link_width", "link_width_max"):
+            if out[k] is not None:
+                out[k] = int(out[k])
+        return out
 
     def _temp(self, h: Any, kind: str) -> float | None:
         types = getattr(self.lib, "AmdSmiTemperatureType", None)

@@ -43,8 +43,10 @@ EVENT_COLUMNS: list[str] = [
 ]
 """Columns of the events stream; ``kind`` is ``phase``, ``batch_start`` or ``batch_end``."""
 
-DEVICE_COLUMNS: list[str] = ["index", "name", "vendor", "serial", "bus_id", "domain", "uuid"]
-"""Keys of one ``devices()`` row (unknown values are ``None``)."""
+DEVICE_COLUMNS: list[str] = ["index", "name", "vendor", "serial", "bus_id", "domain", "uuid", "link_gen", "link_width",
+                              "link_width_max", "power_limit_w"]
+"""Keys of one ``devices()`` row (unknown values are ``None``): host link (PCIe generation, current
+and maximum width) and the board's power limit in watts."""
 
 
 def empty_row(card: int, t: float | None = None) -> dict[str, Any]:
@@ -153,7 +155,7 @@ class TelemetryBackend(ABC):
 
     # ---- public API ------------------------------------------------------------------------
     def devices(self) -> list[dict[str, Any]]:
-        """One row per sampled card: index, name, vendor, serial, bus_id, domain, uuid."""
+        """One row per sampled card: :data:`DEVICE_COLUMNS`."""
         with self._lock:
             self._require_open()
             out = []

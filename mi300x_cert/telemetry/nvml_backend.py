@@ -45,6 +45,13 @@ def clock_event_reasons(mask: int) -> tuple[bool, str]:
     return bool(mask & _SLOWDOWN_MASK), "|".join(names)
 
 
+def _int(v: Any) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _text(v: Any) -> str | None:
     if v is None:
         return None
@@ -105,6 +112,11 @@ class NvmlBackend(VendorLibraryBackend):
             "bus_id": bus,
             "domain": domain_of(card, self._domains),
             "uuid": _text(self._call("nvmlDeviceGetUUID", h)),
+            "link_gen": _int(self._call("nvmlDeviceGetCurrPcieLinkGeneration", h)),
+            "link_width": _int(self._call("nvmlDeviceGetCurrPcieLinkWidth", h)),
+            "link_width_max": _int(self._call("nvmlDeviceGetMaxPcieLinkWidth", h)),
+            "power_limit_w": (lambda mw: round(mw / 1000.0, 3) if mw is not None else None)(
+                _int(self._call("nvmlDeviceGetEnforcedPowerLimit", h))),
         }
 
     def _memory_temp(self, h: Any) -> float | None:

@@ -42,6 +42,7 @@ TAU_THERMAL_S = 60.0
 TAU_POWER_S = 2.0
 TAU_MEM_S = 5.0
 THROTTLE_JUNCTION_C = 100.0
+POWER_LIMIT_W = 750.0  # MI300X board power
 _BUSES = [0x0C, 0x22, 0x38, 0x5C, 0x9F, 0xAF, 0xBF, 0xDF]
 _UUID_NS = uuid.UUID("6f1c3f2e-3b7a-4c55-9e0e-2f4d1f0a3c11")
 
@@ -88,6 +89,8 @@ class SimulatedBackend(TelemetryBackend):
         self.broken_sensor_cards: set[int] = set(getattr(sim, "broken_sensor_cards", []) or [])
         self.throttle_cards: set[int] = set(getattr(sim, "throttle_cards", []) or [])
         self.time_scale: float = float(getattr(sim, "time_scale", 20.0) or 20.0)
+        self.pcie_width: dict[int, int] = {int(k): int(v) for k, v in (getattr(sim, "pcie_width", {}) or {}).items()}
+        self.power_cap_w: dict[int, float] = {int(k): float(v) for k, v in (getattr(sim, "power_cap_w", {}) or {}).items()}
         self._state: dict[int, _Card] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -185,6 +188,10 @@ class SimulatedBackend(TelemetryBackend):
             "bus_id": f"{card // 8:04x}:{_BUSES[card % 8]:02x}:00.0",
             "domain": domain_of(card, self.domains),
             "uuid": str(uuid.uuid5(_UUID_NS, serial)),
+            "link_gen": 5,
+            "link_width": self.pcie_width.get(card, 16),
+            "link_width_max": 16,
+            "power_limit_w": POWER_LIMIT_W,
         }
 
     def _sample_card(self, card: int, t: float) -> dict[str, Any]:
@@ -193,7 +200,14 @@ class SimulatedBackend(TelemetryBackend):
         hot = self.hot_cards.get(card, 0.0)
         junction = st.t_idle + st.h * (st.t_active - st.t_idle) + hot
         throttled = (st.busy and card in self.throttle_cards) or junction >= THROTTLE_JUNCTION_C
+        power = st.p_idle + st.p * (st.p_active - st.p_idle)
+        cap = self.power_cap_w.get(card)
+        capped = cap is not None and st.busy and power > cap
+        if cap is not None:
+            power = min(power, cap)  # a card that cannot hold its power: clocks drop with it
         sclk_max = 1600.0 if throttled else 2100.0
+        if capped:
+            sclk_max *= max(0.3, cap / max(st.p_active, 1.0))
         return {
             "t": t,
             "card": card,
@@ -203,12 +217,12 @@ class SimulatedBackend(TelemetryBackend):
             "junction_c": None if card in self.broken_sensor_cards else round(junction, 3),
             "edge_c": round(junction - (2.0 + 6.0 * st.h), 3),
             "memory_c": round(junction - (1.0 + 3.0 * st.h), 3),
-            "power_w": round(st.p_idle + st.p * (st.p_active - st.p_idle), 3),
+            "power_w": round(power, 3),
             "energy_j": round(st.energy_j, 3),
             "sclk_mhz": round(140.0 + st.p * (sclk_max - 140.0), 1),
             "mclk_mhz": 1300.0 if st.busy else 900.0,
             "throttle": bool(throttled),
-            "throttle_reasons": "thermal" if throttled else "",
+            "throttle_reasons": "|".join(r for r, on in (("thermal", throttled), ("power", capped)) if on),
         }
 
     def versions(self) -> dict[str, Any]:

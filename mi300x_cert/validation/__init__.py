@@ -30,12 +30,18 @@ from ..errors import RunDirError, ValidationError
 
 __all__ = ["validate", "format_verdict", "SUITES", "load_params", "load_profile_params", "expectations_dir"]
 
-SUITES: tuple[str, ...] = ("latency", "thermal", "network", "whisper", "resnet50")
+
+
+def _suites() -> tuple[str, ...]:
+    from ..experiments import suite_names
+
+    return tuple(suite_names())
+
+
+SUITES: tuple[str, ...] = _suites()  # every experiment plugin's suites, then network
 
 _ID_COLUMNS = ("card", "role", "batch_config", "process_count", "case_id", "interface", "phase", "pid", "process",
                "raddr", "netns", "experiment")
-_EXP_ATTR = {"bare-metal": "bare_metal", "sd-throughput": "sd_throughput", "whisper": "whisper",
-             "resnet50": "resnet50"}
 
 
 def expectations_dir() -> Path:
@@ -95,10 +101,11 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _enabled(profile: Any, experiment: str | None) -> bool:
-    exps = profile.experiments
+    from ..experiments import all_experiments, get_experiment
+
     if experiment is None:
-        return any(getattr(exps, a).enabled for a in _EXP_ATTR.values())
-    return bool(getattr(exps, _EXP_ATTR[experiment]).enabled)
+        return any(e.enabled(profile) for e in all_experiments())
+    return get_experiment(experiment).enabled(profile)
 
 
 def _num(v: Any) -> Any:
@@ -231,10 +238,10 @@ def _problem(suite: str, expectation: str, reason: str, **extra: Any) -> dict:
 
 def _run_suite(name: str, run_dir: Path, profile: Any, params_all: dict | None, params_error: str | None,
                exp_dir: Path, runner_box: list) -> dict:
-    from .frames import SUITE_EXPERIMENT, build_frame
+    from .frames import build_frame, suite_experiment
 
     t0 = time.perf_counter()
-    experiment = SUITE_EXPERIMENT[name]
+    experiment = suite_experiment(name)
     verdict: dict[str, Any] = {"suite": name, "experiment": experiment, "success": False, "status": "failed",
                                "failures": [], "evaluated": 0, "declared": None, "loaded": None,
                                "data_docs": None, "thresholds": profile.thresholds_set, "params": {}}

@@ -41,11 +41,18 @@ from ..errors import ValidationError
 __all__ = ["POLICY_DEFAULTS", "Baseline", "derive", "write_params", "baseline"]
 
 # limits of policy: not measured, the same for every set unless a policy file says otherwise
-POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "thermal": {"recovery_margin_c": 5.0, "max_throttle_events": 0, "min_sensor_readable": 0.98},
-    "network": {"max_external_bytes_sent": 65536, "max_external_bytes_recv": 65536, "max_external_connections": 0,
-                "max_namespace_external_bytes": 0},
-}
+def _policy_defaults() -> dict[str, dict[str, Any]]:
+    from ..experiments import all_experiments
+
+    out: dict[str, dict[str, Any]] = {}
+    for exp in all_experiments():  # each experiment plugin's limits of policy for its suites
+        out.update({s: dict(v) for s, v in exp.baseline_policy.items()})
+    out["network"] = {"max_external_bytes_sent": 65536, "max_external_bytes_recv": 65536, "max_external_connections": 0,
+                      "max_namespace_external_bytes": 0}
+    return out
+
+
+POLICY_DEFAULTS: dict[str, dict[str, Any]] = _policy_defaults()
 
 # parameter → (suite, direction, margin kind, frame selector, column, description)
 _KINDS = {
@@ -173,43 +180,20 @@ def derive(run_dirs: list[str | Path], policy: str | Path | None = None, set_nam
 
     bc_params: dict[str, _Param] = {}
     for rd, profile, info in loaded:
-        exps = profile.experiments
-        margin = float(pol["thermal"]["recovery_margin_c"])
+        from ..experiments import all_experiments
+
         frames = {}
-        if exps.bare_metal.enabled:
-            frames["thermal"] = build_frame("thermal", rd.root, profile, {"recovery_margin_c": margin})
-        if exps.sd_throughput.enabled:
-            frames["latency"] = build_frame("latency", rd.root, profile, {})
-        if exps.whisper.enabled:
-            frames["whisper"] = build_frame("whisper", rd.root, profile, {})
-        if exps.resnet50.enabled:
-            frames["resnet50"] = build_frame("resnet50", rd.root, profile, {})
+        specs: list[tuple[str, str, str, str, str, str, bool, dict | None]] = []
+        for exp in all_experiments():  # each plugin says which of its metrics a reference run calibrates
+            if not exp.enabled(profile) or not exp.suites:
+                continue
+            for suite in exp.suites:
+                frames[suite] = build_frame(suite, rd.root, profile, exp.baseline_frame_params(pol))
+            specs += exp.baseline_specs(pol)
         for suite, fr in frames.items():
             if fr.problems:
                 raise ValidationError(f"{rd.root}: the {suite} evidence is incomplete ({'; '.join(fr.problems[:3])}): "
                                       "a reference run must have all of it")
-        specs: list[tuple[str, str, str, str, str, str, bool, dict | None]] = []
-        if "thermal" in frames:
-            specs += [
-                ("thermal", "idle_min_c", "floor", "temperature", "junction_mean_c", "idle mean junction (coolest card)", False, {"role": "idle"}),
-                ("thermal", "idle_max_c", "ceiling", "temperature", "junction_mean_c", "idle mean junction (warmest card)", True, {"role": "idle"}),
-                ("thermal", "active_min_c", "floor", "temperature", "junction_p95_c", "active p95 junction (coolest loaded card)", False, {"role": "active"}),
-                ("thermal", "active_max_c", "ceiling", "temperature", "junction_p95_c", "active p95 junction (hottest loaded card)", True, {"role": "active"}),
-                ("thermal", "junction_limit_c", "ceiling", "temperature", "junction_max_c", "highest junction reading", True, None),
-                ("thermal", "memory_limit_c", "ceiling", "temperature", "memory_max_c", "highest memory reading", True, None),
-                ("thermal", "min_active_delta_c", "floor", "difference", "delta_active_idle_c", "active − idle mean junction (smallest)", False, {"role": "active"}),
-                ("thermal", "recovery_max_s", "ceiling", "time", "recovery_s",
-                 f"seconds to within {margin:g} °C of idle after the load (slowest card)", True, {"role": "active"}),
-            ]
-        if "latency" in frames:
-            specs += [
-                ("latency", "cv_max", "ceiling", "variation", "cv_per_image", "run-to-run variation std/mean (worst config)", True, {"kind": "config"}),
-                ("latency", "min_per_card_scaling", "floor", "rate", "per_card_scaling", "per-card throughput at N ÷ at the baseline N (worst config)", False, {"kind": "config"}),
-            ]
-        if "whisper" in frames:
-            specs.append(("whisper", "min_tokens_per_s", "floor", "rate", "tokens_per_s", "tokens/s over a case's wall time (slowest case)", False, {"kind": "total"}))
-        if "resnet50" in frames:
-            specs.append(("resnet50", "min_images_per_s", "floor", "rate", "images_per_s", "images/s per case (slowest case)", False, {"kind": "throughput"}))
         for suite, pname, direction, kind, col, what, highest, where in specs:
             p = next((x for x in params if x.suite == suite and x.name == pname), None) or add(suite, pname, direction, kind, what)
             value, subject = _worst(frames[suite].df, col, highest, where)
@@ -273,9 +257,12 @@ def derive(run_dirs: list[str | Path], policy: str | Path | None = None, set_nam
             out["latency"]["per_image_max_s"] = top
             comments["latency.per_image_max_s"] = "ceiling: the highest per-batch-config bound above"
             sources["latency.per_image_max_s"] = {"rule": "max of per_image_max_s_by_batch_config", "value": top}
+    from ..experiments import all_experiments
+
     enabled_suites = set(out)
-    if first.experiments.bare_metal.enabled:
-        enabled_suites.add("thermal")
+    for exp in all_experiments():
+        if exp.enabled(first):
+            enabled_suites |= set(exp.suites)
     for suite, names in pol.items():
         if suite == "network" or suite in enabled_suites:
             for n, v in names.items():
@@ -311,7 +298,9 @@ def render(b: Baseline) -> str:
               f"set: {b.set_name}",
               f"description: {_scalar(f'{b.sku} on the {b.path} path, calibrated from {len(b.runs)} reference run(s)')}",
               "suites:"]
-    order = ["thermal", "latency", "network", "whisper", "resnet50"]
+    from ..experiments import suite_names
+
+    order = ["thermal", "latency", "network"] + [x for x in suite_names() if x not in ("thermal", "latency", "network")]
     for suite in [s for s in order if s in b.params] + [s for s in b.params if s not in order]:
         lines.append(f"  {suite}:")
         for n, v in b.params[suite].items():

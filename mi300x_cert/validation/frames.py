@@ -18,7 +18,8 @@ Frames (columns documented in ``docs/verdicts.md``):
 * ``network``  — external-interface traffic per experiment × interface × phase (kinds
   ``traffic_active`` / ``traffic_other``), one row per socket (``socket``), one ``summary`` row.
 * ``whisper``  — per batch (``batch``: tokens per clip) and per case (``case``: tokens/s, status).
-* ``resnet50`` — per case: images/s and status.
+* every other suite — built by the experiment plugin that owns it (``Experiment.frame``), from the
+  ``stats/`` tables that experiment wrote at finalize.
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ from typing import Any, Callable
 
 from ..stats import truthy
 
-__all__ = ["Frame", "build_frame", "FRAME_BUILDERS", "SUITE_EXPERIMENT", "c_to_f"]
+__all__ = ["Frame", "build_frame", "FRAME_BUILDERS", "suite_experiment", "c_to_f"]
 
-# suite → the experiment whose data it checks (None: any experiment's data)
-SUITE_EXPERIMENT: dict[str, str | None] = {
-    "latency": "sd-throughput",
-    "thermal": "bare-metal",
-    "network": None,
-    "whisper": "whisper",
-    "resnet50": "resnet50",
-}
+
+
+def suite_experiment(suite: str) -> str | None:
+    """The experiment whose data ``suite`` checks (None: ``network``, every experiment's data)."""
+    from ..experiments import suite_owner
+
+    owner = suite_owner(suite)
+    return owner.name if owner is not None else None
 
 
 def c_to_f(c: float | None) -> float | None:
@@ -459,12 +460,16 @@ def whisper_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
                          "case_id": str(r["case_id"]),
                          "tokens_per_clip": (r["tokens"] / items) if items and items == items else np.nan,
                          "configured_tokens": configured})
-        for cid, g in df.groupby("case_id"):
-            ok = g[g["status"] == "ok"] if "status" in g.columns else g
-            wall = (ok["t_end"].max() - ok["t_start"].min()) if {"t_start", "t_end"}.issubset(ok.columns) and len(ok) else np.nan
-            rows.append({"subject": f"case {cid} total", "kind": "total", "case_id": str(cid),
-                         "tokens_total": float(ok["tokens"].sum()), "wall_s": wall,
-                         "tokens_per_s": (float(ok["tokens"].sum()) / wall) if wall and wall == wall and wall > 0 else np.nan})
+        # tokens/s per case: the experiment's own table (written once at finalize; the report shows it)
+        try:
+            table = _read_csv(run_dir / "stats" / "whisper_tokens.csv")
+        except Exception as e:
+            problems.append(f"missing or unreadable table stats/whisper_tokens.csv: {type(e).__name__}")
+            table = None
+        for r in (table.to_dict("records") if table is not None else []):
+            rows.append({"subject": f"case {r['case_id']} total", "kind": "total", "case_id": str(r["case_id"]),
+                         "tokens_total": float(r["tokens"]), "wall_s": r["wall_s"],
+                         "tokens_per_s": r["total_tokens_per_s"] if r["total_tokens_per_s"] == r["total_tokens_per_s"] else np.nan})
     rows += _case_rows(cases)
     out = pd.DataFrame(rows)
     for col in ("subject", "kind", "case_status"):
@@ -475,35 +480,6 @@ def whisper_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
             if col not in out.columns:
                 out[col] = np.nan
     return Frame("whisper", out, problems)
-
-
-def resnet_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
-    import numpy as np
-    import pandas as pd
-
-    problems: list[str] = []
-    df = _rows(run_dir, "resnet50", problems, ["case_id", "items", "latency_s"])
-    cases = _cases(run_dir, "resnet50", problems, profile)
-    rows: list[dict] = []
-    if df is not None and {"case_id", "items", "latency_s"}.issubset(df.columns):
-        df = df.copy()
-        df["items"], df["latency_s"] = pd_numeric(df["items"]), pd_numeric(df["latency_s"])
-        for cid, g in df.groupby("case_id"):
-            ok = g[g["status"] == "ok"] if "status" in g.columns else g
-            lat = float(ok["latency_s"].sum())
-            label = " ".join(f"{c}={g[c].iloc[0]}" for c in ("mode", "image_size", "batch_size") if c in g.columns)
-            rows.append({"subject": f"case {cid}" + (f" ({label})" if label else ""), "kind": "throughput",
-                         "case_id": str(cid), "images": float(ok["items"].sum()), "compute_s": lat,
-                         "images_per_s": (float(ok["items"].sum()) / lat) if lat > 0 else np.nan,
-                         **{c: g[c].iloc[0] for c in ("mode", "image_size", "batch_size") if c in g.columns}})
-    rows += _case_rows(cases)
-    out = pd.DataFrame(rows)
-    for col in ("subject", "kind", "case_status"):
-        if col not in out.columns:
-            out[col] = pd.Series([None] * len(out), dtype=object)
-    if df is not None and {"case_id", "items", "latency_s"}.issubset(df.columns) and "images_per_s" not in out.columns:
-        out["images_per_s"] = np.nan
-    return Frame("resnet50", out, problems)
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -679,7 +655,9 @@ def network_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     problems: list[str] = []
     mode = network_mode(run_dir)
     planned: dict[str, dict] = {}
-    for exp in ("bare-metal", "sd-throughput", "whisper", "resnet50"):
+    from ..experiments import experiment_names
+
+    for exp in experiment_names():
         for case in planned_cases(profile, exp, problems):
             planned[f"{exp}-{case['case_id']}"] = {**case, "_experiment": exp}
     for stem, case in planned.items():
@@ -749,15 +727,22 @@ def network_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     return Frame("network", out, problems, {"excluded_interfaces": sorted(excluded), "mode": mode, "evidence": evidence})
 
 
+# the frames of the experiments whose verdict rules live here (their plugins call these)
 FRAME_BUILDERS: dict[str, Callable[[Path, Any, dict], Frame]] = {
     "latency": latency_frame,
     "thermal": thermal_frame,
     "network": network_frame,
     "whisper": whisper_frame,
-    "resnet50": resnet_frame,
 }
 
 
 def build_frame(suite: str, run_dir: Path | str, profile: Any, params: dict | None = None) -> Frame:
-    """The metric frame of ``suite`` (see the module docstring)."""
-    return FRAME_BUILDERS[suite](Path(run_dir), profile, params or {})
+    """The metric frame of ``suite``: ``network`` here, every other suite from the plugin that owns it."""
+    from ..experiments import suite_owner
+
+    if suite == "network":
+        return network_frame(Path(run_dir), profile, params or {})
+    owner = suite_owner(suite)
+    if owner is None:
+        raise KeyError(suite)
+    return owner.frame(suite, Path(run_dir), profile, params or {})

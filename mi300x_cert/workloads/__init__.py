@@ -12,14 +12,20 @@ from typing import Any
 from ..errors import WorkerError
 from .base import Workload
 
-__all__ = ["load_workload", "Workload", "KINDS"]
+__all__ = ["load_workload", "uses_torch", "Workload", "KINDS"]
 
 KINDS = {
     "sd": ("sd", "SDWorkload"),
     "whisper": ("whisper", "WhisperWorkload"),
     "resnet50": ("resnet", "ResNetWorkload"),
+    "ceilings": ("ceilings", "CeilingsWorkload"),  # the hardware-ceilings experiment's tests
 }
 _ALIASES = {"stable-diffusion": "sd", "resnet": "resnet50", "resnet-50": "resnet50"}
+
+
+def uses_torch(kind: str, params: dict[str, Any]) -> bool:
+    """False for a workload that measures nothing real (the simulated box's hardware ceilings)."""
+    return not (_ALIASES.get(kind, kind) == "ceilings" and params.get("simulated") is not None)
 
 
 def load_workload(kind: str, params: dict[str, Any], device: str | None = None) -> Workload:

@@ -136,9 +136,10 @@ def versions(device: str | None = None) -> dict[str, Any]:
     return out
 
 
-def load_optimizer(kind: str) -> Any:
-    """The ``optimize_<kind>`` function of ``mi300x_cert.workloads.optimized`` (path "optimized")."""
-    names = [f"optimize_{kind}"] + (["optimize_resnet"] if kind == "resnet50" else [])
+def load_optimizer(kind: str, alias: str | None = None) -> Any:
+    """The ``optimize_<kind>`` (or ``optimize_<alias>``) function of
+    ``mi300x_cert.workloads.optimized`` (path "optimized")."""
+    names = [f"optimize_{kind}"] + ([f"optimize_{alias}"] if alias else [])
     name = names[0]
     try:
         import importlib
@@ -189,9 +190,11 @@ class ModelSource:
 
 
 class Workload:
-    """Base class. Subclasses set ``kind`` and implement ``_load``, ``run_batch`` and ``_conditions``."""
+    """Base class. Subclasses set ``kind`` and implement ``_load``, ``_conditions`` and the three
+    parts of a batch that :meth:`run_batch` times: ``prepare``, ``compute``, ``collect``."""
 
     kind: str = "?"
+    optimizer_alias: str | None = None  # another name of its optimize_<kind> function
 
     def __init__(self, params: dict[str, Any], device: str | None = None) -> None:
         set_offline_env()
@@ -212,7 +215,7 @@ class Workload:
         t0 = time.perf_counter()
         self._load()
         if self.path == "optimized":
-            load_optimizer(self.kind)(self, self.params)
+            load_optimizer(self.kind, self.optimizer_alias)(self, self.params)
         device_sync(self.device)
         self.load_s = time.perf_counter() - t0
 
@@ -239,8 +242,58 @@ class Workload:
     def _conditions(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def run_batch(self, batch_size: int, batch_index: int) -> dict[str, Any]:  # pragma: no cover
+    def prepare(self, batch_size: int, batch_index: int) -> Any:  # pragma: no cover - abstract
+        """Host-side input preparation of one batch (counted in ``latency_overhead_s`` only)."""
         raise NotImplementedError
+
+    def compute(self, inputs: Any) -> Any:  # pragma: no cover - abstract
+        """The device work of one batch (``latency_s``)."""
+        raise NotImplementedError
+
+    def collect(self, outputs: Any, inputs: Any, batch_size: int) -> dict[str, Any]:
+        """Output post-processing on the host (counted in ``latency_overhead_s`` only); returns the
+        workload's own row fields (tokens, unet_evals, …)."""
+        return {}
+
+    def run_batch(self, batch_size: int, batch_index: int) -> dict[str, Any]:
+        """Time one batch — the one timing rule of every workload: the device is synchronised
+        before each clock read; ``latency_s`` = :meth:`compute`, ``latency_overhead_s`` =
+        :meth:`prepare` + :meth:`compute` + :meth:`collect`."""
+        b = self._check_batch(batch_size)
+        dev = self.device
+        device_sync(dev)
+        t0 = time.perf_counter()
+        inputs = self.prepare(b, batch_index)
+        device_sync(dev)
+        t1 = time.perf_counter()
+        outputs = self.compute(inputs)
+        device_sync(dev)
+        t2 = time.perf_counter()
+        extra = self.collect(outputs, inputs, b) or {}
+        t3 = time.perf_counter()
+        return {"latency_s": t2 - t1, "latency_overhead_s": t3 - t0, "items": b, **extra}
+
+    def _work(self) -> dict[str, Any]:
+        """What one item costs, for utilization against the run's measured ceilings: e.g.
+        ``{"flops_per_item": …}`` (counted with ``torch.utils.flop_counter``). Empty: not counted."""
+        return {}
+
+    def work(self) -> dict[str, Any]:
+        """:meth:`_work`, counted once (the worker reports it with the conditions)."""
+        if not hasattr(self, "_work_cache"):
+            self._work_cache = self._work()
+        return self._work_cache
+
+    def count_flops(self, fn: Any) -> int:
+        """FLOPs of ``fn()`` (matrix products, convolutions, attention) by ``FlopCounterMode``,
+        under ``inference_mode``; compiled modules are counted through their eager original."""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            fn()
+        device_sync(self.device)
+        return int(fc.get_total_flops())
 
     # -- public API ------------------------------------------------------------------------
     def conditions(self) -> dict[str, Any]:
@@ -260,6 +313,12 @@ class Workload:
             base["synthetic_init"] = getattr(self, "synthetic_init_on", "cpu")
         base["load_s"] = round(self.load_s, 3)
         base.update(self._conditions())
+        try:
+            work = self.work()
+        except Exception as e:  # a count that cannot be made leaves utilization unknown, never a guess
+            work = {"error": f"{type(e).__name__}: {e}"}
+        if work:
+            base["work"] = work
         base["versions"] = versions(self.device)
         return base
 

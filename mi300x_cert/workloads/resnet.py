@@ -21,6 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ResNetWorkload(Workload):
     kind = "resnet50"
+    optimizer_alias = "resnet"
 
     def _load(self) -> None:
         import torch
@@ -83,22 +84,24 @@ class ResNetWorkload(Workload):
         with torch.inference_mode():
             return self.forward(pixel_values=x).logits
 
-    def run_batch(self, batch_size: int, batch_index: int) -> dict[str, Any]:
-        b = self._check_batch(batch_size)
-        dev = self.device
-        device_sync(dev)
-        t0 = time.perf_counter()
-        x = self.make_inputs(b, batch_index)
-        device_sync(dev)
-        t1 = time.perf_counter()
-        logits = self.infer(x)
-        device_sync(dev)
-        t2 = time.perf_counter()
-        top1 = logits.argmax(dim=-1).cpu()
-        t3 = time.perf_counter()
+    def prepare(self, batch_size: int, batch_index: int) -> Any:
+        return self.make_inputs(batch_size, batch_index)
+
+    def compute(self, inputs: Any) -> Any:
+        return self.infer(inputs)
+
+    def collect(self, outputs: Any, inputs: Any, batch_size: int) -> dict[str, Any]:
+        top1 = outputs.argmax(dim=-1).cpu()
         self.last_top1 = top1.tolist()
-        self.last_logits = logits.float().cpu()
-        return {"latency_s": t2 - t1, "latency_overhead_s": t3 - t0, "items": b}
+        self.last_logits = outputs.float().cpu()
+        return {}
+
+    def _work(self) -> dict[str, Any]:
+        import torch
+
+        x = torch.zeros((1, self.num_channels, self.image_size, self.image_size), device=self.device, dtype=self.dtype)
+        return {"flops_per_item": self.count_flops(lambda: self.model(pixel_values=x)), "per": "image",
+                "against": "matrix_tflops"}
 
     def _conditions(self) -> dict[str, Any]:
         cfg = self.model.config

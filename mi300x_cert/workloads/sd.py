@@ -255,34 +255,22 @@ class SDWorkload(Workload):
         return [Image.fromarray(a) for a in arr]
 
     # -- one batch ---------------------------------------------------------------------------
-    def run_batch(self, batch_size: int, batch_index: int) -> dict[str, Any]:
-        b = self._check_batch(batch_size)
-        dev = self.device
-        device_sync(dev)
-        t0 = time.perf_counter()
-        prompts = self.select_prompts(b, batch_index)
-        ids = self.tokenize(prompts)
-        latents0 = self.initial_latents(b, batch_index)
-        device_sync(dev)
-        t1 = time.perf_counter()
+    def prepare(self, batch_size: int, batch_index: int) -> Any:
+        prompts = self.select_prompts(batch_size, batch_index)
+        return self.tokenize(prompts), self.initial_latents(batch_size, batch_index)
+
+    def compute(self, inputs: Any) -> Any:
+        ids, latents0 = inputs
         self._unet_calls = 0
         cond, uncond = self.encode_prompts(ids)
         latents = self.denoise(cond, uncond, latents0)
-        images = self.decode(latents)
-        device_sync(dev)
-        t2 = time.perf_counter()
-        pil = self.to_pil(images)
-        t3 = time.perf_counter()
+        return self.decode(latents)
+
+    def collect(self, outputs: Any, inputs: Any, batch_size: int) -> dict[str, Any]:
+        self.last_images = self.to_pil(outputs)
         evals = self._unet_calls or self.expected_unet_evals()
         self.unet_evals_measured = evals
-        self.last_images = pil
-        return {
-            "latency_s": t2 - t1,
-            "latency_overhead_s": t3 - t0,
-            "items": b,
-            "unet_evals": evals,
-            "steps": self.steps,
-        }
+        return {"unet_evals": evals, "steps": self.steps}
 
     # -- conditions ----------------------------------------------------------------------------
     def expected_unet_evals(self) -> int:
@@ -303,6 +291,28 @@ class SDWorkload(Workload):
         elif names == ["AttnProcessor"]:
             label += " (eager matmul + softmax)"
         return label
+
+    def _work(self) -> dict[str, Any]:
+        """FLOPs of one image: text encoder (CFG: two prompts) + every UNet evaluation (CFG: a pair)
+        + VAE decode, each counted once on its eager module and multiplied out."""
+        import torch
+
+        unet = getattr(self.unet, "_orig_mod", self.unet)
+        vae = getattr(self.vae, "_orig_mod", self.vae)
+        text = getattr(self.text_encoder, "_orig_mod", self.text_encoder)
+        pair = 2 if self.do_cfg else 1
+        h, w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        ids = torch.zeros((pair, self.max_length), dtype=torch.long, device=self.device)
+        t_flops = self.count_flops(lambda: text(ids))
+        hidden = torch.zeros((pair, self.max_length, int(text.config.hidden_size)), device=self.device, dtype=self.dtype)
+        lat = torch.zeros((pair, self.latent_channels, h, w), device=self.device, dtype=self.dtype)
+        step = torch.tensor(1, device=self.device)
+        u_flops = self.count_flops(lambda: unet(lat, step, encoder_hidden_states=hidden))
+        v_flops = self.count_flops(lambda: vae.decode(lat[:1]))
+        evals = self.unet_evals_measured or self.expected_unet_evals()
+        return {"flops_per_item": t_flops + evals * u_flops + v_flops, "per": "image", "against": "matrix_tflops",
+                "unet_flops_per_eval": u_flops, "unet_evals": evals, "vae_decode_flops": v_flops,
+                "text_encoder_flops": t_flops}
 
     def _conditions(self) -> dict[str, Any]:
         return {

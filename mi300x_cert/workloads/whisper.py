@@ -245,27 +245,20 @@ class WhisperWorkload(Workload):
                 return sequences[:, k:]
         return sequences
 
-    def run_batch(self, batch_size: int, batch_index: int) -> dict[str, Any]:
-        b = self._check_batch(batch_size)
-        dev = self.device
-        device_sync(dev)
-        t0 = time.perf_counter()
-        clips = self.select_clips(b, batch_index)
-        feats = self.features(clips)
-        device_sync(dev)
-        t1 = time.perf_counter()
-        seq = self.generate(feats)
-        device_sync(dev)
-        t2 = time.perf_counter()
-        gen = self.generated_ids(seq).cpu()
+    def prepare(self, batch_size: int, batch_index: int) -> Any:
+        clips = self.select_clips(batch_size, batch_index)
+        return clips, self.features(clips)
+
+    def compute(self, inputs: Any) -> Any:
+        return self.generate(inputs[1])
+
+    def collect(self, outputs: Any, inputs: Any, batch_size: int) -> dict[str, Any]:
+        clips = inputs[0]
+        gen = self.generated_ids(outputs).cpu()
         texts: list[str] | None = None
         if self.tokenizer is not None:
             texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
-        t3 = time.perf_counter()
         row: dict[str, Any] = {
-            "latency_s": t2 - t1,
-            "latency_overhead_s": t3 - t0,
-            "items": b,
             "tokens": int(gen.shape[0] * gen.shape[1]),
             "tokens_per_clip": int(gen.shape[1]),
             "audio_s": float(sum(c["duration_s"] for c in clips)),
@@ -277,6 +270,25 @@ class WhisperWorkload(Workload):
             if refs:
                 row["wer"] = sum(word_error_rate(r, h) for r, h in refs) / len(refs)
         return row
+
+    def _work(self) -> dict[str, Any]:
+        """Encoder FLOPs per clip (counted) and the bytes one decoded token must read at least:
+        the decoder's weights once per step shared by the batch, plus the clip's cross-attention
+        keys/values (2 × layers × encoder positions × d_model)."""
+        import torch
+
+        cfg = self.model.config
+        enc = self.model.get_encoder()
+        frames = 2 * int(cfg.max_source_positions)
+        feats = torch.zeros((1, int(cfg.num_mel_bins), frames), device=self.device, dtype=self.dtype)
+        enc_flops = self.count_flops(lambda: enc(input_features=feats))
+        dec = self.model.get_decoder()
+        item = torch.finfo(self.dtype).bits // 8
+        dec_bytes = sum(p.numel() for p in dec.parameters()) * item
+        cross = 2 * int(cfg.decoder_layers) * int(cfg.max_source_positions) * int(cfg.d_model) * item
+        return {"encoder_flops_per_clip": enc_flops, "decoder_weight_bytes": dec_bytes, "cross_kv_bytes_per_clip": cross,
+                "per": "token", "against": "hbm_gbps",
+                "bytes_per_token": "decoder_weight_bytes / batch size + cross_kv_bytes_per_clip"}
 
     def _conditions(self) -> dict[str, Any]:
         cfg = self.model.config

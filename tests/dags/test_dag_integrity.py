@@ -35,7 +35,7 @@ def test_every_dag_file_imports(dagbag):
     from mi300x_cert.fleet import load_fleet
 
     expected = {f"recertify_{s.name}" for s in load_fleet().servers}
-    expected |= {f"manual_{k}" for k in ("certify", "bare_metal", "sd_throughput", "whisper", "resnet50")}
+    expected |= {f"manual_{k}" for k in ("certify", "bare_metal", "sd_throughput", "whisper", "resnet50", "hardware_ceilings")}
     assert expected <= set(dagbag.dag_ids), sorted(dagbag.dag_ids)
     from mi300x_cert.airflow_dags import recertify_shard, recertify_shard_file
 
@@ -65,11 +65,11 @@ def test_recertify_dags_follow_the_fleet(dagbag):
         assert getattr(dag.timetable, "expression", None) == server.schedule
         ids = [t.task_id for t in dag.tasks]
         for tid in ("preflight", "bare_metal", "plan_sd", "run_sd_case", "finalize_sd", "whisper", "resnet50",
-                    "finish_run", "report", "sign", "publish", "register"):
+                    "hardware_ceilings", "finish_run", "report", "sign", "publish", "register"):
             assert tid in ids
-        for suite in ("latency", "thermal", "network", "whisper", "resnet50"):
+        for suite in ("latency", "thermal", "network", "whisper", "resnet50", "hardware-ceilings"):
             assert f"validation.validate_{suite}" in ids
-        for tid in ("preflight", "bare_metal", "run_sd_case", "whisper", "resnet50"):
+        for tid in ("preflight", "bare_metal", "run_sd_case", "whisper", "resnet50", "hardware_ceilings"):
             t = dag.get_task(tid)
             assert t.queue == f"gpu-{server.name}" and t.pool == f"gpu-{server.name}"
             assert t.pool_slots == server.cards
@@ -78,7 +78,8 @@ def test_recertify_dags_follow_the_fleet(dagbag):
         # chain order
         assert "bare_metal" in dag.get_task("plan_sd").upstream_task_ids
         assert "finalize_sd" in dag.get_task("whisper").upstream_task_ids
-        assert "resnet50" in dag.get_task("finish_run").upstream_task_ids
+        assert "resnet50" in dag.get_task("hardware_ceilings").upstream_task_ids  # registry order
+        assert "hardware_ceilings" in dag.get_task("finish_run").upstream_task_ids
         assert {f"validation.validate_{s}" for s in ("latency", "thermal")} <= dag.get_task("report").upstream_task_ids
         assert "publish" in dag.get_task("register").upstream_task_ids
         # the conclusion runs on the control plane: no GPU queue, pool or executor of the host

@@ -49,7 +49,7 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function():
     form and its Triton kernel against the stock module (fresh random inputs), and greedy tokens of
     the whole optimized path (hidden form, compiled encoder off to keep the test short) against
     stock ``generate``."""
-    from mi300x_cert.bench import _whisper_model
+    from bench.cli import _whisper_model
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
 
     m = _whisper_model("synthetic:whisper-large-v3", torch.float16)
@@ -80,7 +80,7 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function():
 def test_whisper_overlapped_encoder_same_tokens_as_series():
     """A stream of batches with the next batch's encoder on a second stream during decoding (the
     hidden form, graphs captured): the same tokens as each batch through ``generate`` alone."""
-    from mi300x_cert.bench import _whisper_model
+    from bench.cli import _whisper_model
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
 
     m = _whisper_model("synthetic:whisper-large-v3", torch.float16)

@@ -150,7 +150,8 @@ def test_disabled_experiment_is_not_checked(tmp_path):
     from mi300x_cert.rundir import RunDir
 
     rd = RunDir(out)
-    assert rd.read_json("conditions.json")["enabled_experiments"] == ["bare-metal", "sd-throughput", "resnet50"]
+    assert rd.read_json("conditions.json")["enabled_experiments"] == ["bare-metal", "sd-throughput", "resnet50",
+                                                                   "hardware-ceilings"]
     assert not get_experiment("whisper").enabled(rd.load_profile())
 
 

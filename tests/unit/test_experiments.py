@@ -193,7 +193,7 @@ def test_completed_case_is_skipped(full_run):
 
 def _small_run(tmp_path, **sd) -> RunDir:
     ov = {"experiments": {"bare-metal": {"enabled": False}, "whisper": {"enabled": False},
-                          "resnet50": {"enabled": False},
+                          "resnet50": {"enabled": False}, "hardware-ceilings": {"enabled": False},
                           "sd-throughput": {"process_counts": [2], "batch_configs": ["1x3"], "repetitions": 1, **sd}}}
     return RunDir(prepare_run(TINY, tmp_path / "run", overrides=ov))
 

@@ -121,7 +121,7 @@ def test_whisper_fast_matches_generate_on_varied_tokens():
 
 
 def test_bench_renders_markdown_from_json():
-    from mi300x_cert.bench import render_markdown
+    from bench.cli import render_markdown
 
     data = {"conditions": {"card": "TestCard", "driver": "1"}, "gemm": {"n": 8192, "dtype": "bfloat16", "tflops": 800.0},
             "sd_flops": {"unet_pair_tflop": 1.6, "vae_decode_tflop": 2.5},
@@ -138,7 +138,7 @@ def test_bench_whisper_rows_against_the_runs_ceilings():
     """Each optimized Whisper row is set against the run's own ceilings: cross-attention bytes per
     token at the copy rate plus (in series) or beside (overlapped) the encoder's FLOPs per token at
     the GEMM rate; the K/V form reads twice the bytes; stock rows and rows without counts get none."""
-    from mi300x_cert.bench import _whisper_counts, render_markdown, whisper_bound
+    from bench.cli import _whisper_counts, render_markdown, whisper_bound
 
     gemm, copy = {"n": 8192, "dtype": "bfloat16", "tflops": 800.0}, {"gib": 4.0, "tb_per_s": 4.0}
     row = {"variant": "optimized", "batch": 1024, "new_tokens": 128, "tokens_per_s": 8000.0, "batch_latency_s": 16.4,
@@ -378,7 +378,7 @@ def test_bench_whisper_recipe_runs_in_a_child_and_a_crash_is_a_row(monkeypatch):
     import subprocess
     from pathlib import Path
 
-    from mi300x_cert import bench
+    from bench import cli as bench
 
     args = argparse.Namespace(new_tokens=4, repeats=2, dtype="float16", whisper_model="synthetic:whisper-smoke")
     ref = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
@@ -493,7 +493,7 @@ def test_sd_optimized_rejects_a_bad_inductor_setting_before_any_work():
 
 def test_bench_rejects_a_bad_inductor_setting_as_a_usage_error(capsys):
     pytest.importorskip("torch._inductor.config")
-    from mi300x_cert import bench
+    from bench import cli as bench
 
     with pytest.raises(SystemExit) as ex:
         bench.main(["--workload", "sd", "--sd-inductor", "freezing=true,warp_speed=9"])

@@ -62,11 +62,11 @@ def _cards(n=4, *, date=T0, sd=1.0, p95=60.0, mem=70.0, prefix="SN", start=0) ->
 # ---- schema, migrations, URL ----------------------------------------------------------------------
 def test_first_open_creates_the_schema_at_head(reg, capsys):
     st = reg.status()
-    assert st["revision"] == reg.head() == "0001" and st["up_to_date"]
+    assert st["revision"] == reg.head() == "0002" and st["up_to_date"]
     assert set(st["counts"]) >= {"hosts", "keys", "certifications", "card_results", "failed_expectations", "alerts",
                                  "alert_events"}
     assert main(["registry", "status"]) == 0
-    assert "revision 0001 (head 0001)" in capsys.readouterr().out
+    assert "revision 0002 (head 0002)" in capsys.readouterr().out
     assert main(["registry", "status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["up_to_date"] is True
 
@@ -94,7 +94,7 @@ def test_a_database_behind_its_schema_asks_for_registry_upgrade(tmp_path, capsys
     assert main(["registry", "status", "--registry", u]) == 2
     assert "registry upgrade" in capsys.readouterr().out
     assert main(["registry", "upgrade", "--registry", u]) == 0
-    assert Registry(u, auto_upgrade=False).revision() == "0001"
+    assert Registry(u, auto_upgrade=False).revision() == "0002"
     assert main(["registry", "upgrade", "--registry", u]) == 0  # idempotent
 
 
@@ -533,3 +533,25 @@ def test_import_of_a_state_dir_written_by_todays_writers(reg, tmp_path, monkeypa
     assert main(["registry", "import", str(state)]) == 0
     assert "0 certification(s) (2 already there)" in capsys.readouterr().out
     assert main(["registry", "import", str(tmp_path / "nowhere")]) == 2
+
+
+def test_migration_0002_adds_card_utilization_to_a_0001_database(tmp_path):
+    """A registry created at 0001 (no utilization column) upgrades in place; old rows read NULL."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    from mi300x_cert.registry import schema
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(schema.__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url)
+    eng = sa.create_engine(url)
+    with eng.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    assert "utilization" not in {c["name"] for c in sa.inspect(eng).get_columns("card_results")}
+    reg = Registry(url)  # SQLite upgrades itself on first open
+    assert reg.revision() == "0002"
+    assert "utilization" in {c["name"] for c in sa.inspect(reg.engine).get_columns("card_results")}

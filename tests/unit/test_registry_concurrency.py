@@ -169,7 +169,7 @@ def test_concurrent_first_open_of_an_empty_sqlite_file(tmp_path):
         p.start()
     for p in procs:
         p.join(120)
-    assert sorted(q.get(timeout=5) for _ in procs) == ["0001"] * 4
+    assert sorted(q.get(timeout=5) for _ in procs) == ["0002"] * 4
 
 
 def test_api_end_to_end_on_each_backend(url):

@@ -454,6 +454,10 @@ def fake_pynvml(path: Path = FIXTURES / "nvml_recorded.json") -> types.ModuleTyp
     m.nvmlDeviceGetCurrentClocksEventReasons = lambda h: replay(dev(h)["clocks_event_reasons"])
     m.nvmlDeviceGetTotalEnergyConsumption = lambda h: replay(dev(h)["total_energy_mj"])
     m.nvmlSystemGetDriverVersion = lambda: data["driver_version"]
+    m.nvmlDeviceGetCurrPcieLinkGeneration = lambda h: 5  # host link and power limit (not in the recording)
+    m.nvmlDeviceGetCurrPcieLinkWidth = lambda h: 16
+    m.nvmlDeviceGetMaxPcieLinkWidth = lambda h: 16
+    m.nvmlDeviceGetEnforcedPowerLimit = lambda h: 700000  # mW
     m.nvmlSystemGetCudaDriverVersion = lambda: data["cuda_driver_version"]
     m.nvmlSystemGetNVMLVersion = lambda: data["nvml_version"]
     return m
@@ -468,7 +472,8 @@ def test_nvml_backend_replays_recorded_readings():
     assert lib.calls == {"init": 1, "shutdown": 1}
     assert devs[0] == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "vendor": "NVIDIA", "serial": "1654923012345",
                        "bus_id": "00000000:19:00.0", "domain": None,
-                       "uuid": "GPU-3f1c2a4b-5d6e-7f80-91a2-b3c4d5e6f708"}
+                       "uuid": "GPU-3f1c2a4b-5d6e-7f80-91a2-b3c4d5e6f708", "link_gen": 5, "link_width": 16,
+                       "link_width_max": 16, "power_limit_w": 700.0}
     assert devs[1]["serial"] is None  # not supported → None
     assert r0["junction_c"] == 29.0 and r0["memory_c"] == 27.0 and r0["edge_c"] is None
     assert r0["power_w"] == pytest.approx(69.412)

@@ -1,6 +1,6 @@
-"""``mi300x-cert bench``: stock, usual compile recipe and optimized path side by side, on this card.
+"""``python -m bench.cli`` (or ``mi300x-cert bench`` in a checkout): stock, usual compile recipe and optimized path side by side, on this card.
 
-    mi300x-cert bench [--workload sd|whisper|telemetry|gemm|all] [--batch 1,32] [--whisper-batch 64,128]
+    python -m bench.cli [--workload sd|whisper|telemetry|gemm|all] [--batch 1,32] [--whisper-batch 64,128]
                       [--steps 50] [--repeats 3] [--out FILE.json] [--write-docs docs/performance.md]
                       [--from-json FILE.json ...]
 
@@ -207,7 +207,7 @@ def _apply_recipe(wl: Any, batch: int) -> str:
 def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
     import torch
 
-    from .workloads.sd import SDWorkload
+    from mi300x_cert.workloads.sd import SDWorkload
 
     batches = [int(x) for x in args.batch.split(",")]
     flops: dict[str, float] | None = None
@@ -303,7 +303,7 @@ def _whisper_model(name: str, dtype: Any) -> Any:
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
-    from .config import resolve_model_source
+    from mi300x_cert.config import resolve_model_source
 
     _, d = resolve_model_source(name)
     torch.manual_seed(0)
@@ -361,13 +361,15 @@ def _whisper_recipe_in_child(args: argparse.Namespace, b: int, ref: Any, deadlin
                            "model": args.whisper_model}
     with tempfile.TemporaryDirectory(prefix="mi300x-cert-bench-") as td:
         out = Path(td) / "recipe.json"
-        argv = [sys.executable, "-m", "mi300x_cert.bench", "--workload", "whisper", "--whisper-recipe-child",
+        argv = [sys.executable, "-m", "bench.cli", "--workload", "whisper", "--whisper-recipe-child",
                 "--variants", "recipe", "--whisper-batch", str(b), "--whisper-stock-batch", str(b),
                 "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
                 "--whisper-model", args.whisper_model, "--whisper-cross", "", "--out", str(out)]
         left = deadline - time.time() if deadline != float("inf") else 3600.0
         try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=max(60.0, left))
+            checkout = str(Path(__file__).resolve().parent.parent)  # `-m bench.cli` resolves from the checkout
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (checkout, os.environ.get("PYTHONPATH")) if x)}
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=max(60.0, left), env=env)
         except subprocess.TimeoutExpired:
             row["error"] = f"recipe child process did not finish within {max(60.0, left):.0f} s"
             return row
@@ -451,8 +453,8 @@ def _whisper_overlap_row(args: argparse.Namespace, fast: Any, variant: str, b: i
 def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> None:
     import torch
 
-    from .workloads.optimized.common import setup_compile_cache
-    from .workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+    from mi300x_cert.workloads.optimized.common import setup_compile_cache
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
 
     setup_compile_cache()
     dtype = getattr(torch, args.dtype)
@@ -578,8 +580,8 @@ class _NvmlPoller:
         self.backend_name = "?"
 
     def _loop(self) -> None:
-        from .config import TelemetrySpec
-        from .telemetry import open_backend
+        from mi300x_cert.config import TelemetrySpec
+        from mi300x_cert.telemetry import open_backend
 
         spec = TelemetrySpec(backend="nvml", rate_hz=self.rate_hz)
         c0, w0 = time.thread_time(), time.perf_counter()
@@ -610,7 +612,7 @@ def bench_telemetry(args: argparse.Namespace, res: Results, deadline: float) -> 
     """SD throughput with and without 10 Hz NVML sampling (alternating), and the sampler's CPU."""
     import torch
 
-    from .workloads.sd import SDWorkload
+    from mi300x_cert.workloads.sd import SDWorkload
 
     b = int(args.telemetry_batch)
     wl = SDWorkload(_sd_params(args, "optimized"))
@@ -796,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.sd_inductor:  # a bad setting is a usage error before the card is touched
-        from .workloads.optimized.common import parse_inductor_settings
+        from mi300x_cert.workloads.optimized.common import parse_inductor_settings
 
         try:
             args.sd_inductor = parse_inductor_settings(args.sd_inductor, source="--sd-inductor")
@@ -812,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from .errors import WorkerError
+    from mi300x_cert.errors import WorkerError
 
     if not torch.cuda.is_available():
         raise WorkerError("mi300x-cert bench measures a GPU: torch sees none (CUDA/ROCm)")
