@@ -26,17 +26,19 @@ def test_smoke_dag_certifies_and_publishes(tmp_path, s3_server, monkeypatch):
     result = smoke(home=tmp_path / "airflow", out=tmp_path / "runs", echo=True)
     states = result["task_states"]
     assert result["state"] == "success", states
-    for tid in ("preflight", "bare_metal", "plan_sd", "finalize_sd", "whisper", "resnet50", "finish_run",
-                "report", "sign", "publish", "register"):
+    for tid in ("preflight", "bare_metal", "plan_sd", "finalize_sd", "whisper", "resnet50", "hardware_ceilings",
+                "finish_run", "report", "sign", "publish", "register"):
         assert states.get(tid) == "success", (tid, states)
     cases = [k for k in states if k.startswith("run_sd_case[")]
     assert len(cases) >= 2 and all(states[k] == "success" for k in cases), states
-    for suite in ("latency", "thermal", "network", "whisper", "resnet50"):
+    from mi300x_cert.airflow_dags import SUITES
+
+    for suite in SUITES:
         assert states.get(f"validation.validate_{suite}") == "success", (suite, states)
 
     outcome = result["outcome"]
     assert outcome["certified"] is True, outcome
-    assert set(outcome["verdicts"]) == {"latency", "thermal", "network", "whisper", "resnet50"}
+    assert set(outcome["verdicts"]) == set(SUITES) and "hardware-ceilings" in SUITES
     assert all(outcome["verdicts"].values())
     run_dir = Path(outcome["run_dir"])
     assert run_dir.is_relative_to(tmp_path / "runs")
