@@ -170,6 +170,7 @@ def _dagtest_in_process(dag_id: str, conf: dict) -> dict:
         states["_error"] = str(e)
     from .airflow_dags import _safe, runs_root
     from .registry import open_registry
+    from .validation.gx_runner import DATA_DOCS_REL
 
     host = dag_id.removeprefix("recertify_")
     reg = open_registry()
@@ -177,9 +178,10 @@ def _dagtest_in_process(dag_id: str, conf: dict) -> dict:
     outcome = None
     if record is not None:
         run_dir = runs_root() / host / _safe(dr.run_id)
+        report_file, docs_file = run_dir / "report" / "index.html", run_dir / DATA_DOCS_REL
         outcome = {**record, "run_dir": str(run_dir) if run_dir.is_dir() else None,
-                   "report_file": str(run_dir / "report" / "index.html") if (run_dir / "report" / "index.html").is_file() else None,
-                   "data_docs_file": str(p) if (p := run_dir / "validation" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").is_file() else None}
+                   "report_file": str(report_file) if report_file.is_file() else None,
+                   "data_docs_file": str(docs_file) if docs_file.is_file() else None}
     run_alerts = [a for a in reg.list_alerts(include_acknowledged=True, host=host) if a.get("run_id") == _safe(dr.run_id)]
     state = dr.state.value if hasattr(dr.state, "value") else str(dr.state)
     return {"dag_id": dag_id, "run_id": dr.run_id, "state": state, "task_states": states, "outcome": outcome,

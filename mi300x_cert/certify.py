@@ -60,7 +60,9 @@ def certify(profile: str | Path | None, out: str | Path | None, *, run_id: str |
     print(format_verdict(verdicts))
     report = pipeline.report(run_dir)
     _say(f"report: {report}")
-    data_docs = Path(run_dir) / "validation" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    from .validation.gx_runner import DATA_DOCS_REL
+
+    data_docs = Path(run_dir) / DATA_DOCS_REL
     if data_docs.exists():
         _say(f"data docs: {data_docs}")
 

@@ -21,6 +21,8 @@ import math
 from typing import Any, Iterable
 from urllib.parse import quote, urlencode
 
+from .evidence import DATA_DOCS
+
 __all__ = ["fmt", "fmt_age", "fmt_ts", "evidence_url", "alert_fragment", "serials_page", "fleet_page", "filter_fleet", "host_page", "serial_page", "run_page", "alerts_page",
            "files_page", "error_page", "changes", "svg_trend", "PREFIX", "METRICS", "FLEET_SORTS", "card_serials"]
 
@@ -304,7 +306,7 @@ def _evidence_links(cert: dict) -> str:
     if cert.get("report"):
         parts.append(f'<a href="{evidence_url(host, run, "artifacts/report/index.html")}" target="_blank" class="ev-report">report</a>')
     if cert.get("data_docs"):
-        parts.append(f'<a href="{evidence_url(host, run, "artifacts/validation/gx/uncommitted/data_docs/local_site/index.html")}" '
+        parts.append(f'<a href="{evidence_url(host, run, DATA_DOCS)}" '
                      f'target="_blank" class="ev-docs">Data Docs</a>')
     parts.append(f'<a href="{evidence_url(host, run, "")}" class="ev-bundle">bundle files</a>')
     return '<span class="ev">' + "".join(parts) + "</span>"
@@ -555,7 +557,7 @@ def _alert_block(a: dict, serials: dict[int, str]) -> str:
         links = (f'<a href="{_u("run", a["host"], run)}">run {esc(run)}</a> '
                  + (f'<a href="{evidence_url(a["host"], run, "artifacts/report/index.html")}" target="_blank" class="ev-report">report</a> '
                     if a.get("report") else "")
-                 + (f'<a href="{evidence_url(a["host"], run, "artifacts/validation/gx/uncommitted/data_docs/local_site/index.html")}" '
+                 + (f'<a href="{evidence_url(a["host"], run, DATA_DOCS)}" '
                     f'target="_blank" class="ev-docs">Data Docs</a> ' if a.get("data_docs") else "")
                  + (f'<a href="{evidence_url(a["host"], run, "")}" class="ev-bundle">bundle</a>'
                     if str(a.get("bundle_uri") or "").startswith("s3://") else ""))

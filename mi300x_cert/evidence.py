@@ -29,13 +29,15 @@ import threading
 from pathlib import PurePosixPath
 from typing import Any
 
+from .bundle import BUNDLE_FILES
 from .errors import CertError, EvidenceError, StorageError
+from .validation.gx_runner import DATA_DOCS_REL
 
 __all__ = ["Evidence", "EvidenceError", "content_type", "REPORT", "DATA_DOCS", "BUNDLE_TOP"]
 
 REPORT = "artifacts/report/index.html"
-DATA_DOCS = "artifacts/validation/gx/uncommitted/data_docs/local_site/index.html"
-BUNDLE_TOP = ("manifest.json", "SHA256SUMS", "statement.json", "envelope.dsse.json", "signer.pub.pem", "key-info.json")
+DATA_DOCS = f"artifacts/{DATA_DOCS_REL}"
+BUNDLE_TOP = BUNDLE_FILES
 
 
 def content_type(name: str) -> str:

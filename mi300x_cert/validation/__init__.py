@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from .gx_runner import DATA_DOCS_REL
 from ..errors import RunDirError, ValidationError
 
 __all__ = ["validate", "format_verdict", "SUITES", "load_params", "load_profile_params", "expectations_dir"]
@@ -296,7 +297,7 @@ def _run_suite(name: str, run_dir: Path, profile: Any, params_all: dict | None, 
                            "type": (r.get("expectation_config") or {}).get("type"), "success": r.get("success"),
                            "observed": (r.get("result") or {}).get("observed_value"),
                            "unexpected_count": (r.get("result") or {}).get("unexpected_count")} for r in results]
-    verdict["data_docs"] = "validation/gx/uncommitted/data_docs/local_site/index.html"
+    verdict["data_docs"] = DATA_DOCS_REL
     if verdict["declared"] is not None and evaluated != verdict["declared"] and not info["problems"]:
         failures.append(_problem(name, "declared_count", f"suite {name} declares {verdict['declared']} expectations but {evaluated} were evaluated",
                                  observed=evaluated, expected=verdict["declared"]))
@@ -388,7 +389,7 @@ def _overall(rd: Any, profile: Any, suites: dict, seconds: float) -> dict:
         "network_evidence": (suites.get("network") or {}).get("evidence"),
         "not_validated": missing,
         "failures": failures,
-        "data_docs": "validation/gx/uncommitted/data_docs/local_site/index.html",
+        "data_docs": DATA_DOCS_REL,
         "seconds": round(seconds, 3),
         "suites": suites,
     }
