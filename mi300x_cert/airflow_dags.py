@@ -522,7 +522,7 @@ alert per host and certificate, notified once). Read them with `mi300x-cert aler
 
 def fleet_audit_body(fleet: Fleet | None = None, context: dict | None = None) -> dict:
     """Expired / never-certified hosts → alerts (idempotent), notifications for new ones."""
-    from .register import _notify
+    from .register import notify_alerts
     from .registry import open_registry
 
     fleet = fleet or load_fleet()
@@ -533,7 +533,7 @@ def fleet_audit_body(fleet: Fleet | None = None, context: dict | None = None) ->
     new = [a for a in raised if a.get("id") not in before]
     by_host = {s.name: s for s in fleet.servers}
     for a in new:
-        _notify([a], by_host.get(a.get("host")), context)
+        notify_alerts([a], by_host.get(a.get("host")), context)
     log.info("fleet audit: %d host(s) with an expired or missing certificate, %d new alert(s)", len(raised), len(new))
     return {"hosts": len(hosts), "alerts": [a.get("id") for a in raised], "new": [a.get("id") for a in new]}
 

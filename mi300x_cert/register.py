@@ -29,23 +29,22 @@ from typing import Any
 from .errors import CertError, StorageError, VerifyError
 from .outcome import Decision, decide, suite_verdicts
 
-__all__ = ["conclude", "location_of", "failed_expectations", "ensure_local_key_enrolled", "is_embedded"]
+__all__ = ["conclude", "location_of", "failed_expectations", "notify_alerts", "ensure_local_key_enrolled",
+           "is_embedded"]
 
 log = logging.getLogger(__name__)
 
 
-def _registry():
-    """The registry, with the drift rule of the fleet file (``drift:``) when there is one."""
-    from .registry import open_registry
-
-    reg = open_registry()
+def _fleet():
+    """The fleet file (alert recipients, valid days, the drift rule), or None where there is none:
+    read once per conclusion."""
     try:
         from .fleet import load_fleet
 
-        reg.drift_rule = load_fleet().drift_rule()
-    except CertError as e:  # no fleet file here: the default rule
-        log.debug("drift rule: defaults (%s)", e)
-    return reg
+        return load_fleet()
+    except CertError as e:
+        log.warning("fleet file unreadable: no notifications, default drift rule (%s)", e)
+        return None
 
 
 def location_of(uri: str) -> tuple[str | None, str | None, str | None]:
@@ -87,20 +86,14 @@ def _suite_failures(verdicts: Any) -> dict[str, list[dict]]:
     return {n: list((v or {}).get("failures") or []) for n, v in suites.items()}
 
 
-def _server(host: str | None):
+def _server(fleet: Any, host: str | None):
     """The fleet entry of ``host`` (alert recipients, sku, valid days), or None."""
-    if not host:
+    if fleet is None or not host:
         return None
-    try:
-        from .fleet import load_fleet
-
-        return next((s for s in load_fleet().servers if s.name == host), None)
-    except CertError as e:
-        log.warning("fleet file unreadable, no notifications configured for %s: %s", host, e)
-        return None
+    return next((s for s in fleet.servers if s.name == host), None)
 
 
-def _notify(alerts_created: list[dict], server: Any, context: dict | None) -> None:
+def notify_alerts(alerts_created: list[dict], server: Any, context: dict | None) -> None:
     if not alerts_created or server is None:
         return
     from .alerts import notify
@@ -129,14 +122,17 @@ def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_i
     Raises StorageError when the store cannot be reached (nothing is recorded: retry), RegistryError
     when the registry cannot.
     """
-    reg = _registry()
+    from .registry import open_registry
+
+    reg = open_registry()
+    fleet = _fleet()
     if bundle is None:
         if not host or not run_id:
             raise CertError("concluding a run without a bundle needs its host and run id")
         d = decide(state=state, verdicts=verdicts, error=error, signed=False)
         return _record(reg, host=host, run_id=run_id, decision=d, verdicts=verdicts, dag_id=dag_id, source=source,
                        bundle_uri=None, digest=None, keyid=None, trusted=None, artifacts=None, statement=None,
-                       notify=notify, context=context)
+                       notify=notify, context=context, fleet=fleet)
     target = str(bundle)
     is_s3 = target.startswith("s3://")
     loc_host, _, loc_run = location_of(target) if is_s3 else (None, None, None)
@@ -154,7 +150,7 @@ def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_i
             d = Decision(certified=False, reasons=[f"bundle refused: {e}"])
             return _record(reg, host=refused_host, run_id=refused_run, decision=d, verdicts=None, dag_id=dag_id,
                            source=source, bundle_uri=target, digest=_digest(local), keyid=None, trusted=False,
-                           artifacts=None, statement=None, notify=notify, context=context, refused=True)
+                           artifacts=None, statement=None, notify=notify, context=context, fleet=fleet, refused=True)
         s_host, s_run = result.get("host"), result.get("run_id")
         rec_host, rec_run = host or s_host, run_id or s_run
         problems = []
@@ -169,7 +165,7 @@ def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_i
             d = Decision(certified=False, reasons=[f"bundle refused: {p}" for p in problems])
             return _record(reg, host=rec_host, run_id=rec_run, decision=d, verdicts=None, dag_id=dag_id,
                            source=source, bundle_uri=target, digest=digest, keyid=result.get("keyid"),
-                           trusted=False, artifacts=None, statement=None, notify=notify, context=context,
+                           trusted=False, artifacts=None, statement=None, notify=notify, context=context, fleet=fleet,
                            refused=True)
         arts = local / "artifacts"
         meta = _read_json(arts / "run.json") or {}
@@ -182,7 +178,7 @@ def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_i
         return _record(reg, host=rec_host, run_id=rec_run, decision=d, verdicts=art_verdicts, dag_id=dag_id,
                        source=source, bundle_uri=target if is_s3 else str(Path(target).resolve()), digest=digest,
                        keyid=result.get("keyid"), trusted=True, artifacts=arts, statement=statement,
-                       notify=notify, context=context, meta=meta)
+                       notify=notify, context=context, fleet=fleet, meta=meta)
 
 
 def _statement_field(bundle: Path, name: str) -> str | None:
@@ -203,9 +199,10 @@ def _digest(bundle: Path) -> str | None:
 def _links(bundle_uri: str | None, artifacts: Path | None) -> dict:
     if not bundle_uri or artifacts is None:
         return {"report": None, "data_docs": None}
+    from .validation.gx_runner import DATA_DOCS_REL as docs
+
     base = bundle_uri.rstrip("/") + "/artifacts/"
     rep = "report/index.html"
-    docs = "validation/gx/uncommitted/data_docs/local_site/index.html"
     return {"report": base + rep if (artifacts / rep).is_file() else None,
             "data_docs": base + docs if (artifacts / docs).is_file() else None}
 
@@ -213,10 +210,10 @@ def _links(bundle_uri: str | None, artifacts: Path | None) -> dict:
 def _record(reg: Any, *, host: str, run_id: str, decision: Decision, verdicts: Any, dag_id: str | None, source: str,
             bundle_uri: str | None, digest: str | None, keyid: str | None, trusted: bool | None,
             artifacts: Path | None, statement: dict | None, notify: bool, context: dict | None,
-            refused: bool = False, meta: dict | None = None) -> dict:
+            refused: bool = False, meta: dict | None = None, fleet: Any = None) -> dict:
     from .registry import RegistryConflict
 
-    server = _server(host)
+    server = _server(fleet, host)
     meta = meta or {}
     profile_name, sku, path = meta.get("profile"), meta.get("sku"), None
     if artifacts is not None:
@@ -258,7 +255,8 @@ def _record(reg: Any, *, host: str, run_id: str, decision: Decision, verdicts: A
                            **links, "alerts": [], "created": False, "drift": []}
     new_alerts: list[dict] = []
     try:
-        row, created = reg.record_certification(cert, cards, failed)
+        row, created = reg.record_certification(cert, cards, failed,
+                                                drift_rule=fleet.drift_rule() if fleet is not None else None)
     except RegistryConflict as e:
         alert, made = reg.raise_alert(host=host, run_id=run_id, suite="bundle", kind="conflict",
                                       message=f"bundle {bundle_uri} conflicts with the registered certification: {e}",
@@ -268,7 +266,7 @@ def _record(reg: Any, *, host: str, run_id: str, decision: Decision, verdicts: A
         out.update(certified=False, result="NOT CERTIFIED", refused=True, alerts=[alert],
                    reasons=[f"refused: {e}"], certification=reg.get_certification(host, run_id))
         if notify:
-            _notify(new_alerts, server, context)
+            notify_alerts(new_alerts, server, context)
         return out
     out["certification"] = row
     out["created"] = created
@@ -281,11 +279,11 @@ def _record(reg: Any, *, host: str, run_id: str, decision: Decision, verdicts: A
     if refused:
         raised.append(reg.raise_alert(suite="bundle", kind="refused", message="; ".join(decision.reasons), **common))
     else:
+        from .alerts import summary_text
+
         per_suite = _suite_failures(verdicts)
         for suite in decision.failed_suites:
             fails = per_suite.get(suite) or []
-            from .alerts import summary_text
-
             raised.append(reg.raise_alert(suite=suite, kind="expectation", failures=fails,
                                           message=summary_text(suite, fails, host=host), **common))
         if not decision.certified and not decision.failed_suites:
@@ -306,7 +304,7 @@ def _record(reg: Any, *, host: str, run_id: str, decision: Decision, verdicts: A
         if made:
             new_alerts.append(alert)
     if notify:
-        _notify(new_alerts, server, context)
+        notify_alerts(new_alerts, server, context)
     return out
 
 
