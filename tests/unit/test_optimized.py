@@ -499,3 +499,27 @@ def test_bench_rejects_a_bad_inductor_setting_as_a_usage_error(capsys):
         bench.main(["--workload", "sd", "--sd-inductor", "freezing=true,warp_speed=9"])
     assert ex.value.code == 2
     assert "--sd-inductor: unknown Inductor setting 'warp_speed'" in capsys.readouterr().err
+
+
+def test_cuda_hidden_attention_shapes_and_refusals():
+    """The CUDA hidden-form kernel: which shapes it takes, one clear error for the rest, its
+    shared memory within a Hopper block's 227 KB for every candidate at Whisper large-v3 shapes,
+    and no offer of it where it cannot run (here: no CUDA device)."""
+    from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
+
+    assert hc.cuda_hidden_fits(20, 1280, 8) is None
+    assert "d_model 1000" in hc.cuda_hidden_fits(20, 1000, 8)
+    assert "40 heads" in hc.cuda_hidden_fits(40, 1280, 8)
+    for cfg in hc.CUDA_HIDDEN_CONFIGS:
+        assert hc.smem_bytes(1280, 20, cfg[0], cfg[1], cfg[3], bool(cfg[4]), bool(cfg[6])) <= 227 * 1024, cfg
+        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8])
+        assert "#define EW 160" in src and "#define NT 3" in src and "hidden_attn_cuda" in src
+        assert hc.CudaHiddenAttention.config_key(cfg).startswith(f"cuda w{cfg[0]} st{cfg[1]} s{cfg[2]}")
+    with pytest.raises(ValueError, match="bulk copies go with the plain loop"):
+        hc.kernel_source(20, 1280, 8, 3, pipe=True, bulk=True)
+    with pytest.raises(ValueError, match="rows must be one of"):
+        hc.kernel_source(20, 1280, 8, 3, rows=24)
+    with pytest.raises(ValueError, match="stages must be ≥ 3 for the pipelined"):
+        hc.kernel_source(20, 1280, 8, 2, pipe=True)
+    ok, why = hc.cuda_hidden_available("cpu")
+    assert not ok and why == "not a CUDA device"

@@ -754,8 +754,10 @@ class FastWhisper:
             torch.cuda.synchronize()
 
     def _choose_hidden(self, st: dict[str, Any], rec: dict[str, Any], timed: bool) -> None:
-        """The fastest :class:`HiddenAttention` launch configuration on this batch's encoder
-        output (event-timed on a GPU; each checked against the float32 reference first)."""
+        """The fastest hidden-form kernel on this batch's encoder output: the launch configurations
+        of :class:`HiddenAttention` (Triton) and, on NVIDIA cards, of
+        :class:`~.hidden_attn_cuda.CudaHiddenAttention` (event-timed on a GPU; each checked against
+        the float32 reference first)."""
         import torch
 
         B, S, H, E = int(st["tokens"].shape[0]), int(st["S"]), self.H, self.E
@@ -773,6 +775,23 @@ class FastWhisper:
             error=lambda ha: (ha(qs[0], x)[:nref].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6),
             limit=2e-2, describe="max rel diff {:.3g} vs float32 reference",
             time_us=lambda ha: event_time_us(lambda i: ha(qs[i % 2], x), 20), timed=timed, rec=rec)
+        # the hand-written CUDA kernel (NVIDIA, compute capability ≥ 8.0) competes on the same terms
+        from .hidden_attn_cuda import CUDA_HIDDEN_CONFIGS, CudaHiddenAttention, cuda_hidden_available
+
+        ok, why = cuda_hidden_available(dev) if timed else (False, "not timed here")
+        if ok and dt == torch.float16:
+            ctimes, cbest = fastest_config(
+                [c for c in CUDA_HIDDEN_CONFIGS if not c[6] or torch.cuda.get_device_capability(dev)[0] >= 9],
+                key=CudaHiddenAttention.config_key,
+                build=lambda c: CudaHiddenAttention.from_config(B, H, S, E, c, device=dev, dtype=dt),
+                error=lambda ha: (ha(qs[0], x)[:nref].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6),
+                limit=2e-2, describe="max rel diff {:.3g} vs float32 reference",
+                time_us=lambda ha: event_time_us(lambda i: ha(qs[i % 2], x), 20), timed=timed, rec=rec)
+            times.update(ctimes)
+            if cbest is not None and (best is None or cbest[0] < best[0]):
+                best = cbest
+        else:
+            rec["cuda_kernel"] = why if not ok else f"fp16 only (model dtype {dt})"
         rec["us_per_layer"] = times
         if timed:
             gb = B * S * E * x.element_size() / 1e9

@@ -1,0 +1,655 @@
+"""Hidden-form cross-attention as a hand-written CUDA kernel (NVIDIA cards of compute capability
+8.0 and later, compiled at run time with NVRTC: no toolkit install, no build step).
+
+Same function as :class:`~.whisper_fast.HiddenAttention` (``out[b, h] = softmax(q'[b, h] · X[b]ᵀ)
+X[b]`` over a clip's encoder output X [S, E], all heads of the clip at once), same arguments and
+output buffer, so the two are interchangeable candidates timed per batch size on the card.
+
+Why a second kernel: the step of a large Whisper batch is bound by reading X once per layer, and
+the Triton kernel holds all heads' [heads × E] accumulators in one program, so the compiler keeps
+them in ≈206 KB of shared memory with four warps per SM and reaches under half of an H200's copy
+rate. Here the work of a clip is laid out for the matrix units explicitly:
+
+* ``NW`` warps split E into slices of ``EW = E / NW`` columns. Each warp streams **only its own
+  slice** of each 16-row tile of X into its own shared-memory ring (``STAGES`` deep, ``cp.async``,
+  rows padded by 16 bytes so ``ldmatrix`` is free of bank conflicts) and keeps its slice of the
+  output accumulator ``[EW × heads]`` in registers (heads padded to a multiple of 8).
+* Scores of a tile, ``Sᵀ[16 rows × heads] = X_tile · q'ᵀ``: each warp multiplies its slice (q' held
+  in registers as matrix-unit fragments for the whole kernel); the partial sums of the warps meet
+  in a small double-buffered shared array — **one block barrier per tile** — and every warp adds
+  them up itself at exactly the positions it needs as the next product's operand, so the online
+  softmax (float32, running max and sum per head) needs no second barrier.
+* ``O'ᵀ[EW × heads] += X_tileᵀ · P``: the same tile, read transposed by ``ldmatrix.trans``, times the
+  probabilities packed to fp16 straight from registers.
+
+So every byte of X is read from memory once and feeds both products from shared memory, the
+accumulators never leave registers, and the loads of the next ``STAGES - 1`` tiles are in flight
+while a tile is computed. Rows of X can be split over ``splits`` blocks per clip for parallelism at
+small batches (partials in the same layout as the Triton kernel's, merged the same way).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CudaHiddenAttention", "cuda_hidden_available", "CUDA_HIDDEN_CONFIGS", "cuda_hidden_fits"]
+
+ROWS_CHOICES = (16, 32)  # rows of X per tile: one or two of the matrix units' 16-row tiles
+
+# (warps, stages, splits, rows, q' in shared memory, pipelined, bulk copies, scores summed once)
+# candidates, timed per batch size on the card. Measured on an H200 at Whisper large-v3 shapes
+# (bench/hidden_attn_cuda.py, bench/results/h200-run3-hidden-attn-*.json), batch 1024: 32-row tiles,
+# bulk copies and scores summed once 3.39 TB/s (79% of the copy rate; the Triton kernel 2.04); the
+# same with 16-row tiles 2.91; cp.async loads 2.11 (2.73 with scores summed once); pipelining,
+# q' in shared memory, 10 or 16 warps were slower. The cp.async forms are the candidates for
+# cards without the bulk-copy engine (compute capability 8.x).
+CUDA_HIDDEN_CONFIGS: tuple[tuple[int, ...], ...] = (
+    (8, 2, 1, 32, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1), (8, 3, 1, 16, 0, 0, 0, 0))
+
+
+_SOURCE = r"""
+#define U (ROWS / 16)
+#if BULK
+// one stage for the whole block: ROWS full rows of X (each row one bulk copy), rows padded by 16 bytes;
+// a warp reads its columns [e0, e0 + EW) of each row
+#define PITCH (E + 8)
+#define STAGE_HALVES (ROWS * PITCH)
+#define XS_HALVES (STAGES * STAGE_HALVES)
+#else
+// one ring per warp: ROWS rows of the warp's EW columns, padded by 16 bytes
+#define PITCH (EW + 8)
+#define STAGE_HALVES (ROWS * PITCH)
+#define XS_HALVES (NW * STAGES * STAGE_HALVES)
+#endif
+#define CPR (EW / 8)
+#define CHUNKS (ROWS * CPR)
+#define HP (NT * 8)
+#define RS (ROWS + 4)
+#define QPITCH (EW + 8)
+#define KT (EW / 16)
+#define MT (EW / 16)
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  unsigned r;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void ldsm4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm2(unsigned& r0, unsigned& r1, unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm4t(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                    unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ unsigned short to_h(float v) {
+  unsigned short r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ void mbar_init(unsigned addr, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(addr), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned addr, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(addr), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned addr) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(addr) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned addr, unsigned parity) {
+  asm volatile("{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}"
+               :: "r"(addr), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ float ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+extern "C" __global__ void __launch_bounds__(NW * 32, 1)
+hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __restrict__ X,
+                 unsigned short* __restrict__ O, float* __restrict__ Mp, float* __restrict__ Lp,
+                 float* __restrict__ Ap, int S, int chunk, int sqb, int sqh, int sob, int soh, int nsplit) {
+  extern __shared__ __attribute__((aligned(16))) unsigned char smem[];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int sp = blockIdx.x, b = blockIdx.y;
+  const int start = sp * chunk;
+  const int end = min(start + chunk, S);
+  const int ntiles = end > start ? (end - start + ROWS - 1) / ROWS : 0;
+  const int e0 = w * EW;
+#if BULK
+  unsigned short* xs = reinterpret_cast<unsigned short*>(smem) + e0;  // this warp's columns of stage 0
+#else
+  unsigned short* xs = reinterpret_cast<unsigned short*>(smem) + w * STAGES * STAGE_HALVES;
+#endif
+  float* red = reinterpret_cast<float*>(smem + XS_HALVES * 2);
+  float* tot = red + 2 * NW * HP * RS;  // RED2: the summed scores of a tile
+  const unsigned short* xb = X + (long long)b * S * E + e0;
+
+  // q' of this warp's column slice as B fragments of S^T = X_tile . q'^T (k = column, n = head):
+  // in registers for the whole kernel, or (QS) in shared memory, read per tile with ldmatrix
+  const unsigned short* qb = Q + (long long)b * sqb;
+#if QS
+  unsigned short* qs = reinterpret_cast<unsigned short*>(smem + XS_HALVES * 2 + (2 * NW + 1) * HP * RS * 4) + w * HP * QPITCH;
+  for (int i = lane; i < HP * CPR; i += 32) {
+    const int h = i / CPR, cc = i % CPR;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (h < HN) v = *reinterpret_cast<const uint4*>(qb + (long long)h * sqh + e0 + cc * 8);
+    *reinterpret_cast<uint4*>(qs + h * QPITCH + cc * 8) = v;
+  }
+  __syncwarp();
+  const unsigned qbase = smem_u32(qs);
+#else
+  unsigned qf[KT][NT][2];
+#pragma unroll
+  for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int h = nt * 8 + g;
+      if (h < HN) {
+        const unsigned short* p = qb + (long long)h * sqh + e0 + kt * 16 + 2 * c;
+        qf[kt][nt][0] = *reinterpret_cast<const unsigned*>(p);
+        qf[kt][nt][1] = *reinterpret_cast<const unsigned*>(p + 8);
+      } else {
+        qf[kt][nt][0] = 0u;
+        qf[kt][nt][1] = 0u;
+      }
+    }
+#endif
+
+#if BULK
+  unsigned short* xall = reinterpret_cast<unsigned short*>(smem);
+  const unsigned bars = smem_u32(smem + XS_HALVES * 2 + (2 * NW + 1) * HP * RS * 4 + (QS ? NW * HP * QPITCH * 2 : 0));
+  // rows past the end are never copied: zero them once so a masked row is 0, never stale NaN
+  for (int i = threadIdx.x; i < XS_HALVES / 8; i += NW * 32)
+    reinterpret_cast<uint4*>(xall)[i] = make_uint4(0u, 0u, 0u, 0u);
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(bars + 8 * st, 1);                 // full: the copies of the stage's tile landed
+      mbar_init(bars + 8 * (STAGES + st), NW);     // empty: every warp is done with the stage's tile
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto load = [&](int t) {  // warp 0: one bulk copy of a whole row per lane, completing on the stage's barrier
+    const int st = t % STAGES;
+    const int r0 = start + t * ROWS;
+    const int nr = min(ROWS, end - r0);
+    const unsigned bar = bars + 8 * st;
+    if (lane == 0) mbar_expect_tx(bar, nr * E * 2);
+    __syncwarp();
+    if (lane < nr)
+      bulk_copy(smem_u32(xall + st * STAGE_HALVES) + lane * PITCH * 2, X + ((long long)b * S + r0 + lane) * E, E * 2, bar);
+  };
+#else
+  auto load = [&](int t) {
+    const int r0 = start + t * ROWS;
+    const unsigned base = smem_u32(xs + (t % STAGES) * STAGE_HALVES);
+#pragma unroll
+    for (int i = lane; i < CHUNKS; i += 32) {
+      const int r = i / CPR, cc = i % CPR;
+      const int row = r0 + r;
+      const bool ok = row < end;
+      const unsigned short* src = xb + (long long)(ok ? row : start) * E + cc * 8;
+      cp_async16(base + (r * PITCH + cc * 8) * 2, src, ok ? 16 : 0);
+    }
+  };
+#endif
+
+#if BULK
+  if (w == 0)
+    for (int t = 0; t < STAGES - 1; ++t)
+      if (t < ntiles) load(t);
+#else
+#pragma unroll
+  for (int t = 0; t < STAGES - 1; ++t) {
+    if (t < ntiles) load(t);
+    cp_commit();
+  }
+#endif
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[mt][nt][k] = 0.f;
+  float m_run[NT], l_run[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) { m_run[nt] = -1.0e30f; l_run[nt] = 0.f; }
+
+  const int j = lane >> 3, i8 = lane & 7;
+  // partial scores S^T[r][h] of one tile over this warp's columns -> this warp's part of RB
+#if QS
+#define QLOAD(kt)                                                                                        \
+  unsigned qk[NT][2];                                                                                    \
+  _Pragma("unroll") for (int nt = 0; nt + 1 < NT; nt += 2)                                               \
+    ldsm4(qk[nt][0], qk[nt][1], qk[nt + 1][0], qk[nt + 1][1],                                           \
+          qbase + (((nt + (j >> 1)) * 8 + i8) * QPITCH + (kt) * 16 + (j & 1) * 8) * 2);                  \
+  if (NT & 1) ldsm2(qk[NT - 1][0], qk[NT - 1][1], qbase + (((NT - 1) * 8 + i8) * QPITCH + (kt) * 16 + (j & 1) * 8) * 2);
+#define QF(kt, nt, k) qk[nt][k]
+#else
+#define QLOAD(kt)
+#define QF(kt, nt, k) qf[kt][nt][k]
+#endif
+#define SCORE(SB, RB)                                                                                    \
+  {                                                                                                      \
+    float sc[U][2][NT][4];                                                                               \
+    _Pragma("unroll") for (int u = 0; u < U; ++u)                                                        \
+    _Pragma("unroll") for (int ch = 0; ch < 2; ++ch)                                                     \
+    _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)                                                    \
+      sc[u][ch][nt][0] = sc[u][ch][nt][1] = sc[u][ch][nt][2] = sc[u][ch][nt][3] = 0.f;                   \
+    _Pragma("unroll") for (int kt = 0; kt < KT; ++kt) {                                                  \
+      QLOAD(kt)                                                                                          \
+      _Pragma("unroll") for (int u = 0; u < U; ++u) {                                                    \
+        unsigned a0, a1, a2, a3;                                                                         \
+        ldsm4(a0, a1, a2, a3, (SB) + ((u * 16 + (j & 1) * 8 + i8) * PITCH + kt * 16 + (j >> 1) * 8) * 2); \
+        _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)                                                \
+          mma(sc[u][kt & 1][nt], a0, a1, a2, a3, QF(kt, nt, 0), QF(kt, nt, 1));                          \
+      }                                                                                                  \
+    }                                                                                                    \
+    float* rw = (RB) + w * HP * RS;                                                                      \
+    _Pragma("unroll") for (int u = 0; u < U; ++u)                                                        \
+    _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                                  \
+      const int h0 = nt * 8 + 2 * c, r = u * 16 + g;                                                     \
+      rw[h0 * RS + r] = sc[u][0][nt][0] + sc[u][1][nt][0];                                               \
+      rw[(h0 + 1) * RS + r] = sc[u][0][nt][1] + sc[u][1][nt][1];                                         \
+      rw[h0 * RS + r + 8] = sc[u][0][nt][2] + sc[u][1][nt][2];                                           \
+      rw[(h0 + 1) * RS + r + 8] = sc[u][0][nt][3] + sc[u][1][nt][3];                                     \
+    }                                                                                                    \
+  }
+#define STAGE_ADDR(t) smem_u32(xs + (MODE == 2 ? 0 : ((t) % STAGES)) * STAGE_HALVES)
+#define RED(t) (red + ((t) & 1) * (NW * HP * RS))
+
+#if PIPE
+  // software pipeline: the scores of tile t + 1 are computed beside the softmax and the weighted
+  // sum of tile t (independent work for the schedulers), one block barrier per tile
+  cp_wait<STAGES - 2>();
+  __syncwarp();
+  SCORE(STAGE_ADDR(0), RED(0))
+  __syncthreads();
+#endif
+  for (int t = 0; t < ntiles; ++t) {
+#if BULK
+    // warp 0 refills the stage of tile t - 1 with tile t + STAGES - 1 as soon as every warp is done with it
+    if (w == 0 && t + STAGES - 1 < ntiles) {
+      if (t > 0) mbar_wait(bars + 8 * (STAGES + (t - 1) % STAGES), ((t - 1) / STAGES) & 1);
+      load(t + STAGES - 1);
+    }
+    mbar_wait(bars + 8 * (t % STAGES), (t / STAGES) & 1);
+#else
+#if PIPE
+    cp_wait<STAGES - 3>();
+#else
+    cp_wait<STAGES - 2>();
+#endif
+    __syncwarp();
+    if (t + STAGES - 1 < ntiles && MODE != 2) load(t + STAGES - 1);
+    cp_commit();
+#endif
+    const unsigned sbase = STAGE_ADDR(t);
+    float* rb = RED(t);
+#if PIPE
+    SCORE(STAGE_ADDR(t + 1), RED(t + 1))
+#else
+    if (MODE != 1) SCORE(sbase, rb)
+    __syncthreads();
+    if (MODE == 1) {
+      __syncwarp();
+#if BULK
+      if (lane == 0) mbar_arrive(bars + 8 * (STAGES + t % STAGES));
+#endif
+      continue;
+    }
+#endif
+#if RED2
+    // the warps' partial scores summed once (each thread a few positions), then read by all
+    for (int idx = threadIdx.x; idx < HP * RS; idx += NW * 32) {
+      float v = 0.f;
+#pragma unroll
+      for (int ww = 0; ww < NW; ++ww) v += rb[ww * HP * RS + idx];
+      tot[idx] = v;
+    }
+    __syncthreads();
+    const float* rsum = tot;
+#define NWR 1
+#else
+    const float* rsum = rb;
+#define NWR NW
+#endif
+
+    // full scores at this thread's operand positions: head nt*8+g, rows u*16 + 2c, 2c+1, 2c+8, 2c+9
+    const int rbase = start + t * ROWS;
+    unsigned pb[U][NT][2];
+    float al[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      float sv[U][4];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        const float* p = rsum + (nt * 8 + g) * RS + u * 16 + 2 * c;
+#pragma unroll
+        for (int ww = 0; ww < NWR; ++ww) {
+          const float2 x0 = *reinterpret_cast<const float2*>(p + ww * HP * RS);
+          const float2 x1 = *reinterpret_cast<const float2*>(p + ww * HP * RS + 8);
+          s0 += x0.x; s1 += x0.y; s2 += x1.x; s3 += x1.y;
+        }
+        const int rr = rbase + u * 16 + 2 * c;
+        sv[u][0] = rr >= end ? -2.0e30f : s0;
+        sv[u][1] = rr + 1 >= end ? -2.0e30f : s1;
+        sv[u][2] = rr + 8 >= end ? -2.0e30f : s2;
+        sv[u][3] = rr + 9 >= end ? -2.0e30f : s3;
+      }
+      float mx = -2.0e30f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) mx = fmaxf(mx, fmaxf(fmaxf(sv[u][0], sv[u][1]), fmaxf(sv[u][2], sv[u][3])));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m_run[nt], mx);
+      al[nt] = ex2((m_run[nt] - mn) * LOG2E);
+      float ls = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float p0 = ex2((sv[u][0] - mn) * LOG2E), p1 = ex2((sv[u][1] - mn) * LOG2E);
+        const float p2 = ex2((sv[u][2] - mn) * LOG2E), p3 = ex2((sv[u][3] - mn) * LOG2E);
+        ls += (p0 + p1) + (p2 + p3);
+        pb[u][nt][0] = pack_h2(p0, p1);
+        pb[u][nt][1] = pack_h2(p2, p3);
+      }
+      l_run[nt] = l_run[nt] * al[nt] + ls;
+      m_run[nt] = mn;
+    }
+    // rescale the accumulators (their heads are nt*8 + 2c and + 1: held by lanes 8c and 8c + 4)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float a_lo = __shfl_sync(0xffffffffu, al[nt], 8 * c);
+      const float a_hi = __shfl_sync(0xffffffffu, al[nt], 8 * c + 4);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        acc[mt][nt][0] *= a_lo; acc[mt][nt][1] *= a_hi;
+        acc[mt][nt][2] *= a_lo; acc[mt][nt][3] *= a_hi;
+      }
+    }
+    // O'^T[e][h] += X_tile^T . P
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        unsigned a0, a1, a2, a3;
+        ldsm4t(a0, a1, a2, a3, sbase + ((u * 16 + (j >> 1) * 8 + i8) * PITCH + mt * 16 + (j & 1) * 8) * 2);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma(acc[mt][nt], a0, a1, a2, a3, pb[u][nt][0], pb[u][nt][1]);
+      }
+#if PIPE
+    __syncthreads();
+#endif
+    __syncwarp();
+#if BULK
+    if (lane == 0) mbar_arrive(bars + 8 * (STAGES + t % STAGES));
+#endif
+  }
+  cp_wait<0>();
+
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float l = l_run[nt];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int h = nt * 8 + g;  // the head this lane's softmax state belongs to
+    const int hl = nt * 8 + 2 * c, hh = hl + 1;  // the heads of this lane's accumulators
+    if (nsplit == 1) {
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float i_lo = __shfl_sync(0xffffffffu, inv, 8 * c);
+      const float i_hi = __shfl_sync(0xffffffffu, inv, 8 * c + 4);
+      unsigned short* ob = O + (long long)b * sob + e0 + g;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if (hl < HN) {
+          ob[(long long)hl * soh + mt * 16] = to_h(acc[mt][nt][0] * i_lo);
+          ob[(long long)hl * soh + mt * 16 + 8] = to_h(acc[mt][nt][2] * i_lo);
+        }
+        if (hh < HN) {
+          ob[(long long)hh * soh + mt * 16] = to_h(acc[mt][nt][1] * i_hi);
+          ob[(long long)hh * soh + mt * 16 + 8] = to_h(acc[mt][nt][3] * i_hi);
+        }
+      }
+    } else {
+      if (c == 0 && h < HN) {
+        const long long row = ((long long)b * HN + h) * nsplit + sp;
+        Mp[row] = m_run[nt];
+        Lp[row] = l;
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int e = e0 + mt * 16 + g;
+        if (hl < HN) {
+          float* ab = Ap + (((long long)b * HN + hl) * nsplit + sp) * E + e;
+          ab[0] = acc[mt][nt][0];
+          ab[8] = acc[mt][nt][2];
+        }
+        if (hh < HN) {
+          float* ab = Ap + (((long long)b * HN + hh) * nsplit + sp) * E + e;
+          ab[0] = acc[mt][nt][1];
+          ab[8] = acc[mt][nt][3];
+        }
+      }
+    }
+  }
+}
+"""
+
+_CACHE: dict[tuple, Any] = {}
+
+
+def cuda_hidden_fits(H: int, E: int, warps: int) -> str | None:
+    """None when the kernel takes these shapes with ``warps`` warps, else why not."""
+    if H < 1 or H > 32:
+        return f"{H} heads (1–32 supported)"
+    if warps < 1 or E % (warps * 16):
+        return f"d_model {E} does not split into {warps} slices of a multiple of 16 columns"
+    return None
+
+
+def cuda_hidden_available(device: Any) -> tuple[bool, str]:
+    """(True, "") where the kernel can be built: a CUDA (not ROCm) device of compute capability ≥ 8.0
+    (cp.async, ldmatrix, fp16 mma.sync) and NVRTC reachable through torch; else (False, why)."""
+    try:
+        import torch
+    except Exception as e:  # pragma: no cover
+        return False, f"torch unavailable: {e}"
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return False, "not a CUDA device"
+    if getattr(torch.version, "hip", None):
+        return False, "ROCm build (the kernel is CUDA PTX)"
+    if not torch.version.cuda:
+        return False, "torch has no CUDA runtime"
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if major < 8:
+        return False, f"compute capability {major}.{minor} < 8.0"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return False, "this torch has no NVRTC kernel compiler (torch.cuda._compile_kernel)"
+    return True, ""
+
+
+def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, bulk: bool = False) -> int:
+    """Dynamic shared memory of one block: the X stages, the partial-score buffers, q' (when held
+    there) and the stage barriers (bulk copies)."""
+    ew = E // warps
+    hp = -(-H // 8) * 8
+    xs = stages * rows * (E + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
+    q = warps * hp * (ew + 8) * 2 if qsmem else 0
+    return xs + (2 * warps + 1) * hp * (rows + 4) * 4 + q + (16 * stages if bulk else 0)
+
+
+def _set_smem(kernel: Any, nbytes: int) -> None:
+    """Allow ``nbytes`` of dynamic shared memory (over the 48 KB default) for the kernel."""
+    if hasattr(kernel, "set_shared_memory_config"):
+        kernel.set_shared_memory_config(nbytes)
+        return
+    from torch.cuda import _utils
+
+    lib = _utils._get_gpu_runtime_library()
+    rc = lib.cuFuncSetAttribute(kernel.func, 8, int(nbytes))  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(max dynamic shared memory {nbytes}) failed: {rc}")
+
+
+def kernel_attributes(kernel: Any) -> dict[str, int]:
+    """Registers per thread and local (spilled) bytes of the compiled kernel, for the bench."""
+    import ctypes
+
+    from torch.cuda import _utils
+
+    lib = _utils._get_gpu_runtime_library()
+    out = {}
+    for name, attr in (("registers", 4), ("local_bytes", 3), ("max_threads", 0)):
+        v = ctypes.c_int(0)
+        if lib.cuFuncGetAttribute(ctypes.byref(v), attr, kernel.func) == 0:
+            out[name] = int(v.value)
+    return out
+
+
+def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
+                  bulk: bool = False, red2: bool = False, mode: int = 0) -> str:
+    """The CUDA source for these shapes and this form (one clear error for a combination the
+    kernel does not take)."""
+    why = cuda_hidden_fits(H, E, warps)
+    if why:
+        raise ValueError(f"CudaHiddenAttention: {why}")
+    if stages < 2 or (pipe and stages < 3):
+        raise ValueError(f"CudaHiddenAttention: stages must be ≥ {3 if pipe else 2}"
+                         f"{' for the pipelined kernel' if pipe else ''}, got {stages}")
+    if rows not in ROWS_CHOICES:
+        raise ValueError(f"CudaHiddenAttention: rows must be one of {ROWS_CHOICES}, got {rows}")
+    if mode not in (0, 1, 2):
+        raise ValueError(f"CudaHiddenAttention: mode must be 0, 1 or 2, got {mode}")
+    if bulk and (pipe or mode == 2):
+        raise ValueError("CudaHiddenAttention: bulk copies go with the plain loop (not pipelined, not mode 2)")
+    defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // warps, "STAGES": stages, "ROWS": rows,
+               "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
+               "RED2": int(bool(red2))}
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+
+
+def build_kernel(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
+                 bulk: bool = False, red2: bool = False, mode: int = 0) -> Any:
+    """The compiled kernel for these shapes (NVRTC, cached per process) and its shared memory in
+    bytes. ``mode`` is for the bench only: 1 streams X without the arithmetic, 2 does the
+    arithmetic on one resident tile (outputs meaningless)."""
+    import torch
+
+    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode)
+    key = (src, torch.cuda.current_device())
+    if key in _CACHE:
+        return _CACHE[key]
+    if bulk and torch.cuda.get_device_capability()[0] < 9:
+        raise ValueError("CudaHiddenAttention: bulk copies need compute capability ≥ 9.0")
+    nbytes = smem_bytes(E, H, warps, stages, rows, qsmem, bulk)
+    limit = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "shared_memory_per_block_optin", 0)
+    if limit and nbytes > limit:
+        raise ValueError(f"CudaHiddenAttention: needs {nbytes} bytes of shared memory, the card allows {limit}")
+    kernel = torch.cuda._compile_kernel(src, "hidden_attn_cuda", nvcc_options=["-std=c++17"])
+    _set_smem(kernel, nbytes)
+    _CACHE[key] = (kernel, nbytes)
+    return _CACHE[key]
+
+
+class CudaHiddenAttention:
+    """Drop-in for :class:`~.whisper_fast.HiddenAttention` on CUDA cards (see the module doc):
+    ``__call__(q', X)`` with q' [B, H, E] (scale included; any strides over B and H, E contiguous)
+    and X [B, S, E] contiguous fp16 returns a [B, H, E] view of a head-major [H, B, E] buffer.
+    Launch-only: safe inside a device-graph capture."""
+
+    def __init__(self, B: int, H: int, S: int, E: int, *, warps: int = 8, stages: int = 3, splits: int = 1,
+                 rows: int = 16, qsmem: bool = False, pipe: bool = False, bulk: bool = False, red2: bool = False,
+                 mode: int = 0, device: Any = None, dtype: Any = None) -> None:
+        import torch
+
+        if dtype is not None and dtype != torch.float16:
+            raise ValueError(f"CudaHiddenAttention: fp16 only, got {dtype}")
+        self.B, self.H, self.S, self.E = B, H, S, E
+        self.warps, self.stages, self.splits = int(warps), int(stages), max(1, int(splits))
+        self.rows, self.qsmem, self.pipe, self.bulk, self.red2 = int(rows), bool(qsmem), bool(pipe), bool(bulk), bool(red2)
+        self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
+                                              self.bulk, self.red2, mode)
+        chunk = -(-S // self.splits)
+        self.chunk = -(-chunk // self.rows) * self.rows
+        self.out = torch.empty(H, B, E, device=device, dtype=torch.float16).transpose(0, 1)
+        n = self.splits
+        self.mp = torch.empty(B, H, n, device=device, dtype=torch.float32)
+        self.lp = torch.empty(B, H, n, device=device, dtype=torch.float32)
+        self.ap = torch.empty(B, H, n, E, device=device, dtype=torch.float32) if n > 1 else self.mp
+
+    @classmethod
+    def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
+        """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2)."""
+        names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode")
+        return cls(B, H, S, E, **dict(zip(names, cfg)), **kw)
+
+    @staticmethod
+    def config_key(cfg: tuple[int, ...]) -> str:
+        flags = "".join(f for f, on in zip(("q", "p", "t", "r"), cfg[4:8]) if on)
+        return f"cuda w{cfg[0]} st{cfg[1]} s{cfg[2]} r{cfg[3]}" + (f" {flags}" if flags else "") + \
+            (f" mode{cfg[8]}" if len(cfg) > 8 else "")
+
+    def label(self) -> str:
+        parts = [f"warps {self.warps}", f"stages {self.stages}", f"rows {self.rows}",
+                 "q' in shared memory" if self.qsmem else "q' in registers",
+                 "bulk-copy loads" if self.bulk else "cp.async loads"]
+        if self.pipe:
+            parts.append("pipelined")
+        if self.red2:
+            parts.append("scores summed once")
+        return (f"cuda shared-hidden attention ({', '.join(parts)}, splits {self.splits}, "
+                f"{self.smem // 1024} KB shared memory)")
+
+    def __call__(self, qp: Any, x: Any) -> Any:
+        import torch
+
+        if qp.stride(2) != 1 or not x.is_contiguous():
+            raise ValueError("CudaHiddenAttention: q' needs a contiguous last dimension and X [B, S, E] contiguous")
+        if self.bulk and x.data_ptr() % 16:
+            raise ValueError("CudaHiddenAttention: X must be 16-byte aligned for bulk copies")
+        if qp.dtype != torch.float16 or x.dtype != torch.float16:
+            raise ValueError(f"CudaHiddenAttention: fp16 inputs only, got {qp.dtype} and {x.dtype}")
+        if self.qsmem and (qp.stride(0) % 8 or qp.stride(1) % 8 or qp.data_ptr() % 16):
+            raise ValueError("CudaHiddenAttention: q' must be 16-byte aligned with strides of 8 elements")
+        if qp.stride(0) % 2 or qp.stride(1) % 2 or qp.data_ptr() % 4:
+            raise ValueError("CudaHiddenAttention: q' must be 4-byte aligned with even strides")
+        self.kernel(grid=(self.splits, self.B, 1), block=(32 * self.warps, 1, 1),
+                    args=[qp, x, self.out, self.mp, self.lp, self.ap, self.S, self.chunk, qp.stride(0),
+                          qp.stride(1), self.out.stride(0), self.out.stride(1), self.splits],
+                    shared_mem=self.smem)
+        if self.splits == 1:
+            return self.out
+        w = torch.exp(self.mp - self.mp.amax(dim=-1, keepdim=True))          # [B, H, n]
+        num = torch.einsum("bhn,bhne->bhe", w, self.ap)
+        self.out.copy_(num / (self.lp * w).sum(-1, keepdim=True))
+        return self.out
