@@ -163,7 +163,8 @@ def read_table(root: Path | str, table: str, problems: list[str], experiment: st
 
     p = Path(root) / table
     if not p.is_file():
-        problems.append(f"missing table {table} (written when the {experiment} experiment is finalized)")
+        problems.append(f"missing table {table} (written when the {experiment} experiment is finalized; "
+                        f"`mi300x-cert finalize RUN_DIR` computes it for a run finalized by an earlier version)")
         return None
     try:
         return pd.read_csv(p, low_memory=False)

@@ -73,8 +73,7 @@ def thermal_tables(run_dir: Any, profile: Any) -> tuple[Any, Any, list[str]]:
     import pandas as pd
 
     from ..stats import truthy
-    from ..units import c_to_f
-    from ..validation.frames import _read_many
+    from ..validation.frames import _read_many, c_to_f
 
     run_dir = Path(run_dir)
     problems: list[str] = []
@@ -144,24 +143,14 @@ def thermal_tables(run_dir: Any, profile: Any) -> tuple[Any, Any, list[str]]:
             df[col] = np.nan
     if has_j:
         for col in ("junction_mean", "junction_max", "junction_p95"):
-            df[f"{col}_f"] = df[f"{col}_c"].map(_c_to_f(c_to_f))
+            df[f"{col}_f"] = df[f"{col}_c"].map(c_to_f)
     if has_m:
-        df["memory_max_f"] = df["memory_max_c"].map(_c_to_f(c_to_f))
+        df["memory_max_f"] = df["memory_max_c"].map(c_to_f)
     df = df[[c for c in THERMAL_TABLE_COLUMNS if c in df.columns]]
     if curves:
         curve = pd.DataFrame(curves, columns=RECOVERY_COLUMNS)
     _coverage(profile, tel, problems)
     return df, curve, problems
-
-
-def _c_to_f(conv):
-    def f(c: Any) -> Any:
-        import math
-
-        if c is None or (isinstance(c, float) and math.isnan(c)):
-            return None
-        return conv(c)
-    return f
 
 
 def _cooldown(tel, card: int, active, segs: list[dict]) -> list[tuple[float, float]]:

@@ -182,18 +182,33 @@ def test_finalize_findings_fail_the_suite(run, tmp_path):
     assert any("unreadable file telemetry/bare-metal-g1-c0-1.csv" in f["reason"] for f in v["failures"])
 
 
-def test_finalize_again_rewrites_the_tables(run, tmp_path):
-    """Finalizing again (``run --resume`` finalizes every experiment) writes the tables anew, equal."""
+def test_finalize_again_rewrites_the_tables(run, tmp_path, capsys):
+    """Finalizing again — ``run --resume`` finalizes every experiment; ``mi300x-cert finalize DIR``
+    does it for a finished run (one finalized by an earlier version) — writes the tables anew, equal."""
+    from mi300x_cert import cli
+
     root, _, _ = run
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
     before = {t: (copy / t).read_bytes() for ts in TABLES.values() for t in ts}
     for t in before:
         (copy / t).unlink()
-    for exp in USED:
-        finalize_experiment(copy, exp)
+    finalize_experiment(copy, "bare-metal")
+    assert cli.main(["finalize", str(copy), "sd-throughput", "whisper"]) == 0
     for t, data in before.items():
         assert (copy / t).read_bytes() == data, t
+    (copy / "stats" / "sd_latency.csv").unlink()
+    assert cli.main(["finalize", str(copy)]) == 0  # every experiment the run finalized
+    assert (copy / "stats" / "sd_latency.csv").read_bytes() == before["stats/sd_latency.csv"]
+    meta = json.loads((copy / "run.json").read_text())
+    assert meta["state"] == "complete" and set(meta["experiments"]) == set(USED)
+    capsys.readouterr()
+    assert cli.main(["finalize", str(copy), "resnet50"]) == 2  # disabled in this run: never finalized
+    assert "experiment 'resnet50' was never finalized in run" in capsys.readouterr().err
+    meta["state"] = "running"
+    (copy / "run.json").write_text(json.dumps(meta))
+    assert cli.main(["finalize", str(copy)]) == 2
+    assert f"finish it with `mi300x-cert run --resume {copy}`" in capsys.readouterr().err
 
 
 def test_cards_without_phase_samples_are_a_finalize_finding(run, tmp_path):
