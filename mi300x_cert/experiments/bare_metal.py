@@ -238,6 +238,7 @@ class BareMetalSpec(_ExperimentBase):
 class BareMetal(Experiment):
     spec_model = BareMetalSpec
     title = "Bare-metal SD phases"
+    shown_tables = (THERMAL_TABLE, RECOVERY_TABLE)
     suites = ("thermal",)
     fanout = "serial"
     task_id = "bare_metal"

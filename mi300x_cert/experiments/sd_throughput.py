@@ -138,6 +138,7 @@ class SDThroughput(Experiment):
     title = "SD throughput matrix"
     report_order = 20
     report_title = "SD latency per configuration (the latency verdict's table)"
+    shown_tables = (LATENCY_TABLE,)
     suites = ("latency",)
     fanout = "mapped"
     task_id = "sd"

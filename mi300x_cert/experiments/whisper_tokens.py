@@ -58,6 +58,7 @@ class WhisperTokens(Experiment):
     spec_model = WhisperSpec
     title = "Whisper token throughput"
     report_order = 30
+    shown_tables = (STATS,)
     suites = ("whisper",)
     fanout = "serial"
     kind = "whisper"

@@ -44,7 +44,10 @@ def _stats_section(run_dir: Path) -> tuple[str, str]:
     files = sorted(sdir.glob("*.csv")) if sdir.is_dir() else []
     if not files:
         return _missing("stats/*.csv (Appendix A/B tables)"), ""
-    by_name = {f.stem: f for f in files}
+    from ..experiments import all_experiments
+
+    shown = {Path(t).stem for exp in all_experiments() for t in exp.shown_tables}  # in their own sections
+    by_name = {f.stem: f for f in files if f.stem not in shown}
     a, b = [], []
     for stat in _STATS_ORDER:
         if f"appendix_a_{stat}" in by_name:
