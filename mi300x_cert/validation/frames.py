@@ -267,8 +267,9 @@ def _case_rows(cases: list[dict], extra: dict | None = None) -> list[dict]:
 def latency_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     """The sd-throughput experiment's ``stats/sd_latency.csv`` (written once at finalize; the report
     shows the same table) as ``config`` rows + the bound of each batch config from ``params``, and
-    one ``case`` row per case status. A missing or unreadable table, the findings finalize recorded
-    and a planned process count × batch config without its row are problems (fail closed)."""
+    one ``case`` row per case status. A missing or unreadable table, the findings finalize recorded,
+    a planned process count × batch config without its row and a missing
+    ``results/sd-throughput/rows.csv`` (the evidence) are problems (fail closed)."""
     import numpy as np
     import pandas as pd
 
@@ -278,6 +279,8 @@ def latency_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     problems: list[str] = []
     table = read_table(run_dir, LATENCY_TABLE, problems, "sd-throughput")
     read_problems(run_dir, LATENCY_TABLE, problems, "sd-throughput")
+    if _csv_rows(run_dir / "results" / "sd-throughput" / "rows.csv") is None:  # the evidence the table was computed from
+        problems.append("missing file: results/sd-throughput/rows.csv")
     cases = _cases(run_dir, "sd-throughput", problems, profile)
     spec = getattr(getattr(profile, "experiments", None), "sd_throughput", None)
     planned = [(int(n), str(bc)) for n in (spec.process_counts if spec else []) for bc in (spec.batch_configs if spec else [])]

@@ -23,6 +23,8 @@ TABLES = {"latency": ["stats/sd_latency.csv", "stats/sd_latency.problems.json"],
           "thermal": ["stats/bare_metal_thermal.csv", "stats/bare_metal_recovery.csv",
                       "stats/bare_metal_thermal.problems.json"],
           "whisper": ["stats/whisper_tokens.csv"]}
+EVIDENCE = {"latency": ["results/sd-throughput/rows.csv"],
+            "thermal": ["telemetry/bare-metal-g1-c0-1.csv", "events/bare-metal-g0-c12-15.csv"]}
 MARGIN = 2.5  # °C: not the smoke set's 10 °C: the report must show the verdict's margin, not the set's
 
 
@@ -156,8 +158,9 @@ def test_whisper_report_numbers_equal_verdict_numbers(run):
         assert f'<td class="">{v:.6g}</td>' in section, v
 
 
-@pytest.mark.parametrize("suite,table", [(s, t) for s, ts in TABLES.items() for t in ts])
+@pytest.mark.parametrize("suite,table", [(s, t) for d in (TABLES, EVIDENCE) for s, ts in d.items() for t in ts])
 def test_a_missing_table_fails_its_suite_naming_it(run, tmp_path, suite, table):
+    """A table gone, or the evidence it was computed from (the bundle carries both)."""
     root, exp, _ = run
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
