@@ -110,6 +110,16 @@ def cmd_run(args) -> int:
     return EXIT_ERROR
 
 
+def cmd_finalize(args) -> int:
+    from . import pipeline
+
+    out = pipeline.refinalize_run(args.run_dir, args.experiments or None)
+    for name, info in out["experiments"].items():
+        print(f"{name}: {info['state']}; tables {', '.join(info['tables'])}", file=sys.stderr)
+    _print(out)
+    return EXIT_OK
+
+
 def cmd_baseline(args) -> int:
     from .validation.baseline import baseline
 
@@ -403,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     _lock_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("finalize", help="compute a finished run's stats/ tables again from its rows and streams "
+                                        "(no measuring): a run finalized by an earlier version gets today's tables")
+    s.add_argument("run_dir")
+    s.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
+                   help=f"default: every enabled one ({', '.join(EXPERIMENTS)})")
+    s.set_defaults(func=cmd_finalize)
 
     s = sub.add_parser("validate", help="run the Great Expectations suites on a run directory")
     s.add_argument("run_dir")

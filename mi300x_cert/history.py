@@ -9,8 +9,9 @@ A run directory gives one row per card of its inventory (:func:`card_history_row
      subject, reason}], run_dir}
 
 * ``idle_junction_mean_c``, ``active_junction_p95_c``, ``active_power_mean_w`` come from the
-  bare-metal telemetry attributed to phases exactly as the thermal suite does (idle segment; active
-  segments of the card's own group) — :func:`mi300x_cert.validation.frames.thermal_frame`.
+  thermal suite's frame (:func:`mi300x_cert.validation.frames.thermal_frame`), i.e. the bare-metal
+  experiment's ``stats/bare_metal_thermal.csv`` (telemetry attributed to phases at finalize: idle
+  segment; active segments of the card's own group).
 * ``memory_max_c`` is the highest memory temperature of the card in any ``telemetry/*.csv``.
 * ``sd_per_image_median_s`` is the median ``per_image_s`` of the card's measured sd-throughput rows.
 * ``failures`` are the failed expectations of ``validation/verdicts.json`` whose ``card`` is this card.

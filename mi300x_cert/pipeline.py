@@ -14,6 +14,7 @@ __all__ = [
     "plan_cases",
     "run_case",
     "finalize_experiment",
+    "refinalize_run",
     "run_experiment",
     "finish_run",
     "validate",
@@ -59,6 +60,13 @@ def finalize_experiment(run_dir: str | Path, experiment: str) -> dict:
     from .experiments import finalize_experiment as _fin
 
     return _fin(run_dir, experiment)
+
+
+def refinalize_run(run_dir: str | Path, names: list[str] | None = None) -> dict:
+    """Finalize a finished run's experiments again (no measuring): today's ``stats/`` tables."""
+    from .experiments import refinalize_run as _refin
+
+    return _refin(run_dir, names)
 
 
 def run_experiment(run_dir: str | Path, experiment: str, progress: bool = False, raise_on_failure: bool = False) -> dict:

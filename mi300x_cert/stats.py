@@ -19,7 +19,7 @@ from typing import Any
 from .config import REPORT_BATCH_CONFIGS, parse_batch_config
 
 __all__ = ["STATS", "TABLES", "TABLE_TITLES", "measured_rows", "order_batch_configs", "appendix_tables",
-           "long_table", "write_tables", "truthy"]
+           "long_table", "write_tables", "truthy", "problems_path", "write_problems", "read_table", "read_problems"]
 
 STATS = ("mean", "median", "std", "min", "max")
 _STAT_WORDS = {"mean": "Mean", "median": "Median", "std": "Standard Deviation", "min": "Minimum", "max": "Maximum"}
@@ -137,3 +137,54 @@ def write_tables(tables: dict[str, Any], directory: Path) -> list[Path]:
         atomic_write_text(p, table.to_csv(index=table.index.name is not None))
         paths.append(p)
     return paths
+
+
+# ---- an experiment's own tables (written once at finalize; verdicts and the report read them) ----------
+def problems_path(table: str) -> str:
+    """``stats/x.csv`` → ``stats/x.problems.json``: what finalize found wrong while computing ``table``."""
+    return str(Path(table).with_suffix(".problems.json"))
+
+
+def write_problems(root: Path | str, table: str, problems: list[str]) -> str:
+    """Write the findings of computing ``table`` (a JSON list, empty when none) next to it; return its path
+    relative to the run directory. Always written, so a missing file is itself a finding."""
+    import json
+
+    from .rundir import atomic_write_text
+
+    rel = problems_path(table)
+    atomic_write_text(Path(root) / rel, json.dumps(list(problems), indent=1) + "\n")
+    return rel
+
+
+def read_table(root: Path | str, table: str, problems: list[str], experiment: str) -> Any:
+    """``<root>/<table>`` as a DataFrame, else None with a problem naming the table (fail closed)."""
+    import pandas as pd
+
+    p = Path(root) / table
+    if not p.is_file():
+        problems.append(f"missing table {table} (written when the {experiment} experiment is finalized; "
+                        f"`mi300x-cert finalize RUN_DIR` computes it for a run finalized by an earlier version)")
+        return None
+    try:
+        return pd.read_csv(p, low_memory=False)
+    except Exception as e:  # an empty or corrupt table is a missing metric
+        problems.append(f"unreadable table {table}: {type(e).__name__}: {e}")
+        return None
+
+
+def read_problems(root: Path | str, table: str, problems: list[str], experiment: str) -> None:
+    """Add the findings finalize recorded for ``table`` to ``problems`` (a missing or unreadable
+    findings file is one itself)."""
+    import json
+
+    rel = problems_path(table)
+    try:
+        found = json.loads((Path(root) / rel).read_text())
+        if not isinstance(found, list):
+            raise ValueError("not a list")
+    except (OSError, ValueError) as e:
+        problems.append(f"missing or unreadable {rel} (the findings of the {experiment} experiment's finalize): "
+                        f"{type(e).__name__}")
+        return
+    problems.extend(str(x) for x in found)

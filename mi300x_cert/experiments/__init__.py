@@ -7,6 +7,7 @@
     run_experiment(run_dir, name) -> dict      plan → every case → finalize (the CLI path)
     run_all(run_dir, names) -> dict            the enabled ones among names, then finish_run
     resume_run(run_dir) -> dict                finish an interrupted run: only what is missing, then finish_run
+    refinalize_run(run_dir) -> dict            finalize every enabled experiment again (no measuring): today's tables
     finish_run(run_dir) -> state               complete only if every enabled experiment is finalized, all cases ok
 
 Everything that measures holds the host's lock (:func:`mi300x_cert.hostlock.host_lock`): ``run_case``
@@ -49,6 +50,7 @@ __all__ = [
     "resume_run",
     "prepare_and_run",
     "finish_run",
+    "refinalize_run",
     "measuring",
 ]
 
@@ -616,6 +618,36 @@ def resume_run(run_dir: str | Path, names: list[str] | tuple[str, ...] = EXPERIM
         result = _run_all_locked(rd, profile, names, progress)
         result["resumed"] = True
         return result
+
+
+def refinalize_run(run_dir: str | Path, names: list[str] | tuple[str, ...] | None = None) -> dict:
+    """Finalize the experiments among ``names`` (default: every one the run finalized) of a finished run again,
+    measuring nothing (``mi300x-cert finalize DIR``): their ``stats/`` tables are computed anew from
+    the run's rows and streams, so a run finalized by an earlier version (an archived reference run)
+    gets the tables today's verdicts and report read. The run's own state is left as it is.
+    Raises RunDirError for a run that is still measuring (finish it with ``run --resume``) and
+    CertError for an unknown or disabled experiment."""
+    from ..errors import RunDirError
+    from ..rundir import RunDir
+
+    rd = RunDir(run_dir)
+    profile = rd.load_profile()
+    if rd.state == "running":
+        raise RunDirError(f"run {rd.root} is still running (or was interrupted): finish it with "
+                          f"`mi300x-cert run --resume {rd.root}`, which finalizes every experiment")
+    done = [n for n in EXPERIMENTS if n in (rd.meta.get("experiments") or {})]  # finalized before, in run order
+    chosen = list(names) if names else done
+    for name in chosen:
+        get_experiment(name)  # an unknown name is one clear error
+        if name not in done:
+            raise CertError(f"experiment {name!r} was never finalized in run {rd.root} (finalized: "
+                            f"{', '.join(done) or 'none'}): nothing to compute its tables from")
+    out = {}
+    for name in chosen:
+        summary = finalize_experiment(rd.root, name)
+        out[name] = {"state": summary["state"], "tables": summary.get("tables", []),
+                     "failed_cases": summary.get("failed_cases", {})}
+    return {"run_dir": str(rd.root), "state": rd.state, "experiments": out}
 
 
 def _run_all_locked(rd: Any, profile: Any, names: list[str] | tuple[str, ...], progress: bool) -> dict:

@@ -61,6 +61,7 @@ class Experiment:
     form_fields: tuple[str, ...] = ()  # trigger-form fields that apply to it besides host/cards/dtype/model
     report_order: int = 50  # place of its report section (lower first)
     report_title: str = ""  # heading of its report section (default: title)
+    shown_tables: tuple[str, ...] = ()  # stats/ tables the report already shows (its section, the thermal summary)
     follows_card_set: bool = False  # the full certification's card set (trigger form) applies to it
     has_model: bool = True  # a model source the trigger form may override
 

@@ -107,6 +107,11 @@ class ResNet50(Experiment):
         except (OSError, ValueError) as e:
             problems.append(f"missing or unreadable table {STATS}: {type(e).__name__}")
             table = None
+        lacking = [c for c in ("case_id", "batches", "images_per_s", "mode", "image_size", "batch_size")
+                   if table is not None and c not in table.columns]
+        if lacking:  # a table of an earlier version: a problem, never a crash
+            problems.append(f"table {STATS} lacks column(s) {lacking}: `mi300x-cert finalize RUN_DIR` computes it again")
+            table = None
         if table is not None:
             for r in table.to_dict("records"):
                 label = " ".join(f"{c}={r[c]}" for c in ("mode", "image_size", "batch_size"))

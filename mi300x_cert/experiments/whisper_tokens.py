@@ -21,7 +21,9 @@ from .base import Experiment
 if TYPE_CHECKING:
     from ..config import Profile
 
-__all__ = ["WhisperTokens", "clip_count"]
+__all__ = ["WhisperTokens", "clip_count", "STATS"]
+
+STATS = "stats/whisper_tokens.csv"  # per case: tokens, wall time, tokens/s (the verdict and the report read it)
 
 
 def clip_count(clips: int) -> int:
@@ -56,6 +58,7 @@ class WhisperTokens(Experiment):
     spec_model = WhisperSpec
     title = "Whisper token throughput"
     report_order = 30
+    shown_tables = (STATS,)
     suites = ("whisper",)
     fanout = "serial"
     kind = "whisper"
@@ -82,7 +85,7 @@ class WhisperTokens(Experiment):
         root = Path(run_dir)
         work = workload_work(root, self.name)
         try:
-            table = pd.read_csv(root / "stats" / "whisper_tokens.csv")
+            table = pd.read_csv(root / STATS)
             profile = RunDir(root).load_profile()
         except (OSError, ValueError):
             return []
@@ -110,11 +113,21 @@ class WhisperTokens(Experiment):
         return [("whisper", "min_tokens_per_s", "floor", "rate", "tokens_per_s", "tokens/s over a case's wall time (slowest case)", False, {"kind": "total"})]
 
     def report_section(self, run_dir: Any) -> str | None:
+        """``stats/whisper_tokens.csv``, the table the whisper verdict's tokens/s come from."""
         from pathlib import Path
 
-        from ..report import _whisper_section
+        import pandas as pd
 
-        return _whisper_section(Path(run_dir))
+        from ..report.html import esc, table_html
+
+        try:  # the experiment's own table, written once at finalize (the verdict reads it too)
+            table = pd.read_csv(Path(run_dir) / STATS)
+        except (OSError, ValueError):
+            return f'<p class="missing">missing: {esc(STATS)}</p>'
+        show = table.rename(columns={"case_id": "case", "tokens": "total tokens", "wall_s": "wall s",
+                                     "total_tokens_per_s": "tokens/s (total)", "compute_tokens_per_s": "tokens/s (compute)",
+                                     "tokens_per_s_per_gpu": "tokens/s per GPU"})
+        return table_html(show, left=("case", "accelerator"))
 
     def _sizes(self, profile: Profile) -> list[int]:
         spec = profile.experiments.whisper
@@ -176,6 +189,6 @@ class WhisperTokens(Experiment):
         overall = {"accelerator": accelerator, "gpus": gpus, "total_tokens": total_tokens,
                    "total_tokens_per_s": total_tokens / total_wall if total_wall > 0 else None,
                    "tokens_per_s_per_gpu": total_tokens / total_wall / gpus if total_wall > 0 else None}
-        atomic_write_text(rd.root / "stats" / "whisper_tokens.csv", pd.DataFrame(recs).to_csv(index=False))
+        atomic_write_text(rd.root / STATS, pd.DataFrame(recs).to_csv(index=False))
         atomic_write_text(rd.root / "stats" / "whisper_summary.csv", pd.DataFrame([overall]).to_csv(index=False))
-        return {"tables": ["stats/whisper_tokens.csv", "stats/whisper_summary.csv"], **overall}
+        return {"tables": [STATS, "stats/whisper_summary.csv"], **overall}

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..units import c_to_f
 
 __all__ = ["build_report"]
 
@@ -45,7 +44,10 @@ def _stats_section(run_dir: Path) -> tuple[str, str]:
     files = sorted(sdir.glob("*.csv")) if sdir.is_dir() else []
     if not files:
         return _missing("stats/*.csv (Appendix A/B tables)"), ""
-    by_name = {f.stem: f for f in files}
+    from ..experiments import all_experiments
+
+    shown = {Path(t).stem for exp in all_experiments() for t in exp.shown_tables}  # in their own sections
+    by_name = {f.stem: f for f in files if f.stem not in shown}
     a, b = [], []
     for stat in _STATS_ORDER:
         if f"appendix_a_{stat}" in by_name:
@@ -73,24 +75,32 @@ def _stats_section(run_dir: Path) -> tuple[str, str]:
 
 
 def _thermal_section(run_dir: Path) -> str:
-    from .html import table_html
+    """The thermal verdict's frame as the suite sees it: the bare-metal experiment's tables (written
+    at finalize), recovery at the verdict's margin (else the thresholds set's)."""
+    from ..experiments.bare_metal import thermal_params
+    from .html import esc, table_html
 
+    params, source = thermal_params(run_dir)
     try:
+        from ..rundir import RunDir
         from ..validation.frames import thermal_frame
 
-        fr = thermal_frame(run_dir, None, {})
+        try:
+            profile = RunDir(run_dir).load_profile()
+        except Exception:  # the evidence checks of planned groups need the stored profile; the numbers do not
+            profile = None
+        fr = thermal_frame(run_dir, profile, params)
     except Exception as e:
-        return _missing(f"thermal summary could not be computed: {type(e).__name__}: {e}")
+        return _missing(f"thermal summary could not be read: {type(e).__name__}: {e}")
     df = fr.df
     if df.empty or "junction_mean_c" not in df.columns:
-        return _missing("bare-metal telemetry with junction temperatures") + "".join(_missing(p) for p in fr.problems)
+        return _missing("bare-metal thermal table with junction temperatures") + "".join(_missing(p) for p in fr.problems)
     show = df[df["role"].isin(["idle", "active", "cooldown"])].copy()
     cols = {"card": "card", "role": "phase", "samples": "samples"}
     for c, label in (("junction_mean_c", "junction mean"), ("junction_p95_c", "junction p95"),
                      ("junction_max_c", "junction max"), ("memory_max_c", "memory max")):
         if c in show.columns:
             cols[c] = f"{label} °C"
-            show[c.replace("_c", "_f")] = c_to_f(show[c])
             cols[c.replace("_c", "_f")] = f"{label} °F"
     for c, label in (("delta_active_idle_c", "active − idle °C"), ("recovery_s", "recovery s"), ("throttle_events", "throttle samples")):
         if c in show.columns:
@@ -99,24 +109,15 @@ def _thermal_section(run_dir: Path) -> str:
                          "junction_max_c", "junction_max_f", "memory_max_c", "memory_max_f", "delta_active_idle_c",
                          "recovery_s", "throttle_events") if c in show.columns]
     out = show[order].rename(columns=cols)
+    margin = params.get("recovery_margin_c")
+    recovery = (f"recovery s = seconds from the end of the card's load until its junction is within "
+                f"{float(margin):g} °C of its idle mean ({esc(source)})."
+                if margin is not None else
+                "recovery s: no thermal verdict and no thresholds set gave the margin; shown at 3 °C.")
     note = ("<p>Report bands (seed): idle 88–100 °F (31–38 °C), active 115–130 °F (46–54 °C). "
-            "p95 = 95th percentile of the junction temperature while the card was loaded.</p>")
+            "p95 = 95th percentile of the junction temperature while the card was loaded. "
+            f"The numbers the thermal verdict judges (stats/bare_metal_thermal.csv); {recovery}</p>")
     return note + table_html(out, left=("phase",)) + "".join(_missing(p) for p in fr.problems)
-
-
-def _whisper_section(run_dir: Path) -> str:
-    import pandas as pd
-
-    from .html import table_html
-
-    try:  # the experiment's own table, written once at finalize (the verdict reads it too)
-        table = pd.read_csv(run_dir / "stats" / "whisper_tokens.csv")
-    except (OSError, ValueError):
-        return _missing("stats/whisper_tokens.csv")
-    show = table.rename(columns={"case_id": "case", "tokens": "total tokens", "wall_s": "wall s",
-                                 "total_tokens_per_s": "tokens/s (total)", "compute_tokens_per_s": "tokens/s (compute)",
-                                 "tokens_per_s_per_gpu": "tokens/s per GPU"})
-    return table_html(show, left=("case", "accelerator"))
 
 
 def _experiment_sections(root: Path) -> list[tuple[str, str]]:

@@ -10,6 +10,9 @@ never raises: the PNG becomes a placeholder that says what is missing (``Figure.
 5. power per card, the activated cards named in the title
 6. 3-D surface of median batch latency (process count × batch config)
 7. min / median / max batch latency vs batch config, one line set per process count
+
+Figures 6 and 7 draw the sd-throughput experiment's ``stats/sd_throughput_long.csv`` (written at
+finalize); 1–5 draw the telemetry, event and network streams over time.
 """
 
 from __future__ import annotations
@@ -298,20 +301,21 @@ def fig5_power(data: dict, path: Path, plt) -> str:
     return f"activated cards {active}"
 
 
-def _sd_rows(run_dir: Path):
+def _sd_batch_latency(run_dir: Path):
+    """Batch latency statistics per process count × batch config (``count, median, min, max`` …) from
+    the sd-throughput experiment's ``stats/sd_throughput_long.csv`` (written at finalize)."""
     import pandas as pd
 
-    p = run_dir / "results" / "sd-throughput" / "rows.csv"
+    p = run_dir / "stats" / "sd_throughput_long.csv"
     if not p.is_file():
-        raise Missing("sd-throughput rows (results/sd-throughput/rows.csv)")
+        raise Missing("sd-throughput table stats/sd_throughput_long.csv")
     df = pd.read_csv(p)
-    _need(df, ["process_count", "batch_config", "latency_s"], "sd-throughput rows")
-    if "status" in df.columns:
-        df = df[df["status"].astype(str) == "ok"]
-    df["latency_s"] = pd.to_numeric(df["latency_s"], errors="coerce")
-    df = df.dropna(subset=["latency_s"])
+    _need(df, ["process_count", "batch_config", "metric", "count", "median", "min", "max"], "stats/sd_throughput_long.csv")
+    df = df[(df["metric"].astype(str) == "latency_s") & (pd.to_numeric(df["count"], errors="coerce") > 0)].copy()
     if df.empty:
-        raise Missing("sd-throughput rows: no ok batch")
+        raise Missing("stats/sd_throughput_long.csv: no ok batch")
+    df["process_count"] = df["process_count"].astype(int)
+    df["batch_config"] = df["batch_config"].astype(str)
     return df
 
 
@@ -328,10 +332,10 @@ def _bc_order(configs) -> list[str]:
 def fig6_surface(run_dir: Path, path: Path, plt) -> str:
     import numpy as np
 
-    df = _sd_rows(run_dir)
+    df = _sd_batch_latency(run_dir)
     configs = _bc_order(df["batch_config"])
     counts = sorted(int(n) for n in df["process_count"].unique())
-    med = df.groupby(["process_count", "batch_config"])["latency_s"].median()
+    med = df.set_index(["process_count", "batch_config"])["median"]
     Z = np.array([[med.get((n, b), np.nan) for b in configs] for n in counts], dtype=float)
     X, Y = np.meshgrid(range(len(configs)), counts)
     fig = plt.figure(figsize=(9, 6))
@@ -355,9 +359,8 @@ def fig6_surface(run_dir: Path, path: Path, plt) -> str:
 def fig7_lines(run_dir: Path, path: Path, plt) -> str:
     import seaborn as sns
 
-    df = _sd_rows(run_dir)
-    configs = _bc_order(df["batch_config"])
-    stats = df.groupby(["process_count", "batch_config"])["latency_s"].agg(["min", "median", "max"]).reset_index()
+    stats = _sd_batch_latency(run_dir)[["process_count", "batch_config", "min", "median", "max"]]
+    configs = _bc_order(stats["batch_config"])
     palette = sns.color_palette("tab10", n_colors=max(1, stats["process_count"].nunique()))
     fig, ax = plt.subplots(figsize=(10, 4.8))
     for color, (n, g) in zip(palette, stats.groupby("process_count")):

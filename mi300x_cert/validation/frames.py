@@ -11,13 +11,15 @@ suite's expectations on them fail as well instead of passing vacuously.
 
 Frames (columns documented in ``docs/verdicts.md``):
 
-* ``thermal``  — bare-metal telemetry aggregated per card × role (idle / active / unloaded /
-  cooldown), from ``telemetry/bare-metal*.csv`` + phase markers in ``events/bare-metal*.csv``.
-* ``latency``  — sd-throughput rows per process count × batch config (kind ``config``) and one
-  row per case status file (kind ``case``).
+* ``thermal``  — per card × role (idle / active / unloaded / cooldown), from the bare-metal
+  experiment's ``stats/bare_metal_thermal.csv`` and ``stats/bare_metal_recovery.csv`` (computed at
+  finalize from the telemetry and phase markers), + the telemetry/events files of every planned group.
+* ``latency``  — the sd-throughput experiment's ``stats/sd_latency.csv`` per process count × batch
+  config (kind ``config``) and one row per case status file (kind ``case``).
 * ``network``  — external-interface traffic per experiment × interface × phase (kinds
   ``traffic_active`` / ``traffic_other``), one row per socket (``socket``), one ``summary`` row.
-* ``whisper``  — per batch (``batch``: tokens per clip) and per case (``case``: tokens/s, status).
+* ``whisper``  — per batch (``batch``: tokens per clip, from the rows), per case (``total``: tokens/s
+  from the experiment's ``stats/whisper_tokens.csv``) and per case status (``case``).
 * every other suite — built by the experiment plugin that owns it (``Experiment.frame``), from the
   ``stats/`` tables that experiment wrote at finalize.
 """
@@ -144,108 +146,41 @@ THERMAL_COLUMNS = ["subject", "card", "role", "samples", "junction_readable", "m
                    "recovery_s", "throttle_events", "power_mean_w"]
 
 
-def _segments(events, problems: list[str]) -> list[dict]:
-    """Phase segments from event markers: [{stem, t0, t1, phase, cards}]."""
-    segs: list[dict] = []
-    if events is None or not {"t", "kind", "phase"}.issubset(events.columns):
-        return segs
-    ph = events[events["kind"].astype(str) == "phase"].sort_values(["stem", "t"])
-    for stem, g in ph.groupby("stem", sort=False):
-        rows = g.to_dict("records")
-        for i, r in enumerate(rows):
-            t1 = rows[i + 1]["t"] if i + 1 < len(rows) else math.inf
-            segs.append({"stem": stem, "t0": float(r["t"]), "t1": float(t1), "phase": str(r["phase"]),
-                         "cards": _parse_cards(r.get("cards"))})
-    if not segs:
-        problems.append("no phase markers (kind=phase) in events/bare-metal*.csv")
-    return segs
-
-
 def thermal_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
+    """The bare-metal experiment's thermal tables (written once at finalize; the report and the
+    history read the same ones): one row per card × role from ``stats/bare_metal_thermal.csv``, and
+    on active rows ``recovery_s`` = the first point of the card's curve in
+    ``stats/bare_metal_recovery.csv`` within ``recovery_margin_c`` (a parameter) of its idle mean.
+    Problems: a missing or unreadable table, the findings finalize recorded (unreadable streams,
+    missing columns, a card of a planned group without samples in one of its phases), a planned
+    group's telemetry or events file missing or empty, no active card."""
     import numpy as np
     import pandas as pd
 
+    from ..experiments.bare_metal import RECOVERY_TABLE, THERMAL_TABLE, recovery_s
+    from ..stats import read_problems, read_table
+
     problems: list[str] = []
-    tel = _read_many(run_dir, "telemetry", "bare-metal*.csv", problems,
-                     ["t", "card", "phase", "junction_c", "memory_c", "throttle"])
-    ev = _read_many(run_dir, "events", "bare-metal*.csv", problems, ["t", "kind", "phase", "cards"])
-    segs = _segments(ev, problems)
-    if tel is None or not {"t", "card", "phase"}.issubset(tel.columns):
-        return Frame("thermal", pd.DataFrame({"subject": pd.Series([], dtype=str)}), problems)
-    tel = tel.sort_values("t").reset_index(drop=True)
-    tel["card"] = tel["card"].astype(int)
-    has_j, has_m = "junction_c" in tel.columns, "memory_c" in tel.columns
-    for col in ("junction_c", "memory_c", "power_w"):
-        if col in tel.columns:
-            tel[col] = pd.to_numeric(tel[col], errors="coerce")
-
-    # role of each sample: idle | active (this card loaded) | unloaded (another group loaded) | cooldown
-    role = np.array(["other"] * len(tel), dtype=object)
-    seg_id = np.full(len(tel), -1)
-    tv, cv, sv = tel["t"].to_numpy(float), tel["card"].to_numpy(int), tel["stem"].to_numpy(object)
-    for i, s in enumerate(segs):
-        m = (sv == s["stem"]) & (tv >= s["t0"]) & (tv < s["t1"])
-        seg_id[m] = i
-        if s["phase"] == "active":
-            loaded = np.isin(cv, s["cards"])
-            role[m & loaded] = "active"
-            role[m & ~loaded] = "unloaded"
-        elif s["phase"] in ("idle", "cooldown"):
-            role[m] = s["phase"]
-    if not segs:  # no markers: fall back to the sampler's phase column, but active cards are unknown
-        role = tel["phase"].astype(str).to_numpy(object)
-    tel["role"] = role
-    tel["seg"] = seg_id
-    throttle = tel["throttle"].map(truthy) if "throttle" in tel.columns else None
-
-    rows = []
-    idle_means: dict[int, float] = {}
-    if has_j:
-        idle_means = tel[tel["role"] == "idle"].groupby("card")["junction_c"].mean().to_dict()
+    table = read_table(run_dir, THERMAL_TABLE, problems, "bare-metal")
+    curve = read_table(run_dir, RECOVERY_TABLE, problems, "bare-metal")
+    read_problems(run_dir, THERMAL_TABLE, problems, "bare-metal")
+    _thermal_evidence(run_dir, profile, problems)
     margin = float(params.get("recovery_margin_c", 3.0))
-    for (card, r), g in tel[tel["role"].isin(["idle", "active", "unloaded", "cooldown"])].groupby(["card", "role"]):
-        row: dict[str, Any] = {"subject": f"card {card} {r}", "card": int(card), "role": r, "samples": len(g)}
-        if has_j:
-            j = g["junction_c"]
-            row.update(junction_readable=float(j.notna().mean()), junction_mean_c=j.mean(),
-                       junction_p95_c=j.quantile(0.95) if j.notna().any() else np.nan, junction_max_c=j.max())
-        if has_m:
-            mm = g["memory_c"]
-            row.update(memory_readable=float(mm.notna().mean()), memory_mean_c=mm.mean(), memory_max_c=mm.max())
-        if "power_w" in g.columns:
-            row["power_mean_w"] = g["power_w"].mean()
-        if r == "active":
-            if throttle is not None:
-                row["throttle_events"] = int(throttle[g.index].sum())
-            if has_j:
-                idle = idle_means.get(card, np.nan)
-                row["idle_mean_c"] = idle
-                row["delta_active_idle_c"] = row["junction_mean_c"] - idle
-                row["recovery_s"] = _recovery(tel, card, g, segs, idle, margin)
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    for col in THERMAL_COLUMNS:
-        derived_from_missing = ((not has_j and ("junction" in col or col in ("idle_mean_c", "delta_active_idle_c",
-                                                                            "recovery_s")))
-                                or (not has_m and "memory" in col) or (throttle is None and col == "throttle_events"))
-        if col not in df.columns and not derived_from_missing:
-            df[col] = np.nan
-    if has_j:
-        df["junction_mean_f"] = df["junction_mean_c"].map(c_to_f)
-        df["junction_max_f"] = df["junction_max_c"].map(c_to_f)
-        df["junction_p95_f"] = df["junction_p95_c"].map(c_to_f)
-    if has_m:
-        df["memory_max_f"] = df["memory_max_c"].map(c_to_f)
+    if table is None or not {"card", "role"}.issubset(table.columns):
+        return Frame("thermal", pd.DataFrame({"subject": pd.Series([], dtype=str)}), problems,
+                     {"recovery_margin_c": margin})
+    df = table.copy()
+    if "junction_mean_c" in df.columns and curve is not None and {"card", "seconds", "junction_c"}.issubset(curve.columns):
+        df["recovery_s"] = [recovery_s(curve, int(r["card"]), r.get("idle_mean_c", np.nan), margin)
+                            if r["role"] == "active" else np.nan for r in df.to_dict("records")]
     df = df[[c for c in THERMAL_COLUMNS if c in df.columns]]
     if not (df["role"] == "active").any() if len(df) else True:
         problems.append("no card was active in the bare-metal telemetry")
-    _thermal_completeness(run_dir, profile, tel, problems)
     return Frame("thermal", df, problems, {"recovery_margin_c": margin})
 
 
-def _thermal_completeness(run_dir: Path, profile: Any, tel, problems: list[str]) -> None:
-    """Every planned bare-metal group: its telemetry and events files, and samples of every card of
-    the group in each of its phases (idle, active, cooldown — a phase of zero length excepted)."""
+def _thermal_evidence(run_dir: Path, profile: Any, problems: list[str]) -> None:
+    """Every planned bare-metal group: its telemetry and events files, present and not empty."""
     for case in planned_cases(profile, "bare-metal", problems):
         stem, cid, cards = f"bare-metal-{case['case_id']}", case["case_id"], [int(c) for c in case["cards"]]
         what = f"bare-metal group {cid} (cards {cards})"
@@ -255,32 +190,6 @@ def _thermal_completeness(run_dir: Path, profile: Any, tel, problems: list[str])
                 problems.append(f"missing {kind} of {what}: {kind}/{stem}.csv")
             elif n == 0:
                 problems.append(f"empty {kind} of {what}: {kind}/{stem}.csv has no rows")
-        if tel is None or "role" not in tel.columns:
-            continue
-        mine = tel[tel["stem"] == stem]
-        roles = ["idle"] * (float(case.get("idle_s") or 0) > 0) + ["active"] + ["cooldown"] * (float(case.get("cooldown_s") or 0) > 0)
-        for role in roles:
-            have = set(int(c) for c in mine.loc[mine["role"] == role, "card"].unique())
-            lacking = [c for c in cards if c not in have]
-            if lacking and len(mine):
-                problems.append(f"no {role} telemetry for card(s) {lacking} of {what} in telemetry/{stem}.csv")
-
-
-def _recovery(tel, card: int, active, segs: list[dict], idle: float, margin: float) -> float:
-    """Seconds from the end of the card's (last) active segment until its junction is within
-    ``margin`` °C of its idle mean; NaN when it never gets there (or idle is unknown)."""
-    if idle != idle or not segs:  # NaN
-        return float("nan")
-    seg_ids = sorted(set(int(s) for s in active["seg"] if s >= 0))
-    if not seg_ids:
-        return float("nan")
-    end = segs[seg_ids[-1]]["t1"]
-    after = tel[(tel["card"] == card) & (tel["t"] >= end) & (tel["stem"] == segs[seg_ids[-1]]["stem"])]
-    after = after[after["junction_c"].notna()]
-    ok = after[after["junction_c"] <= idle + margin]
-    if ok.empty:
-        return float("nan")
-    return float(ok["t"].iloc[0] - end)
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -355,74 +264,40 @@ def _case_rows(cases: list[dict], extra: dict | None = None) -> list[dict]:
     return rows
 
 
-def _bc_key(bc: str) -> tuple:
-    try:
-        b, n = str(bc).lower().split("x")
-        return (int(b), int(n))
-    except ValueError:
-        return (10**9, str(bc))
-
-
 def latency_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
+    """The sd-throughput experiment's ``stats/sd_latency.csv`` (written once at finalize; the report
+    shows the same table) as ``config`` rows + the bound of each batch config from ``params``, and
+    one ``case`` row per case status. A missing or unreadable table, the findings finalize recorded,
+    a planned process count × batch config without its row and a missing
+    ``results/sd-throughput/rows.csv`` (the evidence) are problems (fail closed)."""
     import numpy as np
     import pandas as pd
 
+    from ..experiments.sd_throughput import LATENCY_TABLE
+    from ..stats import read_problems, read_table
+
     problems: list[str] = []
-    df = _rows(run_dir, "sd-throughput", problems, ["process_count", "batch_config", "per_image_s", "status"])
+    table = read_table(run_dir, LATENCY_TABLE, problems, "sd-throughput")
+    read_problems(run_dir, LATENCY_TABLE, problems, "sd-throughput")
+    if _csv_rows(run_dir / "results" / "sd-throughput" / "rows.csv") is None:  # the evidence the table was computed from
+        problems.append("missing file: results/sd-throughput/rows.csv")
     cases = _cases(run_dir, "sd-throughput", problems, profile)
     spec = getattr(getattr(profile, "experiments", None), "sd_throughput", None)
     planned = [(int(n), str(bc)) for n in (spec.process_counts if spec else []) for bc in (spec.batch_configs if spec else [])]
     limits = params.get("per_image_max_s_by_batch_config") or {}
     default_limit = params.get("per_image_max_s")
-    have_metric = df is not None and {"process_count", "batch_config", "per_image_s"}.issubset(df.columns)
+    have_metric = table is not None and {"process_count", "batch_config"}.issubset(table.columns)
     rows: list[dict] = []
     if have_metric:
-        df = df.copy()
-        df["process_count"] = pd_numeric(df["process_count"]).astype("Int64")
-        df["batch_config"] = df["batch_config"].astype(str)
-        df["per_image_s"] = pd_numeric(df["per_image_s"])
-        ok = df[df["status"] == "ok"] if "status" in df.columns else df
-        keys = sorted(set(planned) | {(int(n), str(b)) for n, b in df[["process_count", "batch_config"]].dropna().itertuples(index=False)},
-                      key=lambda k: (k[0], _bc_key(k[1])))
-        medians: dict = {}
-        cards_used: dict = {}
-        for n, bc in keys:
-            g = ok[(ok["process_count"] == n) & (ok["batch_config"] == bc)]["per_image_s"].dropna()
-            allg = df[(df["process_count"] == n) & (df["batch_config"] == bc)]
-            med = float(g.median()) if len(g) else np.nan
-            medians[(n, bc)] = med
-            sel = ok[(ok["process_count"] == n) & (ok["batch_config"] == bc)]
-            cards_used[(n, bc)] = int(sel["card"].nunique()) if "card" in sel.columns and len(sel) else n
-            mean = float(g.mean()) if len(g) else np.nan
-            std = float(g.std(ddof=1)) if len(g) > 1 else (0.0 if len(g) == 1 else np.nan)
-            rows.append({
-                "subject": f"N={n} {bc}", "kind": "config", "process_count": n, "batch_config": bc,
-                "n_rows": int(len(g)),
-                "failed_rows": int((allg["status"] != "ok").sum()) if "status" in allg.columns else 0,
-                "median_per_image_s": med, "mean_per_image_s": mean, "std_per_image_s": std,
-                "min_per_image_s": float(g.min()) if len(g) else np.nan,
-                "max_per_image_s": float(g.max()) if len(g) else np.nan,
-                "cv_per_image": (std / mean) if len(g) and mean > 0 else np.nan,
-                "per_process_images_per_s": (1.0 / med) if med and med == med and med > 0 else np.nan,
-                "cards_used": cards_used[(n, bc)],
-                "per_image_limit_s": float(limits.get(bc, default_limit)) if (limits.get(bc, default_limit) is not None) else np.nan,
-            })
-        counts = sorted({n for n, _ in keys})
-        base_n = 1 if 1 in counts else (counts[0] if counts else 1)
-        # Throughput per card at N over throughput per card at the baseline: with one process per
-        # card this is per-process scaling; processes sharing a card (shared_card rows) are judged
-        # by what the card delivers, not by what each process gets.
-        for r in rows:
+        table["batch_config"] = table["batch_config"].astype(str)
+        have = {(int(n), str(b)) for n, b in table[["process_count", "batch_config"]].dropna().itertuples(index=False)}
+        for n, bc in planned:
+            if (n, bc) not in have:
+                problems.append(f"missing row of planned process count {n} × batch config {bc} in {LATENCY_TABLE}")
+        for r in table.to_dict("records"):
             bc = r["batch_config"]
-            base, med = medians.get((base_n, bc), np.nan), r["median_per_image_s"]
-            base_cards, cards = cards_used.get((base_n, bc), base_n) or base_n, r["cards_used"] or r["process_count"]
-            r["baseline_process_count"] = base_n
-            if base == base and med == med and med > 0 and base > 0:
-                per_card = (r["process_count"] / med) / cards
-                per_card_base = (base_n / base) / base_cards
-                r["per_card_scaling"] = per_card / per_card_base
-            else:
-                r["per_card_scaling"] = np.nan
+            limit = limits.get(bc, default_limit)
+            rows.append({**r, "kind": "config", "per_image_limit_s": float(limit) if limit is not None else np.nan})
     rows += _case_rows(cases)
     out = pd.DataFrame(rows)
     if "subject" not in out.columns:
@@ -461,11 +336,10 @@ def whisper_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
                          "tokens_per_clip": (r["tokens"] / items) if items and items == items else np.nan,
                          "configured_tokens": configured})
         # tokens/s per case: the experiment's own table (written once at finalize; the report shows it)
-        try:
-            table = _read_csv(run_dir / "stats" / "whisper_tokens.csv")
-        except Exception as e:
-            problems.append(f"missing or unreadable table stats/whisper_tokens.csv: {type(e).__name__}")
-            table = None
+        from ..experiments.whisper_tokens import STATS
+        from ..stats import read_table
+
+        table = read_table(run_dir, STATS, problems, "whisper")
         for r in (table.to_dict("records") if table is not None else []):
             rows.append({"subject": f"case {r['case_id']} total", "kind": "total", "case_id": str(r["case_id"]),
                          "tokens_total": float(r["tokens"]), "wall_s": r["wall_s"],

@@ -80,6 +80,6 @@ def test_not_validated_and_missing_inputs_degrade(tmp_path):
     path = build_report(root)
     page = path.read_text()
     assert "not validated" in page
-    assert "not drawn" in page and "network counters" in page and "sd-throughput rows" in page
+    assert "not drawn" in page and "network counters" in page and "stats/sd_throughput_long.csv" in page
     for n in range(1, 8):
         assert (root / "report" / f"figure{n}.png").read_bytes().startswith(PNG)
