@@ -16,7 +16,9 @@ differently in fp16 — the bench reports the agreement).
 Cross-attention comes in two forms (``cross``): "kv" keeps every layer's projected K/V (what stock
 does), "hidden" keeps only the encoder output and folds the K/V projections into the query and the
 output (exact algebra, see :class:`HiddenAttention`): half the bytes per step and 1/64 of the
-memory for large-v3; it is the default where the triton kernel runs.
+memory for large-v3; it is the default where the triton kernel runs. On NVIDIA cards a hand-written
+CUDA kernel for the same function (:mod:`.hidden_attn_cuda`) competes with the Triton launch
+configurations, timed per batch size.
 
 Attention for the single query of a step (K/V form): cross-attention through SDPA or, where it is clearly
 faster on the card (timed per batch size on the batch's own caches), :class:`DecodeAttention`, a
@@ -29,8 +31,9 @@ clips so that large batches fit beside their cross K/V caches.
 A stream of batches (:meth:`FastWhisper.generate_many`) can run the next batch's encoder on a
 second device stream while the current batch decodes (hidden form, GPU): same tokens as
 :meth:`FastWhisper.generate` per batch. It pays only where the encoder's kernels can be resident
-beside the decode step's (on an H200 the hidden-form kernel's shared memory leaves them no room:
-measured no gain, see docs/performance.md).
+beside the decode step's (on an H200 both hidden-form kernels, Triton's and the CUDA one in
+:mod:`.hidden_attn_cuda`, fill a multiprocessor's shared memory or registers: measured no gain, see
+docs/performance.md).
 """
 
 from __future__ import annotations
