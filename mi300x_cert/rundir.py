@@ -247,17 +247,37 @@ class RunDir:
 
     def load_profile(self):
         """The profile the run used (``profile.yaml``); RunDirError (one line, naming the field)
-        when it is missing or no longer valid."""
+        when it is missing or no longer valid. The stored profile is the full resolved profile, one
+        section per experiment that existed when the run was planned: an experiment registered
+        since (its section absent, see :meth:`predated_experiments`) was not part of this run's
+        plan and loads disabled, instead of taking today's default and demanding evidence the run
+        could not have."""
         from .config import load_profile
         from .errors import CertError
 
         path = self.root / "profile.yaml"
         if not path.is_file():
             raise RunDirError(f"{self.root} has no profile.yaml: cannot tell which experiments and thresholds apply")
+        later = self.predated_experiments()
         try:
-            return load_profile(path)
+            return load_profile(path, overrides={"experiments": {n: {"enabled": False} for n in later}} if later else None)
         except CertError as e:
             raise RunDirError(f"the run's stored profile is not valid: {e}") from None
+
+    def predated_experiments(self) -> list[str]:
+        """Registered experiments the run predates: no section of theirs in its stored profile."""
+        import yaml
+
+        from .experiments import experiment_names
+
+        try:
+            data = yaml.safe_load((self.root / "profile.yaml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return []  # load_profile names the problem
+        sections = data.get("experiments") if isinstance(data, dict) else None
+        if not isinstance(sections, dict):
+            return []
+        return [n for n in experiment_names() if n not in sections]
 
     # ---- paths ----------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:

@@ -21,9 +21,56 @@ from .base import Experiment
 if TYPE_CHECKING:
     from ..config import Profile
 
-__all__ = ["WhisperTokens", "clip_count", "STATS"]
+__all__ = ["WhisperTokens", "clip_count", "STATS", "BATCH_TABLE", "BATCH_COLUMNS", "batch_table"]
 
 STATS = "stats/whisper_tokens.csv"  # per case: tokens, wall time, tokens/s (the verdict and the report read it)
+BATCH_TABLE = "stats/whisper_batches.csv"  # per measured batch: tokens per clip vs the configured new_tokens
+BATCH_COLUMNS = ["subject", "case_id", "proc", "card", "batch_index", "status", "clips", "tokens", "tokens_per_clip",
+                 "configured_tokens"]
+_BATCH_REQUIRED = ["case_id", "tokens", "items"]
+
+
+def batch_table(rows: Any, planned: list[str], configured: int | None) -> tuple[Any, list[str]]:
+    """Tokens per clip of every measured batch (warm-up excluded, every status: a failed batch has no
+    tokens and so no tokens per clip), the numbers the whisper suite judges against the configured
+    ``new_tokens`` (forced, no early stop). Returns (table with :data:`BATCH_COLUMNS`, problems): a
+    column the rule needs missing from the rows, or a planned case without a measured batch, is a
+    problem naming it (fail closed)."""
+    import numpy as np
+    import pandas as pd
+
+    from ..stats import truthy
+
+    problems = [f"missing column {c!r} in results/whisper/rows.csv" for c in _BATCH_REQUIRED if c not in rows.columns]
+    if problems:
+        return pd.DataFrame(columns=BATCH_COLUMNS), problems
+    df = rows.copy()
+    if "warmup" in df.columns:  # warm-up batches are not measurements
+        df = df[~df["warmup"].map(truthy)]
+    if "batch_index" in df.columns:
+        df = df[pd.to_numeric(df["batch_index"], errors="coerce").fillna(0) >= 0]
+    multi = "proc" in df.columns and df["proc"].nunique() > 1
+    recs: list[dict] = []
+    for i, r in enumerate(df.to_dict("records")):
+        items = pd.to_numeric(pd.Series([r.get("items")]), errors="coerce").iloc[0]
+        tokens = pd.to_numeric(pd.Series([r.get("tokens")]), errors="coerce").iloc[0]
+        bi = r.get("batch_index", i)
+        bi = i if pd.isna(bi) else int(bi)
+        proc = r.get("proc")
+        who = f" proc {int(proc)}" if multi and not pd.isna(proc) else ""
+        recs.append({"subject": f"case {r['case_id']}{who} batch {bi}", "case_id": str(r["case_id"]),
+                     "proc": proc, "card": r.get("card"), "batch_index": bi, "status": r.get("status"),
+                     "clips": items, "tokens": tokens,
+                     "tokens_per_clip": (tokens / items) if not pd.isna(items) and items else np.nan,
+                     "configured_tokens": configured if configured is not None else np.nan})
+    have = {str(c) for c in df["case_id"].dropna()}
+    for cid in planned:
+        if cid not in have:
+            problems.append(f"planned whisper case {cid} has no measured batch in results/whisper/rows.csv")
+    out = pd.DataFrame(recs, columns=BATCH_COLUMNS)
+    for c in ("proc", "card", "batch_index"):
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype("Int64")
+    return out, problems
 
 
 def clip_count(clips: int) -> int:
@@ -58,7 +105,7 @@ class WhisperTokens(Experiment):
     spec_model = WhisperSpec
     title = "Whisper token throughput"
     report_order = 30
-    shown_tables = (STATS,)
+    shown_tables = (STATS, BATCH_TABLE)
     suites = ("whisper",)
     fanout = "serial"
     kind = "whisper"
@@ -113,21 +160,35 @@ class WhisperTokens(Experiment):
         return [("whisper", "min_tokens_per_s", "floor", "rate", "tokens_per_s", "tokens/s over a case's wall time (slowest case)", False, {"kind": "total"})]
 
     def report_section(self, run_dir: Any) -> str | None:
-        """``stats/whisper_tokens.csv``, the table the whisper verdict's tokens/s come from."""
+        """``stats/whisper_tokens.csv`` and ``stats/whisper_batches.csv``, the tables the whisper
+        verdict's tokens/s and tokens per clip come from, as the suite judged them."""
         from pathlib import Path
 
         import pandas as pd
 
         from ..report.html import esc, table_html
 
-        try:  # the experiment's own table, written once at finalize (the verdict reads it too)
+        parts = []
+        try:  # the experiment's own tables, written once at finalize (the verdict reads them too)
             table = pd.read_csv(Path(run_dir) / STATS)
+            show = table.rename(columns={"case_id": "case", "tokens": "total tokens", "wall_s": "wall s",
+                                         "total_tokens_per_s": "tokens/s (total)", "compute_tokens_per_s": "tokens/s (compute)",
+                                         "tokens_per_s_per_gpu": "tokens/s per GPU"})
+            parts.append(table_html(show, left=("case", "accelerator")))
         except (OSError, ValueError):
-            return f'<p class="missing">missing: {esc(STATS)}</p>'
-        show = table.rename(columns={"case_id": "case", "tokens": "total tokens", "wall_s": "wall s",
-                                     "total_tokens_per_s": "tokens/s (total)", "compute_tokens_per_s": "tokens/s (compute)",
-                                     "tokens_per_s_per_gpu": "tokens/s per GPU"})
-        return table_html(show, left=("case", "accelerator"))
+            parts.append(f'<p class="missing">missing: {esc(STATS)}</p>')
+        try:
+            batches = pd.read_csv(Path(run_dir) / BATCH_TABLE)
+            show = batches[[c for c in BATCH_COLUMNS if c != "subject" and c in batches.columns]]
+            parts.append("<p>Tokens per clip of every measured batch (warm-up excluded): the whisper verdict checks "
+                         "each equals the configured new tokens (forced, no early stop).</p>")
+            parts.append(table_html(show.rename(columns={"case_id": "case", "batch_index": "batch",
+                                                         "tokens_per_clip": "tokens per clip",
+                                                         "configured_tokens": "configured tokens"}),
+                                    left=("case", "status")))
+        except (OSError, ValueError):
+            parts.append(f'<p class="missing">missing: {esc(BATCH_TABLE)}</p>')
+        return "".join(parts)
 
     def _sizes(self, profile: Profile) -> list[int]:
         spec = profile.experiments.whisper
@@ -167,6 +228,7 @@ class WhisperTokens(Experiment):
         import pandas as pd
 
         from ..rundir import atomic_write_text
+        from ..stats import write_problems
 
         recs = []
         total_tokens = 0
@@ -191,4 +253,7 @@ class WhisperTokens(Experiment):
                    "tokens_per_s_per_gpu": total_tokens / total_wall / gpus if total_wall > 0 else None}
         atomic_write_text(rd.root / STATS, pd.DataFrame(recs).to_csv(index=False))
         atomic_write_text(rd.root / "stats" / "whisper_summary.csv", pd.DataFrame([overall]).to_csv(index=False))
-        return {"tables": [STATS, "stats/whisper_summary.csv"], **overall}
+        batches, problems = batch_table(rows, [c["case_id"] for c in self.cases(profile)], int(self.spec(profile).new_tokens))
+        atomic_write_text(rd.root / BATCH_TABLE, batches.to_csv(index=False))
+        written = write_problems(rd.root, BATCH_TABLE, problems)
+        return {"tables": [STATS, "stats/whisper_summary.csv", BATCH_TABLE, written], **overall}

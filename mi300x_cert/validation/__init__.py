@@ -237,6 +237,12 @@ def _problem(suite: str, expectation: str, reason: str, **extra: Any) -> dict:
             "expected": extra.pop("expected", None), "reason": reason, **extra}
 
 
+def _rundir(run_dir: Path) -> Any:
+    from ..rundir import RunDir
+
+    return RunDir(run_dir)
+
+
 def _run_suite(name: str, run_dir: Path, profile: Any, params_all: dict | None, params_error: str | None,
                exp_dir: Path, runner_box: list) -> dict:
     from .frames import build_frame, suite_experiment
@@ -249,6 +255,9 @@ def _run_suite(name: str, run_dir: Path, profile: Any, params_all: dict | None, 
     if not _enabled(profile, experiment):
         verdict.update(success=True, status="skipped", reason="skipped: experiment disabled",
                        skipped="experiment disabled" if experiment else "every experiment disabled")
+        if experiment and experiment in _rundir(run_dir).predated_experiments():
+            verdict.update(reason=f"skipped: the run predates the {experiment} experiment (no section of it in its "
+                                  "profile.yaml)", skipped="run predates the experiment")
         return verdict
     failures = verdict["failures"]
     suite_path = exp_dir / f"{name}.json"

@@ -18,8 +18,8 @@ Frames (columns documented in ``docs/verdicts.md``):
   config (kind ``config``) and one row per case status file (kind ``case``).
 * ``network``  — external-interface traffic per experiment × interface × phase (kinds
   ``traffic_active`` / ``traffic_other``), one row per socket (``socket``), one ``summary`` row.
-* ``whisper``  — per batch (``batch``: tokens per clip, from the rows), per case (``total``: tokens/s
-  from the experiment's ``stats/whisper_tokens.csv``) and per case status (``case``).
+* ``whisper``  — per batch (``batch``: tokens per clip, from the experiment's ``stats/whisper_batches.csv``),
+  per case (``total``: tokens/s from its ``stats/whisper_tokens.csv``) and per case status (``case``).
 * every other suite — built by the experiment plugin that owns it (``Experiment.frame``), from the
   ``stats/`` tables that experiment wrote at finalize.
 """
@@ -315,45 +315,68 @@ def latency_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
 
 
 def whisper_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
+    """The whisper experiment's tables (written once at finalize; the report shows the same ones):
+    one ``batch`` row per measured batch from ``stats/whisper_batches.csv`` (tokens per clip and
+    the configured ``new_tokens``), one ``total`` row per case from ``stats/whisper_tokens.csv``
+    (tokens/s over the case's wall time) and one ``case`` row per case status. Problems: a missing
+    or unreadable table or column, the findings finalize recorded, a planned case without its rows
+    in either table, a missing ``results/whisper/rows.csv`` (the evidence) — fail closed."""
     import numpy as np
     import pandas as pd
 
-    problems: list[str] = []
-    df = _rows(run_dir, "whisper", problems, ["tokens", "items", "t_start", "t_end", "case_id"])
-    cases = _cases(run_dir, "whisper", problems, profile)
-    spec = getattr(getattr(profile, "experiments", None), "whisper", None)
-    configured = int(spec.new_tokens) if spec else np.nan
-    rows: list[dict] = []
-    if df is not None and {"tokens", "items", "case_id"}.issubset(df.columns):
-        df = df.copy()
-        for c in ("tokens", "items", "t_start", "t_end"):
-            if c in df.columns:
-                df[c] = pd_numeric(df[c])
-        for i, r in enumerate(df.to_dict("records")):
-            items = r.get("items")
-            rows.append({"subject": f"case {r['case_id']} batch {r.get('batch_index', i)}", "kind": "batch",
-                         "case_id": str(r["case_id"]),
-                         "tokens_per_clip": (r["tokens"] / items) if items and items == items else np.nan,
-                         "configured_tokens": configured})
-        # tokens/s per case: the experiment's own table (written once at finalize; the report shows it)
-        from ..experiments.whisper_tokens import STATS
-        from ..stats import read_table
+    from ..experiments.whisper_tokens import BATCH_TABLE, STATS
+    from ..stats import read_problems, read_table
 
-        table = read_table(run_dir, STATS, problems, "whisper")
-        for r in (table.to_dict("records") if table is not None else []):
-            rows.append({"subject": f"case {r['case_id']} total", "kind": "total", "case_id": str(r["case_id"]),
-                         "tokens_total": float(r["tokens"]), "wall_s": r["wall_s"],
-                         "tokens_per_s": r["total_tokens_per_s"] if r["total_tokens_per_s"] == r["total_tokens_per_s"] else np.nan})
+    problems: list[str] = []
+    batches = read_table(run_dir, BATCH_TABLE, problems, "whisper")
+    read_problems(run_dir, BATCH_TABLE, problems, "whisper")
+    totals = read_table(run_dir, STATS, problems, "whisper")
+    if _csv_rows(run_dir / "results" / "whisper" / "rows.csv") is None:  # the evidence the tables were computed from
+        problems.append("missing file: results/whisper/rows.csv")
+    cases = _cases(run_dir, "whisper", problems, profile)
+    planned = [str(c["case_id"]) for c in planned_cases(profile, "whisper")]
+    rows: list[dict] = []
+    have_batches = _table_columns(batches, BATCH_TABLE, ["subject", "case_id", "tokens_per_clip", "configured_tokens"], problems)
+    if have_batches:
+        batches = batches.astype({"case_id": str})
+        _planned_rows(batches, planned, BATCH_TABLE, problems)
+        for r in batches.to_dict("records"):
+            rows.append({"subject": r["subject"], "kind": "batch", "case_id": r["case_id"],
+                         "tokens_per_clip": r["tokens_per_clip"], "configured_tokens": r["configured_tokens"]})
+    have_totals = _table_columns(totals, STATS, ["case_id", "tokens", "wall_s", "total_tokens_per_s"], problems)
+    if have_totals:
+        totals = totals.astype({"case_id": str})
+        _planned_rows(totals, planned, STATS, problems)
+        for r in totals.to_dict("records"):
+            rows.append({"subject": f"case {r['case_id']} total", "kind": "total", "case_id": r["case_id"],
+                         "tokens_total": float(r["tokens"]), "wall_s": r["wall_s"], "tokens_per_s": r["total_tokens_per_s"]})
     rows += _case_rows(cases)
     out = pd.DataFrame(rows)
     for col in ("subject", "kind", "case_status"):
         if col not in out.columns:
             out[col] = pd.Series([None] * len(out), dtype=object)
-    if df is not None and {"tokens", "items", "case_id"}.issubset(df.columns):
-        for col in ("tokens_per_clip", "configured_tokens", "tokens_per_s"):
-            if col not in out.columns:
-                out[col] = np.nan
+    for col, present in (("tokens_per_clip", have_batches), ("configured_tokens", have_batches), ("tokens_per_s", have_totals)):
+        if present and col not in out.columns:  # a column of a missing table stays missing (its expectations fail)
+            out[col] = np.nan
     return Frame("whisper", out, problems)
+
+
+def _table_columns(table: Any, name: str, needed: list[str], problems: list[str]) -> bool:
+    """Whether ``table`` was read and has ``needed``; each missing column is a problem naming it."""
+    if table is None:
+        return False
+    lacking = [c for c in needed if c not in table.columns]
+    for c in lacking:
+        problems.append(f"missing column {c!r} in {name} (`mi300x-cert finalize RUN_DIR` computes the table again)")
+    return not lacking
+
+
+def _planned_rows(table: Any, planned: list[str], name: str, problems: list[str]) -> None:
+    """Every planned case has a row in ``table``."""
+    have = set(table["case_id"].dropna())
+    for cid in planned:
+        if cid not in have:
+            problems.append(f"missing row of planned case {cid} in {name}")
 
 
 # --------------------------------------------------------------------------------------------- network

@@ -132,7 +132,7 @@ def test_sigkill_during_the_sd_matrix_then_resume(tmp_path):
 
     latency = _rows(out / "stats" / "sd_latency.csv")
     assert sum(int(r["n_rows"]) for r in latency) == len(rows) and {r["failed_rows"] for r in latency} == {"0"}
-    for suite in ("latency", "thermal"):
+    for suite in ("latency", "thermal", "whisper"):
         problems = build_frame(suite, out, rd.load_profile(), {}).problems
         assert not [p for p in problems if "stats/" in p], problems
 

@@ -22,8 +22,8 @@ USED = ("bare-metal", "sd-throughput", "whisper")
 TABLES = {"latency": ["stats/sd_latency.csv", "stats/sd_latency.problems.json"],
           "thermal": ["stats/bare_metal_thermal.csv", "stats/bare_metal_recovery.csv",
                       "stats/bare_metal_thermal.problems.json"],
-          "whisper": ["stats/whisper_tokens.csv"]}
-EVIDENCE = {"latency": ["results/sd-throughput/rows.csv"],
+          "whisper": ["stats/whisper_tokens.csv", "stats/whisper_batches.csv", "stats/whisper_batches.problems.json"]}
+EVIDENCE = {"latency": ["results/sd-throughput/rows.csv"], "whisper": ["results/whisper/rows.csv"],
             "thermal": ["telemetry/bare-metal-g1-c0-1.csv", "events/bare-metal-g0-c12-15.csv"]}
 MARGIN = 2.5  # °C: not the smoke set's 10 °C: the report must show the verdict's margin, not the set's
 
@@ -146,6 +146,8 @@ def test_recovery_follows_the_verdict_margin(run):
 
 
 def test_whisper_report_numbers_equal_verdict_numbers(run):
+    from mi300x_cert.experiments.whisper_tokens import BATCH_COLUMNS
+
     root, _, html = run
     frame = _frame(root, "whisper")
     totals = frame[frame["kind"] == "total"]
@@ -156,6 +158,50 @@ def test_whisper_report_numbers_equal_verdict_numbers(run):
     section = _section(html, "Whisper token throughput")
     for v in table["total_tokens_per_s"]:
         assert f'<td class="">{v:.6g}</td>' in section, v
+    # tokens per clip: the verdict's batch rows are the table's rows, and the report prints them
+    batches = frame[frame["kind"] == "batch"]
+    per_batch = pd.read_csv(root / "stats" / "whisper_batches.csv")
+    assert len(batches) == len(per_batch) > 0
+    both = batches.merge(per_batch, on="subject", suffixes=("_frame", "_stats"))
+    assert len(both) == len(per_batch)
+    for col in ("tokens_per_clip", "configured_tokens"):
+        assert both[f"{col}_frame"].tolist() == both[f"{col}_stats"].tolist(), col
+    assert (per_batch["tokens_per_clip"] == per_batch["configured_tokens"]).all()
+    verdict = json.loads((root / "validation" / "whisper.json").read_text())
+    assert verdict["success"] is True, verdict["failures"]
+    cols = [c for c in BATCH_COLUMNS if c != "subject"]
+    for r in per_batch.to_dict("records"):
+        values = [int(r[c]) if c in ("proc", "card", "batch_index") else r[c] for c in cols]
+        assert _row_html(values, left={0, 4}) in section, r["subject"]
+
+
+def test_whisper_verdict_judges_the_table_not_the_rows(run, tmp_path):
+    """A batch whose tokens per clip in the table differ from the configured number fails the verdict
+    naming that batch, even though the rows are untouched; a planned case missing from the table
+    fails naming the case; finalizing again restores the table from the rows."""
+    root, exp, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "validation")
+    t = copy / "stats" / "whisper_batches.csv"
+    good = t.read_bytes()
+    df = pd.read_csv(t)
+    df.loc[0, "tokens_per_clip"] = df.loc[0, "configured_tokens"] - 1
+    df.to_csv(t, index=False)
+    v = validate(copy, "whisper", expectations=exp)
+    assert v["success"] is False
+    bad = [f for f in v["failures"] if f.get("expectation") == "tokens_per_clip_configured"]
+    assert [f["subject"] for f in bad] == [df.loc[0, "subject"]], v["failures"]
+    df[df["case_id"] != "r1"].to_csv(t, index=False)
+    v = validate(copy, "whisper", expectations=exp)
+    assert any("missing row of planned case r1 in stats/whisper_batches.csv" in f["reason"] for f in v["failures"])
+    df.drop(columns=["tokens_per_clip"]).to_csv(t, index=False)
+    v = validate(copy, "whisper", expectations=exp)
+    assert v["success"] is False
+    assert any("missing column 'tokens_per_clip' in stats/whisper_batches.csv" in f["reason"] for f in v["failures"])
+    finalize_experiment(copy, "whisper")
+    assert t.read_bytes() == good
+    assert validate(copy, "whisper", expectations=exp)["success"] is True
 
 
 @pytest.mark.parametrize("suite,table", [(s, t) for d in (TABLES, EVIDENCE) for s, ts in d.items() for t in ts])
