@@ -8,24 +8,34 @@ output buffer, so the two are interchangeable candidates timed per batch size on
 Why a second kernel: the step of a large Whisper batch is bound by reading X once per layer, and
 the Triton kernel holds all heads' [heads × E] accumulators in one program, so the compiler keeps
 them in ≈206 KB of shared memory with four warps per SM and reaches under half of an H200's copy
-rate. Here the work of a clip is laid out for the matrix units explicitly:
+rate. Here the work of a clip is laid out for the matrix units explicitly (one block per clip, or
+per clip and split of its rows):
 
-* ``NW`` warps split E into slices of ``EW = E / NW`` columns. Each warp streams **only its own
-  slice** of each 16-row tile of X into its own shared-memory ring (``STAGES`` deep, ``cp.async``,
-  rows padded by 16 bytes so ``ldmatrix`` is free of bank conflicts) and keeps its slice of the
-  output accumulator ``[EW × heads]`` in registers (heads padded to a multiple of 8).
-* Scores of a tile, ``Sᵀ[16 rows × heads] = X_tile · q'ᵀ``: each warp multiplies its slice (q' held
-  in registers as matrix-unit fragments for the whole kernel); the partial sums of the warps meet
-  in a small double-buffered shared array — **one block barrier per tile** — and every warp adds
-  them up itself at exactly the positions it needs as the next product's operand, so the online
-  softmax (float32, running max and sum per head) needs no second barrier.
+* ``NW`` warps split E into slices of ``EW = E / NW`` columns; each warp keeps its slice of the
+  output accumulator ``[EW × heads]`` (float32, heads padded to a multiple of 8) and of q' (as
+  matrix-unit fragments, or in shared memory with ``qsmem``) in registers for the whole kernel.
+* Loads, two forms. ``bulk`` (compute capability ≥ 9.0, the form chosen on an H200): warp 0 brings
+  each tile of ``ROWS`` full rows with one bulk copy per row (``cp.async.bulk``, one lane each) into
+  a ``STAGES``-deep ring; a "full" barrier per stage completes when the bytes land, an "empty"
+  barrier when every warp is done with the stage, and warp 0 refills it at once. Otherwise each warp
+  streams only its own column slice into its own ring with ``cp.async``. Rows are padded by 16
+  bytes so ``ldmatrix`` is free of bank conflicts.
+* Scores of a tile, ``Sᵀ[rows × heads] = X_tile · q'ᵀ``: each warp multiplies its slice; the warps'
+  partial sums meet in shared memory. With ``red2`` they are summed once (each thread a few
+  positions) behind a second block barrier; otherwise every warp adds all partials itself (one
+  barrier per tile, double-buffered). Every warp then runs the online softmax (float32, running max
+  and sum per head) at exactly the positions it needs as the next product's operand.
 * ``O'ᵀ[EW × heads] += X_tileᵀ · P``: the same tile, read transposed by ``ldmatrix.trans``, times the
   probabilities packed to fp16 straight from registers.
 
-So every byte of X is read from memory once and feeds both products from shared memory, the
-accumulators never leave registers, and the loads of the next ``STAGES - 1`` tiles are in flight
-while a tile is computed. Rows of X can be split over ``splits`` blocks per clip for parallelism at
-small batches (partials in the same layout as the Triton kernel's, merged the same way).
+So every byte of X is read from memory once and feeds both products from shared memory, and the
+accumulators never leave registers. ``pipe`` (cp.async form only) computes the scores of the next
+tile beside the softmax of the current one. Rows of X can be split over ``splits`` blocks per clip
+for parallelism at small batches (partials in the same layout as the Triton kernel's, merged the
+same way). ``mode`` 1/2 (bench only) leave out the arithmetic or the loads.
+
+A kernel that fails to compile, to launch or to match the float32 reference is not chosen; a fault
+on the device while a chosen kernel runs fails the run (a CUDA error is sticky for the process).
 """
 
 from __future__ import annotations
@@ -188,6 +198,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   // rows past the end are never copied: zero them once so a masked row is 0, never stale NaN
   for (int i = threadIdx.x; i < XS_HALVES / 8; i += NW * 32)
     reinterpret_cast<uint4*>(xall)[i] = make_uint4(0u, 0u, 0u, 0u);
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the zeros before the bulk copies' writes
   if (threadIdx.x == 0) {
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(bars + 8 * st, 1);                 // full: the copies of the stage's tile landed
@@ -597,8 +608,9 @@ class CudaHiddenAttention:
         self.B, self.H, self.S, self.E = B, H, S, E
         self.warps, self.stages, self.splits = int(warps), int(stages), max(1, int(splits))
         self.rows, self.qsmem, self.pipe, self.bulk, self.red2 = int(rows), bool(qsmem), bool(pipe), bool(bulk), bool(red2)
-        self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
-                                              self.bulk, self.red2, mode)
+        with torch.cuda.device(torch.device(device) if device is not None else torch.cuda.current_device()):
+            self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
+                                                  self.bulk, self.red2, mode)
         chunk = -(-S // self.splits)
         self.chunk = -(-chunk // self.rows) * self.rows
         self.out = torch.empty(H, B, E, device=device, dtype=torch.float16).transpose(0, 1)
@@ -633,20 +645,26 @@ class CudaHiddenAttention:
     def __call__(self, qp: Any, x: Any) -> Any:
         import torch
 
+        if tuple(qp.shape) != (self.B, self.H, self.E) or tuple(x.shape) != (self.B, self.S, self.E):
+            raise ValueError(f"CudaHiddenAttention: built for q' {(self.B, self.H, self.E)} and X "
+                             f"{(self.B, self.S, self.E)}, got {tuple(qp.shape)} and {tuple(x.shape)}")
         if qp.stride(2) != 1 or not x.is_contiguous():
             raise ValueError("CudaHiddenAttention: q' needs a contiguous last dimension and X [B, S, E] contiguous")
-        if self.bulk and x.data_ptr() % 16:
-            raise ValueError("CudaHiddenAttention: X must be 16-byte aligned for bulk copies")
+        if x.data_ptr() % 16:
+            raise ValueError("CudaHiddenAttention: X must be 16-byte aligned (16-byte copies)")
+        if x.device != self.out.device or qp.device != self.out.device:
+            raise ValueError(f"CudaHiddenAttention: built on {self.out.device}, got q' on {qp.device} and X on {x.device}")
         if qp.dtype != torch.float16 or x.dtype != torch.float16:
             raise ValueError(f"CudaHiddenAttention: fp16 inputs only, got {qp.dtype} and {x.dtype}")
         if self.qsmem and (qp.stride(0) % 8 or qp.stride(1) % 8 or qp.data_ptr() % 16):
             raise ValueError("CudaHiddenAttention: q' must be 16-byte aligned with strides of 8 elements")
         if qp.stride(0) % 2 or qp.stride(1) % 2 or qp.data_ptr() % 4:
             raise ValueError("CudaHiddenAttention: q' must be 4-byte aligned with even strides")
-        self.kernel(grid=(self.splits, self.B, 1), block=(32 * self.warps, 1, 1),
-                    args=[qp, x, self.out, self.mp, self.lp, self.ap, self.S, self.chunk, qp.stride(0),
-                          qp.stride(1), self.out.stride(0), self.out.stride(1), self.splits],
-                    shared_mem=self.smem)
+        with torch.cuda.device(x.device):
+            self.kernel(grid=(self.splits, self.B, 1), block=(32 * self.warps, 1, 1),
+                        args=[qp, x, self.out, self.mp, self.lp, self.ap, self.S, self.chunk, qp.stride(0),
+                              qp.stride(1), self.out.stride(0), self.out.stride(1), self.splits],
+                        shared_mem=self.smem)
         if self.splits == 1:
             return self.out
         w = torch.exp(self.mp - self.mp.amax(dim=-1, keepdim=True))          # [B, H, n]
