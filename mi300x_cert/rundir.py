@@ -2,7 +2,8 @@
 
 Layout (``RunDir.root``)::
 
-    run.json                        identity and state: running | complete | failed (+ error)
+    run.json                        identity and state: running | complete | failed (+ error); the
+                                    experiments registered when the run was planned (experiments_registered)
     profile.yaml                    the resolved profile the run used
     inventory.json                  host, cards (serial, bus id, domain), driver and library versions
     results/<experiment>/cases/<case_id>.rows.csv      per-batch rows of one case (streamed as they arrive)
