@@ -43,17 +43,10 @@ from typing import Any, Iterable
 from .errors import RunDirError
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "CsvStream", "read_json", "utcnow",
-           "discard_new_run", "PREDATED_WITHOUT_RECORD"]
+           "discard_new_run"]
 
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-# A run records the experiments registered when it was planned (run.json ``experiments_registered``);
-# it predates exactly the experiments registered since. Runs made before that record existed can
-# predate only the experiments registered after the last version that wrote no record: these. Any
-# other experiment without a section in such a run's profile.yaml takes the profile default
-# (enabled) and fails for missing evidence.
-PREDATED_WITHOUT_RECORD: frozenset[str] = frozenset({"hardware-ceilings"})
 
 
 def utcnow() -> str:
@@ -303,10 +296,10 @@ class RunDir:
         """Registered experiments the run predates: registered now, not in the run's record of the
         experiments registered when it was planned (run.json ``experiments_registered``), and with no
         section in its stored profile. A run without that record (made before it existed) predates
-        only experiments of :data:`PREDATED_WITHOUT_RECORD` whose section it lacks. A section missing
+        only experiments of :data:`mi300x_cert.experiments.PREDATED_WITHOUT_RECORD` whose section it lacks. A section missing
         for an experiment the record names is a malformed profile, not a predated experiment: it
         takes the default and fails closed."""
-        from .experiments import experiment_names
+        from .experiments import PREDATED_WITHOUT_RECORD, experiment_names
 
         missing = self._missing_sections()  # [] when profile.yaml is unreadable: load_profile names that
         if not missing:

@@ -129,7 +129,8 @@ def test_a_missing_section_of_an_experiment_older_than_the_run_fails_closed(runs
     import shutil
 
     from mi300x_cert.outcome import decide
-    from mi300x_cert.rundir import PREDATED_WITHOUT_RECORD, RunDir
+    from mi300x_cert.experiments import PREDATED_WITHOUT_RECORD
+    from mi300x_cert.rundir import RunDir
     from mi300x_cert.validation import validate
 
     assert PREDATED_WITHOUT_RECORD == {"hardware-ceilings"}
