@@ -253,8 +253,8 @@ def required_suites(fleet: Fleet | None, host: str | None,
     """``(suites, why)``: the suites a certification of ``host`` must have evaluated and passed, by the
     profile the fleet assigns that host (not the profile the run itself stored, which the host wrote):
     the suites of every experiment that profile enables, and ``network`` when any is enabled.
-    ``experiments``: the experiments the operator chose for this run (a DAG run's conf), limiting the
-    requirement to those. None where the fleet names no profile for the host (no fleet file, host not
+    ``experiments``: the experiments the run was meant to cover (a DAG run's conf, else the plan
+    recorded in its ``conditions.json``), limiting the requirement to those. None where the fleet names no profile for the host (no fleet file, host not
     in it): the caller keeps the run's own profile as the judge."""
     if fleet is None or not host:
         return None
