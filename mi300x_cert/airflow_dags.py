@@ -189,6 +189,19 @@ def _run_overrides(params: dict) -> dict:
     return _deep_merge({"experiments": enable}, overrides)
 
 
+def _chosen_experiments(params: dict | None) -> list[str] | None:
+    """The experiments the trigger chose for a recertification run (its conf: ``experiments`` and any
+    ``overrides`` that enable or disable one); None when it cannot be told (the fleet profile's
+    suites are then all required)."""
+    if params is None:
+        return None
+    try:
+        sections = _run_overrides(dict(params)).get("experiments") or {}
+    except Exception:  # a conf preflight refused: nothing ran; require everything
+        return None
+    return [e for e in EXPERIMENTS if isinstance(sections.get(e), dict) and sections[e].get("enabled", True)]
+
+
 def preflight_body(server: Server, params: dict, run_id: str) -> str:
     """Validate profile + overrides (cards, model sources), create the run directory, write the inventory."""
     from . import pipeline
@@ -227,7 +240,9 @@ def validation_body(server: Server, suite: str, run_dir: str, dag_id: str, run_i
 def register_body(server: Server, dag_id: str, run_id: str, bundle_uri: str | None, state: str | None,
                   verdicts: dict[str, dict | None], enabled: list[str] | None, context: dict | None = None) -> dict:
     """The control-plane end of a run: :func:`mi300x_cert.register.conclude` on the published bundle
-    (or, without one, on the run state and the suite verdicts the GPU tasks reported)."""
+    (or, without one, on the run state and the suite verdicts the GPU tasks reported). The suites of
+    the experiments the trigger chose, as far as the host's fleet profile enables them, are required
+    whatever the GPU host reports as enabled."""
     from .register import conclude
 
     if enabled is not None:  # a suite none of whose experiments ran is not required
@@ -236,7 +251,8 @@ def register_body(server: Server, dag_id: str, run_id: str, bundle_uri: str | No
     outcome = conclude(bundle=bundle_uri, host=server.name, run_id=_safe(run_id),
                        state=state if bundle_uri is None else None, verdicts=verdicts if bundle_uri is None else None,
                        error=None if state == "complete" else "see the run's finish_run task",
-                       dag_id=dag_id, source="register", context=context)
+                       dag_id=dag_id, source="register", context=context,
+                       experiments=_chosen_experiments((context or {}).get("params")))
     log.info("registered %s run %s: %s (%s); bundle %s; report %s; data docs %s; alerts %s",
              server.name, _safe(run_id), outcome["result"], "; ".join(outcome["reasons"]) or "all conditions met",
              outcome.get("bundle_uri"), outcome.get("report"), outcome.get("data_docs"),

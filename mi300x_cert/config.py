@@ -232,7 +232,10 @@ class Profile(_Strict):
 
         fields: list[tuple[str, Any]] = []
         for exp in all_experiments():
-            fields += exp.card_fields(getattr(self.experiments, exp.spec_attr))
+            section = getattr(self.experiments, exp.spec_attr)
+            if not getattr(section, "enabled", True):
+                continue  # a disabled experiment uses no card: its sets (often defaults) are not this host's concern
+            fields += exp.card_fields(section)
         sim = self.telemetry.simulated
         fields += [("telemetry.simulated", [c]) for c in list(sim.hot_cards) + sim.broken_sensor_cards + list(sim.hbm_scale)
                    + list(sim.pcie_width) + list(sim.power_cap_w)]

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .config import INCLUDE_DIR, _format_pydantic, _ranges, resolve_groups
 from .errors import CertError, ProfileError
 
-__all__ = ["AlertSpec", "DriftSpec", "Server", "Fleet", "load_fleet", "check_profiles", "fleet_path", "DEFAULT_FLEET"]
+__all__ = ["AlertSpec", "DriftSpec", "Server", "Fleet", "load_fleet", "check_profiles", "fleet_path", "DEFAULT_FLEET",
+           "fleet_or_none", "required_suites", "planned_experiments"]
 
 DEFAULT_FLEET = INCLUDE_DIR / "fleet.yaml"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -232,3 +233,54 @@ def check_profiles(fleet: Fleet) -> None:
                                 + ("" if fleet_ids != prof_ids else f" ({pfile} host.cards)"))
     if problems:
         raise ProfileError(f"{src} disagrees with the profiles: " + "; ".join(problems))
+
+
+def fleet_or_none() -> Fleet | None:
+    """The fleet file, or None (logged) where there is none or it cannot be read: the control plane's
+    optional knowledge of its hosts (alert recipients, valid days, the drift rule, required suites)."""
+    import logging
+
+    try:
+        return load_fleet()
+    except CertError as e:
+        logging.getLogger(__name__).warning("fleet file unreadable: no notifications, default drift rule, "
+                                            "no fleet-required suites (%s)", e)
+        return None
+
+
+def required_suites(fleet: Fleet | None, host: str | None,
+                    experiments: list[str] | None = None) -> tuple[list[str], str] | None:
+    """``(suites, why)``: the suites a certification of ``host`` must have evaluated and passed, by the
+    profile the fleet assigns that host (not the profile the run itself stored, which the host wrote):
+    the suites of every experiment that profile enables, and ``network`` when any is enabled.
+    ``experiments``: the experiments the run was meant to cover (a DAG run's conf, else the plan
+    recorded in its ``conditions.json``), limiting the requirement to those. None where the fleet names no profile for the host (no fleet file, host not
+    in it): the caller keeps the run's own profile as the judge."""
+    if fleet is None or not host:
+        return None
+    server = next((s for s in fleet.servers if s.name == host), None)
+    if server is None:
+        return None
+    from .config import load_profile
+    from .experiments import all_experiments
+
+    prof = load_profile(server.profile)  # load_fleet checked it loads
+    chosen = set(experiments) if experiments is not None else None
+    suites: list[str] = []
+    for exp in all_experiments():
+        if exp.enabled(prof) and (chosen is None or exp.name in chosen):
+            suites += [s for s in exp.suites if s not in suites]
+    if suites:
+        suites.append("network")
+    why = f"the fleet profile {server.profile!r} of host {host}" + (
+        f" (experiments chosen for the run: {', '.join(sorted(chosen))})" if chosen is not None else "")
+    return suites, why
+
+
+def planned_experiments(conditions: Any) -> list[str] | None:
+    """The experiments a run was planned with, as ``prepare_run`` recorded them in ``conditions.json``
+    (``enabled_experiments``, the trigger's selection included); None when not recorded."""
+    v = conditions.get("enabled_experiments") if isinstance(conditions, dict) else None
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return list(v)
+    return None

@@ -76,12 +76,15 @@ def suite_verdicts(verdicts: Any) -> tuple[dict[str, dict | None], list[str]]:
 
 
 def decide(*, state: str | None, verdicts: Any, error: str | None = None, required: list[str] | None = None,
-           signed: bool | None = None, trusted: bool | None = None, trust_reason: str | None = None,
-           run_problems: list[str] | None = None) -> Decision:
+           required_by: str | None = None, signed: bool | None = None, trusted: bool | None = None,
+           trust_reason: str | None = None, run_problems: list[str] | None = None) -> Decision:
     """The decision over the evidence given. ``verdicts``: any shape :func:`suite_verdicts` reads
-    (``None``: no validation happened). ``required``: suites that must be present (a suite whose
-    verdict says ``skipped`` — its experiment was disabled — is otherwise not required). ``signed`` /
-    ``trusted``: ``None`` leaves that condition out (e.g. the statement's own claim at signing time).
+    (``None``: no validation happened). ``required``: suites that must be evaluated and pass, whatever
+    the run's own profile says (a suite whose verdict says ``skipped`` — its experiment disabled, or
+    the run predates it — is otherwise not required); each one that is absent or skipped is a reason
+    ``required suite X missing`` naming ``required_by`` (e.g. the fleet profile of the host, see
+    :func:`mi300x_cert.fleet.required_suites`). ``signed`` / ``trusted``: ``None`` leaves that
+    condition out (e.g. the statement's own claim at signing time).
     """
     d = Decision(certified=False)
     reasons = d.reasons
@@ -107,12 +110,19 @@ def decide(*, state: str | None, verdicts: Any, error: str | None = None, requir
     for name in not_validated:
         if name not in d.missing_suites and name not in d.passed_suites and name not in d.failed_suites:
             d.missing_suites.append(name)
+    required_missing: list[str] = []
     for name in required or []:
-        if name not in suites and name not in d.missing_suites:
-            d.missing_suites.append(name)
-        elif name in d.skipped_suites:
+        if name in d.passed_suites or name in d.failed_suites or name in required_missing:
+            continue
+        why = ""
+        if name in d.skipped_suites:
             d.skipped_suites.remove(name)
+            v = suites.get(name) or {}
+            why = f" (skipped: {v.get('skipped') or v.get('reason') or 'no reason given'})"
+        if name not in d.missing_suites:
             d.missing_suites.append(name)
+        required_missing.append(name)
+        reasons.append(f"required suite {name} missing{why}" + (f": required by {required_by}" if required_by else ""))
     if suites and not d.passed_suites and not d.failed_suites:
         reasons.append("no suite was evaluated (all skipped)")
     overall = verdicts.get("success") if isinstance(verdicts, dict) and "suites" in verdicts else None
@@ -120,8 +130,9 @@ def decide(*, state: str | None, verdicts: Any, error: str | None = None, requir
         reasons.append("the overall verdict is FAIL")
     if d.failed_suites:
         reasons.append(f"failed suites: {', '.join(d.failed_suites)}")
-    if d.missing_suites:
-        reasons.append(f"suites not evaluated: {', '.join(sorted(d.missing_suites))}")
+    other_missing = [n for n in d.missing_suites if n not in required_missing]
+    if other_missing:
+        reasons.append(f"suites not evaluated: {', '.join(sorted(other_missing))}")
     if signed is False:
         reasons.append("no signed bundle")
     if trusted is False:

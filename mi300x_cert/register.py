@@ -36,15 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def _fleet():
-    """The fleet file (alert recipients, valid days, the drift rule), or None where there is none:
-    read once per conclusion."""
-    try:
-        from .fleet import load_fleet
+    """The fleet file (alert recipients, valid days, the drift rule, required suites), or None where
+    there is none: read once per conclusion."""
+    from .fleet import fleet_or_none
 
-        return load_fleet()
-    except CertError as e:
-        log.warning("fleet file unreadable: no notifications, default drift rule (%s)", e)
-        return None
+    return fleet_or_none()
 
 
 def location_of(uri: str) -> tuple[str | None, str | None, str | None]:
@@ -109,7 +105,7 @@ def notify_alerts(alerts_created: list[dict], server: Any, context: dict | None)
 def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_id: str | None = None,
              state: str | None = None, error: str | None = None, verdicts: Any = None, dag_id: str | None = None,
              source: str = "register", store: dict | None = None, notify: bool = True,
-             context: dict | None = None) -> dict:
+             context: dict | None = None, experiments: list[str] | None = None) -> dict:
     """Conclude one run: decide, write the registry (certification, cards by serial, failed
     expectations, alerts), send notifications for alerts raised now. Returns the outcome::
 
@@ -119,9 +115,16 @@ def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_i
     ``bundle``: an ``s3://`` URI of a published bundle or a local bundle directory. Without one the
     run is concluded (NOT CERTIFIED) from ``state`` / ``error`` / ``verdicts``. ``host`` / ``run_id``:
     what the caller is concluding (the DAG knows both); a bundle naming another host or run is refused.
+    Where the fleet file assigns the host a profile, the suites of the experiments that profile
+    enables are required (:func:`mi300x_cert.fleet.required_suites`): a run that skipped one of them
+    (its own stored profile disabled it, or it predates it) is NOT CERTIFIED, "required suite X
+    missing". ``experiments``: the experiments the operator chose for this run (the DAG run's conf),
+    which limit that requirement; without it, the experiments the run was planned with
+    (``conditions.json`` in the signed bundle), else all the profile enables.
     Raises StorageError when the store cannot be reached (nothing is recorded: retry), RegistryError
     when the registry cannot.
     """
+    from .fleet import planned_experiments, required_suites
     from .registry import open_registry
 
     reg = open_registry()
@@ -129,7 +132,9 @@ def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_i
     if bundle is None:
         if not host or not run_id:
             raise CertError("concluding a run without a bundle needs its host and run id")
-        d = decide(state=state, verdicts=verdicts, error=error, signed=False)
+        req = required_suites(fleet, host, experiments)
+        d = decide(state=state, verdicts=verdicts, error=error, signed=False,
+                   required=req[0] if req else None, required_by=req[1] if req else None)
         return _record(reg, host=host, run_id=run_id, decision=d, verdicts=verdicts, dag_id=dag_id, source=source,
                        bundle_uri=None, digest=None, keyid=None, trusted=None, artifacts=None, statement=None,
                        notify=notify, context=context, fleet=fleet)
@@ -170,7 +175,10 @@ def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_i
         arts = local / "artifacts"
         meta = _read_json(arts / "run.json") or {}
         art_verdicts = _read_json(arts / "validation" / "verdicts.json")
-        d = decide(state=meta.get("state"), error=meta.get("error"), verdicts=art_verdicts, signed=True, trusted=True)
+        req = required_suites(fleet, rec_host, experiments if experiments is not None
+                              else planned_experiments(_read_json(arts / "conditions.json")))
+        d = decide(state=meta.get("state"), error=meta.get("error"), verdicts=art_verdicts, signed=True, trusted=True,
+                   required=req[0] if req else None, required_by=req[1] if req else None)
         if d.certified and result.get("certified") is not True:
             d.certified = False
             d.reasons.append("the signed statement itself does not claim certification")

@@ -2,7 +2,8 @@
 
 Layout (``RunDir.root``)::
 
-    run.json                        identity and state: running | complete | failed (+ error)
+    run.json                        identity and state: running | complete | failed (+ error); the
+                                    experiments registered when the run was planned (experiments_registered)
     profile.yaml                    the resolved profile the run used
     inventory.json                  host, cards (serial, bus id, domain), driver and library versions
     results/<experiment>/cases/<case_id>.rows.csv      per-batch rows of one case (streamed as they arrive)
@@ -177,8 +178,16 @@ class RunDir:
     # ---- creation and state ----------------------------------------------------------------
     @classmethod
     def create(cls, root: Path | str, *, host: str, profile_name: str, sku: str, profile_yaml: str,
-               run_id: str | None = None) -> "RunDir":
+               run_id: str | None = None, experiments_registered: Iterable[str] | None = None) -> "RunDir":
+        """A new run directory. ``experiments_registered`` (default: every experiment registered now)
+        is recorded in run.json: what a later version of the tool may treat as predated is only what
+        was registered after this run was planned (:meth:`predated_experiments`)."""
         root = Path(root)
+        if experiments_registered is None:
+            from .experiments import experiment_names
+
+            experiments_registered = experiment_names()
+        registered = sorted({str(n) for n in experiments_registered})
         if (root / "run.json").exists():
             raise RunDirError(f"{root} already holds a run; choose a new --out, or finish that run with "
                               f"`mi300x-cert run --resume {root}` (or `mi300x-cert certify --resume {root}`)")
@@ -195,6 +204,7 @@ class RunDir:
             atomic_write_json(root / "run.json", {
                 "run_id": run_id, "host": host, "profile": profile_name, "sku": sku,
                 "state": "running", "started": utcnow(), "finished": None, "error": None, "experiments": {},
+                "experiments_registered": registered,
             })
         except BaseException as e:  # unwritable, disk full, interrupted: nothing half-made stays
             discard_new_run(root, keep_dir=existed)
@@ -248,10 +258,10 @@ class RunDir:
     def load_profile(self):
         """The profile the run used (``profile.yaml``); RunDirError (one line, naming the field)
         when it is missing or no longer valid. The stored profile is the full resolved profile, one
-        section per experiment that existed when the run was planned: an experiment registered
-        since (its section absent, see :meth:`predated_experiments`) was not part of this run's
-        plan and loads disabled, instead of taking today's default and demanding evidence the run
-        could not have."""
+        section per experiment registered when the run was planned: an experiment registered since
+        (see :meth:`predated_experiments`) was not part of this run's plan and loads disabled,
+        instead of taking today's default and demanding evidence the run could not have. Any other
+        missing section takes the default (enabled) and fails for missing evidence."""
         from .config import load_profile
         from .errors import CertError
 
@@ -262,10 +272,13 @@ class RunDir:
         try:
             return load_profile(path, overrides={"experiments": {n: {"enabled": False} for n in later}} if later else None)
         except CertError as e:
-            raise RunDirError(f"the run's stored profile is not valid: {e}") from None
+            gaps = [n for n in self._missing_sections() if n not in later]
+            hint = (f" (its profile.yaml has no section for {', '.join(gaps)}, an experiment the run was planned "
+                    "with: the section took today's defaults)") if gaps else ""
+            raise RunDirError(f"the run's stored profile is not valid: {e}{hint}") from None
 
-    def predated_experiments(self) -> list[str]:
-        """Registered experiments the run predates: no section of theirs in its stored profile."""
+    def _missing_sections(self) -> list[str]:
+        """Registered experiments with no section in the stored profile (predated or not)."""
         import yaml
 
         from .experiments import experiment_names
@@ -273,11 +286,36 @@ class RunDir:
         try:
             data = yaml.safe_load((self.root / "profile.yaml").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return []  # load_profile names the problem
+            return []
         sections = data.get("experiments") if isinstance(data, dict) else None
         if not isinstance(sections, dict):
             return []
         return [n for n in experiment_names() if n not in sections]
+
+    def predated_experiments(self) -> list[str]:
+        """Registered experiments the run predates: registered now, not in the run's record of the
+        experiments registered when it was planned (run.json ``experiments_registered``), and with no
+        section in its stored profile. A run without that record (made before it existed) predates
+        only experiments of :data:`mi300x_cert.experiments.PREDATED_WITHOUT_RECORD` whose section it lacks. A section missing
+        for an experiment the record names is a malformed profile, not a predated experiment: it
+        takes the default and fails closed."""
+        from .experiments import PREDATED_WITHOUT_RECORD, experiment_names
+
+        missing = self._missing_sections()  # [] when profile.yaml is unreadable: load_profile names that
+        if not missing:
+            return []
+        try:
+            meta = self.meta
+        except RunDirError:
+            return []
+        if "experiments_registered" in meta:
+            record = meta.get("experiments_registered")
+            if not isinstance(record, list):
+                return []  # an unreadable record predates nothing: every section takes the default
+            known = {str(n) for n in record}
+        else:
+            known = set(experiment_names()) - PREDATED_WITHOUT_RECORD
+        return [n for n in missing if n not in known]
 
     # ---- paths ----------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:

@@ -99,6 +99,20 @@ def _versions(inventory: dict | None) -> dict:
     return out
 
 
+def fleet_required(host: str | None, conditions: Any = None,
+                   experiments: list[str] | None = None) -> tuple[list[str], str] | None:
+    """The suites the fleet profile of ``host`` requires of a run (see
+    :func:`mi300x_cert.fleet.required_suites`), limited to ``experiments`` (an operator's choice for
+    the run) or else to the experiments the run was planned with (``conditions.json``
+    ``enabled_experiments``); None where the fleet names no profile for the host."""
+    from ..fleet import fleet_or_none, planned_experiments, required_suites
+
+    if not host:
+        return None
+    return required_suites(fleet_or_none(), host,
+                           experiments if experiments is not None else planned_experiments(conditions))
+
+
 def build_bundle(run_dir: str | Path, key: str | Path | None = None) -> Path:
     """Build ``<run_dir>/bundle/`` from a complete run directory and sign it. Returns its path.
 
@@ -149,7 +163,8 @@ def build_bundle(run_dir: str | Path, key: str | Path | None = None) -> Path:
             conditions=conditions, verdicts=verdicts, profile_digest=profile_digest,
             bundle_digests={"manifest.json": sha256_bytes(manifest_bytes), "SHA256SUMS": sha256_bytes(sums_bytes)},
             signer_block=signer_block, versions=_versions(inventory if isinstance(inventory, dict) else None),
-            notes=notes, utilization=utilization if isinstance(utilization, list) else None)
+            notes=notes, utilization=utilization if isinstance(utilization, list) else None,
+            required=fleet_required(meta.get("host"), conditions))
         statement_bytes = canonical_json(statement)
         envelope = sign_payload(statement_bytes, signer.signer)
 
@@ -305,10 +320,15 @@ def _verify_dir(bundle: Path, key: str | Path | None) -> dict:
     run_meta = json.loads((bundle / ARTIFACTS_DIR / "run.json").read_bytes()) if "run.json" in listed else {}
     verdicts_doc = (json.loads((bundle / ARTIFACTS_DIR / "validation/verdicts.json").read_bytes())
                     if "validation/verdicts.json" in listed else None)
+    try:  # only the planned experiments are read from it; the statement notes an unreadable one
+        conditions_doc = (json.loads((bundle / ARTIFACTS_DIR / "conditions.json").read_bytes())
+                          if "conditions.json" in listed else None)
+    except ValueError:
+        conditions_doc = None
     return {
         "_evidence": {"state": run_meta.get("state") if isinstance(run_meta, dict) else None,
                       "error": run_meta.get("error") if isinstance(run_meta, dict) else None,
-                      "verdicts": verdicts_doc},
+                      "verdicts": verdicts_doc, "conditions": conditions_doc},
         "ok": True,
         "keyid": keyid,
         "artifacts": len(entries),
@@ -421,7 +441,10 @@ def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict
     from ..outcome import decide
 
     evidence = out.pop("_evidence", {})
+    required = fleet_required(out.get("host"), evidence.get("conditions"))
+    out["required"] = {"suites": required[0], "by": required[1]} if required else None
     out["decision"] = decide(state=evidence.get("state"), error=evidence.get("error"), verdicts=evidence.get("verdicts"),
+                             required=required[0] if required else None, required_by=required[1] if required else None,
                              signed=True, trusted=out.get("trusted") if trust else None,
                              trust_reason=out.get("trust_reason")).as_dict()
     if out["decision"]["certified"] and out.get("certified") is not True:

@@ -45,16 +45,20 @@ def _failure_label(suite: str, f: Any) -> str:
     return f"{suite}/{f}"
 
 
-def summarize_verdicts(verdicts: Any | None, state: str | None = "complete") -> dict:
+def summarize_verdicts(verdicts: Any | None, state: str | None = "complete",
+                       required: tuple[list[str], str] | None = None) -> dict:
     """The test-result fields and a verdict summary from ``validation/verdicts.json`` (or None).
 
     Returns {"result", "passedTests", "warnedTests", "failedTests", "summary"}. ``result`` is PASSED
     exactly when :func:`mi300x_cert.outcome.decide` certifies the verdicts over a run in ``state``
     (bundles are built over complete runs only); the summary's ``reasons`` say why not.
+    ``required``: ``(suites, why)`` from :func:`mi300x_cert.fleet.required_suites` (the host's fleet
+    profile), suites that must have passed whatever the run's own profile skipped.
     """
     from ..outcome import decide, suite_verdicts
 
-    decision = decide(state=state, verdicts=verdicts)
+    decision = decide(state=state, verdicts=verdicts, required=required[0] if required else None,
+                      required_by=required[1] if required else None)
     if verdicts is None:
         return {"result": "FAILED", "passedTests": [], "warnedTests": [], "failedTests": [],
                 "summary": {"present": False, "success": None, "reasons": decision.reasons,
@@ -76,6 +80,8 @@ def summarize_verdicts(verdicts: Any | None, state: str | None = "complete") -> 
     result = "PASSED" if decision.certified else "FAILED"
     summary: dict[str, Any] = {"present": True, "success": decision.certified, "suites": details,
                                "skipped": list(decision.skipped_suites), "reasons": decision.reasons}
+    if required:
+        summary["required"] = {"suites": list(required[0]), "by": required[1]}
     if isinstance(verdicts, dict):
         for k in ("thresholds", "profile", "sku", "not_validated", "network_evidence"):
             if k in verdicts:
@@ -88,9 +94,11 @@ def summarize_verdicts(verdicts: Any | None, state: str | None = "complete") -> 
 
 def build_statement(*, subjects: list[dict], meta: dict, inventory: dict | None, conditions: Any | None,
                     verdicts: Any | None, profile_digest: str | None, bundle_digests: dict[str, str],
-                    signer_block: dict, versions: dict, notes: list[str], utilization: list | None = None) -> dict:
-    """The in-toto Statement v1 of one run. ``subjects``: [{name, sha256}] sorted by name."""
-    tr = summarize_verdicts(verdicts, meta.get("state"))
+                    signer_block: dict, versions: dict, notes: list[str], utilization: list | None = None,
+                    required: tuple[list[str], str] | None = None) -> dict:
+    """The in-toto Statement v1 of one run. ``subjects``: [{name, sha256}] sorted by name.
+    ``required``: the suites the host's fleet profile requires (see :func:`summarize_verdicts`)."""
+    tr = summarize_verdicts(verdicts, meta.get("state"), required)
     inv = inventory if isinstance(inventory, dict) else {}
     cards = inv.get("cards") if isinstance(inv.get("cards"), list) else []
     card_keys = ("index", "name", "serial", "bus_id", "domain", "vendor")

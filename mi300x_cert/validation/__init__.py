@@ -11,8 +11,9 @@ Fail closed: a missing file, column or metric, an unreadable sensor, a missing t
 parameter, or a suite that loaded fewer expectations than it declares is a failure with its
 reason — never a pass and never an exception that hides the verdict. The overall verdict also
 fails when ``run.json`` does not say ``complete`` (a failed, interrupted or unfinished run). A suite whose experiment the
-profile disabled is reported ``skipped: experiment disabled``; an enabled experiment with missing
-data fails. Writes ``validation/<suite>.json`` and ``validation/verdicts.json`` (all suites
+profile disabled is reported ``skipped: experiment disabled``, one registered after the run was
+planned (:meth:`mi300x_cert.rundir.RunDir.predated_experiments`, by the run's own record) ``skipped: the
+run predates …``; an enabled experiment with missing data fails. Writes ``validation/<suite>.json`` and ``validation/verdicts.json`` (all suites
 validated so far, merged, so per-suite DAG tasks accumulate one verdicts file).
 """
 
@@ -256,8 +257,10 @@ def _run_suite(name: str, run_dir: Path, profile: Any, params_all: dict | None, 
         verdict.update(success=True, status="skipped", reason="skipped: experiment disabled",
                        skipped="experiment disabled" if experiment else "every experiment disabled")
         if experiment and experiment in _rundir(run_dir).predated_experiments():
-            verdict.update(reason=f"skipped: the run predates the {experiment} experiment (no section of it in its "
-                                  "profile.yaml)", skipped="run predates the experiment")
+            verdict.update(reason=f"skipped: the run predates the {experiment} experiment (registered after the run "
+                                  "was planned, by run.json's experiments_registered or, for a run without that "
+                                  "record, the documented list; no section of it in its profile.yaml)",
+                           skipped="run predates the experiment")
         return verdict
     failures = verdict["failures"]
     suite_path = exp_dir / f"{name}.json"

@@ -146,12 +146,19 @@ THERMAL_COLUMNS = ["subject", "card", "role", "samples", "junction_readable", "m
                    "recovery_s", "throttle_events", "power_mean_w"]
 
 
+# the columns of stats/bare_metal_thermal.csv the thermal suite judges (recovery_s is computed from
+# idle_mean_c and stats/bare_metal_recovery.csv)
+THERMAL_JUDGED = ["subject", "card", "role", "junction_readable", "memory_readable", "junction_mean_c", "junction_p95_c",
+                  "junction_max_c", "memory_max_c", "idle_mean_c", "delta_active_idle_c", "throttle_events"]
+
+
 def thermal_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     """The bare-metal experiment's thermal tables (written once at finalize; the report and the
     history read the same ones): one row per card × role from ``stats/bare_metal_thermal.csv``, and
     on active rows ``recovery_s`` = the first point of the card's curve in
     ``stats/bare_metal_recovery.csv`` within ``recovery_margin_c`` (a parameter) of its idle mean.
-    Problems: a missing or unreadable table, the findings finalize recorded (unreadable streams,
+    Problems: a missing or unreadable table, a column the suite judges missing from either table
+    (:data:`THERMAL_JUDGED`), the findings finalize recorded (unreadable streams,
     missing columns, a card of a planned group without samples in one of its phases), a planned
     group's telemetry or events file missing or empty, no active card."""
     import numpy as np
@@ -166,11 +173,15 @@ def thermal_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     read_problems(run_dir, THERMAL_TABLE, problems, "bare-metal")
     _thermal_evidence(run_dir, profile, problems)
     margin = float(params.get("recovery_margin_c", 3.0))
-    if table is None or not {"card", "role"}.issubset(table.columns):
+    if not _table_columns(table, THERMAL_TABLE, ["card", "role"], problems):
         return Frame("thermal", pd.DataFrame({"subject": pd.Series([], dtype=str)}), problems,
                      {"recovery_margin_c": margin})
+    # every column the suite judges (or recovery_s is computed from) is a problem when absent, and
+    # stays absent from the frame so the expectations on it fail too
+    _table_columns(table, THERMAL_TABLE, THERMAL_JUDGED, problems)
     df = table.copy()
-    if "junction_mean_c" in df.columns and curve is not None and {"card", "seconds", "junction_c"}.issubset(curve.columns):
+    have_curve = _table_columns(curve, RECOVERY_TABLE, ["card", "seconds", "junction_c"], problems)
+    if "idle_mean_c" in df.columns and have_curve:
         df["recovery_s"] = [recovery_s(curve, int(r["card"]), r.get("idle_mean_c", np.nan), margin)
                             if r["role"] == "active" else np.nan for r in df.to_dict("records")]
     df = df[[c for c in THERMAL_COLUMNS if c in df.columns]]
@@ -264,10 +275,16 @@ def _case_rows(cases: list[dict], extra: dict | None = None) -> list[dict]:
     return rows
 
 
+# the columns of stats/sd_latency.csv the latency suite judges
+LATENCY_JUDGED = ["subject", "process_count", "batch_config", "n_rows", "failed_rows", "median_per_image_s", "cv_per_image",
+                  "per_card_scaling"]
+
+
 def latency_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     """The sd-throughput experiment's ``stats/sd_latency.csv`` (written once at finalize; the report
     shows the same table) as ``config`` rows + the bound of each batch config from ``params``, and
-    one ``case`` row per case status. A missing or unreadable table, the findings finalize recorded,
+    one ``case`` row per case status. A missing or unreadable table, a column the suite judges
+    missing from it (:data:`LATENCY_JUDGED`), the findings finalize recorded,
     a planned process count × batch config without its row and a missing
     ``results/sd-throughput/rows.csv`` (the evidence) are problems (fail closed)."""
     import numpy as np
@@ -286,6 +303,9 @@ def latency_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
     planned = [(int(n), str(bc)) for n in (spec.process_counts if spec else []) for bc in (spec.batch_configs if spec else [])]
     limits = params.get("per_image_max_s_by_batch_config") or {}
     default_limit = params.get("per_image_max_s")
+    # every column the suite judges: a missing one is a problem naming table and column, and stays
+    # missing from the frame (its expectations fail instead of passing over NaN)
+    _table_columns(table, LATENCY_TABLE, LATENCY_JUDGED, problems)
     have_metric = table is not None and {"process_count", "batch_config"}.issubset(table.columns)
     rows: list[dict] = []
     if have_metric:
@@ -304,9 +324,8 @@ def latency_frame(run_dir: Path, profile: Any, params: dict) -> Frame:
         out["subject"] = pd.Series([], dtype=str)
     if "kind" not in out.columns:
         out["kind"] = pd.Series([], dtype=str)
-    if have_metric:
-        for col in ("process_count", "batch_config", "n_rows", "failed_rows", "median_per_image_s", "cv_per_image",
-                    "per_card_scaling", "per_image_limit_s"):
+    if have_metric:  # a table without config rows: its columns exist (the expectations select no row)
+        for col in [c for c in LATENCY_JUDGED if c in table.columns] + ["per_image_limit_s"]:
             if col not in out.columns:
                 out[col] = np.nan
     if "case_status" not in out.columns:

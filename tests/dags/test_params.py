@@ -246,3 +246,17 @@ def test_check_conf_names_a_host_dag_that_cannot_be_found(two_hosts):
     with mock.patch("mi300x_cert.airflow_dags.get_current_context", return_value=ctx):
         with pytest.raises(AirflowFailException, match="host DAG recertify_one-host cannot be found"):
             dag.get_task("check_conf").python_callable()
+
+
+def test_register_requires_the_experiments_the_trigger_chose():
+    """The control plane's register task limits the fleet profile's required suites to the experiments
+    the conf chose (an override may disable one more); an unusable conf requires everything."""
+    from mi300x_cert.airflow_dags import _chosen_experiments
+    from mi300x_cert.experiments import EXPERIMENTS
+
+    assert _chosen_experiments({}) == list(EXPERIMENTS)
+    assert _chosen_experiments({"experiments": ["sd-throughput", "bare-metal"]}) == ["bare-metal", "sd-throughput"]
+    assert _chosen_experiments({"experiments": ["bare-metal", "sd-throughput"],
+                                "overrides": {"experiments": {"bare-metal": {"enabled": False}}}}) == ["sd-throughput"]
+    assert _chosen_experiments({"experiments": ["no-such-experiment"]}) is None
+    assert _chosen_experiments(None) is None

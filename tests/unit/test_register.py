@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,114 @@ def test_replayed_bundle_in_s3_is_refused(make_complete_run, reg, enrolled, s3_s
     finally:
         for k in ("MI300X_CERT_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             os.environ.pop(k, None)
+
+
+# ---- the fleet profile's required suites (defense in depth on the control plane) ----------------
+
+def _fleet_file(tmp_path, monkeypatch, profile: str, host: str = "gpu-node-07"):
+    """A fleet file that assigns ``host`` the profile ``profile`` (a name or a path)."""
+    import yaml
+
+    from mi300x_cert.config import load_profile
+
+    cards = len(load_profile(profile).host.card_ids)
+    f = tmp_path / "fleet.yaml"
+    f.write_text(yaml.safe_dump({"servers": [{"name": host, "profile": str(profile), "sku": "smoke", "cards": cards}]}))
+    monkeypatch.setenv("MI300X_CERT_FLEET", str(f))
+    return f
+
+
+def _skipping_run(make_complete_run, planned=("bare-metal", "sd-throughput")):
+    """A complete run whose own stored profile skipped every experiment but ``planned`` (as a run
+    whose profile lost its sections, or that predates them, would): the skipped suites say skipped."""
+    from mi300x_cert.experiments import all_experiments
+
+    rd = make_complete_run()
+    suites = {"latency": {"suite": "latency", "success": True, "status": "passed", "failures": []},
+              "thermal": {"suite": "thermal", "success": True, "status": "passed", "failures": []},
+              "network": {"suite": "network", "success": True, "status": "passed", "failures": []}}
+    for e in all_experiments():
+        for s in e.suites:
+            if s not in suites:
+                suites[s] = {"suite": s, "success": True, "status": "skipped", "failures": [],
+                             "skipped": "run predates the experiment", "reason": f"skipped: the run predates the {e.name} experiment"}
+    rd.write_json("validation/verdicts.json", {"success": True, "suites": suites})
+    cond = rd.read_json("conditions.json")
+    cond["enabled_experiments"] = list(planned)
+    rd.write_json("conditions.json", cond)
+    return rd
+
+
+def test_decide_names_a_required_suite_that_was_skipped():
+    d = decide(state="complete", verdicts={"suites": {**SUITES_OK, "whisper": {
+        "status": "skipped", "success": True, "skipped": "run predates the experiment"}}},
+        required=["latency", "thermal", "whisper"], required_by="the fleet profile 'smoke' of host h")
+    assert not d.certified and d.missing_suites == ["whisper"] and d.skipped_suites == []
+    assert d.reasons == ["required suite whisper missing (skipped: run predates the experiment): "
+                         "required by the fleet profile 'smoke' of host h"], d.reasons
+
+
+def test_a_host_that_skips_a_suite_its_fleet_profile_requires_is_not_certified(
+        make_complete_run, reg, enrolled, tmp_path, monkeypatch):
+    """Review finding: a run whose own profile lost the whisper section skipped whisper and was
+    CERTIFIED. Where the fleet assigns the host a profile, the suites of the experiments it enables
+    are required: register, verify and the signed statement all say NOT CERTIFIED, naming them."""
+    from mi300x_cert.bundle import verify_bundle
+
+    enrolled()
+    monkeypatch.setenv("MI300X_CERT_FLEET", str(tmp_path / "no-fleet.yaml"))  # no fleet: today's behaviour
+    rd = _skipping_run(make_complete_run, planned=("bare-metal", "sd-throughput", "whisper"))
+    out = conclude(bundle=build_bundle(rd.root))
+    assert out["certified"], out["reasons"]
+
+    _fleet_file(tmp_path, monkeypatch, "smoke")  # smoke enables every experiment
+    rd = _skipping_run(make_complete_run, planned=("bare-metal", "sd-throughput", "whisper"))
+    bundle = build_bundle(rd.root)
+    statement = json.loads((bundle / "statement.json").read_text())
+    assert statement["predicate"]["certification"]["certified"] is False  # the signed claim says so too
+    assert statement["predicate"]["certification"]["verdict"]["required"]["suites"][-1] == "network"
+    v = verify_bundle(bundle)
+    assert v["decision"]["certified"] is False
+    assert any(r.startswith("required suite whisper missing (skipped: run predates the experiment): required by "
+                            "the fleet profile 'smoke' of host gpu-node-07") for r in v["decision"]["reasons"]), v["decision"]
+    out = conclude(bundle=bundle)
+    assert not out["certified"] and not out["refused"]
+    assert any(r.startswith("required suite whisper missing") for r in out["reasons"]), out["reasons"]
+    assert not any("resnet50" in r for r in out["reasons"])  # not planned for the run (the trigger's choice)
+    assert reg.get_certification("gpu-node-07", rd.run_id)["verdicts"]["whisper"] is None
+
+    # the operator chose the experiments (a DAG run's conf): only theirs are required
+    rd = _skipping_run(make_complete_run, planned=("bare-metal", "sd-throughput", "whisper"))
+    out = conclude(bundle=build_bundle(rd.root), experiments=["bare-metal", "sd-throughput"])
+    assert not out["certified"]  # the statement signed on the host (its plan named whisper) does not claim it
+    rd = _skipping_run(make_complete_run)
+    out = conclude(bundle=build_bundle(rd.root), experiments=["bare-metal", "sd-throughput"])
+    assert out["certified"], out["reasons"]
+
+
+def test_a_fleet_profile_that_disables_an_experiment_does_not_require_it(make_complete_run, reg, enrolled, tmp_path,
+                                                                         monkeypatch):
+    import yaml
+
+    enrolled()
+    prof = yaml.safe_load((Path(__file__).resolve().parents[2] / "include" / "profiles" / "smoke.yaml").read_text())
+    for name in ("whisper", "resnet50", "hardware-ceilings"):
+        prof["experiments"][name] = {"enabled": False}
+    p = tmp_path / "two-experiments.yaml"
+    p.write_text(yaml.safe_dump(prof))
+    _fleet_file(tmp_path, monkeypatch, str(p))
+    rd = _skipping_run(make_complete_run, planned=("bare-metal", "sd-throughput", "whisper"))
+    out = conclude(bundle=build_bundle(rd.root))
+    assert out["certified"], out["reasons"]
+    # the same fleet profile, a run without evidence of an experiment it enables
+    rd = make_complete_run()  # latency and thermal only: network not evaluated
+    out = conclude(bundle=build_bundle(rd.root))
+    assert not out["certified"] and any(r.startswith("required suite network missing") for r in out["reasons"]), out
+
+
+def test_a_run_without_a_bundle_names_the_required_suites(reg, tmp_path, monkeypatch):
+    _fleet_file(tmp_path, monkeypatch, "smoke", host="host-x")
+    out = conclude(host="host-x", run_id="r-1", state="complete", verdicts={"latency": SUITES_OK["latency"]},
+                   experiments=["sd-throughput"])
+    assert out["reasons"] == ["required suite network missing: required by the fleet profile 'smoke' of host host-x "
+                              "(experiments chosen for the run: sd-throughput)", "no signed bundle"], out["reasons"]

@@ -219,6 +219,49 @@ def test_a_missing_table_fails_its_suite_naming_it(run, tmp_path, suite, table):
     assert any(table in f["reason"] for f in v["failures"]), [f["reason"] for f in v["failures"]]
 
 
+from mi300x_cert.validation.frames import LATENCY_JUDGED, THERMAL_JUDGED  # noqa: E402
+
+JUDGED = ([("latency", "stats/sd_latency.csv", c) for c in LATENCY_JUDGED]
+          + [("thermal", "stats/bare_metal_thermal.csv", c) for c in THERMAL_JUDGED]
+          + [("thermal", "stats/bare_metal_recovery.csv", c) for c in ("card", "seconds", "junction_c")])
+
+
+@pytest.mark.parametrize("suite,table,column", JUDGED)
+def test_a_missing_judged_column_fails_its_suite_naming_it(run, tmp_path, suite, table, column):
+    """Review finding: a column the suite judges, absent from its table, was filled with NaN and the
+    range checks passed over it. Now it is a problem naming table and column (FAIL input_present)."""
+    root, exp, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "validation")
+    t = copy / table
+    pd.read_csv(t).drop(columns=[column]).to_csv(t, index=False)
+    v = validate(copy, suite, expectations=exp)
+    assert v["success"] is False and v["status"] == "failed"
+    want = f"missing column {column!r} in {table}"
+    assert any(want in f["reason"] and f["expectation"] == "input_present" for f in v["failures"]), \
+        [f["reason"] for f in v["failures"]]
+
+
+@pytest.mark.parametrize("column", ["n_rows", "failed_rows"])
+def test_a_missing_row_count_fails_the_latency_suite(run, tmp_path, column):
+    """An empty count in a config row is a FAIL of its not-null expectation, not skipped by the range check."""
+    root, exp, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "validation")
+    t = copy / "stats" / "sd_latency.csv"
+    df = pd.read_csv(t)
+    df[column] = df[column].astype(float)
+    df.loc[0, column] = float("nan")
+    df.to_csv(t, index=False)
+    v = validate(copy, "latency", expectations=exp)
+    assert v["success"] is False
+    ids = {"n_rows": "rows_known", "failed_rows": "failed_rows_known"}
+    bad = [f for f in v["failures"] if f.get("expectation") == ids[column]]
+    assert [f["subject"] for f in bad] == [df.loc[0, "subject"]], v["failures"]
+
+
 def test_finalize_findings_fail_the_suite(run, tmp_path):
     """What finalize found wrong (here: an unreadable telemetry stream) stays a failure of the verdict."""
     root, exp, _ = run
