@@ -84,6 +84,9 @@ def test_bare_metal_group_telemetry_cut_before_active_fails_thermal(run_copy):
     kept = [ln for ln in lines[1:] if float(ln.split(",")[ti]) < t_active]
     assert 0 < len(kept) < len(lines) - 1
     p.write_text("\n".join([lines[0]] + kept) + "\n")
+    # the thermal verdict reads the table finalize computed from the telemetry: the run as if its
+    # telemetry had stopped before the active phase when it was finalized
+    assert cli.main(["finalize", str(run_copy), "bare-metal"]) == 0
     v = validate(run_copy, "thermal")
     assert v["success"] is False
     assert f"no active telemetry for card(s) [0, 1, 2, 3] of bare-metal group {GROUP}" in _reasons(v), _reasons(v)
