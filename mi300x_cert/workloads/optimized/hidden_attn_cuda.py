@@ -42,6 +42,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .whisper_fast import merge_splits, split_buffers
+
 __all__ = ["CudaHiddenAttention", "cuda_hidden_available", "CUDA_HIDDEN_CONFIGS", "cuda_hidden_fits"]
 
 ROWS_CHOICES = (16, 32)  # rows of X per tile: one or two of the matrix units' 16-row tiles
@@ -613,11 +615,7 @@ class CudaHiddenAttention:
                                                   self.bulk, self.red2, mode)
         chunk = -(-S // self.splits)
         self.chunk = -(-chunk // self.rows) * self.rows
-        self.out = torch.empty(H, B, E, device=device, dtype=torch.float16).transpose(0, 1)
-        n = self.splits
-        self.mp = torch.empty(B, H, n, device=device, dtype=torch.float32)
-        self.lp = torch.empty(B, H, n, device=device, dtype=torch.float32)
-        self.ap = torch.empty(B, H, n, E, device=device, dtype=torch.float32) if n > 1 else self.mp
+        self.out, self.mp, self.lp, self.ap = split_buffers(B, H, E, self.splits, device, torch.float16)
 
     @classmethod
     def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
@@ -665,9 +663,4 @@ class CudaHiddenAttention:
                         args=[qp, x, self.out, self.mp, self.lp, self.ap, self.S, self.chunk, qp.stride(0),
                               qp.stride(1), self.out.stride(0), self.out.stride(1), self.splits],
                         shared_mem=self.smem)
-        if self.splits == 1:
-            return self.out
-        w = torch.exp(self.mp - self.mp.amax(dim=-1, keepdim=True))          # [B, H, n]
-        num = torch.einsum("bhn,bhne->bhe", w, self.ap)
-        self.out.copy_(num / (self.lp * w).sum(-1, keepdim=True))
-        return self.out
+        return self.out if self.splits == 1 else merge_splits(self.out, self.mp, self.lp, self.ap)

@@ -307,6 +307,31 @@ def hidden_slices(E: int) -> tuple[int, int] | None:
     return None
 
 
+def split_buffers(B: int, H: int, E: int, splits: int, device: Any, dtype: Any) -> tuple[Any, Any, Any, Any]:
+    """The output of a hidden-form kernel (a [B, H, E] view of a head-major [H, B, E] buffer, what the
+    per-head W_v reads) and its per-split partials: max and sum [B, H, n] and, with more than one
+    split, the unnormalized accumulators [B, H, n, E] (else a placeholder)."""
+    import torch
+
+    out = torch.empty(H, B, E, device=device, dtype=dtype).transpose(0, 1)
+    n = max(int(splits), 1)
+    mp = torch.empty(B, H, n, device=device, dtype=torch.float32)
+    lp = torch.empty(B, H, n, device=device, dtype=torch.float32)
+    ap = torch.empty(B, H, n, E, device=device, dtype=torch.float32) if n > 1 else mp
+    return out, mp, lp, ap
+
+
+def merge_splits(out: Any, mp: Any, lp: Any, ap: Any) -> Any:
+    """Merge the per-split softmax partials of :func:`split_buffers` into ``out`` (a few torch ops,
+    launch-only: safe inside a device-graph capture); returns ``out``."""
+    import torch
+
+    w = torch.exp(mp - mp.amax(dim=-1, keepdim=True))          # [B, H, n]
+    num = torch.einsum("bhn,bhne->bhe", w, ap)
+    out.copy_(num / (lp * w).sum(-1, keepdim=True))
+    return out
+
+
 def hidden_attention_reference(qp: Any, x: Any, chunk: int = 16) -> Any:
     """softmax(q' xᵀ) x per clip and head in float32 (portable path and reference):
     qp [B, H, E] (scale included), x [B, S, E] -> [B, H, E] in qp's dtype."""
@@ -334,8 +359,6 @@ class HiddenAttention:
     def __init__(self, B: int, H: int, S: int, E: int, *, block_n: int = 32, splits: int = 1,
                  num_warps: int = 4, num_stages: int = 3, head_tile: int = 16, device: Any = None,
                  dtype: Any = None) -> None:
-        import torch
-
         sl = hidden_slices(E)
         if sl is None:
             raise ValueError(f"HiddenAttention: d_model {E} does not split into ≤5 power-of-two slices")
@@ -350,11 +373,7 @@ class HiddenAttention:
         self.num_warps, self.num_stages = int(num_warps), int(num_stages)
         chunk = -(-S // self.splits)
         self.chunk = -(-chunk // self.block_n) * self.block_n
-        self.out = torch.empty(H, B, E, device=device, dtype=dtype).transpose(0, 1)
-        n = max(self.splits, 1)
-        self.mp = torch.empty(B, H, n, device=device, dtype=torch.float32)
-        self.lp = torch.empty(B, H, n, device=device, dtype=torch.float32)
-        self.ap = torch.empty(B, H, n, E, device=device, dtype=torch.float32) if self.splits > 1 else self.mp
+        self.out, self.mp, self.lp, self.ap = split_buffers(B, H, E, self.splits, device, dtype)
         self.kernel = _hidden_attn_kernel()
 
     def label(self) -> str:
@@ -362,8 +381,6 @@ class HiddenAttention:
                 f"warps {self.num_warps}, stages {self.num_stages}, heads {self.GH}/{self.HG} per program)")
 
     def __call__(self, qp: Any, x: Any) -> Any:
-        import torch
-
         if qp.stride(2) != 1 or not x.is_contiguous():
             raise ValueError("HiddenAttention: q' needs a contiguous last dimension and X [B, S, E] contiguous")
         self.kernel[(self.groups, self.splits, self.B)](
@@ -371,12 +388,7 @@ class HiddenAttention:
             self.out.stride(0), self.out.stride(1), CHUNK=self.chunk, E=self.E,
             BE=self.BE, NSL=self.NSL, HG=self.HG, GH=self.GH, BN=self.block_n, NSPLIT=self.splits,
             num_warps=self.num_warps, num_stages=self.num_stages)
-        if self.splits == 1:
-            return self.out
-        w = torch.exp(self.mp - self.mp.amax(dim=-1, keepdim=True))          # [B, H, n]
-        num = torch.einsum("bhn,bhne->bhe", w, self.ap)
-        self.out.copy_(num / (self.lp * w).sum(-1, keepdim=True))
-        return self.out
+        return self.out if self.splits == 1 else merge_splits(self.out, self.mp, self.lp, self.ap)
 
 
 # Candidate launch configurations (block_n, splits, num_warps, num_stages, head_tile) for
