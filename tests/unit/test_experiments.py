@@ -19,6 +19,9 @@ from mi300x_cert.experiments.base import ROW_COLUMNS
 from mi300x_cert.rundir import RunDir
 from mi300x_cert.config import load_profile
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from tiny_run import debug_run  # noqa: E402
+
 TINY = Path(__file__).resolve().parent.parent / "fixtures" / "profiles" / "tiny.yaml"
 
 
@@ -29,16 +32,7 @@ def _csv(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MI300X_CERT_WORKLOAD", "debug")
-    mp.setenv("OMP_NUM_THREADS", "1")
-    mp.delenv("MI300X_CERT_DEBUG_PARAMS", raising=False)
-    out = tmp_path_factory.mktemp("runs") / "full"
-    try:
-        run_dir = prepare_run(TINY, out, run_id="test-run")
-        result = run_all(run_dir, list(EXPERIMENTS), progress=False)
-    finally:
-        mp.undo()
+    run_dir, result = debug_run(tmp_path_factory.mktemp("runs") / "full", EXPERIMENTS, run_id="test-run")
     return RunDir(run_dir), result
 
 

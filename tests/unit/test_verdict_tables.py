@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,10 +15,11 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from mi300x_cert.experiments import EXPERIMENTS, finalize_experiment, prepare_run, run_all
-from mi300x_cert.validation import expectations_dir, validate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 
-TINY = Path(__file__).resolve().parent.parent / "fixtures" / "profiles" / "tiny.yaml"
+from mi300x_cert.experiments import EXPERIMENTS, finalize_experiment  # noqa: E402
+from mi300x_cert.validation import expectations_dir, validate  # noqa: E402
+from tiny_run import debug_run  # noqa: E402
 USED = ("bare-metal", "sd-throughput", "whisper")
 TABLES = {"latency": ["stats/sd_latency.csv", "stats/sd_latency.problems.json"],
           "thermal": ["stats/bare_metal_thermal.csv", "stats/bare_metal_recovery.csv",
@@ -48,17 +50,9 @@ def _section(html: str, title: str) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A real tiny run (debug workload) of the three experiments, validated with a 1 °C recovery margin."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MI300X_CERT_WORKLOAD", "debug")
-    mp.setenv("OMP_NUM_THREADS", "1")
-    mp.delenv("MI300X_CERT_DEBUG_PARAMS", raising=False)
     base = tmp_path_factory.mktemp("tables")
     ov = {"experiments": {n: {"enabled": n in USED} for n in EXPERIMENTS}}
-    try:
-        run_dir = prepare_run(TINY, base / "run", overrides=ov, run_id="tables-run")
-        result = run_all(run_dir, list(USED), progress=False)
-    finally:
-        mp.undo()
+    run_dir, result = debug_run(base / "run", USED, overrides=ov, run_id="tables-run")
     assert result["state"] == "complete", result
     exp = base / "exp"
     shutil.copytree(expectations_dir(), exp)
