@@ -146,7 +146,7 @@ def conclude(*, bundle: str | Path | None = None, host: str | None = None, run_i
         from .bundle import verify_bundle
 
         try:
-            result = verify_bundle(target, store=store, keep=local if is_s3 else None)
+            result = verify_bundle(target, store=store, keep=local if is_s3 else None, fleet=fleet)
         except VerifyError as e:
             refused_host = host or loc_host or _statement_field(local, "host")
             refused_run = run_id or loc_run or _statement_field(local, "run_id")

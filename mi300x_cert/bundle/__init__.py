@@ -99,17 +99,21 @@ def _versions(inventory: dict | None) -> dict:
     return out
 
 
-def fleet_required(host: str | None, conditions: Any = None,
-                   experiments: list[str] | None = None) -> tuple[list[str], str] | None:
+LOAD_FLEET = object()  # default of ``fleet`` arguments: read the fleet file (a caller holding it passes it)
+
+
+def fleet_required(host: str | None, conditions: Any = None, experiments: list[str] | None = None,
+                   fleet: Any = LOAD_FLEET) -> tuple[list[str], str] | None:
     """The suites the fleet profile of ``host`` requires of a run (see
     :func:`mi300x_cert.fleet.required_suites`), limited to ``experiments`` (an operator's choice for
     the run) or else to the experiments the run was planned with (``conditions.json``
-    ``enabled_experiments``); None where the fleet names no profile for the host."""
+    ``enabled_experiments``); None where the fleet names no profile for the host. ``fleet``: the
+    fleet already loaded (or None: there is none), else it is read here."""
     from ..fleet import fleet_or_none, planned_experiments, required_suites
 
     if not host:
         return None
-    return required_suites(fleet_or_none(), host,
+    return required_suites(fleet_or_none() if fleet is LOAD_FLEET else fleet, host,
                            experiments if experiments is not None else planned_experiments(conditions))
 
 
@@ -410,7 +414,7 @@ def resolve_trust(result: dict, key: str | Path | None = None) -> dict:
 
 
 def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict | None = None, *,
-                  trust: bool = True, keep: str | Path | None = None) -> dict:
+                  trust: bool = True, keep: str | Path | None = None, fleet: Any = LOAD_FLEET) -> dict:
     """Check a bundle directory or ``s3://bucket/prefix``: the DSSE signature (with ``key``, a public
     PEM, else the bundle's own ``signer.pub.pem``), the statement, manifest, SHA256SUMS and every
     artifact's digest; for ``s3://`` also that the bundle lies at the location its statement names
@@ -422,7 +426,9 @@ def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict
     certify a FAILED result, and may come from a signer nobody trusts (``trusted`` False, with the
     reason): :func:`mi300x_cert.outcome.decide` weighs both. ``trust=False`` checks integrity only
     (no registry is consulted: what a GPU host does before publishing). ``keep``: for ``s3://``, a new
-    directory to keep the downloaded bundle in (its path is returned as ``local``).
+    directory to keep the downloaded bundle in (its path is returned as ``local``). ``fleet``: the
+    fleet file already loaded by the caller (or None: none), for the suites its profile requires;
+    read here by default.
     """
     t = str(target)
     if t.startswith("s3://"):
@@ -441,7 +447,7 @@ def verify_bundle(target: str | Path, key: str | Path | None = None, store: dict
     from ..outcome import decide
 
     evidence = out.pop("_evidence", {})
-    required = fleet_required(out.get("host"), evidence.get("conditions"))
+    required = fleet_required(out.get("host"), evidence.get("conditions"), fleet=fleet)
     out["required"] = {"suites": required[0], "by": required[1]} if required else None
     out["decision"] = decide(state=evidence.get("state"), error=evidence.get("error"), verdicts=evidence.get("verdicts"),
                              required=required[0] if required else None, required_by=required[1] if required else None,
