@@ -63,6 +63,9 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function():
     assert fw.cross == "hidden"
     got = fw.generate(feats)[:, -n:]
     assert fw.attn_choice[B]["cross"].startswith(("triton shared-hidden", "cuda shared-hidden")), fw.attn_choice[B]
+    # self-attention: the launch configuration chosen by timing, every candidate checked first
+    assert fw.attn_choice[B]["self"].startswith("triton decode"), fw.attn_choice[B]
+    assert fw.attn_choice[B]["self_us_per_layer"] and not fw.attn_choice[B].get("self_rejected"), fw.attn_choice[B]
     with torch.inference_mode():
         enc = m.model.encoder(feats).last_hidden_state
         kernel = fw._states[B]["xattn"]

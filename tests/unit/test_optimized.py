@@ -201,6 +201,39 @@ def test_whisper_generate_many_same_tokens_as_generate_per_batch():
     assert fw.overlap_possible()[0] is False and fw.generate_many([]) == []
 
 
+def test_whisper_next_encoder_spread_over_decode_steps_covers_every_chunk():
+    """The next batch's encoder is launched a chunk every few decode steps; with more chunks than
+    steps the rest go at ``finish``, before the done event: the staged output is the whole
+    encoder output either way, each chunk launched exactly once."""
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    m, feats = _varied_whisper()
+    gc = m.generation_config
+    with torch.inference_mode():
+        want = m.model.encoder(feats).last_hidden_state
+    for steps, chunk in ((8, 1), (2, 1), (5, 2)):
+        fw = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=2, encoder_chunk=chunk)
+        calls: list[int] = []
+        enc = fw._encode
+        fw._encode = lambda x, enc=enc: (calls.append(int(x.shape[0])), enc(x))[1]
+        staging = torch.full_like(want, float("nan"))
+        recorded: list[object] = []
+
+        class Done:
+            def record(self, stream):
+                recorded.append(stream)
+
+        launch = fw._encoder_launcher(feats, staging, None, Done())
+        with torch.inference_mode():
+            for i in range(steps):
+                launch(i)
+            before_finish = len(calls)
+            launch.finish()
+        assert sum(calls) == feats.shape[0] and len(calls) == -(-feats.shape[0] // chunk), (steps, chunk, calls)
+        assert before_finish == min(len(calls), -(-steps // launch.every)), (steps, chunk, before_finish)
+        assert recorded == [None] and torch.allclose(staging, want, atol=1e-5), (steps, chunk)
+
+
 def test_whisper_fast_encoder_in_chunks_same_tokens_and_options_checked():
     """The encoder run in chunks of clips (bounding memory at large batches) changes nothing."""
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids

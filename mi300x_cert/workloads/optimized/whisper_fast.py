@@ -100,20 +100,21 @@ def _decode_attn_kernels() -> tuple[Any, Any]:
         m_i = tl.sum(zero, 0) - 1.0e30
         l_i = tl.sum(zero, 0)
         acc = tl.zeros([D], dtype=tl.float32)
-        for i0 in range(0, CHUNK, BLOCK_N):  # masked past ``end`` (masked rows load nothing)
-            offs_n = start + i0 + tl.arange(0, BLOCK_N)
-            msk = offs_n < end
-            k = tl.load(kb + offs_n[:, None] * D + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
-            v = tl.load(vb + offs_n[:, None] * D + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], 1)
-            s = tl.where(msk, s, -1.0e30 * 2)
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            p = tl.where(msk, p, 0.0)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            m_i = m_new
+        for i0 in range(0, CHUNK, BLOCK_N):
+            if start + i0 < end:  # blocks past the written keys are skipped, the last one masked
+                offs_n = start + i0 + tl.arange(0, BLOCK_N)
+                msk = offs_n < end
+                k = tl.load(kb + offs_n[:, None] * D + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
+                v = tl.load(vb + offs_n[:, None] * D + offs_d[None, :], mask=msk[:, None], other=0.0).to(tl.float32)
+                s = tl.sum(k * q[None, :], 1)
+                s = tl.where(msk, s, -1.0e30 * 2)
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new)
+                p = tl.where(msk, p, 0.0)
+                l_i = l_i * alpha + tl.sum(p, 0)
+                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+                m_i = m_new
         if NSPLIT == 1:
             tl.store(O + bh * D + offs_d, (acc / l_i).to(O.dtype.element_ty))
         else:
@@ -441,6 +442,10 @@ def triton_available(device: str) -> bool:
 # Candidate launch configurations (block_n, splits, num_warps), timed per batch size on the card.
 DECODE_ATTN_CONFIGS: tuple[tuple[int, int, int], ...] = (
     (64, 1, 4), (128, 1, 4), (32, 1, 2), (64, 2, 4), (64, 4, 4), (128, 1, 8))
+# Self-attention reads at most prompt + new tokens rows per head: whole-sequence blocks issue all
+# of a head's loads at once; the first entry is the one used where nothing is timed.
+SELF_ATTN_CONFIGS: tuple[tuple[int, int, int], ...] = (
+    (64, 1, 4), (128, 1, 4), (128, 1, 8), (32, 1, 2), (256, 1, 8), (64, 2, 4))
 
 
 def _done_event() -> Any:
@@ -731,8 +736,7 @@ class FastWhisper:
         dev, dt = st["k"][0].device, self.dtype
         timed = str(dev).startswith("cuda")
         if self.self_attn == "triton":
-            st["sattn"] = DecodeAttention(B, H, T, D, block_n=64, splits=1, num_warps=4, device=dev, dtype=dt)
-            rec["self"] = st["sattn"].label()
+            self._choose_self(st, rec, timed)
         if hidden:
             self._choose_hidden(st, rec, timed)
             return
@@ -767,6 +771,54 @@ class FastWhisper:
             rec["cross"] = best[1].label()
         if timed:
             torch.cuda.synchronize()
+
+    def _choose_self(self, st: dict[str, Any], rec: dict[str, Any], timed: bool) -> None:
+        """The fastest :class:`DecodeAttention` launch configuration for self-attention over this
+        batch's static caches [B, H, T, D]: each checked against SDPA over the written rows, timed
+        at a quarter, half and nearly all of the sequence (one configuration serves every position
+        of the captured step) on scratch caches of the same shape, two of them in turn so each
+        call reads from memory. Where nothing is timed, the first configuration."""
+        import torch
+        import torch.nn.functional as F
+
+        B, T, H, D = int(st["tokens"].shape[0]), self.total, self.H, self.D
+        dev, dt = st["k"][0].device, self.dtype
+        gen = torch.Generator(device=dev).manual_seed(1)
+        nbuf = 2 if timed else 1
+        ks = [torch.randn(B, H, T, D, device=dev, dtype=dt, generator=gen) for _ in range(nbuf)]
+        vs = [torch.randn(B, H, T, D, device=dev, dtype=dt, generator=gen) for _ in range(nbuf)]
+        q = (torch.randn(B, H, D, device=dev, dtype=torch.float32, generator=gen) * D ** -0.5).to(dt)
+        pos = sorted({max(0, T // 4 - 1), max(0, T // 2 - 1), max(0, T - 2)})
+        lens = [torch.tensor([p], dtype=torch.long, device=dev) for p in pos]
+        nref = min(B, 8)
+        refs = [F.scaled_dot_product_attention(q[:nref].view(nref, H, 1, D).float(), ks[0][:nref, :, : p + 1].float(),
+                                               vs[0][:nref, :, : p + 1].float(), scale=1.0).view(nref, H, D)
+                for p in pos]
+
+        def error(da: DecodeAttention) -> float:
+            return max(float((da(q, ks[0], vs[0], n)[:nref].float() - r).abs().max()) for n, r in zip(lens, refs))
+
+        def time_us(da: DecodeAttention) -> float:  # mean over the positions
+            return sum(event_time_us(lambda i: da(q, ks[i % nbuf], vs[i % nbuf], n), 2 * self.total // len(pos))
+                       for n in lens) / len(lens)
+
+        sub: dict[str, Any] = {}
+        times, best = fastest_config(
+            SELF_ATTN_CONFIGS, key=lambda c: "triton b{} s{} w{}".format(*c),
+            build=lambda c: DecodeAttention(B, H, T, D, block_n=c[0], splits=c[1], num_warps=c[2], device=dev, dtype=dt),
+            error=error, limit=2e-2, describe="max abs diff {:.3g} vs sdpa", time_us=time_us, timed=timed, rec=sub)
+        gb = sum(2 * B * H * (p + 1) * D * ks[0].element_size() for p in pos) / len(pos) / 1e9
+        del ks, vs
+        if best is None:  # no configuration works here: SDPA with a mask over the whole cache
+            rec["self_rejected"] = sub.get("rejected")
+            return
+        st["sattn"] = best[1]
+        rec["self"] = best[1].label()
+        if timed:
+            rec["self_us_per_layer"] = times
+            rec["self_tb_per_s"] = {k: (gb / (v * 1e-6) / 1e3 if v == v and v > 0 else None) for k, v in times.items()}
+            if sub.get("rejected"):
+                rec["self_rejected"] = sub["rejected"]
 
     def _choose_hidden(self, st: dict[str, Any], rec: dict[str, Any], timed: bool) -> None:
         """The fastest hidden-form kernel on this batch's encoder output: the launch configurations
@@ -873,15 +925,17 @@ class FastWhisper:
                 st = self.prefill(input_features)
         return st
 
-    def _decode(self, st: dict[str, Any]) -> Any:
-        """All decode steps of the prefilled batch (graph replays, or eager steps); its tokens."""
+    def _decode(self, st: dict[str, Any], before_step: Any = None) -> Any:
+        """All decode steps of the prefilled batch (graph replays, or eager steps); its tokens.
+        ``before_step(i)``, where given, is called before step i is launched."""
         n = self.total - 1
-        if self.use_graphs:
-            g = st["graph"]
-            for _ in range(n):
+        g = st["graph"] if self.use_graphs else None
+        for i in range(n):
+            if before_step is not None:
+                before_step(i)
+            if g is not None:
                 g.replay()
-        else:
-            for _ in range(n):
+            else:
                 self._step(st)
         B = int(st["tokens"].shape[0])
         self.notes.update({"cross_attention_form": self.cross, "encoder": self.encoder_label,
@@ -905,14 +959,19 @@ class FastWhisper:
             return False, "no device streams here (CPU): batches run in series"
         if self.cross != "hidden":
             return False, "K/V form: the next batch's cross K/V would need a second set of caches; in series"
-        return True, "next batch's encoder on a second stream during decoding"
+        return True, "next batch's encoder on a low-priority second stream during decoding"
+
+    def _encoder_launcher(self, x: Any, staging: Any, side: Any, done: Any) -> "_ChunkedEncoder":
+        """The encoder of ``x`` into ``staging`` on the ``side`` stream, chunk by chunk, spread
+        over the decode steps of the current batch (see :class:`_ChunkedEncoder`)."""
+        return _ChunkedEncoder(self, x, staging, side, done, steps=self.total - 1)
 
     def generate_many(self, batches: Any, overlap: bool = True) -> list[Any]:
         """Token ids for several batches of one size, in order: the same tokens as :meth:`generate`
-        on each. With ``overlap`` (on a GPU, hidden form), the encoder of batch i+1 runs on a second
-        device stream while batch i decodes: the encoder is compute-bound and the decode step is
-        bound by reading the encoder output, so the two share the card instead of running in
-        series. The next encoder output goes to a staging buffer, copied into the graph's own
+        on each. With ``overlap`` (on a GPU, hidden form), the encoder of batch i+1 runs on a second,
+        low-priority device stream while batch i decodes (a chunk every few decode steps): the
+        encoder is compute-bound and the decode step is bound by reading the encoder output, so
+        the two can share a card where kernels of both fit on a multiprocessor at once. The next encoder output goes to a staging buffer, copied into the graph's own
         buffer once batch i's decoding is done (one device copy, ≈2 ms at b1024). The first batch's
         encoder runs in series (nothing to hide it behind). What ran is recorded in
         ``notes["batches"]``."""
@@ -937,7 +996,12 @@ class FastWhisper:
                                          "why": why if len(xs) > 1 else "one batch"}
                 return outs
             main = torch.cuda.current_stream()
-            side = torch.cuda.Stream(device=xs[0].device)
+            # Decoding on a high-priority stream, the encoder on a low-priority one: where blocks of
+            # both can be resident, the decode step's kernels take multiprocessors first as the
+            # encoder's blocks free them (on an H200 neither priority nor equal priority gains:
+            # docs/performance.md, "the encoder beside decoding").
+            dec = torch.cuda.Stream(device=xs[0].device, priority=-1)
+            side = torch.cuda.Stream(device=xs[0].device, priority=0)
             enc_done = torch.cuda.Event()
             st = self._ready(self.prefill(xs[0]), xs[0])
             if st["cross"] != "hidden":  # the hidden form was rejected on this card: series
@@ -947,24 +1011,60 @@ class FastWhisper:
                                          "why": "hidden form unavailable here: in series"}
                 return outs
             staging = torch.empty_like(st["enc"])
-            for i in range(len(xs)):
-                if i > 0:  # the encoder output of batch i, staged during batch i-1's decoding
-                    main.wait_event(enc_done)
-                    st["enc"].copy_(staging)
-                    self._reset(st)
-                if i + 1 < len(xs):
-                    side.wait_stream(main)  # the staging buffer has been copied out, inputs ready
-                    with torch.cuda.stream(side):
-                        x = xs[i + 1].to(self.dtype)
-                        for c0 in range(0, x.shape[0], self.encoder_chunk):
-                            c1 = min(x.shape[0], c0 + self.encoder_chunk)
-                            staging[c0:c1].copy_(self._encode(x[c0:c1]))
-                        enc_done.record(side)
-                outs.append(self._decode(st))
-                self.batch_events.append(_done_event())
+            dec.wait_stream(main)
+            with torch.cuda.stream(dec):
+                for i in range(len(xs)):
+                    if i > 0:  # the encoder output of batch i, staged during batch i-1's decoding
+                        dec.wait_event(enc_done)
+                        st["enc"].copy_(staging)
+                        self._reset(st)
+                    launch = None
+                    if i + 1 < len(xs):
+                        side.wait_stream(dec)  # the staging buffer has been copied out, inputs ready
+                        launch = self._encoder_launcher(xs[i + 1], staging, side, enc_done)
+                    outs.append(self._decode(st, before_step=launch))
+                    if launch is not None:
+                        launch.finish()
+                    self.batch_events.append(_done_event())
+            main.wait_stream(dec)
             main.wait_stream(side)
         self.notes["batches"] = {"count": len(xs), "overlap": True, "why": why}
         return outs
+
+
+class _ChunkedEncoder:
+    """The next batch's encoder, launched chunk by chunk between the current batch's decode steps:
+    called before decode step i, it launches one chunk every few steps on the ``side`` stream into
+    ``staging``; :meth:`finish` launches whatever is left and records ``done`` on ``side``.
+    Interleaved so that the decode steps are never queued on the host behind a whole batch's
+    encoder kernels (thousands of launches, more than a stream's launch queue holds)."""
+
+    def __init__(self, fw: FastWhisper, x: Any, staging: Any, side: Any, done: Any, steps: int) -> None:
+        self.fw, self.x, self.staging, self.side, self.done = fw, x, staging, side, done
+        self.starts = list(range(0, int(x.shape[0]), fw.encoder_chunk))
+        self.every = max(1, int(steps) // max(1, len(self.starts)))
+        self.next = 0
+        self.src: Any = None
+
+    def _launch(self) -> None:
+        import torch
+
+        c0 = self.starts[self.next]
+        c1 = min(int(self.x.shape[0]), c0 + self.fw.encoder_chunk)
+        with torch.cuda.stream(self.side):
+            if self.src is None:
+                self.src = self.x.to(self.fw.dtype)
+            self.staging[c0:c1].copy_(self.fw._encode(self.src[c0:c1]))
+        self.next += 1
+
+    def __call__(self, step: int) -> None:
+        if step % self.every == 0 and self.next < len(self.starts):
+            self._launch()
+
+    def finish(self) -> None:
+        while self.next < len(self.starts):
+            self._launch()
+        self.done.record(self.side)
 
 
 def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastWhisper:
