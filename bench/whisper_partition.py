@@ -3,7 +3,7 @@ batch's encoder (CUDA green contexts): how the cross-attention kernel, the encod
 decode step scale with the number of multiprocessors they get, and what the two achieve side by
 side, each on its own share, against the same work in series.
 
-    python bench/whisper_partition.py [--batch 1024] [--sms 128,96,80,64,48,32] [--out part.json]
+    python bench/whisper_partition.py [--batch 1024] [--sms 112,96,80,64,48,32] [--splits 48,64,80,96] [--out part.json]
 
 Prints one JSON object per part as it goes; the whole result is written after each part, so a
 killed run keeps what it finished.
@@ -25,8 +25,8 @@ def main() -> None:
     ap.add_argument("--model", default="synthetic:whisper-large-v3")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--encoder-chunk", type=int, default=128)
-    ap.add_argument("--sms", default="128,112,96,80,64,48,32", help="multiprocessor counts to try")
-    ap.add_argument("--splits", default="64,80,96", help="decode's share of multiprocessors, side by side")
+    ap.add_argument("--sms", default="112,96,80,64,48,32", help="multiprocessor counts to try")
+    ap.add_argument("--splits", default="48,64,80,96", help="decode's share of multiprocessors, side by side")
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timing")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -128,79 +128,118 @@ def main() -> None:
             except Exception as e:
                 en["by_sms"][str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         emit("encoder", en)
-        # -- a whole decode step (graph replay) ---------------------------------------------------
+        # -- a whole decode step: the captured graph on the whole card (a graph replay runs on every
+        # multiprocessor whatever context its stream belongs to), eager steps on each share -------
         g = st["graph"]
         steps = a.steps
 
-        def decode() -> None:
+        def replay() -> None:
             for _ in range(steps):
                 g.replay()
             st["pos"].sub_(steps)
 
+        def eager() -> None:
+            for _ in range(steps):
+                fw._step(st)
+            st["pos"].sub_(steps)
+
         st["pos"].fill_(60)
-        ds: dict[str, Any] = {"by_sms": {}}
+        ds: dict[str, Any] = {"graph_ms_per_step": timed_ms(sm_total, replay, 2) / steps, "by_sms": {}}
         for n in [sm_total] + sms:
             try:
-                ms = timed_ms(n, decode, 2) / steps
-                ds["by_sms"][str(n)] = {"ms_per_step": ms}
+                ds["by_sms"][str(n)] = {"ms_per_step": timed_ms(n, eager, 2) / steps}
             except Exception as e:
                 ds["by_sms"][str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         emit("decode_step", ds)
-        # -- side by side: decoding on one share, the encoder on the rest ---------------------------
+        # -- side by side: eager decode steps on one share, the encoder on the rest; launches
+        # interleaved (a chunk, then a few steps) so neither waits on the host behind the other ---
         side: dict[str, Any] = {}
-        for nd in [int(s) for s in a.splits.split(",") if s]:
+        T = fw.total - 1
+        for nd in [int(x) for x in a.splits.split(",") if x]:
             ne = (sm_total - nd) // 8 * 8
             row: dict[str, Any] = {"decode_sms": nd, "encoder_sms": ne}
             try:
                 torch.cuda.synchronize()
-                # one encoder chunk against as many decode steps as fit in its time
-                t_dec = ds["by_sms"][str(nd)]["ms_per_step"] if str(nd) in ds["by_sms"] else None
                 sd, se = stream_for(nd), stream_for(ne)
                 sd.wait_stream(torch.cuda.current_stream())
                 se.wait_stream(torch.cuda.current_stream())
                 ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-                t0 = time.perf_counter()
+                ev[0].record(sd)
+                ev[2].record(se)
+                for _ in range(2):
+                    with torch.cuda.stream(se):
+                        fw._encode(xc)
+                    with torch.cuda.stream(sd):
+                        eager()
+                ev[3].record(se)
+                ev[1].record(sd)
+                torch.cuda.synchronize()
+                dec_ms = ev[0].elapsed_time(ev[1]) / (2 * steps)
+                enc_ms = ev[2].elapsed_time(ev[3]) / (2 * C)
+                row.update({"decode_ms_per_step": dec_ms, "encoder_ms_per_clip": enc_ms})
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            # a batch of B clips with its decoding on nd multiprocessors and the next batch's encoder
+            # on ne, from the rates each share reached alone, against the whole card in series
+            try:
+                d1, e1 = ds["by_sms"][str(sm_total)]["ms_per_step"], en["by_sms"][str(sm_total)]["ms_per_clip"]
+                dn, en_ = ds["by_sms"][str(nd)]["ms_per_step"], en["by_sms"][str(ne)]["ms_per_clip"]
+                row["model_batch_s"] = {"series": (T * d1 + B * e1) / 1e3, "split": max(T * dn, B * en_) / 1e3}
+            except Exception as e:
+                row["model_batch_s"] = f"not modelled: {type(e).__name__}: {e}"
+            side[str(nd)] = row
+            emit("side_by_side", side)
+        # -- the decode step captured on a share's own stream (its kernels then keep to the share),
+        # alone and beside the encoder on the rest: all replays launched first, then the encoder ----
+        gs: dict[str, Any] = {}
+        for nd in [int(x) for x in a.splits.split(",") if x]:
+            ne = (sm_total - nd) // 8 * 8
+            row = {"decode_sms": nd, "encoder_sms": ne}
+            try:
+                sd, se = stream_for(nd), stream_for(ne)
+                torch.cuda.synchronize()
+                saved = st["pos"].clone()
+                gg = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(gg, stream=sd):
+                    fw._step(st)
+                torch.cuda.synchronize()
+                st["pos"].copy_(saved)
+
+                def greplay(n: int = steps) -> None:
+                    for _ in range(n):
+                        gg.replay()
+                    st["pos"].sub_(n)
+
+                sd.wait_stream(torch.cuda.current_stream())
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                with torch.cuda.stream(sd):
+                    greplay(1)
+                    ev[0].record(sd)
+                    greplay()
+                    ev[1].record(sd)
+                torch.cuda.synchronize()
+                row["alone_ms_per_step"] = ev[0].elapsed_time(ev[1]) / steps
+                sd.wait_stream(torch.cuda.current_stream())
+                se.wait_stream(torch.cuda.current_stream())
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+                with torch.cuda.stream(sd):
+                    ev[0].record(sd)
+                    greplay(3 * steps)
+                    ev[1].record(sd)
                 with torch.cuda.stream(se):
                     ev[2].record(se)
                     for _ in range(2):
                         fw._encode(xc)
                     ev[3].record(se)
-                with torch.cuda.stream(sd):
-                    ev[0].record(sd)
-                    for _ in range(4):
-                        decode()
-                    ev[1].record(sd)
                 torch.cuda.synchronize()
-                row.update({"wall_ms": (time.perf_counter() - t0) * 1e3,
-                            "decode_ms_per_step": ev[0].elapsed_time(ev[1]) / (4 * steps),
-                            "encoder_ms_per_clip": ev[2].elapsed_time(ev[3]) / (2 * C),
-                            "decode_alone_ms_per_step": t_dec})
+                row["beside_ms_per_step"] = ev[0].elapsed_time(ev[1]) / (3 * steps)
+                row["encoder_beside_ms_per_clip"] = ev[2].elapsed_time(ev[3]) / (2 * C)
+                row["encoder_alone_ms_per_clip"] = en["by_sms"].get(str(ne), {}).get("ms_per_clip")
+                del gg
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            side[str(nd)] = row
-            emit("side_by_side", side)
-        # -- the same two streams without a split, decoding at high priority -----------------------
-        try:
-            hi = torch.cuda.Stream(priority=-1)
-            lo = torch.cuda.Stream(priority=0)
-            hi.wait_stream(torch.cuda.current_stream())
-            lo.wait_stream(torch.cuda.current_stream())
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-            with torch.cuda.stream(lo):
-                ev[2].record(lo)
-                for _ in range(2):
-                    fw._encode(xc)
-                ev[3].record(lo)
-            with torch.cuda.stream(hi):
-                ev[0].record(hi)
-                for _ in range(4):
-                    decode()
-                ev[1].record(hi)
-            torch.cuda.synchronize()
-            emit("priority_streams", {"decode_ms_per_step": ev[0].elapsed_time(ev[1]) / (4 * steps),
-                                      "encoder_ms_per_clip": ev[2].elapsed_time(ev[3]) / (2 * C)})
-        except Exception as e:
-            emit("priority_streams", {"error": f"{type(e).__name__}: {str(e)[:300]}"})
+            gs[str(nd)] = row
+            emit("graph_on_share", gs)
         # -- where a decode step's time goes (eager step, profiled) ---------------------------------
         from torch.profiler import ProfilerActivity, profile
 

@@ -114,11 +114,16 @@ def test_whisper_overlapped_encoder_same_tokens_as_series():
     (20, 1500, 1280, 3, (8, 2, 1, 32, 0, 0, 1, 1)),
     (20, 1500, 1280, 5, (8, 2, 2, 32, 0, 0, 1, 0)),
     (6, 77, 384, 4, (8, 2, 3, 32, 0, 0, 1, 1)),
+    (20, 1500, 1280, 3, (8, 4, 1, 32, 0, 0, 1, 1, 0, 2)),
+    (20, 1500, 1280, 5, (8, 3, 2, 32, 0, 0, 1, 1, 0, 2)),
+    (6, 77, 384, 4, (4, 3, 3, 32, 0, 0, 1, 1, 0, 2)),
+    (16, 1500, 1024, 2, (8, 4, 1, 32, 0, 0, 1, 1, 0, 2)),
 ])
 def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     """The hand-written CUDA kernel against the float32 reference: a tail tile (S not a multiple
     of 16), heads not a multiple of 8, splits, q' read in place from a head-major buffer, every
-    kernel form (shared-memory q', pipelined, 32-row tiles, bulk-copy loads, scores summed once)."""
+    kernel form (shared-memory q', pipelined, 32-row tiles, bulk-copy loads, scores summed once, a
+    cluster of two blocks per clip)."""
     from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
     from mi300x_cert.workloads.optimized.whisper_fast import hidden_attention_reference
 

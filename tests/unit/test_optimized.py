@@ -543,11 +543,24 @@ def test_cuda_hidden_attention_shapes_and_refusals():
     assert hc.cuda_hidden_fits(20, 1280, 8) is None
     assert "d_model 1000" in hc.cuda_hidden_fits(20, 1000, 8)
     assert "40 heads" in hc.cuda_hidden_fits(40, 1280, 8)
-    for cfg in hc.CUDA_HIDDEN_CONFIGS:
-        assert hc.smem_bytes(1280, 20, cfg[0], cfg[1], cfg[3], bool(cfg[4]), bool(cfg[6])) <= 227 * 1024, cfg
-        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8])
-        assert "#define EW 160" in src and "#define NT 3" in src and "hidden_attn_cuda" in src
-        assert hc.CudaHiddenAttention.config_key(cfg).startswith(f"cuda w{cfg[0]} st{cfg[1]} s{cfg[2]}")
+    # the candidates, and the bench-only cluster form (two blocks per clip) at the same shapes
+    for cfg in hc.CUDA_HIDDEN_CONFIGS + ((8, 4, 1, 32, 0, 0, 1, 1, 0, 2), (8, 3, 1, 32, 0, 0, 1, 1, 0, 2)):
+        cl = cfg[9] if len(cfg) > 9 else 1
+        assert hc.smem_bytes(1280, 20, cfg[0], cfg[1], cfg[3], bool(cfg[4]), bool(cfg[6]), cl) <= 227 * 1024, cfg
+        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8], cluster=cl)
+        assert f"#define EW {1280 // cl // cfg[0]}" in src and "#define NT 3" in src and "hidden_attn_cuda" in src
+        assert f"#define CL {cl}" in src
+        key = hc.CudaHiddenAttention.config_key(cfg)
+        assert key.startswith(f"cuda w{cfg[0]} st{cfg[1]} s{cfg[2]}") and key.endswith(" c2") == (cl == 2), key
+    # a cluster of two blocks per clip: half the columns (and accumulators) per block, one set of
+    # per-warp partial scores, summed scores per block of the cluster and tile parity
+    assert hc.smem_bytes(1280, 20, 8, 4, 32, bulk=True, cluster=2) == 4 * 32 * 648 * 2 + (8 + 4) * 24 * 36 * 4 + 64
+    with pytest.raises(ValueError, match="cluster must be 1 or 2"):
+        hc.kernel_source(20, 1280, 8, 3, rows=32, bulk=True, red2=True, cluster=4)
+    with pytest.raises(ValueError, match="cluster of blocks goes with bulk copies and scores summed once"):
+        hc.kernel_source(20, 1280, 8, 3, rows=32, bulk=True, cluster=2)
+    with pytest.raises(ValueError, match="per block of a cluster of 2"):
+        hc.kernel_source(20, 384, 8, 3, rows=32, bulk=True, red2=True, cluster=2)
     with pytest.raises(ValueError, match="bulk copies go with the plain loop"):
         hc.kernel_source(20, 1280, 8, 3, pipe=True, bulk=True)
     with pytest.raises(ValueError, match="rows must be one of"):

@@ -32,7 +32,10 @@ So every byte of X is read from memory once and feeds both products from shared 
 accumulators never leave registers. ``pipe`` (cp.async form only) computes the scores of the next
 tile beside the softmax of the current one. Rows of X can be split over ``splits`` blocks per clip
 for parallelism at small batches (partials in the same layout as the Triton kernel's, merged the
-same way). ``mode`` 1/2 (bench only) leave out the arithmetic or the loads.
+same way). ``mode`` 1/2 (bench only) leave out the arithmetic or the loads. ``cluster=2`` (bench
+only: measured slower, see :data:`CUDA_HIDDEN_CONFIGS`) runs a clip on a cluster of two blocks,
+each holding half the columns; each block writes its summed scores of a tile into its own slot of
+both blocks' shared memory, and after a cluster barrier both add the slots in rank order.
 
 A kernel that fails to compile, to launch or to match the float32 reference is not chosen; a fault
 on the device while a chosen kernel runs fails the run (a CUDA error is sticky for the process).
@@ -55,16 +58,23 @@ ROWS_CHOICES = (16, 32)  # rows of X per tile: one or two of the matrix units' 1
 # same with 16-row tiles 2.91; cp.async loads 2.11 (2.73 with scores summed once); pipelining,
 # q' in shared memory, 10 or 16 warps were slower. The cp.async forms are the candidates for
 # cards without the bulk-copy engine (compute capability 8.x).
+#
+# A cluster of two blocks per clip (``cluster=2``: each block half the columns and accumulators, a
+# 4-stage ring, the blocks' summed scores exchanged through distributed shared memory behind one
+# cluster barrier per tile) is correct (tests/gpu) but measured slower on the H200
+# (bench/results/h200-run9-hidden-attn-cluster-push.json, b1024: 1.55 TB/s against 3.38; pulling
+# the other block's sums instead of pushing them: 1.10): bench-only, not a candidate.
 CUDA_HIDDEN_CONFIGS: tuple[tuple[int, ...], ...] = (
     (8, 2, 1, 32, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1), (8, 3, 1, 16, 0, 0, 0, 0))
 
 
 _SOURCE = r"""
 #define U (ROWS / 16)
+#define EL (E / CL)
 #if BULK
-// one stage for the whole block: ROWS full rows of X (each row one bulk copy), rows padded by 16 bytes;
-// a warp reads its columns [e0, e0 + EW) of each row
-#define PITCH (E + 8)
+// one stage for the whole block: ROWS rows of the block's EL columns of X (each row one bulk copy),
+// rows padded by 16 bytes; a warp reads its columns [ec, ec + EW) of each row
+#define PITCH (EL + 8)
 #define STAGE_HALVES (ROWS * PITCH)
 #define XS_HALVES (STAGES * STAGE_HALVES)
 #else
@@ -81,6 +91,11 @@ _SOURCE = r"""
 #define KT (EW / 16)
 #define MT (EW / 16)
 #define LOG2E 1.4426950408889634f
+// partial-score buffers: NREDB per-warp sets (two, by tile parity, for one block; one with a cluster,
+// whose cluster barrier orders them), TOTN summed sets (one; with a cluster one per block of the
+// cluster and tile parity, each block writing its sums into every block's)
+#define NREDB (CL > 1 ? 1 : 2)
+#define TOTN (CL > 1 ? 2 * CL : 1)
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   unsigned r;
@@ -136,38 +151,64 @@ __device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigne
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void st_peer(unsigned addr, unsigned rank, float v) {  // into another block's shared memory
+  unsigned a;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(addr), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(a), "f"(v) : "memory");
+}
 __device__ __forceinline__ float ex2(float x) {
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
 
+#if CL > 1
+extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(NW * 32, 1)
+#else
 extern "C" __global__ void __launch_bounds__(NW * 32, 1)
+#endif
 hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __restrict__ X,
                  unsigned short* __restrict__ O, float* __restrict__ Mp, float* __restrict__ Lp,
                  float* __restrict__ Ap, int S, int chunk, int sqb, int sqh, int sob, int soh, int nsplit) {
   extern __shared__ __attribute__((aligned(16))) unsigned char smem[];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
+#if CL > 1
+  // a cluster of CL blocks per clip (and split): block `rank` holds columns [rank * EL, (rank + 1) * EL)
+  // of the accumulators; the partial scores of the blocks meet through distributed shared memory
+  const unsigned rank = cluster_rank();
+  const int sp = blockIdx.x / CL, b = blockIdx.y;
+#else
+  const unsigned rank = 0;
   const int sp = blockIdx.x, b = blockIdx.y;
+#endif
   const int start = sp * chunk;
   const int end = min(start + chunk, S);
   const int ntiles = end > start ? (end - start + ROWS - 1) / ROWS : 0;
-  const int e0 = w * EW;
+  const int ec = w * EW;                 // this warp's first column within the block's columns
+  const int e0 = (int)rank * EL + ec;    // ... and within the row
 #if BULK
-  unsigned short* xs = reinterpret_cast<unsigned short*>(smem) + e0;  // this warp's columns of stage 0
+  unsigned short* xs = reinterpret_cast<unsigned short*>(smem) + ec;  // this warp's columns of stage 0
 #else
   unsigned short* xs = reinterpret_cast<unsigned short*>(smem) + w * STAGES * STAGE_HALVES;
 #endif
   float* red = reinterpret_cast<float*>(smem + XS_HALVES * 2);
-  float* tot = red + 2 * NW * HP * RS;  // RED2: the summed scores of a tile
+  float* tot = red + NREDB * NW * HP * RS;  // RED2: the summed scores of a tile
   const unsigned short* xb = X + (long long)b * S * E + e0;
 
   // q' of this warp's column slice as B fragments of S^T = X_tile . q'^T (k = column, n = head):
   // in registers for the whole kernel, or (QS) in shared memory, read per tile with ldmatrix
   const unsigned short* qb = Q + (long long)b * sqb;
 #if QS
-  unsigned short* qs = reinterpret_cast<unsigned short*>(smem + XS_HALVES * 2 + (2 * NW + 1) * HP * RS * 4) + w * HP * QPITCH;
+  unsigned short* qs = reinterpret_cast<unsigned short*>(smem + XS_HALVES * 2 + (NREDB * NW + TOTN) * HP * RS * 4) + w * HP * QPITCH;
   for (int i = lane; i < HP * CPR; i += 32) {
     const int h = i / CPR, cc = i % CPR;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
@@ -196,7 +237,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
 
 #if BULK
   unsigned short* xall = reinterpret_cast<unsigned short*>(smem);
-  const unsigned bars = smem_u32(smem + XS_HALVES * 2 + (2 * NW + 1) * HP * RS * 4 + (QS ? NW * HP * QPITCH * 2 : 0));
+  const unsigned bars = smem_u32(smem + XS_HALVES * 2 + (NREDB * NW + TOTN) * HP * RS * 4 + (QS ? NW * HP * QPITCH * 2 : 0));
   // rows past the end are never copied: zero them once so a masked row is 0, never stale NaN
   for (int i = threadIdx.x; i < XS_HALVES / 8; i += NW * 32)
     reinterpret_cast<uint4*>(xall)[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -214,10 +255,11 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     const int r0 = start + t * ROWS;
     const int nr = min(ROWS, end - r0);
     const unsigned bar = bars + 8 * st;
-    if (lane == 0) mbar_expect_tx(bar, nr * E * 2);
+    if (lane == 0) mbar_expect_tx(bar, nr * EL * 2);
     __syncwarp();
     if (lane < nr)
-      bulk_copy(smem_u32(xall + st * STAGE_HALVES) + lane * PITCH * 2, X + ((long long)b * S + r0 + lane) * E, E * 2, bar);
+      bulk_copy(smem_u32(xall + st * STAGE_HALVES) + lane * PITCH * 2, X + ((long long)b * S + r0 + lane) * E + rank * EL,
+                EL * 2, bar);
   };
 #else
   auto load = [&](int t) {
@@ -298,7 +340,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     }                                                                                                    \
   }
 #define STAGE_ADDR(t) smem_u32(xs + (MODE == 2 ? 0 : ((t) % STAGES)) * STAGE_HALVES)
-#define RED(t) (red + ((t) & 1) * (NW * HP * RS))
+#define RED(t) (red + (NREDB > 1 ? ((t) & 1) * (NW * HP * RS) : 0))
 
 #if PIPE
   // software pipeline: the scores of tile t + 1 are computed beside the softmax and the weighted
@@ -342,16 +384,32 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     }
 #endif
 #if RED2
-    // the warps' partial scores summed once (each thread a few positions), then read by all
+    // the warps' partial scores summed once (each thread a few positions), then read by all; with a
+    // cluster, each block writes its sums into its own slot of every block's buffer for this tile
+    // parity, and after the cluster barrier every block adds the slots in rank order (the same
+    // full scores, bit for bit, in every block)
+    float* tsum = tot + (CL > 1 ? (t & 1) * CL * HP * RS : 0);
     for (int idx = threadIdx.x; idx < HP * RS; idx += NW * 32) {
       float v = 0.f;
 #pragma unroll
       for (int ww = 0; ww < NW; ++ww) v += rb[ww * HP * RS + idx];
-      tot[idx] = v;
+#if CL > 1
+      float* dst = tsum + rank * HP * RS + idx;
+      *dst = v;
+#pragma unroll
+      for (unsigned rr = 0; rr < CL; ++rr)
+        if (rr != rank) st_peer(smem_u32(dst), rr, v);
+#else
+      tsum[idx] = v;
+#endif
     }
+#if CL > 1
+    cluster_sync();
+#else
     __syncthreads();
-    const float* rsum = tot;
-#define NWR 1
+#endif
+    const float* rsum = tsum;
+#define NWR (CL > 1 ? CL : 1)
 #else
     const float* rsum = rb;
 #define NWR NW
@@ -429,6 +487,9 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
 #endif
   }
   cp_wait<0>();
+#if CL > 1
+  cluster_sync();  // no block leaves while another may still read its partial scores
+#endif
 
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -511,14 +572,17 @@ def cuda_hidden_available(device: Any) -> tuple[bool, str]:
     return True, ""
 
 
-def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, bulk: bool = False) -> int:
-    """Dynamic shared memory of one block: the X stages, the partial-score buffers, q' (when held
-    there) and the stage barriers (bulk copies)."""
-    ew = E // warps
+def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, bulk: bool = False,
+               cluster: int = 1) -> int:
+    """Dynamic shared memory of one block: the X stages (of the block's E / cluster columns), the
+    partial-score buffers, q' (when held there) and the stage barriers (bulk copies)."""
+    el = E // cluster
+    ew = el // warps
     hp = -(-H // 8) * 8
-    xs = stages * rows * (E + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
+    xs = stages * rows * (el + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
     q = warps * hp * (ew + 8) * 2 if qsmem else 0
-    return xs + (2 * warps + 1) * hp * (rows + 4) * 4 + q + (16 * stages if bulk else 0)
+    redb, tot = (1, 2 * cluster) if cluster > 1 else (2, 1)
+    return xs + (redb * warps + tot) * hp * (rows + 4) * 4 + q + (16 * stages if bulk else 0)
 
 
 def _set_smem(kernel: Any, nbytes: int) -> None:
@@ -550,12 +614,19 @@ def kernel_attributes(kernel: Any) -> dict[str, int]:
 
 
 def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
-                  bulk: bool = False, red2: bool = False, mode: int = 0) -> str:
+                  bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1) -> str:
     """The CUDA source for these shapes and this form (one clear error for a combination the
     kernel does not take)."""
-    why = cuda_hidden_fits(H, E, warps)
+    if cluster not in (1, 2):
+        raise ValueError(f"CudaHiddenAttention: cluster must be 1 or 2, got {cluster}")
+    if cluster > 1 and not (bulk and red2) or cluster > 1 and (pipe or qsmem):
+        raise ValueError("CudaHiddenAttention: a cluster of blocks goes with bulk copies and scores summed once "
+                         "(not pipelined, q' in registers)")
+    if E % cluster:
+        raise ValueError(f"CudaHiddenAttention: d_model {E} does not split over a cluster of {cluster}")
+    why = cuda_hidden_fits(H, E // cluster, warps)
     if why:
-        raise ValueError(f"CudaHiddenAttention: {why}")
+        raise ValueError(f"CudaHiddenAttention: {why}" + (f" (per block of a cluster of {cluster})" if cluster > 1 else ""))
     if stages < 2 or (pipe and stages < 3):
         raise ValueError(f"CudaHiddenAttention: stages must be ≥ {3 if pipe else 2}"
                          f"{' for the pipelined kernel' if pipe else ''}, got {stages}")
@@ -565,26 +636,26 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
         raise ValueError(f"CudaHiddenAttention: mode must be 0, 1 or 2, got {mode}")
     if bulk and (pipe or mode == 2):
         raise ValueError("CudaHiddenAttention: bulk copies go with the plain loop (not pipelined, not mode 2)")
-    defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // warps, "STAGES": stages, "ROWS": rows,
+    defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // cluster // warps, "STAGES": stages, "ROWS": rows,
                "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
-               "RED2": int(bool(red2))}
+               "RED2": int(bool(red2)), "CL": int(cluster)}
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
 def build_kernel(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
-                 bulk: bool = False, red2: bool = False, mode: int = 0) -> Any:
+                 bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1) -> Any:
     """The compiled kernel for these shapes (NVRTC, cached per process) and its shared memory in
     bytes. ``mode`` is for the bench only: 1 streams X without the arithmetic, 2 does the
     arithmetic on one resident tile (outputs meaningless)."""
     import torch
 
-    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode)
+    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster)
     key = (src, torch.cuda.current_device())
     if key in _CACHE:
         return _CACHE[key]
-    if bulk and torch.cuda.get_device_capability()[0] < 9:
-        raise ValueError("CudaHiddenAttention: bulk copies need compute capability ≥ 9.0")
-    nbytes = smem_bytes(E, H, warps, stages, rows, qsmem, bulk)
+    if (bulk or cluster > 1) and torch.cuda.get_device_capability()[0] < 9:
+        raise ValueError("CudaHiddenAttention: bulk copies and clusters of blocks need compute capability ≥ 9.0")
+    nbytes = smem_bytes(E, H, warps, stages, rows, qsmem, bulk, cluster)
     limit = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "shared_memory_per_block_optin", 0)
     if limit and nbytes > limit:
         raise ValueError(f"CudaHiddenAttention: needs {nbytes} bytes of shared memory, the card allows {limit}")
@@ -602,7 +673,7 @@ class CudaHiddenAttention:
 
     def __init__(self, B: int, H: int, S: int, E: int, *, warps: int = 8, stages: int = 3, splits: int = 1,
                  rows: int = 16, qsmem: bool = False, pipe: bool = False, bulk: bool = False, red2: bool = False,
-                 mode: int = 0, device: Any = None, dtype: Any = None) -> None:
+                 mode: int = 0, cluster: int = 1, device: Any = None, dtype: Any = None) -> None:
         import torch
 
         if dtype is not None and dtype != torch.float16:
@@ -610,24 +681,26 @@ class CudaHiddenAttention:
         self.B, self.H, self.S, self.E = B, H, S, E
         self.warps, self.stages, self.splits = int(warps), int(stages), max(1, int(splits))
         self.rows, self.qsmem, self.pipe, self.bulk, self.red2 = int(rows), bool(qsmem), bool(pipe), bool(bulk), bool(red2)
+        self.cluster = int(cluster)
         with torch.cuda.device(torch.device(device) if device is not None else torch.cuda.current_device()):
             self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
-                                                  self.bulk, self.red2, mode)
+                                                  self.bulk, self.red2, mode, self.cluster)
         chunk = -(-S // self.splits)
         self.chunk = -(-chunk // self.rows) * self.rows
         self.out, self.mp, self.lp, self.ap = split_buffers(B, H, E, self.splits, device, torch.float16)
 
     @classmethod
     def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
-        """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2)."""
-        names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode")
+        """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2[,
+        mode[, cluster]])."""
+        names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster")
         return cls(B, H, S, E, **dict(zip(names, cfg)), **kw)
 
     @staticmethod
     def config_key(cfg: tuple[int, ...]) -> str:
         flags = "".join(f for f, on in zip(("q", "p", "t", "r"), cfg[4:8]) if on)
         return f"cuda w{cfg[0]} st{cfg[1]} s{cfg[2]} r{cfg[3]}" + (f" {flags}" if flags else "") + \
-            (f" mode{cfg[8]}" if len(cfg) > 8 else "")
+            (f" mode{cfg[8]}" if len(cfg) > 8 and cfg[8] else "") + (f" c{cfg[9]}" if len(cfg) > 9 and cfg[9] > 1 else "")
 
     def label(self) -> str:
         parts = [f"warps {self.warps}", f"stages {self.stages}", f"rows {self.rows}",
@@ -637,6 +710,8 @@ class CudaHiddenAttention:
             parts.append("pipelined")
         if self.red2:
             parts.append("scores summed once")
+        if self.cluster > 1:
+            parts.append(f"a cluster of {self.cluster} blocks per clip")
         return (f"cuda shared-hidden attention ({', '.join(parts)}, splits {self.splits}, "
                 f"{self.smem // 1024} KB shared memory)")
 
@@ -659,7 +734,7 @@ class CudaHiddenAttention:
         if qp.stride(0) % 2 or qp.stride(1) % 2 or qp.data_ptr() % 4:
             raise ValueError("CudaHiddenAttention: q' must be 4-byte aligned with even strides")
         with torch.cuda.device(x.device):
-            self.kernel(grid=(self.splits, self.B, 1), block=(32 * self.warps, 1, 1),
+            self.kernel(grid=(self.splits * self.cluster, self.B, 1), block=(32 * self.warps, 1, 1),
                         args=[qp, x, self.out, self.mp, self.lp, self.ap, self.S, self.chunk, qp.stride(0),
                               qp.stride(1), self.out.stride(0), self.out.stride(1), self.splits],
                         shared_mem=self.smem)
