@@ -1,9 +1,11 @@
-"""Whisper large-v3 on one GPU with its multiprocessors split between decoding and the next
-batch's encoder (CUDA green contexts): how the cross-attention kernel, the encoder and a whole
-decode step scale with the number of multiprocessors they get, and what the two achieve side by
-side, each on its own share, against the same work in series.
+"""Whisper large-v3 on one GPU, its multiprocessors shared out (CUDA green contexts): how the
+cross-attention kernel, the encoder and a whole decode step (eager, and captured as a graph on the
+share's own stream) scale with the number of multiprocessors they get, one share at a time; and,
+from those rates, a model of a batch with its decoding on one share and the next batch's encoder
+on another, against the same work in series on the whole card. (Two shares side by side are not
+measured: torch's green contexts are each carved from the whole device, so two of them overlap.)
 
-    python bench/whisper_partition.py [--batch 1024] [--sms 112,96,80,64,48,32] [--splits 48,64,80,96] [--out part.json]
+    python bench/whisper_partition.py [--batch 1024] [--sms 112,96,80,64,48,32] [--out part.json]
 
 Prints one JSON object per part as it goes; the whole result is written after each part, so a
 killed run keeps what it finished.
@@ -26,7 +28,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--encoder-chunk", type=int, default=128)
     ap.add_argument("--sms", default="112,96,80,64,48,32", help="multiprocessor counts to try")
-    ap.add_argument("--splits", default="48,64,80,96", help="decode's share of multiprocessors, side by side")
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timing")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -37,7 +38,9 @@ def main() -> None:
     from mi300x_cert.workloads.optimized import whisper_fast as wf
     from mi300x_cert.workloads.optimized.common import setup_compile_cache
 
-    res: dict[str, Any] = {"conditions": environment(), "model": a.model, "dtype": "float16", "batch": a.batch}
+    res: dict[str, Any] = {"conditions": dict(environment(), argv=sys.argv[1:],
+                                              started=time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+                           "model": a.model, "dtype": "float16", "batch": a.batch}
 
     def emit(key: str, val: Any) -> None:
         res[key] = val
@@ -74,9 +77,11 @@ def main() -> None:
     def on(n: int) -> Iterator[Any]:
         s = stream_for(n)
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            yield s
-        torch.cuda.current_stream().wait_stream(s)
+        try:
+            with torch.cuda.stream(s):
+                yield s
+        finally:
+            torch.cuda.current_stream().wait_stream(s)
 
     def timed_ms(n: int, fn: Any, reps: int) -> float:
         with on(n) as s:
@@ -151,52 +156,12 @@ def main() -> None:
             except Exception as e:
                 ds["by_sms"][str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         emit("decode_step", ds)
-        # -- side by side: eager decode steps on one share, the encoder on the rest; launches
-        # interleaved (a chunk, then a few steps) so neither waits on the host behind the other ---
-        side: dict[str, Any] = {}
-        T = fw.total - 1
-        for nd in [int(x) for x in a.splits.split(",") if x]:
-            ne = (sm_total - nd) // 8 * 8
-            row: dict[str, Any] = {"decode_sms": nd, "encoder_sms": ne}
-            try:
-                torch.cuda.synchronize()
-                sd, se = stream_for(nd), stream_for(ne)
-                sd.wait_stream(torch.cuda.current_stream())
-                se.wait_stream(torch.cuda.current_stream())
-                ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-                ev[0].record(sd)
-                ev[2].record(se)
-                for _ in range(2):
-                    with torch.cuda.stream(se):
-                        fw._encode(xc)
-                    with torch.cuda.stream(sd):
-                        eager()
-                ev[3].record(se)
-                ev[1].record(sd)
-                torch.cuda.synchronize()
-                dec_ms = ev[0].elapsed_time(ev[1]) / (2 * steps)
-                enc_ms = ev[2].elapsed_time(ev[3]) / (2 * C)
-                row.update({"decode_ms_per_step": dec_ms, "encoder_ms_per_clip": enc_ms})
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            # a batch of B clips with its decoding on nd multiprocessors and the next batch's encoder
-            # on ne, from the rates each share reached alone, against the whole card in series
-            try:
-                d1, e1 = ds["by_sms"][str(sm_total)]["ms_per_step"], en["by_sms"][str(sm_total)]["ms_per_clip"]
-                dn, en_ = ds["by_sms"][str(nd)]["ms_per_step"], en["by_sms"][str(ne)]["ms_per_clip"]
-                row["model_batch_s"] = {"series": (T * d1 + B * e1) / 1e3, "split": max(T * dn, B * en_) / 1e3}
-            except Exception as e:
-                row["model_batch_s"] = f"not modelled: {type(e).__name__}: {e}"
-            side[str(nd)] = row
-            emit("side_by_side", side)
-        # -- the decode step captured on a share's own stream (its kernels then keep to the share),
-        # alone and beside the encoder on the rest: all replays launched first, then the encoder ----
+        # -- the decode step captured as a graph on a share's own stream (its kernels then keep to
+        # the share; one captured on the whole card's stream runs everywhere), alone ------------
         gs: dict[str, Any] = {}
-        for nd in [int(x) for x in a.splits.split(",") if x]:
-            ne = (sm_total - nd) // 8 * 8
-            row = {"decode_sms": nd, "encoder_sms": ne}
+        for n in sms:
             try:
-                sd, se = stream_for(nd), stream_for(ne)
+                sd = stream_for(n)
                 torch.cuda.synchronize()
                 saved = st["pos"].clone()
                 gg = torch.cuda.CUDAGraph()
@@ -205,41 +170,39 @@ def main() -> None:
                 torch.cuda.synchronize()
                 st["pos"].copy_(saved)
 
-                def greplay(n: int = steps) -> None:
-                    for _ in range(n):
+                def greplay(gg: Any = gg) -> None:
+                    for _ in range(steps):
                         gg.replay()
-                    st["pos"].sub_(n)
+                    st["pos"].sub_(steps)
 
-                sd.wait_stream(torch.cuda.current_stream())
-                ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-                with torch.cuda.stream(sd):
-                    greplay(1)
-                    ev[0].record(sd)
-                    greplay()
-                    ev[1].record(sd)
-                torch.cuda.synchronize()
-                row["alone_ms_per_step"] = ev[0].elapsed_time(ev[1]) / steps
-                sd.wait_stream(torch.cuda.current_stream())
-                se.wait_stream(torch.cuda.current_stream())
-                ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-                with torch.cuda.stream(sd):
-                    ev[0].record(sd)
-                    greplay(3 * steps)
-                    ev[1].record(sd)
-                with torch.cuda.stream(se):
-                    ev[2].record(se)
-                    for _ in range(2):
-                        fw._encode(xc)
-                    ev[3].record(se)
-                torch.cuda.synchronize()
-                row["beside_ms_per_step"] = ev[0].elapsed_time(ev[1]) / (3 * steps)
-                row["encoder_beside_ms_per_clip"] = ev[2].elapsed_time(ev[3]) / (2 * C)
-                row["encoder_alone_ms_per_clip"] = en["by_sms"].get(str(ne), {}).get("ms_per_clip")
+                gs[str(n)] = {"ms_per_step": timed_ms(n, greplay, 2) / steps}
                 del gg
             except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            gs[str(nd)] = row
-            emit("graph_on_share", gs)
+                gs[str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        emit("graph_on_share", gs)
+        # -- a model, not a measurement: a batch of B clips with its decoding on nd multiprocessors
+        # and the next batch's encoder on ne others, from the rates each share reached alone
+        # (disjoint shares that do not disturb each other assumed), against the whole card in
+        # series. Two shares side by side cannot be measured with this API: every green context
+        # is carved from the whole device, so two of them overlap. ------------------------------
+        T = fw.total - 1
+        model: dict[str, Any] = {}
+        try:
+            series = (T * ds["graph_ms_per_step"] + B * en["by_sms"][str(sm_total)]["ms_per_clip"]) / 1e3
+            model["series_s"] = series
+            for nd in sms:
+                for ne in sms:
+                    if nd + ne > sm_total or "ms_per_step" not in gs.get(str(nd), {}) \
+                            or "ms_per_clip" not in en["by_sms"].get(str(ne), {}):
+                        continue
+                    t = max(T * gs[str(nd)]["ms_per_step"], B * en["by_sms"][str(ne)]["ms_per_clip"]) / 1e3
+                    model[f"{nd}+{ne}"] = {"batch_s": t, "tokens_per_s": B * (T + 1 - len(fw.prompt)) / t}
+            splits = {k: v for k, v in model.items() if "+" in k}
+            if splits:
+                model["best"] = min(splits, key=lambda k: splits[k]["batch_s"])
+        except Exception as e:
+            model["error"] = f"{type(e).__name__}: {e}"
+        emit("split_model", model)
         # -- where a decode step's time goes (eager step, profiled) ---------------------------------
         from torch.profiler import ProfilerActivity, profile
 

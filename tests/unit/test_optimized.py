@@ -213,25 +213,33 @@ def test_whisper_next_encoder_spread_over_decode_steps_covers_every_chunk():
         want = m.model.encoder(feats).last_hidden_state
     for steps, chunk in ((8, 1), (2, 1), (5, 2)):
         fw = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=2, encoder_chunk=chunk)
-        calls: list[int] = []
+        order: list[object] = []  # chunk sizes launched, then "done", in call order
         enc = fw._encode
-        fw._encode = lambda x, enc=enc: (calls.append(int(x.shape[0])), enc(x))[1]
+        fw._encode = lambda x, enc=enc: (order.append(int(x.shape[0])), enc(x))[1]
         staging = torch.full_like(want, float("nan"))
-        recorded: list[object] = []
 
         class Done:
             def record(self, stream):
-                recorded.append(stream)
+                order.append(("done", stream))
 
+        nchunks = -(-feats.shape[0] // chunk)
         launch = fw._encoder_launcher(feats, staging, None, Done())
+        # chunks spread evenly over the batch's decode steps (not all at the first step)
+        assert launch.every == max(1, (fw.total - 1) // nchunks), (launch.every, fw.total, nchunks)
+        launched: list[int] = []
         with torch.inference_mode():
             for i in range(steps):
+                n0 = len(order)
                 launch(i)
-            before_finish = len(calls)
+                launched.extend([i] * (len(order) - n0))
+            before_finish = len(order)
             launch.finish()
-        assert sum(calls) == feats.shape[0] and len(calls) == -(-feats.shape[0] // chunk), (steps, chunk, calls)
-        assert before_finish == min(len(calls), -(-steps // launch.every)), (steps, chunk, before_finish)
-        assert recorded == [None] and torch.allclose(staging, want, atol=1e-5), (steps, chunk)
+        calls = [c for c in order if isinstance(c, int)]
+        assert sum(calls) == feats.shape[0] and len(calls) == nchunks, (steps, chunk, calls)
+        # one chunk at steps 0, every, 2·every, … while chunks are left; the rest at finish
+        assert launched == [k * launch.every for k in range(before_finish)], (steps, chunk, launched)
+        assert order[-1] == ("done", None) and order.count(("done", None)) == 1, order  # after the last chunk
+        assert torch.allclose(staging, want, atol=1e-5), (steps, chunk)
 
 
 def test_whisper_fast_encoder_in_chunks_same_tokens_and_options_checked():

@@ -249,7 +249,11 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+#if CL > 1
+  cluster_sync();  // every block of the cluster has started before any writes into another's shared memory
+#else
   __syncthreads();
+#endif
   auto load = [&](int t) {  // warp 0: one bulk copy of a whole row per lane, completing on the stage's barrier
     const int st = t % STAGES;
     const int r0 = start + t * ROWS;
@@ -488,7 +492,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   }
   cp_wait<0>();
 #if CL > 1
-  cluster_sync();  // no block leaves while another may still read its partial scores
+  cluster_sync();  // every write into another block's shared memory completes before any block leaves
 #endif
 
 #pragma unroll
