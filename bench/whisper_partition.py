@@ -35,6 +35,7 @@ def main() -> None:
     from torch.cuda import green_contexts as gcx
 
     from bench.cli import _whisper_model, environment
+    from bench.whisper_parts import kernel_rows
     from mi300x_cert.workloads.optimized import whisper_fast as wf
     from mi300x_cert.workloads.optimized.common import setup_compile_cache
 
@@ -212,23 +213,11 @@ def main() -> None:
             for _ in range(2):
                 fw._step(st)
             torch.cuda.synchronize()
-        rows = []
-        for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-            if t and t > 0:
-                rows.append((t / 2.0, e.count // 2, e.key[:90]))
-        rows.sort(reverse=True)
-        emit("decode_step_kernels_us", [list(r) for r in rows[:25]])
+        emit("decode_step_kernels_us", kernel_rows(prof, 2.0, 2, top=25))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fw._encode(xc)
             torch.cuda.synchronize()
-        rows = []
-        for e in prof.key_averages():
-            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-            if t and t > 0:
-                rows.append((t / C, e.count, e.key[:90]))
-        rows.sort(reverse=True)
-        emit("encoder_kernels_us_per_clip", [list(r) for r in rows[:25]])
+        emit("encoder_kernels_us_per_clip", kernel_rows(prof, C, top=25))
 
 
 if __name__ == "__main__":

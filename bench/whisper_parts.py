@@ -34,6 +34,18 @@ def _events_ms(fn: Any, n: int, warm: int = 2) -> float:
     return statistics.median(ts)
 
 
+def kernel_rows(prof: Any, per: float, count_div: int = 1, top: int | None = 30) -> list[list[Any]]:
+    """The device kernels of a ``torch.profiler`` run, heaviest first: [µs / ``per``, calls /
+    ``count_div``, name (90 characters)] for the ``top`` heaviest (all for None)."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and t > 0:
+            rows.append((t / per, e.count // count_div, e.key[:90]))
+    rows.sort(reverse=True)
+    return [list(r) for r in rows[:top]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="synthetic:whisper-large-v3")
@@ -147,15 +159,8 @@ def main() -> None:
                 for _ in range(3):
                     fw._step(st)
                 torch.cuda.synchronize()
-            rows = []
-            for e in prof.key_averages():
-                t = getattr(e, "device_time_total", None)
-                if t is None:
-                    t = e.cuda_time_total
-                if t and t > 0:
-                    rows.append((t / 3.0, e.count // 3, e.key[:90]))
-            rows.sort(reverse=True)
-            prof_out["kernels_us_per_step"] = [list(r) for r in rows[:30]]
+            rows = kernel_rows(prof, 3.0, 3, top=None)
+            prof_out["kernels_us_per_step"] = rows[:30]
             prof_out["kernel_total_us_per_step"] = sum(r[0] for r in rows)
         emit("decode_step", prof_out)
         del fw, st, feats
