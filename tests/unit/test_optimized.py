@@ -205,7 +205,7 @@ def test_whisper_next_encoder_spread_over_decode_steps_covers_every_chunk():
     """The next batch's encoder is launched a chunk every few decode steps; with more chunks than
     steps the rest go at ``finish``, before the done event: the staged output is the whole
     encoder output either way, each chunk launched exactly once."""
-    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, _ChunkedEncoder, whisper_prompt_ids
 
     m, feats = _varied_whisper()
     gc = m.generation_config
@@ -223,7 +223,7 @@ def test_whisper_next_encoder_spread_over_decode_steps_covers_every_chunk():
                 order.append(("done", stream))
 
         nchunks = -(-feats.shape[0] // chunk)
-        launch = fw._encoder_launcher(feats, staging, None, Done())
+        launch = _ChunkedEncoder(fw, feats, staging, None, Done())
         # chunks spread evenly over the batch's decode steps (not all at the first step)
         assert launch.every == max(1, (fw.total - 1) // nchunks), (launch.every, fw.total, nchunks)
         launched: list[int] = []

@@ -425,6 +425,12 @@ def fastest_config(configs: tuple[tuple[int, ...], ...], key: Any, build: Any, e
     return times, best
 
 
+def tb_per_s(gb: float, us: dict[str, float]) -> dict[str, float | None]:
+    """TB/s of each timed kernel reading ``gb`` GB per call in ``us[key]`` µs (None where it was
+    rejected: NaN, or not timed)."""
+    return {k: (gb / (v * 1e-6) / 1e3 if v == v and v > 0 else None) for k, v in us.items()}
+
+
 def triton_available(device: str) -> bool:
     """Triton kernels can run here (a CUDA/ROCm device and triton importable), or the interpreter
     is on (``TRITON_INTERPRET=1``, CPU tensors: tests)."""
@@ -764,7 +770,7 @@ class FastWhisper:
         if timed:
             gb = 2 * B * H * S * D * st["ck"][0].element_size() / 1e9
             rec["cross_kv_gb_per_layer"] = gb
-            rec["tb_per_s"] = {k: (gb / (v * 1e-6) / 1e3 if v == v and v > 0 else None) for k, v in times.items()}
+            rec["tb_per_s"] = tb_per_s(gb, times)
         # The custom kernel must win clearly: at equal speed SDPA (stock's own kernel) is kept.
         if best is not None and (self.attn == "triton" or best[0] < 0.97 * times["sdpa"]):
             st["xattn"] = best[1]
@@ -827,7 +833,7 @@ class FastWhisper:
         rec["self"] = best[1].label()
         if timed:
             rec["self_us_per_layer"] = times
-            rec["self_tb_per_s"] = {k: (gb / (v * 1e-6) / 1e3 if v == v and v > 0 else None) for k, v in times.items()}
+            rec["self_tb_per_s"] = tb_per_s(gb, times)
 
     def _choose_hidden(self, st: dict[str, Any], rec: dict[str, Any], timed: bool) -> None:
         """The fastest hidden-form kernel on this batch's encoder output: the launch configurations
@@ -872,7 +878,7 @@ class FastWhisper:
         if timed:
             gb = B * S * E * x.element_size() / 1e9
             rec["hidden_gb_per_layer"] = gb
-            rec["tb_per_s"] = {k: (gb / (v * 1e-6) / 1e3 if v == v and v > 0 else None) for k, v in times.items()}
+            rec["tb_per_s"] = tb_per_s(gb, times)
             torch.cuda.synchronize()
         if best is not None:
             st["xattn"] = best[1]
@@ -970,20 +976,15 @@ class FastWhisper:
             return False, "K/V form: the next batch's cross K/V would need a second set of caches; in series"
         return True, "next batch's encoder on a low-priority second stream during decoding"
 
-    def _encoder_launcher(self, x: Any, staging: Any, side: Any, done: Any) -> "_ChunkedEncoder":
-        """The encoder of ``x`` into ``staging`` on the ``side`` stream, chunk by chunk, spread
-        over the decode steps of the current batch (see :class:`_ChunkedEncoder`)."""
-        return _ChunkedEncoder(self, x, staging, side, done, steps=self.total - 1)
-
     def generate_many(self, batches: Any, overlap: bool = True) -> list[Any]:
         """Token ids for several batches of one size, in order: the same tokens as :meth:`generate`
         on each. With ``overlap`` (on a GPU, hidden form), the encoder of batch i+1 runs on a second,
         low-priority device stream while batch i decodes (a chunk every few decode steps): the
         encoder is compute-bound and the decode step is bound by reading the encoder output, so
-        the two can share a card where kernels of both fit on a multiprocessor at once. The next encoder output goes to a staging buffer, copied into the graph's own
-        buffer once batch i's decoding is done (one device copy, ≈2 ms at b1024). The first batch's
-        encoder runs in series (nothing to hide it behind). What ran is recorded in
-        ``notes["batches"]``."""
+        the two can share a card where kernels of both fit on a multiprocessor at once. The next
+        encoder output goes to a staging buffer, copied into the graph's own buffer once batch i's
+        decoding is done (one device copy, ≈2 ms at b1024). The first batch's encoder runs in
+        series (nothing to hide it behind). What ran is recorded in ``notes["batches"]``."""
         import torch
 
         xs = list(batches)
@@ -1030,7 +1031,7 @@ class FastWhisper:
                     launch = None
                     if i + 1 < len(xs):
                         side.wait_stream(dec)  # the staging buffer has been copied out, inputs ready
-                        launch = self._encoder_launcher(xs[i + 1], staging, side, enc_done)
+                        launch = _ChunkedEncoder(self, xs[i + 1], staging, side, enc_done)
                     outs.append(self._decode(st, before_step=launch))
                     if launch is not None:
                         launch.finish()
@@ -1044,16 +1045,17 @@ class FastWhisper:
 
 
 class _ChunkedEncoder:
-    """The next batch's encoder, launched chunk by chunk between the current batch's decode steps:
-    called before decode step i, it launches one chunk every few steps on the ``side`` stream into
-    ``staging``; :meth:`finish` launches whatever is left and records ``done`` on ``side``.
+    """The next batch's encoder (of ``x``), launched chunk by chunk between the current batch's
+    decode steps: called before decode step i, it launches one chunk every few steps (spread over
+    the batch's ``fw.total - 1`` steps) on the ``side`` stream into ``staging``; :meth:`finish`
+    launches whatever is left and records ``done`` on ``side``.
     Interleaved so that the decode steps are never queued on the host behind a whole batch's
     encoder kernels (thousands of launches, more than a stream's launch queue holds)."""
 
-    def __init__(self, fw: FastWhisper, x: Any, staging: Any, side: Any, done: Any, steps: int) -> None:
+    def __init__(self, fw: FastWhisper, x: Any, staging: Any, side: Any, done: Any) -> None:
         self.fw, self.x, self.staging, self.side, self.done = fw, x, staging, side, done
         self.starts = list(range(0, int(x.shape[0]), fw.encoder_chunk))
-        self.every = max(1, int(steps) // max(1, len(self.starts)))
+        self.every = max(1, (fw.total - 1) // max(1, len(self.starts)))
         self.next = 0
         self.src: Any = None
 
