@@ -91,11 +91,7 @@ _SOURCE = r"""
 #define KT (EW / 16)
 #define MT (EW / 16)
 #define LOG2E 1.4426950408889634f
-// partial-score buffers: NREDB per-warp sets (two, by tile parity, for one block; one with a cluster,
-// whose cluster barrier orders them), TOTN summed sets (one; with a cluster one per block of the
-// cluster and tile parity, each block writing its sums into every block's)
-#define NREDB (CL > 1 ? 1 : 2)
-#define TOTN (CL > 1 ? 2 * CL : 1)
+// partial-score buffers (NREDB per-warp sets, TOTN summed sets): see score_buffers() in the module
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   unsigned r;
@@ -576,6 +572,14 @@ def cuda_hidden_available(device: Any) -> tuple[bool, str]:
     return True, ""
 
 
+def score_buffers(cluster: int) -> tuple[int, int]:
+    """(per-warp partial-score sets, summed-score sets) in shared memory: one block keeps two
+    per-warp sets (by tile parity) and one summed set; a cluster keeps one per-warp set (its
+    cluster barrier orders them) and a summed set per block of the cluster and tile parity, each
+    block writing its sums into every block's."""
+    return (1, 2 * cluster) if cluster > 1 else (2, 1)
+
+
 def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, bulk: bool = False,
                cluster: int = 1) -> int:
     """Dynamic shared memory of one block: the X stages (of the block's E / cluster columns), the
@@ -585,7 +589,7 @@ def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: b
     hp = -(-H // 8) * 8
     xs = stages * rows * (el + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
     q = warps * hp * (ew + 8) * 2 if qsmem else 0
-    redb, tot = (1, 2 * cluster) if cluster > 1 else (2, 1)
+    redb, tot = score_buffers(cluster)
     return xs + (redb * warps + tot) * hp * (rows + 4) * 4 + q + (16 * stages if bulk else 0)
 
 
@@ -623,7 +627,7 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     kernel does not take)."""
     if cluster not in (1, 2):
         raise ValueError(f"CudaHiddenAttention: cluster must be 1 or 2, got {cluster}")
-    if cluster > 1 and not (bulk and red2) or cluster > 1 and (pipe or qsmem):
+    if cluster > 1 and (not bulk or not red2 or pipe or qsmem):
         raise ValueError("CudaHiddenAttention: a cluster of blocks goes with bulk copies and scores summed once "
                          "(not pipelined, q' in registers)")
     if E % cluster:
@@ -643,6 +647,7 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // cluster // warps, "STAGES": stages, "ROWS": rows,
                "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
                "RED2": int(bool(red2)), "CL": int(cluster)}
+    defines["NREDB"], defines["TOTN"] = score_buffers(cluster)
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
