@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     from torch.cuda import green_contexts as gcx
 
-    from bench.cli import _whisper_model, environment
+    from bench.cli import _whisper_counts, _whisper_model, environment
     from bench.whisper_parts import kernel_rows
     from mi300x_cert.workloads.optimized import whisper_fast as wf
     from mi300x_cert.workloads.optimized.common import setup_compile_cache
@@ -95,6 +95,16 @@ def main() -> None:
         e1.synchronize()
         return e0.elapsed_time(e1) / reps
 
+    def by_share(shares: list[int], measure: Any) -> dict[str, Any]:
+        """{share: measure(share)} for each multiprocessor count, an error recorded where it fails."""
+        out: dict[str, Any] = {}
+        for n in shares:
+            try:
+                out[str(n)] = measure(n)
+            except Exception as e:
+                out[str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        return out
+
     setup_compile_cache()
     m = _whisper_model(a.model, torch.float16)
     cfg, gc = m.config, m.generation_config
@@ -115,24 +125,22 @@ def main() -> None:
         kern, X = st["xattn"], st["enc"]
         qp = (torch.randn(B, fw.H, fw.E, device="cuda") * fw.E ** -0.5).half()
         gb = X.numel() * X.element_size() / 1e9
-        xa: dict[str, Any] = {"kernel": kern.label(), "gb_per_call": gb, "by_sms": {}}
-        for n in [sm_total] + sms:
-            try:
-                ms = timed_ms(n, lambda: kern(qp, X), 10)
-                xa["by_sms"][str(n)] = {"us": ms * 1e3, "tb_s": gb / (ms * 1e-3) / 1e3}
-            except Exception as e:
-                xa["by_sms"][str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        emit("cross_attention", xa)
+        def kernel_rate(n: int) -> dict[str, float]:
+            ms = timed_ms(n, lambda: kern(qp, X), 10)
+            return {"us": ms * 1e3, "tb_s": gb / (ms * 1e-3) / 1e3}
+
+        emit("cross_attention", {"kernel": kern.label(), "gb_per_call": gb,
+                                 "by_sms": by_share([sm_total] + sms, kernel_rate)})
         # -- the compiled encoder, one chunk ----------------------------------------------------
         xc = feats[:C]
-        flop = 2.27377152e12 * C
-        en: dict[str, Any] = {"chunk": C, "encoder": fw.encoder_label, "by_sms": {}}
-        for n in [sm_total] + sms:
-            try:
-                ms = timed_ms(n, lambda: fw._encode(xc), 2)
-                en["by_sms"][str(n)] = {"ms_per_clip": ms / C, "tflops": flop / (ms * 1e-3) / 1e12}
-            except Exception as e:
-                en["by_sms"][str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        flop = _whisper_counts(m, cfg.num_mel_bins)["encoder_tflop_per_clip"] * 1e12 * C
+
+        def encoder_rate(n: int) -> dict[str, float]:
+            ms = timed_ms(n, lambda: fw._encode(xc), 2)
+            return {"ms_per_clip": ms / C, "tflops": flop / (ms * 1e-3) / 1e12}
+
+        en: dict[str, Any] = {"chunk": C, "encoder": fw.encoder_label,
+                              "by_sms": by_share([sm_total] + sms, encoder_rate)}
         emit("encoder", en)
         # -- a whole decode step: the captured graph on the whole card (a graph replay runs on every
         # multiprocessor whatever context its stream belongs to), eager steps on each share -------
@@ -150,36 +158,30 @@ def main() -> None:
             st["pos"].sub_(steps)
 
         st["pos"].fill_(60)
-        ds: dict[str, Any] = {"graph_ms_per_step": timed_ms(sm_total, replay, 2) / steps, "by_sms": {}}
-        for n in [sm_total] + sms:
-            try:
-                ds["by_sms"][str(n)] = {"ms_per_step": timed_ms(n, eager, 2) / steps}
-            except Exception as e:
-                ds["by_sms"][str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        ds: dict[str, Any] = {"graph_ms_per_step": timed_ms(sm_total, replay, 2) / steps,
+                              "by_sms": by_share([sm_total] + sms,
+                                                 lambda n: {"ms_per_step": timed_ms(n, eager, 2) / steps})}
         emit("decode_step", ds)
         # -- the decode step captured as a graph on a share's own stream (its kernels then keep to
         # the share; one captured on the whole card's stream runs everywhere), alone ------------
-        gs: dict[str, Any] = {}
-        for n in sms:
-            try:
-                sd = stream_for(n)
-                torch.cuda.synchronize()
-                saved = st["pos"].clone()
-                gg = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(gg, stream=sd):
-                    fw._step(st)
-                torch.cuda.synchronize()
-                st["pos"].copy_(saved)
+        def graph_on_share(n: int) -> dict[str, float]:
+            sd = stream_for(n)
+            torch.cuda.synchronize()
+            saved = st["pos"].clone()
+            gg = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gg, stream=sd):
+                fw._step(st)
+            torch.cuda.synchronize()
+            st["pos"].copy_(saved)
 
-                def greplay(gg: Any = gg) -> None:
-                    for _ in range(steps):
-                        gg.replay()
-                    st["pos"].sub_(steps)
+            def greplay() -> None:
+                for _ in range(steps):
+                    gg.replay()
+                st["pos"].sub_(steps)
 
-                gs[str(n)] = {"ms_per_step": timed_ms(n, greplay, 2) / steps}
-                del gg
-            except Exception as e:
-                gs[str(n)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            return {"ms_per_step": timed_ms(n, greplay, 2) / steps}
+
+        gs = by_share(sms, graph_on_share)
         emit("graph_on_share", gs)
         # -- a model, not a measurement: a batch of B clips with its decoding on nd multiprocessors
         # and the next batch's encoder on ne others, from the rates each share reached alone
