@@ -125,6 +125,7 @@ def main() -> None:
         kern, X = st["xattn"], st["enc"]
         qp = (torch.randn(B, fw.H, fw.E, device="cuda") * fw.E ** -0.5).half()
         gb = X.numel() * X.element_size() / 1e9
+
         def kernel_rate(n: int) -> dict[str, float]:
             ms = timed_ms(n, lambda: kern(qp, X), 10)
             return {"us": ms * 1e3, "tb_s": gb / (ms * 1e-3) / 1e3}
