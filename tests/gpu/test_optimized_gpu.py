@@ -44,13 +44,25 @@ def test_whisper_smoke_graph_decode_same_tokens():
     assert torch.equal(a.last_ids, b.last_ids)
 
 
-def test_whisper_hidden_form_on_gpu_is_the_stock_function():
+@pytest.mark.parametrize("only", [None, "persistent"])
+def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
     """Large-v3 architecture in fp16 on the card: each layer's cross-attention through the hidden
-    form and its Triton kernel against the stock module (fresh random inputs), and greedy tokens of
-    the whole optimized path (hidden form, compiled encoder off to keep the test short) against
-    stock ``generate``."""
+    form and the kernel chosen for it against the stock module (fresh random inputs), and greedy
+    tokens of the whole optimized path (hidden form, compiled encoder off to keep the test short)
+    against stock ``generate``. ``persistent``: the persistent CUDA kernel is the only candidate,
+    on 3 blocks for the 8 clips, so clips are cut between blocks inside the captured decode step."""
     from bench.cli import _whisper_model
+    from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
+    from mi300x_cert.workloads.optimized import whisper_fast as wf
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    if only == "persistent":
+        ok, why = hc.cuda_hidden_available("cuda")
+        if not ok or torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip(why or "bulk copies need compute capability 9.0")
+        monkeypatch.setattr(wf, "HIDDEN_ATTN_CONFIGS", ())
+        monkeypatch.setattr(hc, "CUDA_HIDDEN_CONFIGS", ((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2),))
+        monkeypatch.setattr(hc, "persist_blocks", lambda device: 3)
 
     m = _whisper_model("synthetic:whisper-large-v3", torch.float16)
     cfg, gc = m.config, m.generation_config
@@ -63,6 +75,8 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function():
     assert fw.cross == "hidden"
     got = fw.generate(feats)[:, -n:]
     assert fw.attn_choice[B]["cross"].startswith(("triton shared-hidden", "cuda shared-hidden")), fw.attn_choice[B]
+    if only == "persistent":
+        assert "persistent: 3 blocks" in fw.attn_choice[B]["cross"], fw.attn_choice[B]
     # self-attention: the launch configuration chosen by timing (the fastest of those that passed
     # the check against SDPA)
     rec = fw.attn_choice[B]
@@ -145,3 +159,56 @@ def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     rel = float((got - want).abs().max() / want.abs().max())
     assert rel < 5e-3, (cfg, rel)
     assert got.shape == (B, H, E) and got.stride(1) == B * E  # head-major buffer, as the per-head W_v reads it
+
+
+@pytest.mark.parametrize("H,S,E,B,blocks,stages,rows,persist", [
+    (20, 1500, 1280, 7, 5, 2, 32, 1),       # clips cut between blocks (ranges of 65–66 tiles of 47)
+    (20, 1500, 1280, 7, 5, 2, 32, 2),       # … the output staged in shared memory
+    (20, 1500, 1280, 300, None, 2, 32, 1),  # one block per multiprocessor, 2–3 clips each
+    (20, 1500, 1280, 300, None, 2, 32, 2),
+    (20, 1500, 1280, 5, None, 2, 32, 1),    # fewer clips than multiprocessors: a whole clip per block
+    (6, 77, 384, 9, 4, 3, 32, 1),           # a last tile overlapping the one before, 6 heads, 3 stages
+    (6, 77, 384, 9, 4, 3, 32, 2),
+    (16, 1500, 1024, 6, 4, 3, 16, 1),       # 16-row tiles, 16 heads
+    (16, 1500, 1024, 6, 4, 3, 16, 2),       # … staging larger than the partial-score buffers
+])
+def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist):
+    """The persistent form (a range of the batch's tiles per block, clips cut between blocks
+    handed over through global memory) against the float32 reference, the same bits on every
+    call and replayed from a device graph (the hand-over flags reset by each launch), and the
+    flags left at zero."""
+    from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
+    from mi300x_cert.workloads.optimized.whisper_fast import hidden_attention_reference
+
+    ok, why = hc.cuda_hidden_available("cuda")
+    if not ok:
+        pytest.skip(why)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("bulk copies need compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    xs = [torch.randn(B, S, E, device="cuda", generator=g).half() for _ in range(2)]
+    qp = (torch.randn(H, B, E, device="cuda", generator=g) * E ** -0.5 * 4).half().transpose(0, 1)
+    k = hc.CudaHiddenAttention(B, H, S, E, warps=8, stages=stages, rows=rows, bulk=True, red2=True, persist=persist,
+                               blocks=blocks, device="cuda", dtype=torch.float16)
+    assert k.grid == min(B, blocks or torch.cuda.get_device_properties(0).multi_processor_count)
+    assert "persistent" in k.label()
+    wants = [hidden_attention_reference(qp, x).float() for x in xs]
+    first = k(qp, xs[0]).clone()
+    rel = float((first.float() - wants[0]).abs().max() / wants[0].abs().max())
+    assert rel < 5e-3, rel
+    for _ in range(2):
+        assert torch.equal(k(qp, xs[0]), first)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        k(qp, xs[1])
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        k(qp, xs[1])
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        rel = float((k.out.float() - wants[1]).abs().max() / wants[1].abs().max())
+        assert rel < 5e-3, rel
+    assert int(k.flags.abs().sum()) == 0

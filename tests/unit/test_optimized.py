@@ -554,8 +554,9 @@ def test_cuda_hidden_attention_shapes_and_refusals():
     # the candidates, and the bench-only cluster form (two blocks per clip) at the same shapes
     for cfg in hc.CUDA_HIDDEN_CONFIGS + ((8, 4, 1, 32, 0, 0, 1, 1, 0, 2), (8, 3, 1, 32, 0, 0, 1, 1, 0, 2)):
         cl = cfg[9] if len(cfg) > 9 else 1
-        assert hc.smem_bytes(1280, 20, cfg[0], cfg[1], cfg[3], bool(cfg[4]), bool(cfg[6]), cl) <= 227 * 1024, cfg
-        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8], cluster=cl)
+        pm = cfg[10] if len(cfg) > 10 else 0
+        assert hc.smem_bytes(1280, 20, cfg[0], cfg[1], cfg[3], bool(cfg[4]), bool(cfg[6]), cl, pm) <= 227 * 1024, cfg
+        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8], cluster=cl, persist=pm, seq=1500)
         assert f"#define EW {1280 // cl // cfg[0]}" in src and "#define NT 3" in src and "hidden_attn_cuda" in src
         assert f"#define CL {cl}" in src
         key = hc.CudaHiddenAttention.config_key(cfg)
@@ -575,5 +576,23 @@ def test_cuda_hidden_attention_shapes_and_refusals():
         hc.kernel_source(20, 1280, 8, 3, rows=24)
     with pytest.raises(ValueError, match="stages must be ≥ 3 for the pipelined"):
         hc.kernel_source(20, 1280, 8, 2, pipe=True)
+    # the persistent form: its own kernel (same shared memory as the per-clip bulk form), its key, and
+    # one clear error for what it does not go with
+    src = hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=True, seq=1500)
+    assert "#define PERSIST 1" in src and "#define SEQ 1500" in src and "#define PERSIST 0" in hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True)
+    assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 1)) == "cuda w8 st2 s1 r32 tr persistent"
+    assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2)) == "cuda w8 st2 s1 r32 tr persistent staged"
+    # staged output: a clip's [heads × (E + 8)] fp16 rows where the partial scores were, or more room
+    assert hc.smem_bytes(1280, 20, 8, 2, 32, bulk=True, persist=2) == hc.smem_bytes(1280, 20, 8, 2, 32, bulk=True)
+    assert hc.smem_bytes(1024, 16, 8, 3, 16, bulk=True, persist=2) == 3 * 16 * 1032 * 2 + 16 * 1032 * 2 + 16 * 20 * 4 + 48
+    with pytest.raises(ValueError, match="persist must be 0, 1 or 2"):
+        hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=3, seq=1500)
+    assert hc.handover_values(20, 1280, 8) == 10 * 3 * 4 + 2 * 3
+    for bad in (dict(bulk=False, red2=True), dict(bulk=True, red2=False), dict(bulk=True, red2=True, mode=1),
+                dict(bulk=True, red2=True, qsmem=True)):
+        with pytest.raises(ValueError, match="persistent form goes with bulk copies"):
+            hc.kernel_source(20, 1280, 8, 2, 32, persist=True, seq=1500, **bad)
+    with pytest.raises(ValueError, match="needs at least 32 encoder positions, got 20"):
+        hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=True, seq=20)
     ok, why = hc.cuda_hidden_available("cpu")
     assert not ok and why == "not a CUDA device"

@@ -37,6 +37,16 @@ only: measured slower, see :data:`CUDA_HIDDEN_CONFIGS`) runs a clip on a cluster
 each holding half the columns; each block writes its summed scores of a tile into its own slot of
 both blocks' shared memory, and after a cluster barrier both add the slots in rank order.
 
+``persist`` (1 or 2; bulk copies and scores summed once): a persistent grid, one block per
+multiprocessor, each walking a contiguous range of the batch's tiles (clip-major), so every block
+gets the same number of tiles whatever the batch (no last, partly filled wave) and its ring of
+stages runs on across clips (the next clip's first tile lands while the current clip is written
+out). A clip cut by a range boundary is finished by the block holding its first tiles: the next
+block hands its part (softmax state and accumulators) over through global memory behind a release
+flag, which the merging block resets. Every tile is a full ``ROWS`` rows (a clip's last tile is its
+last rows, the rows already taken masked out). With 2, each clip's output is staged in shared memory
+and written as whole rows with 16-byte stores.
+
 A kernel that fails to compile, to launch or to match the float32 reference is not chosen; a fault
 on the device while a chosen kernel runs fails the run (a CUDA error is sticky for the process).
 """
@@ -64,8 +74,17 @@ ROWS_CHOICES = (16, 32)  # rows of X per tile: one or two of the matrix units' 1
 # cluster barrier per tile) is correct (tests/gpu) but measured slower on the H200
 # (bench/results/h200-run9-hidden-attn-cluster-push.json, b1024: 1.55 TB/s against 3.38; pulling
 # the other block's sums instead of pushing them: 1.10): bench-only, not a candidate.
+#
+# The persistent form (11th element 1 or 2: a range of the batch's tiles per block, one block per
+# multiprocessor, clips cut between blocks handed over through global memory; 2: each clip's output
+# staged in shared memory and written with 16-byte stores) measured at b1024 (run 12,
+# bench/results/h200-run12-hidden-attn-persistent.json): 1,111 µs = 3.54 TB/s staged, 1,126 µs
+# direct, against 1,156–1,159 µs for the per-clip blocks: the last, partly filled wave (1,024 clips
+# on 132 multiprocessors = 7.76 waves) and the per-block start (stage zeroing, q' latency, first tile)
+# are gone. At b64 (one clip per block either way) it is no faster.
 CUDA_HIDDEN_CONFIGS: tuple[tuple[int, ...], ...] = (
-    (8, 2, 1, 32, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1), (8, 3, 1, 16, 0, 0, 0, 0))
+    (8, 2, 1, 32, 0, 0, 1, 1), (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2), (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1),
+    (8, 3, 1, 16, 0, 0, 0, 0))
 
 
 _SOURCE = r"""
@@ -166,6 +185,164 @@ __device__ __forceinline__ float ex2(float x) {
   return r;
 }
 
+// partial scores S^T[r][h] of one tile over this warp's columns -> this warp's part of RB
+#if QS
+#define QLOAD(kt)                                                                                        \
+  unsigned qk[NT][2];                                                                                    \
+  _Pragma("unroll") for (int nt = 0; nt + 1 < NT; nt += 2)                                               \
+    ldsm4(qk[nt][0], qk[nt][1], qk[nt + 1][0], qk[nt + 1][1],                                           \
+          qbase + (((nt + (j >> 1)) * 8 + i8) * QPITCH + (kt) * 16 + (j & 1) * 8) * 2);                  \
+  if (NT & 1) ldsm2(qk[NT - 1][0], qk[NT - 1][1], qbase + (((NT - 1) * 8 + i8) * QPITCH + (kt) * 16 + (j & 1) * 8) * 2);
+#define QF(kt, nt, k) qk[nt][k]
+#else
+#define QLOAD(kt)
+#define QF(kt, nt, k) qf[kt][nt][k]
+#endif
+#define SCORE(SB, RB)                                                                                    \
+  {                                                                                                      \
+    float sc[U][2][NT][4];                                                                               \
+    _Pragma("unroll") for (int u = 0; u < U; ++u)                                                        \
+    _Pragma("unroll") for (int ch = 0; ch < 2; ++ch)                                                     \
+    _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)                                                    \
+      sc[u][ch][nt][0] = sc[u][ch][nt][1] = sc[u][ch][nt][2] = sc[u][ch][nt][3] = 0.f;                   \
+    _Pragma("unroll") for (int kt = 0; kt < KT; ++kt) {                                                  \
+      QLOAD(kt)                                                                                          \
+      _Pragma("unroll") for (int u = 0; u < U; ++u) {                                                    \
+        unsigned a0, a1, a2, a3;                                                                         \
+        ldsm4(a0, a1, a2, a3, (SB) + ((u * 16 + (j & 1) * 8 + i8) * PITCH + kt * 16 + (j >> 1) * 8) * 2); \
+        _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)                                                \
+          mma(sc[u][kt & 1][nt], a0, a1, a2, a3, QF(kt, nt, 0), QF(kt, nt, 1));                          \
+      }                                                                                                  \
+    }                                                                                                    \
+    float* rw = (RB) + w * HP * RS;                                                                      \
+    _Pragma("unroll") for (int u = 0; u < U; ++u)                                                        \
+    _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                                  \
+      const int h0 = nt * 8 + 2 * c, r = u * 16 + g;                                                     \
+      rw[h0 * RS + r] = sc[u][0][nt][0] + sc[u][1][nt][0];                                               \
+      rw[(h0 + 1) * RS + r] = sc[u][0][nt][1] + sc[u][1][nt][1];                                         \
+      rw[h0 * RS + r + 8] = sc[u][0][nt][2] + sc[u][1][nt][2];                                           \
+      rw[(h0 + 1) * RS + r + 8] = sc[u][0][nt][3] + sc[u][1][nt][3];                                     \
+    }                                                                                                    \
+  }
+#define STAGE_ADDR(t) smem_u32(xs + (MODE == 2 ? 0 : ((t) % STAGES)) * STAGE_HALVES)
+#define RED(t) (red + (NREDB > 1 ? ((t) & 1) * (NW * HP * RS) : 0))
+
+// one tile after its scores are summed: the online softmax (float32, running max and sum per head)
+// at this thread's operand positions of the next product (head nt*8+g, tile rows u*16 + 2c, 2c+1,
+// 2c+8, 2c+9; `masked(row)` leaves a row out), the accumulators rescaled, and O'^T[e][h] += X_tile^T . P
+template <int NWR_, class Masked>
+__device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, unsigned sbase, float (&acc)[MT][NT][4],
+                                           float (&m_run)[NT], float (&l_run)[NT], int g, int c, int j, int i8) {
+  unsigned pb[U][NT][2];
+  float al[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float sv[U][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      const float* p = rsum + (nt * 8 + g) * RS + u * 16 + 2 * c;
+#pragma unroll
+      for (int ww = 0; ww < NWR_; ++ww) {
+        const float2 x0 = *reinterpret_cast<const float2*>(p + ww * HP * RS);
+        const float2 x1 = *reinterpret_cast<const float2*>(p + ww * HP * RS + 8);
+        s0 += x0.x; s1 += x0.y; s2 += x1.x; s3 += x1.y;
+      }
+      const int rr = u * 16 + 2 * c;
+      sv[u][0] = masked(rr) ? -2.0e30f : s0;
+      sv[u][1] = masked(rr + 1) ? -2.0e30f : s1;
+      sv[u][2] = masked(rr + 8) ? -2.0e30f : s2;
+      sv[u][3] = masked(rr + 9) ? -2.0e30f : s3;
+    }
+    float mx = -2.0e30f;
+#pragma unroll
+    for (int u = 0; u < U; ++u) mx = fmaxf(mx, fmaxf(fmaxf(sv[u][0], sv[u][1]), fmaxf(sv[u][2], sv[u][3])));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m_run[nt], mx);
+    al[nt] = ex2((m_run[nt] - mn) * LOG2E);
+    float ls = 0.f;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float p0 = ex2((sv[u][0] - mn) * LOG2E), p1 = ex2((sv[u][1] - mn) * LOG2E);
+      const float p2 = ex2((sv[u][2] - mn) * LOG2E), p3 = ex2((sv[u][3] - mn) * LOG2E);
+      ls += (p0 + p1) + (p2 + p3);
+      pb[u][nt][0] = pack_h2(p0, p1);
+      pb[u][nt][1] = pack_h2(p2, p3);
+    }
+    l_run[nt] = l_run[nt] * al[nt] + ls;
+    m_run[nt] = mn;
+  }
+  // rescale the accumulators (their heads are nt*8 + 2c and + 1: held by lanes 8c and 8c + 4)
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float a_lo = __shfl_sync(0xffffffffu, al[nt], 8 * c);
+    const float a_hi = __shfl_sync(0xffffffffu, al[nt], 8 * c + 4);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      acc[mt][nt][0] *= a_lo; acc[mt][nt][1] *= a_hi;
+      acc[mt][nt][2] *= a_lo; acc[mt][nt][3] *= a_hi;
+    }
+  }
+  // O'^T[e][h] += X_tile^T . P
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      unsigned a0, a1, a2, a3;
+      ldsm4t(a0, a1, a2, a3, sbase + ((u * 16 + (j >> 1) * 8 + i8) * PITCH + mt * 16 + (j & 1) * 8) * 2);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma(acc[mt][nt], a0, a1, a2, a3, pb[u][nt][0], pb[u][nt][1]);
+    }
+}
+
+// q' of a warp's column slice as B fragments of S^T = X_tile . q'^T (k = column, n = head); qb points at
+// the clip's first head, at the warp's first column
+__device__ __forceinline__ void load_q(unsigned (&qf)[KT][NT][2], const unsigned short* qb, int sqh, int g, int c) {
+#pragma unroll
+  for (int kt = 0; kt < KT; ++kt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int h = nt * 8 + g;
+      if (h < HN) {
+        const unsigned short* p = qb + (long long)h * sqh + kt * 16 + 2 * c;
+        qf[kt][nt][0] = *reinterpret_cast<const unsigned*>(p);
+        qf[kt][nt][1] = *reinterpret_cast<const unsigned*>(p + 8);
+      } else {
+        qf[kt][nt][0] = 0u;
+        qf[kt][nt][1] = 0u;
+      }
+    }
+}
+
+// the normalized output of one clip: ob points at its first head's row, at this warp's first column
+__device__ __forceinline__ void write_out(unsigned short* ob, int soh, const float (&acc)[MT][NT][4],
+                                          const float (&l_run)[NT], int g, int c) {
+  ob += g;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float l = l_run[nt];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int hl = nt * 8 + 2 * c, hh = hl + 1;  // the heads of this lane's accumulators
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float i_lo = __shfl_sync(0xffffffffu, inv, 8 * c);
+    const float i_hi = __shfl_sync(0xffffffffu, inv, 8 * c + 4);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (hl < HN) {
+        ob[(long long)hl * soh + mt * 16] = to_h(acc[mt][nt][0] * i_lo);
+        ob[(long long)hl * soh + mt * 16 + 8] = to_h(acc[mt][nt][2] * i_lo);
+      }
+      if (hh < HN) {
+        ob[(long long)hh * soh + mt * 16] = to_h(acc[mt][nt][1] * i_hi);
+        ob[(long long)hh * soh + mt * 16 + 8] = to_h(acc[mt][nt][3] * i_hi);
+      }
+    }
+  }
+}
+
+#if !PERSIST
 #if CL > 1
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(NW * 32, 1)
 #else
@@ -215,20 +392,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   const unsigned qbase = smem_u32(qs);
 #else
   unsigned qf[KT][NT][2];
-#pragma unroll
-  for (int kt = 0; kt < KT; ++kt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int h = nt * 8 + g;
-      if (h < HN) {
-        const unsigned short* p = qb + (long long)h * sqh + e0 + kt * 16 + 2 * c;
-        qf[kt][nt][0] = *reinterpret_cast<const unsigned*>(p);
-        qf[kt][nt][1] = *reinterpret_cast<const unsigned*>(p + 8);
-      } else {
-        qf[kt][nt][0] = 0u;
-        qf[kt][nt][1] = 0u;
-      }
-    }
+  load_q(qf, qb + e0, sqh, g, c);
 #endif
 
 #if BULK
@@ -300,47 +464,6 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   for (int nt = 0; nt < NT; ++nt) { m_run[nt] = -1.0e30f; l_run[nt] = 0.f; }
 
   const int j = lane >> 3, i8 = lane & 7;
-  // partial scores S^T[r][h] of one tile over this warp's columns -> this warp's part of RB
-#if QS
-#define QLOAD(kt)                                                                                        \
-  unsigned qk[NT][2];                                                                                    \
-  _Pragma("unroll") for (int nt = 0; nt + 1 < NT; nt += 2)                                               \
-    ldsm4(qk[nt][0], qk[nt][1], qk[nt + 1][0], qk[nt + 1][1],                                           \
-          qbase + (((nt + (j >> 1)) * 8 + i8) * QPITCH + (kt) * 16 + (j & 1) * 8) * 2);                  \
-  if (NT & 1) ldsm2(qk[NT - 1][0], qk[NT - 1][1], qbase + (((NT - 1) * 8 + i8) * QPITCH + (kt) * 16 + (j & 1) * 8) * 2);
-#define QF(kt, nt, k) qk[nt][k]
-#else
-#define QLOAD(kt)
-#define QF(kt, nt, k) qf[kt][nt][k]
-#endif
-#define SCORE(SB, RB)                                                                                    \
-  {                                                                                                      \
-    float sc[U][2][NT][4];                                                                               \
-    _Pragma("unroll") for (int u = 0; u < U; ++u)                                                        \
-    _Pragma("unroll") for (int ch = 0; ch < 2; ++ch)                                                     \
-    _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)                                                    \
-      sc[u][ch][nt][0] = sc[u][ch][nt][1] = sc[u][ch][nt][2] = sc[u][ch][nt][3] = 0.f;                   \
-    _Pragma("unroll") for (int kt = 0; kt < KT; ++kt) {                                                  \
-      QLOAD(kt)                                                                                          \
-      _Pragma("unroll") for (int u = 0; u < U; ++u) {                                                    \
-        unsigned a0, a1, a2, a3;                                                                         \
-        ldsm4(a0, a1, a2, a3, (SB) + ((u * 16 + (j & 1) * 8 + i8) * PITCH + kt * 16 + (j >> 1) * 8) * 2); \
-        _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)                                                \
-          mma(sc[u][kt & 1][nt], a0, a1, a2, a3, QF(kt, nt, 0), QF(kt, nt, 1));                          \
-      }                                                                                                  \
-    }                                                                                                    \
-    float* rw = (RB) + w * HP * RS;                                                                      \
-    _Pragma("unroll") for (int u = 0; u < U; ++u)                                                        \
-    _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                                  \
-      const int h0 = nt * 8 + 2 * c, r = u * 16 + g;                                                     \
-      rw[h0 * RS + r] = sc[u][0][nt][0] + sc[u][1][nt][0];                                               \
-      rw[(h0 + 1) * RS + r] = sc[u][0][nt][1] + sc[u][1][nt][1];                                         \
-      rw[h0 * RS + r + 8] = sc[u][0][nt][2] + sc[u][1][nt][2];                                           \
-      rw[(h0 + 1) * RS + r + 8] = sc[u][0][nt][3] + sc[u][1][nt][3];                                     \
-    }                                                                                                    \
-  }
-#define STAGE_ADDR(t) smem_u32(xs + (MODE == 2 ? 0 : ((t) % STAGES)) * STAGE_HALVES)
-#define RED(t) (red + (NREDB > 1 ? ((t) & 1) * (NW * HP * RS) : 0))
 
 #if PIPE
   // software pipeline: the scores of tile t + 1 are computed beside the softmax and the weighted
@@ -415,69 +538,8 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
 #define NWR NW
 #endif
 
-    // full scores at this thread's operand positions: head nt*8+g, rows u*16 + 2c, 2c+1, 2c+8, 2c+9
     const int rbase = start + t * ROWS;
-    unsigned pb[U][NT][2];
-    float al[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      float sv[U][4];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-        const float* p = rsum + (nt * 8 + g) * RS + u * 16 + 2 * c;
-#pragma unroll
-        for (int ww = 0; ww < NWR; ++ww) {
-          const float2 x0 = *reinterpret_cast<const float2*>(p + ww * HP * RS);
-          const float2 x1 = *reinterpret_cast<const float2*>(p + ww * HP * RS + 8);
-          s0 += x0.x; s1 += x0.y; s2 += x1.x; s3 += x1.y;
-        }
-        const int rr = rbase + u * 16 + 2 * c;
-        sv[u][0] = rr >= end ? -2.0e30f : s0;
-        sv[u][1] = rr + 1 >= end ? -2.0e30f : s1;
-        sv[u][2] = rr + 8 >= end ? -2.0e30f : s2;
-        sv[u][3] = rr + 9 >= end ? -2.0e30f : s3;
-      }
-      float mx = -2.0e30f;
-#pragma unroll
-      for (int u = 0; u < U; ++u) mx = fmaxf(mx, fmaxf(fmaxf(sv[u][0], sv[u][1]), fmaxf(sv[u][2], sv[u][3])));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m_run[nt], mx);
-      al[nt] = ex2((m_run[nt] - mn) * LOG2E);
-      float ls = 0.f;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const float p0 = ex2((sv[u][0] - mn) * LOG2E), p1 = ex2((sv[u][1] - mn) * LOG2E);
-        const float p2 = ex2((sv[u][2] - mn) * LOG2E), p3 = ex2((sv[u][3] - mn) * LOG2E);
-        ls += (p0 + p1) + (p2 + p3);
-        pb[u][nt][0] = pack_h2(p0, p1);
-        pb[u][nt][1] = pack_h2(p2, p3);
-      }
-      l_run[nt] = l_run[nt] * al[nt] + ls;
-      m_run[nt] = mn;
-    }
-    // rescale the accumulators (their heads are nt*8 + 2c and + 1: held by lanes 8c and 8c + 4)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const float a_lo = __shfl_sync(0xffffffffu, al[nt], 8 * c);
-      const float a_hi = __shfl_sync(0xffffffffu, al[nt], 8 * c + 4);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        acc[mt][nt][0] *= a_lo; acc[mt][nt][1] *= a_hi;
-        acc[mt][nt][2] *= a_lo; acc[mt][nt][3] *= a_hi;
-      }
-    }
-    // O'^T[e][h] += X_tile^T . P
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        unsigned a0, a1, a2, a3;
-        ldsm4t(a0, a1, a2, a3, sbase + ((u * 16 + (j >> 1) * 8 + i8) * PITCH + mt * 16 + (j & 1) * 8) * 2);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma(acc[mt][nt], a0, a1, a2, a3, pb[u][nt][0], pb[u][nt][1]);
-      }
+    softmax_pv<NWR>(rsum, [&](int rr) { return rbase + rr >= end; }, sbase, acc, m_run, l_run, g, c, j, i8);
 #if PIPE
     __syncthreads();
 #endif
@@ -491,6 +553,10 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   cluster_sync();  // every write into another block's shared memory completes before any block leaves
 #endif
 
+  if (nsplit == 1) {
+    write_out(O + (long long)b * sob + e0, soh, acc, l_run, g, c);
+    return;
+  }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     float l = l_run[nt];
@@ -498,45 +564,193 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int h = nt * 8 + g;  // the head this lane's softmax state belongs to
     const int hl = nt * 8 + 2 * c, hh = hl + 1;  // the heads of this lane's accumulators
-    if (nsplit == 1) {
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float i_lo = __shfl_sync(0xffffffffu, inv, 8 * c);
-      const float i_hi = __shfl_sync(0xffffffffu, inv, 8 * c + 4);
-      unsigned short* ob = O + (long long)b * sob + e0 + g;
+    if (c == 0 && h < HN) {
+      const long long row = ((long long)b * HN + h) * nsplit + sp;
+      Mp[row] = m_run[nt];
+      Lp[row] = l;
+    }
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if (hl < HN) {
-          ob[(long long)hl * soh + mt * 16] = to_h(acc[mt][nt][0] * i_lo);
-          ob[(long long)hl * soh + mt * 16 + 8] = to_h(acc[mt][nt][2] * i_lo);
-        }
-        if (hh < HN) {
-          ob[(long long)hh * soh + mt * 16] = to_h(acc[mt][nt][1] * i_hi);
-          ob[(long long)hh * soh + mt * 16 + 8] = to_h(acc[mt][nt][3] * i_hi);
-        }
+    for (int mt = 0; mt < MT; ++mt) {
+      const int e = e0 + mt * 16 + g;
+      if (hl < HN) {
+        float* ab = Ap + (((long long)b * HN + hl) * nsplit + sp) * E + e;
+        ab[0] = acc[mt][nt][0];
+        ab[8] = acc[mt][nt][2];
       }
-    } else {
-      if (c == 0 && h < HN) {
-        const long long row = ((long long)b * HN + h) * nsplit + sp;
-        Mp[row] = m_run[nt];
-        Lp[row] = l;
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int e = e0 + mt * 16 + g;
-        if (hl < HN) {
-          float* ab = Ap + (((long long)b * HN + hl) * nsplit + sp) * E + e;
-          ab[0] = acc[mt][nt][0];
-          ab[8] = acc[mt][nt][2];
-        }
-        if (hh < HN) {
-          float* ab = Ap + (((long long)b * HN + hh) * nsplit + sp) * E + e;
-          ab[0] = acc[mt][nt][1];
-          ab[8] = acc[mt][nt][3];
-        }
+      if (hh < HN) {
+        float* ab = Ap + (((long long)b * HN + hh) * nsplit + sp) * E + e;
+        ab[0] = acc[mt][nt][1];
+        ab[8] = acc[mt][nt][3];
       }
     }
   }
 }
+#else
+// PERSIST: one block per multiprocessor walks a contiguous range of the batch's tiles (clip-major,
+// tiles of one clip in order), so every block gets the same number of tiles whatever the batch
+// (no last, partly filled wave) and its ring of stages runs on across clips. A clip cut by a range
+// boundary has its first tiles at the end of block k's range and the rest at the start of block
+// k + 1's: block k + 1 hands its softmax state and accumulators over through global memory
+// (slot k + 1 of P, then flags[k + 1] = 1), and block k merges them into its own and writes the
+// clip. Needs every range to hold at least a clip's tiles (grid ≤ clips), so a clip is cut at most
+// once. Every tile is a full ROWS rows: a clip's last tile is its last ROWS rows, the rows already
+// taken by the tile before it masked out, so no stage ever holds stale or unwritten rows.
+extern "C" __global__ void __launch_bounds__(NW * 32, 1)
+hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __restrict__ X,
+                 unsigned short* __restrict__ O, float* __restrict__ P, unsigned* __restrict__ flags,
+                 int B, int sqb, int sqh, int sob, int soh) {
+  constexpr int S = SEQ;  // a compile-time constant here: the tile arithmetic needs no division
+  extern __shared__ __attribute__((aligned(16))) unsigned char smem[];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int j = lane >> 3, i8 = lane & 7;
+  constexpr int T = (S + ROWS - 1) / ROWS;  // tiles per clip
+  const long long total = (long long)B * T;
+  const int g0 = (int)(total * blockIdx.x / gridDim.x), n = (int)(total * (blockIdx.x + 1) / gridDim.x) - g0;
+  const int ec = w * EW, e0 = ec;
+  unsigned short* xs = reinterpret_cast<unsigned short*>(smem) + ec;
+  unsigned short* xall = reinterpret_cast<unsigned short*>(smem);
+  float* red = reinterpret_cast<float*>(smem + XS_HALVES * 2);
+  float* tot = red + REDF;  // REDF: the per-warp partial scores, or (PERSIST 2) a clip's output if larger
+  const unsigned bars = smem_u32(smem + XS_HALVES * 2 + (REDF + TOTN * HP * RS) * 4);
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(bars + 8 * st, 1);
+      mbar_init(bars + 8 * (STAGES + st), NW);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto load = [&](int i) {  // warp 0: tile g0 + i, one bulk copy of a whole row per lane
+    const int b = (g0 + i) / T, t = g0 + i - b * T;
+    const int r0 = min(t * ROWS, S - ROWS);
+    const int st = i % STAGES;
+    const unsigned bar = bars + 8 * st;
+    if (lane == 0) mbar_expect_tx(bar, ROWS * E * 2);
+    __syncwarp();
+    if (lane < ROWS)
+      bulk_copy(smem_u32(xall + st * STAGE_HALVES) + lane * PITCH * 2, X + ((long long)b * S + r0 + lane) * E, E * 2, bar);
+  };
+  if (w == 0)
+    for (int i = 0; i < STAGES - 1; ++i)
+      if (i < n) load(i);
+
+  float acc[MT][NT][4];
+  float m_run[NT], l_run[NT];
+  unsigned qf[KT][NT][2];
+  constexpr int NV = MT * NT * 4 + 2 * NT;  // values a thread hands over
+  int i = 0;  // the block's tile (its stage in the ring)
+  load_q(qf, Q + (long long)(g0 / T) * sqb + e0, sqh, g, c);
+  for (int b = g0 / T, ta = g0 - b * T; i < n; ++b, ta = 0) {
+    // this block's part of clip b: tiles [ta, tb) of it, fresh state (its q' is loaded)
+    const int tb = min(T, ta + n - i);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[mt][nt][k] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) { m_run[nt] = -1.0e30f; l_run[nt] = 0.f; }
+    for (int t = ta; t < tb; ++t, ++i) {
+      // warp 0 refills the stage of tile i - 1 with tile i + STAGES - 1 once every warp is done with it
+      if (w == 0 && i + STAGES - 1 < n) {
+        if (i > 0) mbar_wait(bars + 8 * (STAGES + (i - 1) % STAGES), ((i - 1) / STAGES) & 1);
+        load(i + STAGES - 1);
+      }
+      mbar_wait(bars + 8 * (i % STAGES), (i / STAGES) & 1);
+      const unsigned sbase = STAGE_ADDR(i);
+      float* rb = RED(i);
+      SCORE(sbase, rb)
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < HP * RS; idx += NW * 32) {
+        float v = 0.f;
+#pragma unroll
+        for (int ww = 0; ww < NW; ++ww) v += rb[ww * HP * RS + idx];
+        tot[idx] = v;
+      }
+      __syncthreads();
+      const int lo = t * ROWS - min(t * ROWS, S - ROWS);  // rows of this tile the tile before took
+      softmax_pv<1>(tot, [&](int rr) { return rr < lo; }, sbase, acc, m_run, l_run, g, c, j, i8);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bars + 8 * (STAGES + i % STAGES));
+    }
+    {  // this block's part of clip b ends here
+      // the next clip's q' on its way while this one is written out
+      if (i < n) load_q(qf, Q + (long long)(b + 1) * sqb + e0, sqh, g, c);
+      if (ta > 0) {
+        // the clip began in block k - 1: hand this part over (thread-major, so stores coalesce)
+        float* slot = P + (long long)blockIdx.x * NV * (NW * 32) + threadIdx.x;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) slot[((mt * NT + nt) * 4 + k) * (NW * 32)] = acc[mt][nt][k];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          slot[(MT * NT * 4 + nt) * (NW * 32)] = m_run[nt];
+          slot[(MT * NT * 4 + NT + nt) * (NW * 32)] = l_run[nt];
+        }
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0)
+          asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(flags + blockIdx.x), "r"(1u) : "memory");
+      } else {
+        if (tb < T) {
+          // the clip goes on in block k + 1: wait for its part and merge it into this one
+          if (threadIdx.x == 0) {
+            unsigned v = 0;
+            for (;;) {
+              asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(flags + blockIdx.x + 1) : "memory");
+              if (v) break;
+              __nanosleep(64);
+            }
+          }
+          __syncthreads();
+          const float* slot = P + (long long)(blockIdx.x + 1) * NV * (NW * 32) + threadIdx.x;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const float mp = __ldcg(slot + (MT * NT * 4 + nt) * (NW * 32));
+            const float lp = __ldcg(slot + (MT * NT * 4 + NT + nt) * (NW * 32));
+            const float mn = fmaxf(m_run[nt], mp);
+            const float a_own = ex2((m_run[nt] - mn) * LOG2E), a_p = ex2((mp - mn) * LOG2E);
+            l_run[nt] = l_run[nt] * a_own + lp * a_p;
+            m_run[nt] = mn;
+            const float o_lo = __shfl_sync(0xffffffffu, a_own, 8 * c), o_hi = __shfl_sync(0xffffffffu, a_own, 8 * c + 4);
+            const float p_lo = __shfl_sync(0xffffffffu, a_p, 8 * c), p_hi = __shfl_sync(0xffffffffu, a_p, 8 * c + 4);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              const float* s4 = slot + ((mt * NT + nt) * 4) * (NW * 32);
+              acc[mt][nt][0] = acc[mt][nt][0] * o_lo + __ldcg(s4) * p_lo;
+              acc[mt][nt][1] = acc[mt][nt][1] * o_hi + __ldcg(s4 + (NW * 32)) * p_hi;
+              acc[mt][nt][2] = acc[mt][nt][2] * o_lo + __ldcg(s4 + 2 * (NW * 32)) * p_lo;
+              acc[mt][nt][3] = acc[mt][nt][3] * o_hi + __ldcg(s4 + 3 * (NW * 32)) * p_hi;
+            }
+          }
+          __syncthreads();
+          if (threadIdx.x == 0) flags[blockIdx.x + 1] = 0u;  // read: ready for the next launch
+        }
+#if PERSIST == 2
+        // through shared memory (the partial-score buffers are free until the next clip's scores):
+        // every value in place, then whole rows out with 16-byte stores
+        unsigned short* ost = reinterpret_cast<unsigned short*>(red);
+        write_out(ost + e0, E + 8, acc, l_run, g, c);
+        __syncthreads();
+        unsigned short* ob = O + (long long)b * sob;
+        for (int idx = threadIdx.x; idx < HN * (E / 8); idx += NW * 32) {
+          const int h = idx / (E / 8), q = idx - h * (E / 8);
+          *reinterpret_cast<uint4*>(ob + (long long)h * soh + q * 8) = *reinterpret_cast<const uint4*>(ost + h * (E + 8) + q * 8);
+        }
+        __syncthreads();
+#else
+        write_out(O + (long long)b * sob + e0, soh, acc, l_run, g, c);
+#endif
+      }
+    }
+  }
+}
+#endif
 """
 
 _CACHE: dict[tuple, Any] = {}
@@ -581,7 +795,7 @@ def score_buffers(cluster: int) -> tuple[int, int]:
 
 
 def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, bulk: bool = False,
-               cluster: int = 1) -> int:
+               cluster: int = 1, persist: int = 0) -> int:
     """Dynamic shared memory of one block: the X stages (of the block's E / cluster columns), the
     partial-score buffers, q' (when held there) and the stage barriers (bulk copies)."""
     el = E // cluster
@@ -590,7 +804,25 @@ def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: b
     xs = stages * rows * (el + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
     q = warps * hp * (ew + 8) * 2 if qsmem else 0
     redb, tot = score_buffers(cluster)
-    return xs + (redb * warps + tot) * hp * (rows + 4) * 4 + q + (16 * stages if bulk else 0)
+    red = redb * warps * hp * (rows + 4) * 4
+    if persist == 2:  # a clip's output staged where the partial scores were
+        red = max(red, -(-H * (E + 8) // 2) * 4)
+    return xs + red + tot * hp * (rows + 4) * 4 + q + (16 * stages if bulk else 0)
+
+
+def handover_values(H: int, E: int, warps: int) -> int:
+    """Values one thread of the persistent form hands over for a clip cut between two blocks: its
+    accumulators ([E / warps / 16] × [heads / 8] matrix tiles of 4) and its running max and sum per
+    head tile."""
+    nt = -(-H // 8)
+    return (E // warps // 16) * nt * 4 + 2 * nt
+
+
+def persist_blocks(device: Any) -> int:
+    """Blocks of the persistent form: one per multiprocessor (a block takes a whole one)."""
+    import torch
+
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _set_smem(kernel: Any, nbytes: int) -> None:
@@ -622,7 +854,8 @@ def kernel_attributes(kernel: Any) -> dict[str, int]:
 
 
 def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
-                  bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1) -> str:
+                  bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1, persist: int = 0,
+                  seq: int = 0) -> str:
     """The CUDA source for these shapes and this form (one clear error for a combination the
     kernel does not take)."""
     if cluster not in (1, 2):
@@ -630,6 +863,9 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     if cluster > 1 and (not bulk or not red2 or pipe or qsmem):
         raise ValueError("CudaHiddenAttention: a cluster of blocks goes with bulk copies and scores summed once "
                          "(not pipelined, q' in registers)")
+    if persist and (not bulk or not red2 or pipe or qsmem or mode or cluster > 1):
+        raise ValueError("CudaHiddenAttention: the persistent form goes with bulk copies and scores summed once "
+                         "(not pipelined, q' in registers, one block per clip range, no diagnostic mode)")
     if E % cluster:
         raise ValueError(f"CudaHiddenAttention: d_model {E} does not split over a cluster of {cluster}")
     why = cuda_hidden_fits(H, E // cluster, warps)
@@ -646,25 +882,35 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
         raise ValueError("CudaHiddenAttention: bulk copies go with the plain loop (not pipelined, not mode 2)")
     defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // cluster // warps, "STAGES": stages, "ROWS": rows,
                "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
-               "RED2": int(bool(red2)), "CL": int(cluster)}
+               "RED2": int(bool(red2)), "CL": int(cluster), "PERSIST": int(persist)}
+    defines["REDF"] = score_buffers(cluster)[0] * warps * defines["NT"] * 8 * (rows + 4)
+    if persist == 2:
+        defines["REDF"] = max(defines["REDF"], -(-H * (E + 8) // 2))
+    if persist:
+        if persist not in (1, 2):
+            raise ValueError(f"CudaHiddenAttention: persist must be 0, 1 or 2, got {persist}")
+        if seq < rows:
+            raise ValueError(f"CudaHiddenAttention: the persistent form needs at least {rows} encoder positions, got {seq}")
+        defines["SEQ"] = int(seq)  # the persistent form is built per sequence length
     defines["NREDB"], defines["TOTN"] = score_buffers(cluster)
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
 def build_kernel(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
-                 bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1) -> Any:
+                 bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1, persist: int = 0,
+                 seq: int = 0) -> Any:
     """The compiled kernel for these shapes (NVRTC, cached per process) and its shared memory in
     bytes. ``mode`` is for the bench only: 1 streams X without the arithmetic, 2 does the
     arithmetic on one resident tile (outputs meaningless)."""
     import torch
 
-    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster)
+    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster, persist, seq)
     key = (src, torch.cuda.current_device())
     if key in _CACHE:
         return _CACHE[key]
     if (bulk or cluster > 1) and torch.cuda.get_device_capability()[0] < 9:
         raise ValueError("CudaHiddenAttention: bulk copies and clusters of blocks need compute capability ≥ 9.0")
-    nbytes = smem_bytes(E, H, warps, stages, rows, qsmem, bulk, cluster)
+    nbytes = smem_bytes(E, H, warps, stages, rows, qsmem, bulk, cluster, persist)
     limit = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "shared_memory_per_block_optin", 0)
     if limit and nbytes > limit:
         raise ValueError(f"CudaHiddenAttention: needs {nbytes} bytes of shared memory, the card allows {limit}")
@@ -682,7 +928,8 @@ class CudaHiddenAttention:
 
     def __init__(self, B: int, H: int, S: int, E: int, *, warps: int = 8, stages: int = 3, splits: int = 1,
                  rows: int = 16, qsmem: bool = False, pipe: bool = False, bulk: bool = False, red2: bool = False,
-                 mode: int = 0, cluster: int = 1, device: Any = None, dtype: Any = None) -> None:
+                 mode: int = 0, cluster: int = 1, persist: int = 0, blocks: int | None = None, device: Any = None,
+                 dtype: Any = None) -> None:
         import torch
 
         if dtype is not None and dtype != torch.float16:
@@ -690,26 +937,39 @@ class CudaHiddenAttention:
         self.B, self.H, self.S, self.E = B, H, S, E
         self.warps, self.stages, self.splits = int(warps), int(stages), max(1, int(splits))
         self.rows, self.qsmem, self.pipe, self.bulk, self.red2 = int(rows), bool(qsmem), bool(pipe), bool(bulk), bool(red2)
-        self.cluster = int(cluster)
-        with torch.cuda.device(torch.device(device) if device is not None else torch.cuda.current_device()):
+        self.cluster, self.persist = int(cluster), int(persist)
+        if self.persist and self.splits > 1:
+            raise ValueError(f"CudaHiddenAttention: the persistent form splits the batch's tiles itself, got splits {splits}")
+        dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        with torch.cuda.device(dev):
             self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
-                                                  self.bulk, self.red2, mode, self.cluster)
+                                                  self.bulk, self.red2, mode, self.cluster, self.persist, S)
         chunk = -(-S // self.splits)
         self.chunk = -(-chunk // self.rows) * self.rows
         self.out, self.mp, self.lp, self.ap = split_buffers(B, H, E, self.splits, device, torch.float16)
+        if self.persist:
+            # one block per multiprocessor (never more blocks than clips: a clip is cut at most once);
+            # per block a slot for the part of a clip it hands over and that slot's ready flag
+            if blocks is not None and int(blocks) < 1:
+                raise ValueError(f"CudaHiddenAttention: blocks must be ≥ 1, got {blocks}")
+            self.grid = min(B, int(blocks) if blocks is not None else persist_blocks(dev))
+            self.parts = torch.empty(self.grid * handover_values(H, E, self.warps) * 32 * self.warps,
+                                     device=dev, dtype=torch.float32)
+            self.flags = torch.zeros(self.grid + 1, device=dev, dtype=torch.int32)
 
     @classmethod
     def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
         """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2[,
-        mode[, cluster]])."""
-        names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster")
+        mode[, cluster[, persist]]])."""
+        names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist")
         return cls(B, H, S, E, **dict(zip(names, cfg)), **kw)
 
     @staticmethod
     def config_key(cfg: tuple[int, ...]) -> str:
         flags = "".join(f for f, on in zip(("q", "p", "t", "r"), cfg[4:8]) if on)
         return f"cuda w{cfg[0]} st{cfg[1]} s{cfg[2]} r{cfg[3]}" + (f" {flags}" if flags else "") + \
-            (f" mode{cfg[8]}" if len(cfg) > 8 and cfg[8] else "") + (f" c{cfg[9]}" if len(cfg) > 9 and cfg[9] > 1 else "")
+            (f" mode{cfg[8]}" if len(cfg) > 8 and cfg[8] else "") + (f" c{cfg[9]}" if len(cfg) > 9 and cfg[9] > 1 else "") + \
+            ({0: "", 1: " persistent", 2: " persistent staged"}.get(cfg[10], f" persist{cfg[10]}") if len(cfg) > 10 else "")
 
     def label(self) -> str:
         parts = [f"warps {self.warps}", f"stages {self.stages}", f"rows {self.rows}",
@@ -721,6 +981,9 @@ class CudaHiddenAttention:
             parts.append("scores summed once")
         if self.cluster > 1:
             parts.append(f"a cluster of {self.cluster} blocks per clip")
+        if self.persist:
+            parts.append(f"persistent: {self.grid} blocks over the batch's tiles"
+                         + (", output staged in shared memory" if self.persist == 2 else ""))
         return (f"cuda shared-hidden attention ({', '.join(parts)}, splits {self.splits}, "
                 f"{self.smem // 1024} KB shared memory)")
 
@@ -743,6 +1006,12 @@ class CudaHiddenAttention:
         if qp.stride(0) % 2 or qp.stride(1) % 2 or qp.data_ptr() % 4:
             raise ValueError("CudaHiddenAttention: q' must be 4-byte aligned with even strides")
         with torch.cuda.device(x.device):
+            if self.persist:
+                self.kernel(grid=(self.grid, 1, 1), block=(32 * self.warps, 1, 1),
+                            args=[qp, x, self.out, self.parts, self.flags, self.B, qp.stride(0), qp.stride(1),
+                                  self.out.stride(0), self.out.stride(1)],
+                            shared_mem=self.smem)
+                return self.out
             self.kernel(grid=(self.splits * self.cluster, self.B, 1), block=(32 * self.warps, 1, 1),
                         args=[qp, x, self.out, self.mp, self.lp, self.ap, self.S, self.chunk, qp.stride(0),
                               qp.stride(1), self.out.stride(0), self.out.stride(1), self.splits],
