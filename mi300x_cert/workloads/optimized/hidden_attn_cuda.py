@@ -32,7 +32,7 @@ So every byte of X is read from memory once and feeds both products from shared 
 accumulators never leave registers. ``pipe`` (cp.async form only) computes the scores of the next
 tile beside the softmax of the current one. Rows of X can be split over ``splits`` blocks per clip
 for parallelism at small batches (partials in the same layout as the Triton kernel's, merged the
-same way). ``mode`` 1/2 (bench only) leave out the arithmetic or the loads. ``cluster=2`` (bench
+same way). ``mode`` 1/2 (bench only) leave out the arithmetic or the loads; 3/4 (persistent form, bench only) copy half of each tile's rows, or copy only the first stages. ``cluster=2`` (bench
 only: measured slower, see :data:`CUDA_HIDDEN_CONFIGS`) runs a clip on a cluster of two blocks,
 each holding half the columns; each block writes its summed scores of a tile into its own slot of
 both blocks' shared memory, and after a cluster barrier both add the slots in rank order.
@@ -626,9 +626,10 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     const int r0 = min(t * ROWS, S - ROWS);
     const int st = i % STAGES;
     const unsigned bar = bars + 8 * st;
-    if (lane == 0) mbar_expect_tx(bar, ROWS * E * 2);
+#define LR (MODE == 3 ? ROWS / 2 : ROWS)  // diagnostic mode 3: half the rows copied, all computed
+    if (lane == 0) mbar_expect_tx(bar, LR * E * 2);
     __syncwarp();
-    if (lane < ROWS)
+    if (lane < LR)
       bulk_copy(smem_u32(xall + st * STAGE_HALVES) + lane * PITCH * 2, X + ((long long)b * S + r0 + lane) * E, E * 2, bar);
   };
   if (w == 0)
@@ -654,11 +655,12 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     for (int nt = 0; nt < NT; ++nt) { m_run[nt] = -1.0e30f; l_run[nt] = 0.f; }
     for (int t = ta; t < tb; ++t, ++i) {
       // warp 0 refills the stage of tile i - 1 with tile i + STAGES - 1 once every warp is done with it
-      if (w == 0 && i + STAGES - 1 < n) {
+      // (diagnostic mode 4: only the first stages are ever copied, the arithmetic runs on what is there)
+      if (MODE != 4 && w == 0 && i + STAGES - 1 < n) {
         if (i > 0) mbar_wait(bars + 8 * (STAGES + (i - 1) % STAGES), ((i - 1) / STAGES) & 1);
         load(i + STAGES - 1);
       }
-      mbar_wait(bars + 8 * (i % STAGES), (i / STAGES) & 1);
+      if (MODE != 4 || i < STAGES - 1) mbar_wait(bars + 8 * (i % STAGES), (i / STAGES) & 1);
       const unsigned sbase = STAGE_ADDR(i);
       float* rb = RED(i);
       SCORE(sbase, rb)
@@ -863,9 +865,11 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     if cluster > 1 and (not bulk or not red2 or pipe or qsmem):
         raise ValueError("CudaHiddenAttention: a cluster of blocks goes with bulk copies and scores summed once "
                          "(not pipelined, q' in registers)")
-    if persist and (not bulk or not red2 or pipe or qsmem or mode or cluster > 1):
+    if persist and (not bulk or not red2 or pipe or qsmem or mode in (1, 2) or cluster > 1):
         raise ValueError("CudaHiddenAttention: the persistent form goes with bulk copies and scores summed once "
-                         "(not pipelined, q' in registers, one block per clip range, no diagnostic mode)")
+                         "(not pipelined, q' in registers, one block per clip range, diagnostic modes 3 and 4 only)")
+    if mode in (3, 4) and not persist:
+        raise ValueError(f"CudaHiddenAttention: diagnostic mode {mode} is for the persistent form")
     if E % cluster:
         raise ValueError(f"CudaHiddenAttention: d_model {E} does not split over a cluster of {cluster}")
     why = cuda_hidden_fits(H, E // cluster, warps)
@@ -876,8 +880,8 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
                          f"{' for the pipelined kernel' if pipe else ''}, got {stages}")
     if rows not in ROWS_CHOICES:
         raise ValueError(f"CudaHiddenAttention: rows must be one of {ROWS_CHOICES}, got {rows}")
-    if mode not in (0, 1, 2):
-        raise ValueError(f"CudaHiddenAttention: mode must be 0, 1 or 2, got {mode}")
+    if mode not in (0, 1, 2, 3, 4):
+        raise ValueError(f"CudaHiddenAttention: mode must be 0–4, got {mode}")
     if bulk and (pipe or mode == 2):
         raise ValueError("CudaHiddenAttention: bulk copies go with the plain loop (not pipelined, not mode 2)")
     defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // cluster // warps, "STAGES": stages, "ROWS": rows,
@@ -901,7 +905,8 @@ def build_kernel(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem:
                  seq: int = 0) -> Any:
     """The compiled kernel for these shapes (NVRTC, cached per process) and its shared memory in
     bytes. ``mode`` is for the bench only: 1 streams X without the arithmetic, 2 does the
-    arithmetic on one resident tile (outputs meaningless)."""
+    arithmetic on one resident tile; for the persistent form, 3 copies half of each tile's rows
+    and 4 only the first stages, with all the arithmetic (outputs meaningless)."""
     import torch
 
     src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster, persist, seq)
