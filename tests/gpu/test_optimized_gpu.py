@@ -166,6 +166,7 @@ def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     (20, 1500, 1280, 7, 5, 2, 32, 2),       # … the output staged in shared memory
     (20, 1500, 1280, 300, None, 2, 32, 1),  # one block per multiprocessor, 2–3 clips each
     (20, 1500, 1280, 300, None, 2, 32, 2),
+    (20, 1500, 1280, 300, "2x", 2, 32, 2),  # twice the multiprocessors: blocks not all resident at once
     (20, 1500, 1280, 5, None, 2, 32, 1),    # fewer clips than multiprocessors: a whole clip per block
     (6, 77, 384, 9, 4, 3, 32, 1),           # a last tile overlapping the one before, 6 heads, 3 stages
     (6, 77, 384, 9, 4, 3, 32, 2),
@@ -173,10 +174,12 @@ def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     (16, 1500, 1024, 6, 4, 3, 16, 2),       # … staging larger than the partial-score buffers
 ])
 def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist):
-    """The persistent form (a range of the batch's tiles per block, clips cut between blocks
-    handed over through global memory) against the float32 reference, the same bits on every
-    call and replayed from a device graph (the hand-over flags reset by each launch), and the
-    flags left at zero."""
+    """The persistent form (a range of the batch's tiles per block, a clip cut between two blocks
+    finished by the one that ends second) against the float32 reference: with the hand-over slots
+    poisoned with NaN before the first launch, and on two inputs alternated, called directly and
+    replayed from a device graph, so a stale or missed hand-over (the counters not reset, a part
+    read before it was written) cannot pass on the previous launch's identical bits; the same bits
+    on repeated calls; every counter back at zero."""
     from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
     from mi300x_cert.workloads.optimized.whisper_fast import hidden_attention_reference
 
@@ -185,30 +188,42 @@ def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, pers
         pytest.skip(why)
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("bulk copies need compute capability 9.0")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if blocks == "2x":
+        blocks = min(B, 2 * sms)
     g = torch.Generator(device="cuda").manual_seed(5)
     xs = [torch.randn(B, S, E, device="cuda", generator=g).half() for _ in range(2)]
     qp = (torch.randn(H, B, E, device="cuda", generator=g) * E ** -0.5 * 4).half().transpose(0, 1)
     k = hc.CudaHiddenAttention(B, H, S, E, warps=8, stages=stages, rows=rows, bulk=True, red2=True, persist=persist,
                                blocks=blocks, device="cuda", dtype=torch.float16)
-    assert k.grid == min(B, blocks or torch.cuda.get_device_properties(0).multi_processor_count)
+    assert k.grid == min(B, blocks or sms)
     assert "persistent" in k.label()
     wants = [hidden_attention_reference(qp, x).float() for x in xs]
-    first = k(qp, xs[0]).clone()
-    rel = float((first.float() - wants[0]).abs().max() / wants[0].abs().max())
-    assert rel < 5e-3, rel
-    for _ in range(2):
-        assert torch.equal(k(qp, xs[0]), first)
+
+    def check(got, j):
+        rel = float((got.float() - wants[j]).abs().max() / wants[j].abs().max())
+        assert rel < 5e-3, (j, rel)
+
+    k.parts.fill_(float("nan"))
+    outs = []
+    for j in (0, 1, 0, 1):
+        out = k(qp, xs[j]).clone()
+        check(out, j)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    x_in = xs[0].clone()
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        k(qp, xs[1])
+        k(qp, x_in)
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
-        k(qp, xs[1])
-    for _ in range(3):
+        k(qp, x_in)
+    for j in (1, 0, 1):
+        x_in.copy_(xs[j])
         graph.replay()
         torch.cuda.synchronize()
-        rel = float((k.out.float() - wants[1]).abs().max() / wants[1].abs().max())
-        assert rel < 5e-3, rel
+        check(k.out, j)
+        assert torch.equal(k.out, outs[j])
     assert int(k.flags.abs().sum()) == 0

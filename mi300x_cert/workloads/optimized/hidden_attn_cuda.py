@@ -41,9 +41,11 @@ both blocks' shared memory, and after a cluster barrier both add the slots in ra
 multiprocessor, each walking a contiguous range of the batch's tiles (clip-major), so every block
 gets the same number of tiles whatever the batch (no last, partly filled wave) and its ring of
 stages runs on across clips (the next clip's first tile lands while the current clip is written
-out). A clip cut by a range boundary is finished by the block holding its first tiles: the next
-block hands its part (softmax state and accumulators) over through global memory behind a release
-flag, which the merging block resets. Every tile is a full ``ROWS`` rows (a clip's last tile is its
+out). A clip cut by a range boundary is finished by whichever of its two blocks ends its part
+second: the first writes its part (softmax state and accumulators) to global memory and counts
+itself in on the cut's counter (release/acquire), the second merges it and resets the counter. No
+block ever waits for another, so progress does not depend on which blocks are resident (a grid
+larger than the multiprocessors, a share of them, other kernels beside it). Every tile is a full ``ROWS`` rows (a clip's last tile is its
 last rows, the rows already taken masked out). With 2, each clip's output is staged in shared memory
 and written as whole rows with 16-byte stores.
 
@@ -313,6 +315,62 @@ __device__ __forceinline__ void load_q(unsigned (&qf)[KT][NT][2], const unsigned
         qf[kt][nt][1] = 0u;
       }
     }
+}
+
+// the persistent form's hand-over of a clip cut between two blocks: a thread's part (its accumulators,
+// running max and sum) in a slot, thread-major so that the stores and loads coalesce
+#define PART_STRIDE (NW * 32)
+__device__ __forceinline__ void put_part(float* slot, const float (&acc)[MT][NT][4], const float (&m_run)[NT],
+                                         const float (&l_run)[NT]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) slot[((mt * NT + nt) * 4 + k) * PART_STRIDE] = acc[mt][nt][k];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    slot[(MT * NT * 4 + nt) * PART_STRIDE] = m_run[nt];
+    slot[(MT * NT * 4 + NT + nt) * PART_STRIDE] = l_run[nt];
+  }
+}
+__device__ __forceinline__ void get_part(const float* slot, float (&acc)[MT][NT][4], float (&m_run)[NT], float (&l_run)[NT]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[mt][nt][k] = __ldcg(slot + ((mt * NT + nt) * 4 + k) * PART_STRIDE);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    m_run[nt] = __ldcg(slot + (MT * NT * 4 + nt) * PART_STRIDE);
+    l_run[nt] = __ldcg(slot + (MT * NT * 4 + NT + nt) * PART_STRIDE);
+  }
+}
+// the part in `slot` (a clip's later tiles) merged into this thread's (its first tiles): always in this
+// order, so the bits do not depend on which block merged
+__device__ __forceinline__ void merge_part(const float* slot, float (&acc)[MT][NT][4], float (&m_run)[NT],
+                                           float (&l_run)[NT], int c) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float mp = __ldcg(slot + (MT * NT * 4 + nt) * PART_STRIDE);
+    const float lp = __ldcg(slot + (MT * NT * 4 + NT + nt) * PART_STRIDE);
+    const float mn = fmaxf(m_run[nt], mp);
+    const float a_own = ex2((m_run[nt] - mn) * LOG2E), a_p = ex2((mp - mn) * LOG2E);
+    l_run[nt] = l_run[nt] * a_own + lp * a_p;
+    m_run[nt] = mn;
+    // the accumulators' heads are nt*8 + 2c and + 1: their scales from lanes 8c and 8c + 4
+    const float o_lo = __shfl_sync(0xffffffffu, a_own, 8 * c), o_hi = __shfl_sync(0xffffffffu, a_own, 8 * c + 4);
+    const float p_lo = __shfl_sync(0xffffffffu, a_p, 8 * c), p_hi = __shfl_sync(0xffffffffu, a_p, 8 * c + 4);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const float* s4 = slot + ((mt * NT + nt) * 4) * PART_STRIDE;
+      acc[mt][nt][0] = acc[mt][nt][0] * o_lo + __ldcg(s4) * p_lo;
+      acc[mt][nt][1] = acc[mt][nt][1] * o_hi + __ldcg(s4 + PART_STRIDE) * p_hi;
+      acc[mt][nt][2] = acc[mt][nt][2] * o_lo + __ldcg(s4 + 2 * PART_STRIDE) * p_lo;
+      acc[mt][nt][3] = acc[mt][nt][3] * o_hi + __ldcg(s4 + 3 * PART_STRIDE) * p_hi;
+    }
+  }
 }
 
 // the normalized output of one clip: ob points at its first head's row, at this warp's first column
@@ -590,10 +648,10 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
 // tiles of one clip in order), so every block gets the same number of tiles whatever the batch
 // (no last, partly filled wave) and its ring of stages runs on across clips. A clip cut by a range
 // boundary has its first tiles at the end of block k's range and the rest at the start of block
-// k + 1's: block k + 1 hands its softmax state and accumulators over through global memory
-// (slot k + 1 of P, then flags[k + 1] = 1), and block k merges them into its own and writes the
-// clip. Needs every range to hold at least a clip's tiles (grid ≤ clips), so a clip is cut at most
-// once. Every tile is a full ROWS rows: a clip's last tile is its last ROWS rows, the rows already
+// k + 1's: the block that ends its part second merges the other's (softmax state and accumulators,
+// through global memory: P, two slots per cut, and the cut's counter in flags) and writes the clip;
+// no block waits for another. Needs every range to hold at least a clip's tiles (grid ≤ clips), so
+// a clip is cut at most once. Every tile is a full ROWS rows: a clip's last tile is its last ROWS rows, the rows already
 // taken by the tile before it masked out, so no stage ever holds stale or unwritten rows.
 extern "C" __global__ void __launch_bounds__(NW * 32, 1)
 hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __restrict__ X,
@@ -680,59 +738,50 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     {  // this block's part of clip b ends here
       // the next clip's q' on its way while this one is written out
       if (i < n) load_q(qf, Q + (long long)(b + 1) * sqb + e0, sqh, g, c);
+      // A clip cut between two blocks (ta > 0: it began in the previous block; tb < T: it goes on in
+      // the next) is finished by whichever of the two ends its part second. The cut's counter says
+      // who came first: the first writes its part (thread-major, so the stores coalesce) to its side's
+      // slot and counts itself in; the second merges that part into its own and writes the clip. No
+      // block ever waits for another, so progress never depends on which blocks are resident.
+      bool finish = true;
       if (ta > 0) {
-        // the clip began in block k - 1: hand this part over (thread-major, so stores coalesce)
-        float* slot = P + (long long)blockIdx.x * NV * (NW * 32) + threadIdx.x;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) slot[((mt * NT + nt) * 4 + k) * (NW * 32)] = acc[mt][nt][k];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          slot[(MT * NT * 4 + nt) * (NW * 32)] = m_run[nt];
-          slot[(MT * NT * 4 + NT + nt) * (NW * 32)] = l_run[nt];
-        }
+        // the rest of a clip that began in the previous block: usually first, so it counts itself in
+        unsigned* cnt = flags + blockIdx.x;
+        put_part(P + (long long)(blockIdx.x * 2 + 1) * NV * (NW * 32) + threadIdx.x, acc, m_run, l_run);
         __threadfence();
         __syncthreads();
+        unsigned v = 0;
         if (threadIdx.x == 0)
-          asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(flags + blockIdx.x), "r"(1u) : "memory");
-      } else {
-        if (tb < T) {
-          // the clip goes on in block k + 1: wait for its part and merge it into this one
-          if (threadIdx.x == 0) {
-            unsigned v = 0;
-            for (;;) {
-              asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(flags + blockIdx.x + 1) : "memory");
-              if (v) break;
-              __nanosleep(64);
-            }
-          }
+          asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(v) : "l"(cnt) : "memory");
+        finish = __syncthreads_or(v != 0u);
+        if (finish) {  // the first tiles' block was done before: merge in the same order it would
+          get_part(P + (long long)(blockIdx.x * 2) * NV * (NW * 32) + threadIdx.x, acc, m_run, l_run);
+          merge_part(P + (long long)(blockIdx.x * 2 + 1) * NV * (NW * 32) + threadIdx.x, acc, m_run, l_run, c);
           __syncthreads();
-          const float* slot = P + (long long)(blockIdx.x + 1) * NV * (NW * 32) + threadIdx.x;
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const float mp = __ldcg(slot + (MT * NT * 4 + nt) * (NW * 32));
-            const float lp = __ldcg(slot + (MT * NT * 4 + NT + nt) * (NW * 32));
-            const float mn = fmaxf(m_run[nt], mp);
-            const float a_own = ex2((m_run[nt] - mn) * LOG2E), a_p = ex2((mp - mn) * LOG2E);
-            l_run[nt] = l_run[nt] * a_own + lp * a_p;
-            m_run[nt] = mn;
-            const float o_lo = __shfl_sync(0xffffffffu, a_own, 8 * c), o_hi = __shfl_sync(0xffffffffu, a_own, 8 * c + 4);
-            const float p_lo = __shfl_sync(0xffffffffu, a_p, 8 * c), p_hi = __shfl_sync(0xffffffffu, a_p, 8 * c + 4);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              const float* s4 = slot + ((mt * NT + nt) * 4) * (NW * 32);
-              acc[mt][nt][0] = acc[mt][nt][0] * o_lo + __ldcg(s4) * p_lo;
-              acc[mt][nt][1] = acc[mt][nt][1] * o_hi + __ldcg(s4 + (NW * 32)) * p_hi;
-              acc[mt][nt][2] = acc[mt][nt][2] * o_lo + __ldcg(s4 + 2 * (NW * 32)) * p_lo;
-              acc[mt][nt][3] = acc[mt][nt][3] * o_hi + __ldcg(s4 + 3 * (NW * 32)) * p_hi;
-            }
-          }
-          __syncthreads();
-          if (threadIdx.x == 0) flags[blockIdx.x + 1] = 0u;  // read: ready for the next launch
+          if (threadIdx.x == 0) *cnt = 0u;  // both parts used: the counter ready for the next launch
         }
+      } else if (tb < T) {
+        // the first tiles of a clip that goes on in the next block: its rest is usually there by now
+        unsigned* cnt = flags + blockIdx.x + 1;
+        unsigned v = 0;
+        if (threadIdx.x == 0)
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(cnt) : "memory");
+        finish = __syncthreads_or(v != 0u);
+        if (!finish) {
+          put_part(P + (long long)((blockIdx.x + 1) * 2) * NV * (NW * 32) + threadIdx.x, acc, m_run, l_run);
+          __threadfence();
+          __syncthreads();
+          if (threadIdx.x == 0)
+            asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(v) : "l"(cnt) : "memory");
+          finish = __syncthreads_or(v != 0u);
+        }
+        if (finish) {
+          merge_part(P + (long long)((blockIdx.x + 1) * 2 + 1) * NV * (NW * 32) + threadIdx.x, acc, m_run, l_run, c);
+          __syncthreads();
+          if (threadIdx.x == 0) *cnt = 0u;
+        }
+      }
+      if (finish) {
 #if PERSIST == 2
         // through shared memory (the partial-score buffers are free until the next clip's scores):
         // every value in place, then whole rows out with 16-byte stores
@@ -954,11 +1003,11 @@ class CudaHiddenAttention:
         self.out, self.mp, self.lp, self.ap = split_buffers(B, H, E, self.splits, device, torch.float16)
         if self.persist:
             # one block per multiprocessor (never more blocks than clips: a clip is cut at most once);
-            # per block a slot for the part of a clip it hands over and that slot's ready flag
+            # per cut between two blocks, a slot for each side's part and a counter (zero between launches)
             if blocks is not None and int(blocks) < 1:
                 raise ValueError(f"CudaHiddenAttention: blocks must be ≥ 1, got {blocks}")
             self.grid = min(B, int(blocks) if blocks is not None else persist_blocks(dev))
-            self.parts = torch.empty(self.grid * handover_values(H, E, self.warps) * 32 * self.warps,
+            self.parts = torch.empty(self.grid * 2 * handover_values(H, E, self.warps) * 32 * self.warps,
                                      device=dev, dtype=torch.float32)
             self.flags = torch.zeros(self.grid + 1, device=dev, dtype=torch.int32)
 
