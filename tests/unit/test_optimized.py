@@ -601,3 +601,109 @@ def test_cuda_hidden_attention_shapes_and_refusals():
         hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=True, seq=20)
     ok, why = hc.cuda_hidden_available("cpu")
     assert not ok and why == "not a CUDA device"
+
+
+def test_fastest_config_is_not_decided_by_the_order_under_drift():
+    """The launch-configuration chooser times the candidates that pass their check in rounds, every
+    other round reversed, and scores each by its mean: a card that slows steadily while they run
+    one after another (here +5 µs per timing) does not hand the choice to whichever came first. A
+    candidate over the error limit, one that fails to build and one that fails while timed are out,
+    with their reasons; where nothing is timed only the first configuration is tried."""
+    from mi300x_cert.workloads.optimized.whisper_fast import fastest_config
+
+    true_us = {"a": 100.0, "b": 98.0, "c": 99.0, "bad": 50.0, "boom": 10.0, "flaky": 1.0}
+    calls: list[str] = []
+
+    def build(c):
+        if c == "boom":
+            raise RuntimeError("no such launch")
+        return c
+
+    def time_us(k):
+        if k == "flaky" and "flaky" in calls:
+            raise RuntimeError("launch failed")
+        calls.append(k)
+        return true_us[k] + 5.0 * (len(calls) - 1)
+
+    rec: dict = {}
+    times, best = fastest_config(("a", "b", "c", "bad", "boom", "flaky"), key=str, build=build,
+                                 error=lambda k: 1.0 if k == "bad" else 0.0, limit=0.5, describe="err {:.1f}",
+                                 time_us=time_us, timed=True, rec=rec)
+    assert best is not None and best[1] == "b", (times, best)
+    assert calls == ["a", "b", "c", "flaky", "c", "b", "a"]  # the second round reversed; flaky failed in it
+    # each mean carries the same drift (+15 µs): the order is the true one, b < c < a
+    assert {k: times[k] for k in "abc"} == {"a": 115.0, "b": 113.0, "c": 114.0}
+    assert times["bad"] != times["bad"] and rec["rejected"]["bad"] == "err 1.0"
+    assert "RuntimeError: no such launch" in rec["rejected"]["boom"] and "boom" not in times
+    assert "RuntimeError: launch failed" in rec["rejected"]["flaky"] and "flaky" not in times
+    rec = {}
+    times, best = fastest_config(("a", "b"), key=str, build=build, error=lambda k: 0.0, limit=0.5, describe="",
+                                 time_us=time_us, timed=False, rec=rec)
+    assert times == {"a": 0.0} and best == (0.0, "a") and not rec
+
+
+def test_hidden_chooser_times_triton_and_cuda_candidates_together(monkeypatch):
+    """The hidden-form chooser on a (mocked) NVIDIA card: the Triton and CUDA kernels' launch
+    configurations are one candidate list, timed in the same alternating rounds, so a card slowing
+    while they run does not favour the group timed first; a candidate that misses the float32
+    reference is out. The decode step gets the fastest, labelled."""
+    import mi300x_cert.workloads.optimized.hidden_attn_cuda as hc
+    import mi300x_cert.workloads.optimized.whisper_fast as wf
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, hidden_attention_reference, whisper_prompt_ids
+
+    m, _ = _varied_whisper()
+    fw = FastWhisper(m, prompt_ids=whisper_prompt_ids(m.generation_config), new_tokens=2)
+    fw.dtype = torch.float16
+    B, S = 3, 40
+    x = torch.randn(B, S, fw.E, generator=torch.Generator().manual_seed(2)).half()
+    st = {"tokens": torch.zeros(B, 4, dtype=torch.long), "S": S, "enc": x}
+    true_us = {"triton b32 s1 w4 st3 h16": 120.0, "triton b64 s1 w4 st2 h16": 125.0,
+               "cuda w8 st2 s1 r32 tr": 110.0, "cuda w8 st2 s1 r32 tr persistent staged": 104.0,
+               "cuda w8 st3 s1 r16 tr": 90.0}
+    timed_calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, qp, xx):
+            out = hidden_attention_reference(qp, xx)
+            return out * 1.5 if self.name == "cuda w8 st3 s1 r16 tr" else out  # wrong: rejected
+
+        def label(self):
+            return f"fake {self.name}"
+
+    def fake_time(fn, n):
+        fn(0)
+        timed_calls.append(fake_time.last)
+        return true_us[fake_time.last] + 10.0 * (len(timed_calls) - 1)  # the card slows as it goes
+
+    def make(name):
+        def call(qp, xx, k=Fake(name)):
+            fake_time.last = name
+            return k(qp, xx)
+        call.label = lambda: f"fake {name}"
+        return call
+
+    monkeypatch.setattr(wf, "HIDDEN_ATTN_CONFIGS", ((32, 1, 4, 3, 16), (64, 1, 4, 2, 16)))
+    monkeypatch.setattr(wf, "HiddenAttention", lambda B, H, S, E, block_n, splits, num_warps, num_stages, head_tile,
+                        device, dtype: make(f"triton b{block_n} s{splits} w{num_warps} st{num_stages} h{head_tile}"))
+    monkeypatch.setattr(hc, "CUDA_HIDDEN_CONFIGS", ((8, 2, 1, 32, 0, 0, 1, 1), (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2),
+                                                    (8, 3, 1, 16, 0, 0, 1, 1)))
+    monkeypatch.setattr(hc, "cuda_hidden_available", lambda dev: (True, ""))
+    monkeypatch.setattr(hc.CudaHiddenAttention, "from_config",
+                        classmethod(lambda cls, B, H, S, E, c, **kw: make(hc.CudaHiddenAttention.config_key(c))))
+    monkeypatch.setattr(wf, "event_time_us", fake_time)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
+    rec: dict = {}
+    fw._choose_hidden(st, rec, timed=True)
+    # 4 candidates pass, timed forward then backward: every mean carries the same +35 µs
+    assert timed_calls == ["triton b32 s1 w4 st3 h16", "triton b64 s1 w4 st2 h16", "cuda w8 st2 s1 r32 tr",
+                           "cuda w8 st2 s1 r32 tr persistent staged", "cuda w8 st2 s1 r32 tr persistent staged",
+                           "cuda w8 st2 s1 r32 tr", "triton b64 s1 w4 st2 h16", "triton b32 s1 w4 st3 h16"]
+    assert rec["us_per_layer"]["cuda w8 st2 s1 r32 tr persistent staged"] == 139.0
+    assert rec["us_per_layer"]["triton b32 s1 w4 st3 h16"] == 155.0
+    assert "max rel diff" in rec["rejected"]["cuda w8 st3 s1 r16 tr"]
+    assert rec["cross"] == "fake cuda w8 st2 s1 r32 tr persistent staged"
+    assert st["xattn"].label() == rec["cross"]
