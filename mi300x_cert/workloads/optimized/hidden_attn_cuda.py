@@ -79,11 +79,13 @@ ROWS_CHOICES = (16, 32)  # rows of X per tile: one or two of the matrix units' 1
 #
 # The persistent form (11th element 1 or 2: a range of the batch's tiles per block, one block per
 # multiprocessor, clips cut between blocks handed over through global memory; 2: each clip's output
-# staged in shared memory and written with 16-byte stores) measured at b1024 (run 12,
-# bench/results/h200-run12-hidden-attn-persistent.json): 1,111 µs = 3.54 TB/s staged, 1,126 µs
-# direct, against 1,156–1,159 µs for the per-clip blocks: the last, partly filled wave (1,024 clips
-# on 132 multiprocessors = 7.76 waves) and the per-block start (stage zeroing, q' latency, first tile)
-# are gone. At b64 (one clip per block either way) it is no faster.
+# staged in shared memory and written with 16-byte stores) measured at b1024
+# (bench/results/h200-run15-hidden-attn-persistent.json): 1,128 µs = 3.49 TB/s staged, 1,129 µs
+# direct, against 1,154 µs for the per-clip blocks: the last, partly filled wave (1,024 clips on 132
+# multiprocessors = 7.76 waves) and the per-block start (stage zeroing, q' latency, first tile) are
+# gone. At b64 (one clip per block either way) it is no faster. (A first form in which a block
+# waited for the next one's part measured 1,111 µs, run 13, but can hang when not every block is
+# resident.)
 CUDA_HIDDEN_CONFIGS: tuple[tuple[int, ...], ...] = (
     (8, 2, 1, 32, 0, 0, 1, 1), (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2), (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1),
     (8, 3, 1, 16, 0, 0, 0, 0))
