@@ -611,7 +611,7 @@ def test_fastest_config_is_not_decided_by_the_order_under_drift():
     with their reasons; where nothing is timed only the first configuration is tried."""
     from mi300x_cert.workloads.optimized.whisper_fast import fastest_config
 
-    true_us = {"a": 100.0, "b": 98.0, "c": 99.0, "bad": 50.0, "boom": 10.0, "flaky": 1.0}
+    true_us = {"a": 100.0, "b": 98.0, "c": 99.0, "bad": 50.0, "boom": 10.0, "flaky": 1.0, "dead": 2.0}
     calls: list[str] = []
 
     def build(c):
@@ -620,22 +620,27 @@ def test_fastest_config_is_not_decided_by_the_order_under_drift():
         return c
 
     def time_us(k):
-        if k == "flaky" and "flaky" in calls:
+        if k == "dead" or (k == "flaky" and "flaky" in calls):
             raise RuntimeError("launch failed")
         calls.append(k)
         return true_us[k] + 5.0 * (len(calls) - 1)
 
     rec: dict = {}
-    times, best = fastest_config(("a", "b", "c", "bad", "boom", "flaky"), key=str, build=build,
+    times, best = fastest_config(("a", "dead", "b", "c", "bad", "boom", "flaky"), key=str, build=build,
                                  error=lambda k: 1.0 if k == "bad" else 0.0, limit=0.5, describe="err {:.1f}",
                                  time_us=time_us, timed=True, rec=rec)
     assert best is not None and best[1] == "b", (times, best)
-    assert calls == ["a", "b", "c", "flaky", "c", "b", "a"]  # the second round reversed; flaky failed in it
+    # the second round reversed; "dead" failed in the first round and is not timed again, "flaky" in the second
+    assert calls == ["a", "b", "c", "flaky", "c", "b", "a"]
     # each mean carries the same drift (+15 µs): the order is the true one, b < c < a
     assert {k: times[k] for k in "abc"} == {"a": 115.0, "b": 113.0, "c": 114.0}
     assert times["bad"] != times["bad"] and rec["rejected"]["bad"] == "err 1.0"
     assert "RuntimeError: no such launch" in rec["rejected"]["boom"] and "boom" not in times
     assert "RuntimeError: launch failed" in rec["rejected"]["flaky"] and "flaky" not in times
+    assert "RuntimeError: launch failed" in rec["rejected"]["dead"] and "dead" not in times
+    with pytest.raises(ValueError, match="configurations share a key"):
+        fastest_config(("a", "a"), key=str, build=build, error=lambda k: 0.0, limit=0.5, describe="",
+                       time_us=time_us, timed=True, rec={})
     rec = {}
     times, best = fastest_config(("a", "b"), key=str, build=build, error=lambda k: 0.0, limit=0.5, describe="",
                                  time_us=time_us, timed=False, rec=rec)
@@ -707,3 +712,12 @@ def test_hidden_chooser_times_triton_and_cuda_candidates_together(monkeypatch):
     assert "max rel diff" in rec["rejected"]["cuda w8 st3 s1 r16 tr"]
     assert rec["cross"] == "fake cuda w8 st2 s1 r32 tr persistent staged"
     assert st["xattn"].label() == rec["cross"]
+    # on a card without the bulk-copy engine (compute capability 8.x) the bulk forms are not candidates
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 0))
+    monkeypatch.setattr(hc, "CUDA_HIDDEN_CONFIGS", ((8, 2, 1, 32, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1)))
+    true_us["cuda w8 st3 s1 r16 r"] = 80.0
+    timed_calls.clear()
+    rec = {}
+    fw._choose_hidden(st, rec, timed=True)
+    assert set(rec["us_per_layer"]) == {"triton b32 s1 w4 st3 h16", "triton b64 s1 w4 st2 h16", "cuda w8 st3 s1 r16 r"}
+    assert rec["cross"] == "fake cuda w8 st3 s1 r16 r"
