@@ -597,6 +597,8 @@ def test_cuda_hidden_attention_shapes_and_refusals():
     with pytest.raises(ValueError, match="diagnostic mode 4 is for the persistent form"):
         hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, mode=4)
     assert "#define MODE 3" in hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=2, seq=1500, mode=3)
+    with pytest.raises(ValueError, match="blocks \\(got 4\\) is for the persistent form"):
+        hc.CudaHiddenAttention(4, 20, 1500, 1280, rows=32, bulk=True, red2=True, blocks=4)
     with pytest.raises(ValueError, match="needs at least 32 encoder positions, got 20"):
         hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=True, seq=20)
     ok, why = hc.cuda_hidden_available("cpu")

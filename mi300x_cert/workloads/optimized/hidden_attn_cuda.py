@@ -994,6 +994,9 @@ class CudaHiddenAttention:
         self.warps, self.stages, self.splits = int(warps), int(stages), max(1, int(splits))
         self.rows, self.qsmem, self.pipe, self.bulk, self.red2 = int(rows), bool(qsmem), bool(pipe), bool(bulk), bool(red2)
         self.cluster, self.persist = int(cluster), int(persist)
+        if blocks is not None and not self.persist:
+            raise ValueError(f"CudaHiddenAttention: blocks (got {blocks}) is for the persistent form; "
+                             "the per-clip forms launch a block per clip and split")
         if self.persist and self.splits > 1:
             raise ValueError(f"CudaHiddenAttention: the persistent form splits the batch's tiles itself, got splits {splits}")
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
