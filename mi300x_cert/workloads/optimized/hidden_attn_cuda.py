@@ -699,7 +699,6 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   float acc[MT][NT][4];
   float m_run[NT], l_run[NT];
   unsigned qf[KT][NT][2];
-  constexpr int NV = MT * NT * 4 + 2 * NT;  // values a thread hands over
   int i = 0;  // the block's tile (its stage in the ring)
   load_q(qf, Q + (long long)(g0 / T) * sqb + e0, sqh, g, c);
   for (int b = g0 / T, ta = g0 - b * T; i < n; ++b, ta = 0) {
@@ -847,6 +846,13 @@ def score_buffers(cluster: int) -> tuple[int, int]:
     return (1, 2 * cluster) if cluster > 1 else (2, 1)
 
 
+def red_floats(E: int, H: int, warps: int, rows: int, cluster: int = 1, persist: int = 0) -> int:
+    """Floats of the per-warp partial-score buffers, or (persistent form 2) of a clip's output
+    staged there as fp16 rows of E + 8 where that is larger."""
+    red = score_buffers(cluster)[0] * warps * -(-H // 8) * 8 * (rows + 4)
+    return max(red, -(-H * (E + 8) // 2)) if persist == 2 else red
+
+
 def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, bulk: bool = False,
                cluster: int = 1, persist: int = 0) -> int:
     """Dynamic shared memory of one block: the X stages (of the block's E / cluster columns), the
@@ -856,10 +862,8 @@ def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: b
     hp = -(-H // 8) * 8
     xs = stages * rows * (el + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
     q = warps * hp * (ew + 8) * 2 if qsmem else 0
-    redb, tot = score_buffers(cluster)
-    red = redb * warps * hp * (rows + 4) * 4
-    if persist == 2:  # a clip's output staged where the partial scores were
-        red = max(red, -(-H * (E + 8) // 2) * 4)
+    tot = score_buffers(cluster)[1]
+    red = red_floats(E, H, warps, rows, cluster, persist) * 4
     return xs + red + tot * hp * (rows + 4) * 4 + q + (16 * stages if bulk else 0)
 
 
@@ -938,15 +942,14 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // cluster // warps, "STAGES": stages, "ROWS": rows,
                "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
                "RED2": int(bool(red2)), "CL": int(cluster), "PERSIST": int(persist)}
-    defines["REDF"] = score_buffers(cluster)[0] * warps * defines["NT"] * 8 * (rows + 4)
-    if persist == 2:
-        defines["REDF"] = max(defines["REDF"], -(-H * (E + 8) // 2))
+    defines["REDF"] = red_floats(E, H, warps, rows, cluster, persist)
     if persist:
         if persist not in (1, 2):
             raise ValueError(f"CudaHiddenAttention: persist must be 0, 1 or 2, got {persist}")
         if seq < rows:
             raise ValueError(f"CudaHiddenAttention: the persistent form needs at least {rows} encoder positions, got {seq}")
         defines["SEQ"] = int(seq)  # the persistent form is built per sequence length
+        defines["NV"] = handover_values(H, E, warps)
     defines["NREDB"], defines["TOTN"] = score_buffers(cluster)
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
