@@ -35,7 +35,7 @@ def main() -> None:
     from torch.cuda import green_contexts as gcx
 
     from bench.cli import _whisper_counts, _whisper_model, environment
-    from bench.whisper_parts import kernel_rows
+    from bench.whisper_parts import kernel_rows, step_kernel_rows
     from mi300x_cert.workloads.optimized import whisper_fast as wf
     from mi300x_cert.workloads.optimized.common import setup_compile_cache
 
@@ -208,15 +208,9 @@ def main() -> None:
             model["error"] = f"{type(e).__name__}: {e}"
         emit("split_model", model)
         # -- where a decode step's time goes (eager step, profiled) ---------------------------------
+        emit("decode_step_kernels_us", step_kernel_rows(fw, st, 2, top=25))
         from torch.profiler import ProfilerActivity, profile
 
-        st["pos"].fill_(60)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                fw._step(st)
-            torch.cuda.synchronize()
-        emit("decode_step_kernels_us", kernel_rows(prof, 2.0, 2, top=25))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fw._encode(xc)
             torch.cuda.synchronize()

@@ -46,6 +46,21 @@ def kernel_rows(prof: Any, per: float, count_div: int = 1, top: int | None = 30)
     return [list(r) for r in rows[:top]]
 
 
+def step_kernel_rows(fw: Any, st: dict[str, Any], steps: int, top: int | None = 30) -> list[list[Any]]:
+    """:func:`kernel_rows` of ``steps`` eager decode steps of ``fw`` on the prefilled state ``st`` at
+    position 60, per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    st["pos"].fill_(60)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fw._step(st)
+        torch.cuda.synchronize()
+    return kernel_rows(prof, float(steps), steps, top=top)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="synthetic:whisper-large-v3")
@@ -151,15 +166,7 @@ def main() -> None:
             st["pos"].fill_(10)
             ms = _events_ms(lambda i: st["graph"].replay(), 20)
             prof_out["graph_step_ms"] = ms
-            st["pos"].fill_(60)
-            torch.cuda.synchronize()
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    fw._step(st)
-                torch.cuda.synchronize()
-            rows = kernel_rows(prof, 3.0, 3, top=None)
+            rows = step_kernel_rows(fw, st, 3, top=None)
             prof_out["kernels_us_per_step"] = rows[:30]
             prof_out["kernel_total_us_per_step"] = sum(r[0] for r in rows)
         emit("decode_step", prof_out)
