@@ -723,3 +723,22 @@ def test_hidden_chooser_times_triton_and_cuda_candidates_together(monkeypatch):
     fw._choose_hidden(st, rec, timed=True)
     assert set(rec["us_per_layer"]) == {"triton b32 s1 w4 st3 h16", "triton b64 s1 w4 st2 h16", "cuda w8 st3 s1 r16 r"}
     assert rec["cross"] == "fake cuda w8 st3 s1 r16 r"
+
+
+def test_encoder_bench_classifies_kernels_and_refuses_bad_arguments(capsys):
+    """The encoder bench's device-time classes (products, attention, Inductor's kernels, other) by
+    kernel name, and one usage error naming an unknown variant or a bad chunk size before any GPU
+    work."""
+    from bench.whisper_encoder import kernel_class, main
+
+    assert kernel_class("nvjet_sm90_hsh_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "gemm"
+    assert kernel_class("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc") == "gemm"
+    assert kernel_class("triton_tem_fused_addmm_gelu_3") == "gemm"
+    assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kernel_class("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert kernel_class("triton_red_fused_add_clamp_native_layer_norm_view_11") == "inductor"
+    assert kernel_class("void at::native::vectorized_elementwise_kernel<8, GeluCUDAKernelImpl>") == "other"
+    for argv, word in ((["--variants", "default,fast"], "fast"), (["--chunks", "0"], "--chunks")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and word in capsys.readouterr().err

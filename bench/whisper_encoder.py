@@ -1,0 +1,165 @@
+"""The Whisper encoder on one GPU, by compile variant and chunk size, with its device time by kernel
+class (matrix products, attention, Inductor's own kernels, other) and the same run's GEMM ceiling.
+
+    python bench/whisper_encoder.py [--variants default,freeze,cudnn] [--chunks 128]
+                                    [--profile] [--time-limit 400] [--out enc.json]
+
+Variants (each ``torch.compile(encoder, dynamic=False)`` as the optimized path builds it, unless
+named otherwise): ``eager``; ``default`` (the optimized path's own: default mode, not full-graph);
+``freeze`` (Inductor ``freezing``: weights as constants); ``cudnn`` (``default`` with cuDNN
+attention first in SDPA's priority order); ``autotune`` (``max-autotune-no-cudagraphs``: product
+templates timed, bias and GELU fused into them). Each compiled variant is checked against the eager
+encoder (relative error of the last hidden state). Prints one JSON object per result as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("eager", "default", "freeze", "cudnn", "autotune")
+
+
+def kernel_class(name: str) -> str:
+    """The class of one device kernel by its name: ``gemm`` (cuBLAS/CUTLASS/Triton product
+    templates), ``attention``, ``inductor`` (Inductor's generated Triton kernels), ``other``."""
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "cudnn_generated_fort_native_sdpa", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "triton_tem_fused_mm",
+                            "triton_tem_fused_addmm", "xmma")):
+        return "gemm"
+    if n.startswith("triton_") or "triton" in n:
+        return "inductor"
+    return "other"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="synthetic:whisper-large-v3")
+    ap.add_argument("--variants", default="eager,default,freeze,cudnn")
+    ap.add_argument("--chunks", default="128", help="clips per encoder call, comma-separated")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="device time by kernel class per variant")
+    ap.add_argument("--time-limit", type=float, default=400.0)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: unknown {bad}; known: {', '.join(VARIANTS)}")
+    chunks = [int(c) for c in a.chunks.split(",") if c.strip()]
+    if not chunks or min(chunks) < 1:
+        ap.error(f"--chunks: positive clip counts, got {a.chunks!r}")
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.cli import _whisper_model, environment, measure_gemm
+    from bench.whisper_parts import _events_ms
+    from mi300x_cert.workloads.optimized.common import compile_module, setup_compile_cache
+
+    t_end = time.time() + a.time_limit
+    res: dict[str, Any] = {"conditions": environment(), "model": a.model, "dtype": "float16",
+                           "variants": {}, "gemm": measure_gemm()}
+
+    def emit(key: str, val: Any) -> None:
+        print(json.dumps({key: val}), flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=1))
+
+    emit("gemm", res["gemm"])
+    setup_compile_cache()
+    m = _whisper_model(a.model, torch.float16)
+    enc = m.model.encoder
+    cfg = m.config
+    x1 = torch.randn(1, cfg.num_mel_bins, 3000, device="cuda", dtype=torch.float16)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        enc(x1)
+    tflop_clip = fc.get_total_flops() / 1e12
+    res["tflop_per_clip"] = tflop_clip
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ref_in = torch.randn(4, cfg.num_mel_bins, 3000, device="cuda", dtype=torch.float16, generator=g)
+    with torch.inference_mode():
+        ref = enc(ref_in).last_hidden_state.float()
+
+    def build(v: str) -> tuple[Any, str, Any]:
+        prio: Any = contextlib.nullcontext
+        if v == "eager":
+            return enc, "eager", prio
+        if v == "cudnn":
+            def prio() -> Any:
+                return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True)
+        mode = "max-autotune-no-cudagraphs" if v == "autotune" else "default"
+        options = {"freezing": True} if v == "freeze" else None
+        fn, label = compile_module(enc, device="cuda", mode=mode, fullgraph=False, options=options)
+        return fn, label, prio
+
+    for v in variants:
+        if time.time() > t_end - 60:
+            res["variants"][v] = {"skipped": "time limit"}
+            emit(v, res["variants"][v])
+            continue
+        torch._dynamo.reset()
+        row: dict[str, Any] = {}
+        res["variants"][v] = row
+        try:
+            fn, label, prio = build(v)
+            row["label"] = label
+            with torch.inference_mode(), prio():
+                t0 = time.perf_counter()
+                out = fn(ref_in).last_hidden_state.float()  # the first call compiles (batch 4)
+                torch.cuda.synchronize()
+                row["rel_err_vs_eager"] = float((out - ref).norm() / ref.norm())
+                for C in chunks:
+                    if time.time() > t_end - 30:
+                        row[f"c{C}"] = {"skipped": "time limit"}
+                        continue
+                    xs = [torch.randn(C, cfg.num_mel_bins, 3000, device="cuda", dtype=torch.float16, generator=g)
+                          for _ in range(2)]
+                    t1 = time.perf_counter()
+                    fn(xs[0])
+                    torch.cuda.synchronize()
+                    first_s = time.perf_counter() - t1
+                    ms = _events_ms(lambda i: fn(xs[i % 2]).last_hidden_state, a.reps)
+                    r: dict[str, Any] = {"first_call_s": first_s, "ms_per_chunk": ms, "ms_per_clip": ms / C,
+                                         "tflops": tflop_clip * C / (ms * 1e-3),
+                                         "frac_gemm": tflop_clip * C / (ms * 1e-3) / res["gemm"]["tflops"]}
+                    if a.profile:
+                        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                            fn(xs[0])
+                            torch.cuda.synchronize()
+                        classes: dict[str, float] = {}
+                        top = []
+                        for e in prof.key_averages():
+                            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                            if t and t > 0:
+                                k = kernel_class(e.key)
+                                classes[k] = classes.get(k, 0.0) + t / 1e3
+                                top.append((t / 1e3, e.count, k, e.key[:100]))
+                        top.sort(reverse=True)
+                        r["ms_by_class"] = {k: round(val, 3) for k, val in sorted(classes.items())}
+                        r["top_kernels_ms"] = [list(t) for t in top[:25]]
+                    row[f"c{C}"] = r
+                    del xs
+                    torch.cuda.empty_cache()
+                    emit(v, row)
+            row["compile_and_first_s"] = time.perf_counter() - t0
+        except Exception as e:  # a variant that fails to compile or run is recorded, the rest go on
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        emit(v, row)
+    if not a.out:
+        print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
