@@ -738,7 +738,8 @@ def test_encoder_bench_classifies_kernels_and_refuses_bad_arguments(capsys):
     assert kernel_class("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
     assert kernel_class("triton_red_fused_add_clamp_native_layer_norm_view_11") == "inductor"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<8, GeluCUDAKernelImpl>") == "other"
-    for argv, word in ((["--variants", "default,fast"], "fast"), (["--chunks", "0"], "--chunks")):
+    for argv, word in ((["--variants", "default,fast"], "fast"), (["--variants", "cdt+flsh"], "cdt+flsh"),
+                       (["--chunks", "0"], "--chunks")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err
