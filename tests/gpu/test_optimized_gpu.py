@@ -44,24 +44,26 @@ def test_whisper_smoke_graph_decode_same_tokens():
     assert torch.equal(a.last_ids, b.last_ids)
 
 
-@pytest.mark.parametrize("only", [None, "persistent"])
+@pytest.mark.parametrize("only", [None, "persistent", "unit ring"])
 def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
     """Large-v3 architecture in fp16 on the card: each layer's cross-attention through the hidden
     form and the kernel chosen for it against the stock module (fresh random inputs), and greedy
     tokens of the whole optimized path (hidden form, compiled encoder off to keep the test short)
     against stock ``generate``. ``persistent``: the persistent CUDA kernel is the only candidate,
-    on 3 blocks for the 8 clips, so clips are cut between blocks inside the captured decode step."""
+    on 3 blocks for the 8 clips, so clips are cut between blocks inside the captured decode step;
+    ``unit ring``: the same with its ring of 16-row units."""
     from bench.cli import _whisper_model
     from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
     from mi300x_cert.workloads.optimized import whisper_fast as wf
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
 
-    if only == "persistent":
+    if only:
         ok, why = hc.cuda_hidden_available("cuda")
         if not ok or torch.cuda.get_device_capability()[0] < 9:
             pytest.skip(why or "bulk copies need compute capability 9.0")
         monkeypatch.setattr(wf, "HIDDEN_ATTN_CONFIGS", ())
-        monkeypatch.setattr(hc, "CUDA_HIDDEN_CONFIGS", ((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2),))
+        cfg = (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2) if only == "persistent" else (8, 5, 1, 32, 0, 0, 1, 1, 0, 1, 1, 1)
+        monkeypatch.setattr(hc, "CUDA_HIDDEN_CONFIGS", (cfg,))
         monkeypatch.setattr(hc, "persist_blocks", lambda device: 3)
 
     m = _whisper_model("synthetic:whisper-large-v3", torch.float16)
@@ -75,8 +77,9 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
     assert fw.cross == "hidden"
     got = fw.generate(feats)[:, -n:]
     assert fw.attn_choice[B]["cross"].startswith(("triton shared-hidden", "cuda shared-hidden")), fw.attn_choice[B]
-    if only == "persistent":
+    if only:
         assert "persistent: 3 blocks" in fw.attn_choice[B]["cross"], fw.attn_choice[B]
+        assert ("16-row units" in fw.attn_choice[B]["cross"]) == (only == "unit ring"), fw.attn_choice[B]
     # self-attention: the launch configuration chosen by timing (the fastest of those that passed
     # the check against SDPA)
     rec = fw.attn_choice[B]
@@ -161,19 +164,24 @@ def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     assert got.shape == (B, H, E) and got.stride(1) == B * E  # head-major buffer, as the per-head W_v reads it
 
 
-@pytest.mark.parametrize("H,S,E,B,blocks,stages,rows,persist", [
-    (20, 1500, 1280, 7, 5, 2, 32, 1),       # clips cut between blocks (ranges of 65–66 tiles of 47)
-    (20, 1500, 1280, 7, 5, 2, 32, 2),       # … the output staged in shared memory
-    (20, 1500, 1280, 300, None, 2, 32, 1),  # one block per multiprocessor, 2–3 clips each
-    (20, 1500, 1280, 300, None, 2, 32, 2),
-    (20, 1500, 1280, 300, "2x", 2, 32, 2),  # twice the multiprocessors: blocks not all resident at once
-    (20, 1500, 1280, 5, None, 2, 32, 1),    # fewer clips than multiprocessors: a whole clip per block
-    (6, 77, 384, 9, 4, 3, 32, 1),           # a last tile overlapping the one before, 6 heads, 3 stages
-    (6, 77, 384, 9, 4, 3, 32, 2),
-    (16, 1500, 1024, 6, 4, 3, 16, 1),       # 16-row tiles, 16 heads
-    (16, 1500, 1024, 6, 4, 3, 16, 2),       # … staging larger than the partial-score buffers
+@pytest.mark.parametrize("H,S,E,B,blocks,stages,rows,persist,ur", [
+    (20, 1500, 1280, 7, 5, 2, 32, 1, 0),       # clips cut between blocks (ranges of 65–66 tiles of 47)
+    (20, 1500, 1280, 7, 5, 2, 32, 2, 0),       # … the output staged in shared memory
+    (20, 1500, 1280, 300, None, 2, 32, 1, 0),  # one block per multiprocessor, 2–3 clips each
+    (20, 1500, 1280, 300, None, 2, 32, 2, 0),
+    (20, 1500, 1280, 300, "2x", 2, 32, 2, 0),  # twice the multiprocessors: blocks not all resident at once
+    (20, 1500, 1280, 5, None, 2, 32, 1, 0),    # fewer clips than multiprocessors: a whole clip per block
+    (6, 77, 384, 9, 4, 3, 32, 1, 0),           # a last tile overlapping the one before, 6 heads, 3 stages
+    (6, 77, 384, 9, 4, 3, 32, 2, 0),
+    (16, 1500, 1024, 6, 4, 3, 16, 1, 0),       # 16-row tiles, 16 heads
+    (16, 1500, 1024, 6, 4, 3, 16, 2, 0),       # … staging larger than the partial-score buffers
+    (20, 1500, 1280, 7, 5, 5, 32, 1, 1),       # the unit ring (five 16-row units), clips cut between blocks
+    (20, 1500, 1280, 300, "2x", 5, 32, 1, 1),  # … blocks not all resident at once
+    (20, 1500, 1280, 300, None, 4, 32, 1, 1),  # … an even ring: a tile's units in the same slots every time
+    (6, 77, 384, 9, 4, 3, 32, 1, 1),           # … three units (one on its way), 6 heads (clamped score rows)
+    (16, 1500, 1024, 6, 4, 5, 32, 1, 1),       # … 16 heads (no padded heads)
 ])
-def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist):
+def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist, ur):
     """The persistent form (a range of the batch's tiles per block, a clip cut between two blocks
     finished by the one that ends second) against the float32 reference: with the hand-over slots
     poisoned with NaN before the first launch, and on two inputs alternated, called directly and
@@ -195,9 +203,9 @@ def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, pers
     xs = [torch.randn(B, S, E, device="cuda", generator=g).half() for _ in range(2)]
     qp = (torch.randn(H, B, E, device="cuda", generator=g) * E ** -0.5 * 4).half().transpose(0, 1)
     k = hc.CudaHiddenAttention(B, H, S, E, warps=8, stages=stages, rows=rows, bulk=True, red2=True, persist=persist,
-                               blocks=blocks, device="cuda", dtype=torch.float16)
+                               unit_ring=bool(ur), blocks=blocks, device="cuda", dtype=torch.float16)
     assert k.grid == min(B, blocks or sms)
-    assert "persistent" in k.label()
+    assert "persistent" in k.label() and ("16-row units" in k.label()) == bool(ur)
     wants = [hidden_attention_reference(qp, x).float() for x in xs]
 
     def check(got, j):

@@ -555,8 +555,10 @@ def test_cuda_hidden_attention_shapes_and_refusals():
     for cfg in hc.CUDA_HIDDEN_CONFIGS + ((8, 4, 1, 32, 0, 0, 1, 1, 0, 2), (8, 3, 1, 32, 0, 0, 1, 1, 0, 2)):
         cl = cfg[9] if len(cfg) > 9 else 1
         pm = cfg[10] if len(cfg) > 10 else 0
-        assert hc.smem_bytes(1280, 20, cfg[0], cfg[1], cfg[3], bool(cfg[4]), bool(cfg[6]), cl, pm) <= 227 * 1024, cfg
-        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8], cluster=cl, persist=pm, seq=1500)
+        ur = bool(cfg[11]) if len(cfg) > 11 else False
+        assert hc.smem_bytes(1280, 20, cfg[0], cfg[1], cfg[3], bool(cfg[4]), bool(cfg[6]), cl, pm, ur) <= 227 * 1024, cfg
+        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8], cluster=cl, persist=pm, seq=1500, unit_ring=ur)
+        assert f"#define UR {int(ur)}" in src
         assert f"#define EW {1280 // cl // cfg[0]}" in src and "#define NT 3" in src and "hidden_attn_cuda" in src
         assert f"#define CL {cl}" in src
         key = hc.CudaHiddenAttention.config_key(cfg)
@@ -601,6 +603,27 @@ def test_cuda_hidden_attention_shapes_and_refusals():
         hc.CudaHiddenAttention(4, 20, 1500, 1280, rows=32, bulk=True, red2=True, blocks=4)
     with pytest.raises(ValueError, match="needs at least 32 encoder positions, got 20"):
         hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=True, seq=20)
+    # the unit ring: `stages` 16-row units (five at large-v3 shapes: three on their way while a tile is
+    # computed), one set of partial scores for the real heads only, direct stores
+    assert hc.smem_bytes(1280, 20, 8, 5, 32, bulk=True, persist=1, unit_ring=True) == \
+        5 * 16 * 1288 * 2 + 8 * 20 * 36 * 4 + 20 * 36 * 4 + 5 * 16 == 232080
+    assert hc.smem_bytes(1280, 20, 8, 5, 32, bulk=True, persist=1) > 227 * 1024  # five 32-row stages: no
+    assert hc.score_buffers(1, unit_ring=True) == (1, 1) and hc.score_heads(20) == 24
+    # the real heads only where the padded ones leave no room for the units (five: yes; four: no)
+    assert hc.score_heads(20, 1280, 8, 5, 32, unit_ring=True) == 20 and hc.score_heads(20, 1280, 8, 4, 32, unit_ring=True) == 24
+    assert hc.smem_bytes(1280, 20, 8, 4, 32, bulk=True, persist=1, unit_ring=True) == \
+        4 * 16 * 1288 * 2 + 8 * 24 * 36 * 4 + 24 * 36 * 4 + 4 * 16
+    src = hc.kernel_source(20, 1280, 8, 5, 32, bulk=True, red2=True, persist=1, seq=1500, unit_ring=True)
+    assert "#define UR 1" in src and "#define REDF 5760" in src and "#define NREDB 1" in src
+    assert hc.CudaHiddenAttention.config_key((8, 5, 1, 32, 0, 0, 1, 1, 0, 1, 1, 1)) == \
+        "cuda w8 st5 s1 r32 tr persistent unit ring"
+    for bad, word in ((dict(persist=2), "persist 1, got 2"), (dict(persist=1, rows=16), "32-row tiles \\(got 16\\)"),
+                      (dict(persist=1, mode=3), "no diagnostic mode \\(got 3\\)")):
+        kw = {**dict(rows=32, bulk=True, red2=True, seq=1500, unit_ring=True), **bad}
+        with pytest.raises(ValueError, match=word):
+            hc.kernel_source(20, 1280, 8, 5, **kw)
+    with pytest.raises(ValueError, match="the unit ring goes with the persistent form"):
+        hc.kernel_source(20, 1280, 8, 5, 32, bulk=True, red2=True, unit_ring=True)
     ok, why = hc.cuda_hidden_available("cpu")
     assert not ok and why == "not a CUDA device"
 

@@ -49,6 +49,14 @@ larger than the multiprocessors, a share of them, other kernels beside it). Ever
 last rows, the rows already taken masked out). With 2, each clip's output is staged in shared memory
 and written as whole rows with 16-byte stores.
 
+``unit_ring`` (bench only: measured slower, see :data:`CUDA_HIDDEN_CONFIGS`; persistent form with
+direct stores, 32-row tiles): the ring holds ``stages`` units of 16 rows, a tile two of them wherever
+they sit in the ring, so up to ``stages - 2`` units are on their way while a tile is computed; the
+room for five units (206 KB at large-v3 shapes) comes from one set of partial scores (summed
+between two block barriers, so no warp writes the next tile's before every warp has read this
+tile's), kept for the real heads only where the padded ones would not fit (their stores predicated
+off, their reads clamped to a real head's row).
+
 A kernel that fails to compile, to launch or to match the float32 reference is not chosen; a fault
 on the device while a chosen kernel runs fails the run (a CUDA error is sticky for the process).
 """
@@ -86,6 +94,18 @@ ROWS_CHOICES = (16, 32)  # rows of X per tile: one or two of the matrix units' 1
 # gone. At b64 (one clip per block either way) it is no faster. (A first form in which a block
 # waited for the next one's part measured 1,111 µs, run 13, but can hang when not every block is
 # resident.)
+#
+# The unit ring (12th element 1, with persist 1: the ring holds `stages` 16-row units, a tile two of
+# them wherever they sit, so up to stages - 2 units are on their way while a tile is computed; five
+# units fit beside one set of partial scores kept for the real heads only) is correct (tests/gpu)
+# but measured slower (bench/results/h200-run20-hidden-attn-unit-ring.json, b1024: 1,241 µs with five
+# units, 1,211 with four, against 1,126 for the persistent form with its two 32-row stages; run 19,
+# a first version with branches around the padded heads' stores: 1,298 and 1,295). Four units hold
+# the same rows in flight as two stages, so the unit ring itself costs 7%: its per-tile loop has
+# ≈ 1,000–1,085 instructions against 863 (two barrier waits and slot arithmetic per tile; with five
+# units, the real-heads-only stores and registers spilled in the loop). More rows in flight gained
+# nothing: at this instruction count the kernel is bound by issuing them, not by the loads.
+# Bench-only, not a candidate.
 CUDA_HIDDEN_CONFIGS: tuple[tuple[int, ...], ...] = (
     (8, 2, 1, 32, 0, 0, 1, 1), (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2), (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1),
     (8, 3, 1, 16, 0, 0, 0, 0))
@@ -96,9 +116,14 @@ _SOURCE = r"""
 #define EL (E / CL)
 #if BULK
 // one stage for the whole block: ROWS rows of the block's EL columns of X (each row one bulk copy),
-// rows padded by 16 bytes; a warp reads its columns [ec, ec + EW) of each row
+// rows padded by 16 bytes; a warp reads its columns [ec, ec + EW) of each row. UR (the persistent
+// form's unit ring): a stage is one 16-row unit, a tile two of them, wherever they sit in the ring
 #define PITCH (EL + 8)
+#if UR
+#define STAGE_HALVES (16 * PITCH)
+#else
 #define STAGE_HALVES (ROWS * PITCH)
+#endif
 #define XS_HALVES (STAGES * STAGE_HALVES)
 #else
 // one ring per warp: ROWS rows of the warp's EW columns, padded by 16 bytes
@@ -114,6 +139,22 @@ _SOURCE = r"""
 #define KT (EW / 16)
 #define MT (EW / 16)
 #define LOG2E 1.4426950408889634f
+// RHN (defined by the module): heads kept in the partial-score buffers, all NT * 8 (padded) or, where
+// the unit ring needs the room, only the HN real ones (the padded heads' scores are zero and never
+// written out: their stores are predicated off, their reads clamped to a real row)
+#define RROW(nt) ((RHN % 8 == 0 || (nt) * 8 + 8 <= RHN) ? (nt) * 8 + g : min((nt) * 8 + g, RHN - 1))
+#define RFULL(nt) (RHN % 8 == 0 || (nt) * 8 + 8 <= RHN)
+// a score store, predicated (no branch, so no divergence) where its head may be a padded one
+#define RSTORE(B, I, h, nt, V)                                                                           \
+  if (RFULL(nt)) (B)[I] = (V);                                                                           \
+  else st_shared_if(&(B)[I], V, (h) < RHN);
+// the shared-memory address of row u * 16 + R, column C of the tile at SB: in one ROWS-row stage, or
+// (UR) in the two 16-row units SB##_0 and SB##_1 of the ring
+#if UR
+#define TILE_ADDR(SB, u, R, C) (((u) ? SB##_1 : SB##_0) + ((R) * PITCH + C) * 2)
+#else
+#define TILE_ADDR(SB, u, R, C) ((SB) + ((u * 16 + R) * PITCH + C) * 2)
+#endif
 // partial-score buffers (NREDB per-warp sets, TOTN summed sets): see score_buffers() in the module
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -183,6 +224,10 @@ __device__ __forceinline__ void st_peer(unsigned addr, unsigned rank, float v) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(addr), "r"(rank));
   asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(a), "f"(v) : "memory");
 }
+__device__ __forceinline__ void st_shared_if(float* p, float v, bool keep) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.u32 q, %2, 0;\n @q st.shared.f32 [%0], %1;\n}"
+               :: "r"(smem_u32(p)), "f"(v), "r"((unsigned)keep) : "memory");
+}
 __device__ __forceinline__ float ex2(float x) {
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
@@ -213,30 +258,35 @@ __device__ __forceinline__ float ex2(float x) {
       QLOAD(kt)                                                                                          \
       _Pragma("unroll") for (int u = 0; u < U; ++u) {                                                    \
         unsigned a0, a1, a2, a3;                                                                         \
-        ldsm4(a0, a1, a2, a3, (SB) + ((u * 16 + (j & 1) * 8 + i8) * PITCH + kt * 16 + (j >> 1) * 8) * 2); \
+        ldsm4(a0, a1, a2, a3, TILE_ADDR(SB, u, (j & 1) * 8 + i8, kt * 16 + (j >> 1) * 8));               \
         _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)                                                \
           mma(sc[u][kt & 1][nt], a0, a1, a2, a3, QF(kt, nt, 0), QF(kt, nt, 1));                          \
       }                                                                                                  \
     }                                                                                                    \
-    float* rw = (RB) + w * HP * RS;                                                                      \
+    float* rw = (RB) + w * RHN * RS;                                                                     \
     _Pragma("unroll") for (int u = 0; u < U; ++u)                                                        \
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                                  \
       const int h0 = nt * 8 + 2 * c, r = u * 16 + g;                                                     \
-      rw[h0 * RS + r] = sc[u][0][nt][0] + sc[u][1][nt][0];                                               \
-      rw[(h0 + 1) * RS + r] = sc[u][0][nt][1] + sc[u][1][nt][1];                                         \
-      rw[h0 * RS + r + 8] = sc[u][0][nt][2] + sc[u][1][nt][2];                                           \
-      rw[(h0 + 1) * RS + r + 8] = sc[u][0][nt][3] + sc[u][1][nt][3];                                     \
+      RSTORE(rw, h0 * RS + r, h0, nt, sc[u][0][nt][0] + sc[u][1][nt][0])                                 \
+      RSTORE(rw, (h0 + 1) * RS + r, h0 + 1, nt, sc[u][0][nt][1] + sc[u][1][nt][1])                       \
+      RSTORE(rw, h0 * RS + r + 8, h0, nt, sc[u][0][nt][2] + sc[u][1][nt][2])                             \
+      RSTORE(rw, (h0 + 1) * RS + r + 8, h0 + 1, nt, sc[u][0][nt][3] + sc[u][1][nt][3])                   \
     }                                                                                                    \
   }
 #define STAGE_ADDR(t) smem_u32(xs + (MODE == 2 ? 0 : ((t) % STAGES)) * STAGE_HALVES)
-#define RED(t) (red + (NREDB > 1 ? ((t) & 1) * (NW * HP * RS) : 0))
+#define RED(t) (red + (NREDB > 1 ? ((t) & 1) * (NW * RHN * RS) : 0))
 
 // one tile after its scores are summed: the online softmax (float32, running max and sum per head)
 // at this thread's operand positions of the next product (head nt*8+g, tile rows u*16 + 2c, 2c+1,
-// 2c+8, 2c+9; `masked(row)` leaves a row out), the accumulators rescaled, and O'^T[e][h] += X_tile^T . P
+// 2c+8, 2c+9; `masked(row)` leaves a row out), the accumulators rescaled, and O'^T[e][h] += X_tile^T . P;
+// the tile at sbase (one stage), or (UR) its 16-row units at sbase and sbase_1
 template <int NWR_, class Masked>
-__device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, unsigned sbase, float (&acc)[MT][NT][4],
-                                           float (&m_run)[NT], float (&l_run)[NT], int g, int c, int j, int i8) {
+__device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, unsigned sbase, unsigned sbase_1,
+                                           float (&acc)[MT][NT][4], float (&m_run)[NT], float (&l_run)[NT], int g,
+                                           int c, int j, int i8) {
+#if UR
+  const unsigned sbase_0 = sbase;
+#endif
   unsigned pb[U][NT][2];
   float al[NT];
 #pragma unroll
@@ -245,11 +295,11 @@ __device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, uns
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-      const float* p = rsum + (nt * 8 + g) * RS + u * 16 + 2 * c;
+      const float* p = rsum + RROW(nt) * RS + u * 16 + 2 * c;
 #pragma unroll
       for (int ww = 0; ww < NWR_; ++ww) {
-        const float2 x0 = *reinterpret_cast<const float2*>(p + ww * HP * RS);
-        const float2 x1 = *reinterpret_cast<const float2*>(p + ww * HP * RS + 8);
+        const float2 x0 = *reinterpret_cast<const float2*>(p + ww * RHN * RS);
+        const float2 x1 = *reinterpret_cast<const float2*>(p + ww * RHN * RS + 8);
         s0 += x0.x; s1 += x0.y; s2 += x1.x; s3 += x1.y;
       }
       const int rr = u * 16 + 2 * c;
@@ -294,7 +344,7 @@ __device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, uns
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       unsigned a0, a1, a2, a3;
-      ldsm4t(a0, a1, a2, a3, sbase + ((u * 16 + (j >> 1) * 8 + i8) * PITCH + mt * 16 + (j & 1) * 8) * 2);
+      ldsm4t(a0, a1, a2, a3, TILE_ADDR(sbase, u, (j >> 1) * 8 + i8, mt * 16 + (j & 1) * 8));
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mma(acc[mt][nt], a0, a1, a2, a3, pb[u][nt][0], pb[u][nt][1]);
     }
@@ -599,7 +649,8 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
 #endif
 
     const int rbase = start + t * ROWS;
-    softmax_pv<NWR>(rsum, [&](int rr) { return rbase + rr >= end; }, sbase, acc, m_run, l_run, g, c, j, i8);
+    softmax_pv<NWR>(rsum, [&](int rr) { return rbase + rr >= end; }, sbase, sbase + 16 * PITCH * 2, acc, m_run, l_run,
+                    g, c, j, i8);
 #if PIPE
     __syncthreads();
 #endif
@@ -672,7 +723,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   unsigned short* xall = reinterpret_cast<unsigned short*>(smem);
   float* red = reinterpret_cast<float*>(smem + XS_HALVES * 2);
   float* tot = red + REDF;  // REDF: the per-warp partial scores, or (PERSIST 2) a clip's output if larger
-  const unsigned bars = smem_u32(smem + XS_HALVES * 2 + (REDF + TOTN * HP * RS) * 4);
+  const unsigned bars = smem_u32(smem + XS_HALVES * 2 + (REDF + TOTN * RHN * RS) * 4);
   if (threadIdx.x == 0) {
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(bars + 8 * st, 1);
@@ -681,6 +732,23 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+#if UR
+  // the unit ring: STAGES slots of 16 rows; tile i is units 2i and 2i + 1, in slots (2i) % STAGES and
+  // (2i + 1) % STAGES, so up to STAGES - 2 units are on their way while a tile is computed
+  auto load = [&](int k) {  // warp 0: unit k of the block, one bulk copy of a whole row per lane 0-15
+    const int b = (g0 + (k >> 1)) / T, t = g0 + (k >> 1) - b * T;
+    const int r0 = min(t * ROWS, S - ROWS) + (k & 1) * 16;
+    const int st = k % STAGES;
+    const unsigned bar = bars + 8 * st;
+    if (lane == 0) mbar_expect_tx(bar, 16 * E * 2);
+    __syncwarp();
+    if (lane < 16)
+      bulk_copy(smem_u32(xall + st * STAGE_HALVES) + lane * PITCH * 2, X + ((long long)b * S + r0 + lane) * E, E * 2, bar);
+  };
+  if (w == 0)
+    for (int k = 0; k < STAGES; ++k)
+      if (k < 2 * n) load(k);
+#else
   auto load = [&](int i) {  // warp 0: tile g0 + i, one bulk copy of a whole row per lane
     const int b = (g0 + i) / T, t = g0 + i - b * T;
     const int r0 = min(t * ROWS, S - ROWS);
@@ -695,6 +763,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   if (w == 0)
     for (int i = 0; i < STAGES - 1; ++i)
       if (i < n) load(i);
+#endif
 
   float acc[MT][NT][4];
   float m_run[NT], l_run[NT];
@@ -713,6 +782,24 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) { m_run[nt] = -1.0e30f; l_run[nt] = 0.f; }
     for (int t = ta; t < tb; ++t, ++i) {
+#if UR
+      // warp 0 refills the slots of tile i - 1's units with the units STAGES further on once every warp
+      // is done with them
+      // (unit k sits in slot k % STAGES; its barriers complete in phase k / STAGES of that slot)
+      if (w == 0 && i > 0) {
+        for (int k = 2 * i - 2; k < 2 * i; ++k)
+          if (k + STAGES < 2 * n) {
+            mbar_wait(bars + 8 * (STAGES + k % STAGES), (k / STAGES) & 1);
+            load(k + STAGES);
+          }
+      }
+      const int s_0 = (2 * i) % STAGES, s_1 = (2 * i + 1) % STAGES;
+      mbar_wait(bars + 8 * s_0, ((2 * i) / STAGES) & 1);
+      mbar_wait(bars + 8 * s_1, ((2 * i + 1) / STAGES) & 1);
+      const unsigned sbase_0 = smem_u32(xs + s_0 * STAGE_HALVES), sbase_1 = smem_u32(xs + s_1 * STAGE_HALVES);
+      float* rb = red;  // one set: the sums below are read between the two barriers, before any next tile's scores
+      SCORE(sbase, rb)
+#else
       // warp 0 refills the stage of tile i - 1 with tile i + STAGES - 1 once every warp is done with it
       // (diagnostic mode 4: only the first stages are ever copied, the arithmetic runs on what is there)
       if (MODE != 4 && w == 0 && i + STAGES - 1 < n) {
@@ -721,20 +808,29 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
       }
       if (MODE != 4 || i < STAGES - 1) mbar_wait(bars + 8 * (i % STAGES), (i / STAGES) & 1);
       const unsigned sbase = STAGE_ADDR(i);
+      const unsigned sbase_0 = sbase, sbase_1 = sbase + 16 * PITCH * 2;
       float* rb = RED(i);
       SCORE(sbase, rb)
+#endif
       __syncthreads();
-      for (int idx = threadIdx.x; idx < HP * RS; idx += NW * 32) {
+      for (int idx = threadIdx.x; idx < RHN * RS; idx += NW * 32) {
         float v = 0.f;
 #pragma unroll
-        for (int ww = 0; ww < NW; ++ww) v += rb[ww * HP * RS + idx];
+        for (int ww = 0; ww < NW; ++ww) v += rb[ww * RHN * RS + idx];
         tot[idx] = v;
       }
       __syncthreads();
       const int lo = t * ROWS - min(t * ROWS, S - ROWS);  // rows of this tile the tile before took
-      softmax_pv<1>(tot, [&](int rr) { return rr < lo; }, sbase, acc, m_run, l_run, g, c, j, i8);
+      softmax_pv<1>(tot, [&](int rr) { return rr < lo; }, sbase_0, sbase_1, acc, m_run, l_run, g, c, j, i8);
       __syncwarp();
+#if UR
+      if (lane == 0) {
+        mbar_arrive(bars + 8 * (STAGES + s_0));
+        mbar_arrive(bars + 8 * (STAGES + s_1));
+      }
+#else
       if (lane == 0) mbar_arrive(bars + 8 * (STAGES + i % STAGES));
+#endif
     }
     {  // this block's part of clip b ends here
       // the next clip's q' on its way while this one is written out
@@ -838,33 +934,54 @@ def cuda_hidden_available(device: Any) -> tuple[bool, str]:
     return True, ""
 
 
-def score_buffers(cluster: int) -> tuple[int, int]:
+def score_buffers(cluster: int, unit_ring: bool = False) -> tuple[int, int]:
     """(per-warp partial-score sets, summed-score sets) in shared memory: one block keeps two
     per-warp sets (by tile parity) and one summed set; a cluster keeps one per-warp set (its
     cluster barrier orders them) and a summed set per block of the cluster and tile parity, each
-    block writing its sums into every block's."""
+    block writing its sums into every block's. The unit ring keeps one of each: its partial scores
+    are summed between two block barriers, so no warp writes the next tile's before every warp has
+    read this tile's."""
+    if unit_ring:
+        return (1, 1)
     return (1, 2 * cluster) if cluster > 1 else (2, 1)
 
 
-def red_floats(E: int, H: int, warps: int, rows: int, cluster: int = 1, persist: int = 0) -> int:
+HOPPER_BLOCK_SMEM = 232448  # the most dynamic shared memory one block may have on compute capability 9.0
+
+
+def score_heads(H: int, E: int = 0, warps: int = 8, stages: int = 2, rows: int = 32, unit_ring: bool = False) -> int:
+    """Heads kept per partial-score set: all, padded to the matrix tile's 8, or (unit ring, where the
+    padded ones would not leave room for its units in one Hopper block) only the real ones."""
+    hp = -(-H // 8) * 8
+    if not unit_ring or hp == H:
+        return hp
+    padded = stages * 16 * (E + 8) * 2 + 2 * warps * hp * (rows + 4) * 4 + 16 * stages  # units, one set each, barriers
+    padded += -warps * hp * (rows + 4) * 4 + hp * (rows + 4) * 4
+    return hp if padded <= HOPPER_BLOCK_SMEM else H
+
+
+def red_floats(E: int, H: int, warps: int, rows: int, cluster: int = 1, persist: int = 0,
+               unit_ring: bool = False, stages: int = 2) -> int:
     """Floats of the per-warp partial-score buffers, or (persistent form 2) of a clip's output
     staged there as fp16 rows of E + 8 where that is larger."""
-    red = score_buffers(cluster)[0] * warps * -(-H // 8) * 8 * (rows + 4)
+    red = score_buffers(cluster, unit_ring)[0] * warps * score_heads(H, E, warps, stages, rows, unit_ring) * (rows + 4)
     return max(red, -(-H * (E + 8) // 2)) if persist == 2 else red
 
 
 def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, bulk: bool = False,
-               cluster: int = 1, persist: int = 0) -> int:
-    """Dynamic shared memory of one block: the X stages (of the block's E / cluster columns), the
-    partial-score buffers, q' (when held there) and the stage barriers (bulk copies)."""
+               cluster: int = 1, persist: int = 0, unit_ring: bool = False) -> int:
+    """Dynamic shared memory of one block: the X stages (of the block's E / cluster columns; with
+    the unit ring, ``stages`` units of 16 rows), the partial-score buffers, q' (when held there)
+    and the stage barriers (bulk copies)."""
     el = E // cluster
     ew = el // warps
     hp = -(-H // 8) * 8
-    xs = stages * rows * (el + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
+    stage_rows = 16 if unit_ring else rows
+    xs = stages * stage_rows * (el + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
     q = warps * hp * (ew + 8) * 2 if qsmem else 0
-    tot = score_buffers(cluster)[1]
-    red = red_floats(E, H, warps, rows, cluster, persist) * 4
-    return xs + red + tot * hp * (rows + 4) * 4 + q + (16 * stages if bulk else 0)
+    tot = score_buffers(cluster, unit_ring)[1] * score_heads(H, E, warps, stages, rows, unit_ring) * (rows + 4) * 4
+    red = red_floats(E, H, warps, rows, cluster, persist, unit_ring, stages) * 4
+    return xs + red + tot + q + (16 * stages if bulk else 0)
 
 
 def handover_values(H: int, E: int, warps: int) -> int:
@@ -912,7 +1029,7 @@ def kernel_attributes(kernel: Any) -> dict[str, int]:
 
 def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
                   bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1, persist: int = 0,
-                  seq: int = 0) -> str:
+                  seq: int = 0, unit_ring: bool = False) -> str:
     """The CUDA source for these shapes and this form (one clear error for a combination the
     kernel does not take)."""
     if cluster not in (1, 2):
@@ -925,6 +1042,9 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
                          "(not pipelined, q' in registers, one block per clip range, diagnostic modes 3 and 4 only)")
     if mode in (3, 4) and not persist:
         raise ValueError(f"CudaHiddenAttention: diagnostic mode {mode} is for the persistent form")
+    if unit_ring and (persist != 1 or rows != 32 or mode):
+        raise ValueError("CudaHiddenAttention: the unit ring goes with the persistent form's direct stores "
+                         f"(persist 1, got {persist}), 32-row tiles (got {rows}) and no diagnostic mode (got {mode})")
     if E % cluster:
         raise ValueError(f"CudaHiddenAttention: d_model {E} does not split over a cluster of {cluster}")
     why = cuda_hidden_fits(H, E // cluster, warps)
@@ -941,8 +1061,9 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
         raise ValueError("CudaHiddenAttention: bulk copies go with the plain loop (not pipelined, not mode 2)")
     defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // cluster // warps, "STAGES": stages, "ROWS": rows,
                "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
-               "RED2": int(bool(red2)), "CL": int(cluster), "PERSIST": int(persist)}
-    defines["REDF"] = red_floats(E, H, warps, rows, cluster, persist)
+               "RED2": int(bool(red2)), "CL": int(cluster), "PERSIST": int(persist), "UR": int(bool(unit_ring))}
+    defines["REDF"] = red_floats(E, H, warps, rows, cluster, persist, unit_ring, stages)
+    defines["RHN"] = score_heads(H, E, warps, stages, rows, unit_ring)
     if persist:
         if persist not in (1, 2):
             raise ValueError(f"CudaHiddenAttention: persist must be 0, 1 or 2, got {persist}")
@@ -950,26 +1071,26 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
             raise ValueError(f"CudaHiddenAttention: the persistent form needs at least {rows} encoder positions, got {seq}")
         defines["SEQ"] = int(seq)  # the persistent form is built per sequence length
         defines["NV"] = handover_values(H, E, warps)
-    defines["NREDB"], defines["TOTN"] = score_buffers(cluster)
+    defines["NREDB"], defines["TOTN"] = score_buffers(cluster, unit_ring)
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
 def build_kernel(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
                  bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1, persist: int = 0,
-                 seq: int = 0) -> Any:
+                 seq: int = 0, unit_ring: bool = False) -> Any:
     """The compiled kernel for these shapes (NVRTC, cached per process) and its shared memory in
     bytes. ``mode`` is for the bench only: 1 streams X without the arithmetic, 2 does the
     arithmetic on one resident tile; for the persistent form, 3 copies half of each tile's rows
     and 4 only the first stages, with all the arithmetic (outputs meaningless)."""
     import torch
 
-    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster, persist, seq)
+    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster, persist, seq, unit_ring)
     key = (src, torch.cuda.current_device())
     if key in _CACHE:
         return _CACHE[key]
     if (bulk or cluster > 1) and torch.cuda.get_device_capability()[0] < 9:
         raise ValueError("CudaHiddenAttention: bulk copies and clusters of blocks need compute capability ≥ 9.0")
-    nbytes = smem_bytes(E, H, warps, stages, rows, qsmem, bulk, cluster, persist)
+    nbytes = smem_bytes(E, H, warps, stages, rows, qsmem, bulk, cluster, persist, unit_ring)
     limit = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "shared_memory_per_block_optin", 0)
     if limit and nbytes > limit:
         raise ValueError(f"CudaHiddenAttention: needs {nbytes} bytes of shared memory, the card allows {limit}")
@@ -987,8 +1108,8 @@ class CudaHiddenAttention:
 
     def __init__(self, B: int, H: int, S: int, E: int, *, warps: int = 8, stages: int = 3, splits: int = 1,
                  rows: int = 16, qsmem: bool = False, pipe: bool = False, bulk: bool = False, red2: bool = False,
-                 mode: int = 0, cluster: int = 1, persist: int = 0, blocks: int | None = None, device: Any = None,
-                 dtype: Any = None) -> None:
+                 mode: int = 0, cluster: int = 1, persist: int = 0, unit_ring: bool = False, blocks: int | None = None,
+                 device: Any = None, dtype: Any = None) -> None:
         import torch
 
         if dtype is not None and dtype != torch.float16:
@@ -996,7 +1117,7 @@ class CudaHiddenAttention:
         self.B, self.H, self.S, self.E = B, H, S, E
         self.warps, self.stages, self.splits = int(warps), int(stages), max(1, int(splits))
         self.rows, self.qsmem, self.pipe, self.bulk, self.red2 = int(rows), bool(qsmem), bool(pipe), bool(bulk), bool(red2)
-        self.cluster, self.persist = int(cluster), int(persist)
+        self.cluster, self.persist, self.unit_ring = int(cluster), int(persist), bool(unit_ring)
         if blocks is not None and not self.persist:
             raise ValueError(f"CudaHiddenAttention: blocks (got {blocks}) is for the persistent form; "
                              "the per-clip forms launch a block per clip and split")
@@ -1005,7 +1126,8 @@ class CudaHiddenAttention:
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         with torch.cuda.device(dev):
             self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
-                                                  self.bulk, self.red2, mode, self.cluster, self.persist, S)
+                                                  self.bulk, self.red2, mode, self.cluster, self.persist, S,
+                                                  self.unit_ring)
         chunk = -(-S // self.splits)
         self.chunk = -(-chunk // self.rows) * self.rows
         self.out, self.mp, self.lp, self.ap = split_buffers(B, H, E, self.splits, device, torch.float16)
@@ -1022,8 +1144,9 @@ class CudaHiddenAttention:
     @classmethod
     def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
         """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2[,
-        mode[, cluster[, persist]]])."""
-        names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist")
+        mode[, cluster[, persist[, unit_ring]]]])."""
+        names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist",
+                 "unit_ring")
         return cls(B, H, S, E, **dict(zip(names, cfg)), **kw)
 
     @staticmethod
@@ -1031,10 +1154,13 @@ class CudaHiddenAttention:
         flags = "".join(f for f, on in zip(("q", "p", "t", "r"), cfg[4:8]) if on)
         return f"cuda w{cfg[0]} st{cfg[1]} s{cfg[2]} r{cfg[3]}" + (f" {flags}" if flags else "") + \
             (f" mode{cfg[8]}" if len(cfg) > 8 and cfg[8] else "") + (f" c{cfg[9]}" if len(cfg) > 9 and cfg[9] > 1 else "") + \
-            ({0: "", 1: " persistent", 2: " persistent staged"}.get(cfg[10], f" persist{cfg[10]}") if len(cfg) > 10 else "")
+            ({0: "", 1: " persistent", 2: " persistent staged"}.get(cfg[10], f" persist{cfg[10]}") if len(cfg) > 10 else "") + \
+            (" unit ring" if len(cfg) > 11 and cfg[11] else "")
 
     def label(self) -> str:
-        parts = [f"warps {self.warps}", f"stages {self.stages}", f"rows {self.rows}",
+        parts = [f"warps {self.warps}",
+                 f"a ring of {self.stages} 16-row units" if self.unit_ring else f"stages {self.stages}",
+                 f"rows {self.rows}",
                  "q' in shared memory" if self.qsmem else "q' in registers",
                  "bulk-copy loads" if self.bulk else "cp.async loads"]
         if self.pipe:
