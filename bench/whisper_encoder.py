@@ -8,10 +8,13 @@ Variants, one per ``--variants`` entry: ``eager``, or ``torch.compile(encoder, d
 as the optimized path builds it with settings joined by ``+``: ``default`` (the optimized path's
 own: default mode, not full-graph), ``freeze`` (Inductor ``freezing``: weights as constants),
 ``cdt`` (Inductor ``coordinate_descent_tuning``: launch settings of its own kernels tuned),
-``cudnn`` / ``flash`` (that attention kernel first in SDPA's priority order), ``autotune``
+``cudnn`` / ``flash`` (that attention kernel first in SDPA's priority order, in the order written;
+compiled without the FX-graph and AOT-autograd caches, whose keys do not hold that order, and the
+attention kernels that ran are recorded with ``--profile``), ``autotune``
 (``max-autotune-no-cudagraphs``: product templates timed, bias and GELU fused into them); e.g.
 ``cdt+flash``. Each variant is checked against the eager encoder on the first chunk (relative error
-of the last hidden state). Prints one JSON object per result as it goes.
+of the last hidden state). Prints one JSON object per result as it goes; the ``--out`` file says
+``"complete": true`` once every variant has run, and the exit status is 1 if any variant failed.
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ SETTINGS = ("default", "freeze", "cdt", "cudnn", "flash", "autotune")
 
 def kernel_class(name: str) -> str:
     """The class of one device kernel by its name: ``gemm`` (cuBLAS/CUTLASS/Triton product
-    templates), ``attention``, ``inductor`` (Inductor's generated Triton kernels), ``other``."""
+    templates), ``inductor`` (Inductor's generated Triton kernels, including the layout copies it
+    puts before an attention call), ``attention`` (the fused attention kernels), ``other``."""
     n = name.lower()
-    if any(k in n for k in ("flash", "fmha", "attention", "cudnn_generated_fort_native_sdpa", "sdpa")):
-        return "attention"
-    if any(k in n for k in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "triton_tem_fused_mm",
-                            "triton_tem_fused_addmm", "xmma")):
+    if n.startswith("triton_tem"):
         return "gemm"
     if n.startswith("triton_") or "triton" in n:
         return "inductor"
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):  # before "cutlass": flash kernels use it
+        return "attention"
+    if any(k in n for k in ("gemm", "cutlass", "nvjet", "cublas", "xmma")):
+        return "gemm"
     return "other"
 
 
@@ -56,11 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not variants:
         ap.error(f"--variants: unknown {bad or variants}; known: eager, or {'+'.join(SETTINGS[:2])}-style "
                  f"joins of {', '.join(SETTINGS)}")
-    chunks = [int(c) for c in a.chunks.split(",") if c.strip()]
+    if len(set(variants)) < len(variants):
+        ap.error(f"--variants: each variant once, got {a.variants!r}")
+    try:
+        chunks = [int(c) for c in a.chunks.split(",") if c.strip()]
+    except ValueError:
+        chunks = []
     if not chunks or min(chunks) < 1:
         ap.error(f"--chunks: positive clip counts, got {a.chunks!r}")
 
     import torch
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
@@ -101,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             return enc, "eager", prio
         parts = set(v.split("+"))
         first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
-        lead = [first[k] for k in ("cudnn", "flash") if k in parts]
+        lead = [first[k] for k in v.split("+") if k in first]  # in the order written
         if lead:
             order = lead + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                         SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b not in lead]
 
-            def prio() -> Any:
-                return sdpa_kernel(order, set_priority=True)
+            def prio() -> Any:  # the order, and no cached graph compiled under another one
+                stack = contextlib.ExitStack()
+                stack.enter_context(sdpa_kernel(order, set_priority=True))
+                stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+                stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+                return stack
         mode = "max-autotune-no-cudagraphs" if "autotune" in parts else "default"
         options = {k: True for k, on in (("freezing", "freeze" in parts),
                                          ("coordinate_descent_tuning", "cdt" in parts)) if on} or None
@@ -160,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                                 top.append((t / 1e3, e.count, k, e.key[:100]))
                         top.sort(reverse=True)
                         r["ms_by_class"] = {k: round(val, 3) for k, val in sorted(classes.items())}
+                        r["attention_kernels"] = sorted({t[3] for t in top if t[2] == "attention"})
                         r["top_kernels_ms"] = [list(t) for t in top[:25]]
                     row[f"c{C}"] = r
                     torch.cuda.empty_cache()
@@ -168,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # a variant that fails to compile or run is recorded, the rest go on
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         emit(v, row)
+    failed = [v for v, row in res["variants"].items() if "error" in row]
+    res["complete"] = True
+    res["failed"] = failed
+    emit("complete", True)
     if not a.out:
         print(json.dumps(res, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -758,11 +758,15 @@ def test_encoder_bench_classifies_kernels_and_refuses_bad_arguments(capsys):
     assert kernel_class("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc") == "gemm"
     assert kernel_class("triton_tem_fused_addmm_gelu_3") == "gemm"
     assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
-    assert kernel_class("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert kernel_class("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, "
+                        "cutlass::half_t>>") == "attention"
     assert kernel_class("triton_red_fused_add_clamp_native_layer_norm_view_11") == "inductor"
+    # Inductor's layout copies before an attention call are its own kernels, not the attention's
+    assert kernel_class("triton_poi_fused__scaled_dot_product_cudnn_attention__unsafe_view_clone_mul") == "inductor"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<8, GeluCUDAKernelImpl>") == "other"
     for argv, word in ((["--variants", "default,fast"], "fast"), (["--variants", "cdt+flsh"], "cdt+flsh"),
-                       (["--chunks", "0"], "--chunks")):
+                       (["--variants", "default,cdt,default"], "each variant once"),
+                       (["--chunks", "0"], "positive clip counts"), (["--chunks", "abc"], "positive clip counts")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err
