@@ -30,8 +30,18 @@ _CACHE_ENV = "MI300X_CERT_COMPILE_CACHE"
 
 
 def setup_compile_cache(directory: str | os.PathLike[str] | None = None) -> str:
-    """Point Inductor's FX-graph and AOT-autograd caches (and Triton's kernel cache) at one
-    persistent folder, so a recertification of the same host skips compilation.
+    """Point Inductor's FX-graph cache (and Triton's kernel cache) at one persistent folder, so a
+    recertification of the same host skips compilation.
+
+    The AOT-autograd cache stays off unless the operator turns it on
+    (``TORCHINDUCTOR_AUTOGRAD_CACHE=1``): its key is the graph before dispatch, which does not hold
+    SDPA's priority order, so a graph compiled under another order (another attention kernel chosen
+    by timing on an earlier run) would run while this run's conditions record the kernel it chose.
+    Measured on an H200 (bench/results/h200-run17-whisper-encoder.json and
+    h200-run22-whisper-encoder-sdpa.json): with it on, flash attention put first still ran the
+    cached cuDNN graph, bit for bit; compiled without the caches, the flash kernel ran. The
+    FX-graph cache is keyed on the graph after dispatch (the attention kernel's own op), so it is
+    kept and the compilation itself stays cached.
 
     The folder is ``directory``, else ``$MI300X_CERT_COMPILE_CACHE``, else
     ``~/.cache/mi300x-cert/inductor``. Variables already set by the operator win. Returns the
@@ -41,14 +51,15 @@ def setup_compile_cache(directory: str | os.PathLike[str] | None = None) -> str:
     d.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(d))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
     os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
     try:  # torch may already be imported: set the live config too
+        import torch._functorch.config as fc
         import torch._inductor.config as ic
 
-        ic.fx_graph_cache = True
-        if hasattr(ic, "autograd_cache"):
-            ic.autograd_cache = True  # type: ignore[attr-defined]
+        ic.fx_graph_cache = os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+        if hasattr(fc, "enable_autograd_cache"):
+            fc.enable_autograd_cache = os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
     except Exception:  # pragma: no cover - torch without inductor
         pass
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
