@@ -175,10 +175,10 @@ def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     (6, 77, 384, 9, 4, 3, 32, 2, 0),
     (16, 1500, 1024, 6, 4, 3, 16, 1, 0),       # 16-row tiles, 16 heads
     (16, 1500, 1024, 6, 4, 3, 16, 2, 0),       # … staging larger than the partial-score buffers
-    (20, 1500, 1280, 7, 5, 5, 32, 1, 1),       # the unit ring (five 16-row units), clips cut between blocks
+    (20, 1500, 1280, 7, 5, 5, 32, 1, 1),       # the unit ring (five 16-row units: real heads only), cut clips
     (20, 1500, 1280, 300, "2x", 5, 32, 1, 1),  # … blocks not all resident at once
-    (20, 1500, 1280, 300, None, 4, 32, 1, 1),  # … an even ring: a tile's units in the same slots every time
-    (6, 77, 384, 9, 4, 3, 32, 1, 1),           # … three units (one on its way), 6 heads (clamped score rows)
+    (20, 1500, 1280, 300, None, 4, 32, 1, 1),  # … four units (slots {0, 1} and {2, 3} in turn), padded heads
+    (6, 77, 384, 9, 4, 3, 32, 1, 1),           # … three units (one on its way, a tile's units wrap), 6 heads
     (16, 1500, 1024, 6, 4, 5, 32, 1, 1),       # … 16 heads (no padded heads)
 ])
 def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist, ur):

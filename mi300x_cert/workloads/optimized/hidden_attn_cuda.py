@@ -142,6 +142,9 @@ _SOURCE = r"""
 // RHN (defined by the module): heads kept in the partial-score buffers, all NT * 8 (padded) or, where
 // the unit ring needs the room, only the HN real ones (the padded heads' scores are zero and never
 // written out: their stores are predicated off, their reads clamped to a real row)
+#if !UR && RHN != HP
+#error "only the unit ring keeps fewer partial-score heads than the padded NT * 8"
+#endif
 #define RROW(nt) ((RHN % 8 == 0 || (nt) * 8 + 8 <= RHN) ? (nt) * 8 + g : min((nt) * 8 + g, RHN - 1))
 #define RFULL(nt) (RHN % 8 == 0 || (nt) * 8 + 8 <= RHN)
 // a score store, predicated (no branch, so no divergence) where its head may be a padded one
@@ -955,17 +958,34 @@ def score_heads(H: int, E: int = 0, warps: int = 8, stages: int = 2, rows: int =
     hp = -(-H // 8) * 8
     if not unit_ring or hp == H:
         return hp
-    padded = stages * 16 * (E + 8) * 2 + 2 * warps * hp * (rows + 4) * 4 + 16 * stages  # units, one set each, barriers
-    padded += -warps * hp * (rows + 4) * 4 + hp * (rows + 4) * 4
+    padded = _smem_layout(E, H, warps, stages, rows, False, True, 1, 1, True, hp)
     return hp if padded <= HOPPER_BLOCK_SMEM else H
 
 
 def red_floats(E: int, H: int, warps: int, rows: int, cluster: int = 1, persist: int = 0,
-               unit_ring: bool = False, stages: int = 2) -> int:
-    """Floats of the per-warp partial-score buffers, or (persistent form 2) of a clip's output
-    staged there as fp16 rows of E + 8 where that is larger."""
-    red = score_buffers(cluster, unit_ring)[0] * warps * score_heads(H, E, warps, stages, rows, unit_ring) * (rows + 4)
+               unit_ring: bool = False, stages: int = 2, heads: int | None = None) -> int:
+    """Floats of the per-warp partial-score buffers (for ``heads`` kept, by default
+    :func:`score_heads`), or (persistent form 2) of a clip's output staged there as fp16 rows of
+    E + 8 where that is larger."""
+    if heads is None:
+        heads = score_heads(H, E, warps, stages, rows, unit_ring)
+    red = score_buffers(cluster, unit_ring)[0] * warps * heads * (rows + 4)
     return max(red, -(-H * (E + 8) // 2)) if persist == 2 else red
+
+
+def _smem_layout(E: int, H: int, warps: int, stages: int, rows: int, qsmem: bool, bulk: bool, cluster: int,
+                 persist: int, unit_ring: bool, heads: int) -> int:
+    """The kernel's shared-memory layout in bytes with ``heads`` kept per partial-score set: the X
+    stages, the per-warp and summed partial scores, q' (when held there), the stage barriers."""
+    el = E // cluster
+    ew = el // warps
+    hp = -(-H // 8) * 8
+    stage_rows = 16 if unit_ring else rows
+    xs = stages * stage_rows * (el + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
+    q = warps * hp * (ew + 8) * 2 if qsmem else 0
+    tot = score_buffers(cluster, unit_ring)[1] * heads * (rows + 4) * 4
+    red = red_floats(E, H, warps, rows, cluster, persist, unit_ring, stages, heads) * 4
+    return xs + red + tot + q + (16 * stages if bulk else 0)
 
 
 def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, bulk: bool = False,
@@ -973,15 +993,8 @@ def smem_bytes(E: int, H: int, warps: int, stages: int, rows: int = 16, qsmem: b
     """Dynamic shared memory of one block: the X stages (of the block's E / cluster columns; with
     the unit ring, ``stages`` units of 16 rows), the partial-score buffers, q' (when held there)
     and the stage barriers (bulk copies)."""
-    el = E // cluster
-    ew = el // warps
-    hp = -(-H // 8) * 8
-    stage_rows = 16 if unit_ring else rows
-    xs = stages * stage_rows * (el + 8) * 2 if bulk else warps * stages * rows * (ew + 8) * 2
-    q = warps * hp * (ew + 8) * 2 if qsmem else 0
-    tot = score_buffers(cluster, unit_ring)[1] * score_heads(H, E, warps, stages, rows, unit_ring) * (rows + 4) * 4
-    red = red_floats(E, H, warps, rows, cluster, persist, unit_ring, stages) * 4
-    return xs + red + tot + q + (16 * stages if bulk else 0)
+    return _smem_layout(E, H, warps, stages, rows, qsmem, bulk, cluster, persist, unit_ring,
+                        score_heads(H, E, warps, stages, rows, unit_ring))
 
 
 def handover_values(H: int, E: int, warps: int) -> int:
