@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bench.cli import _whisper_model, environment, measure_gemm
-    from bench.whisper_parts import _events_ms
+    from bench.whisper_parts import _events_ms, kernel_rows
     from mi300x_cert.workloads.optimized.common import compile_module, setup_compile_cache
 
     t_end = time.time() + a.time_limit
@@ -168,13 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                             torch.cuda.synchronize()
                         classes: dict[str, float] = {}
                         top = []
-                        for e in prof.key_averages():
-                            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-                            if t and t > 0:
-                                k = kernel_class(e.key)
-                                classes[k] = classes.get(k, 0.0) + t / 1e3
-                                top.append((t / 1e3, e.count, k, e.key[:100]))
-                        top.sort(reverse=True)
+                        for ms_k, calls, name in kernel_rows(prof, 1e3, top=None):  # heaviest first
+                            k = kernel_class(name)
+                            classes[k] = classes.get(k, 0.0) + ms_k
+                            top.append((ms_k, calls, k, name))
                         r["ms_by_class"] = {k: round(val, 3) for k, val in sorted(classes.items())}
                         r["attention_kernels"] = sorted({t[3] for t in top if t[2] == "attention"})
                         r["top_kernels_ms"] = [list(t) for t in top[:25]]
