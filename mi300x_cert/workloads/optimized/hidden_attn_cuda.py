@@ -1075,8 +1075,8 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // cluster // warps, "STAGES": stages, "ROWS": rows,
                "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
                "RED2": int(bool(red2)), "CL": int(cluster), "PERSIST": int(persist), "UR": int(bool(unit_ring))}
-    defines["REDF"] = red_floats(E, H, warps, rows, cluster, persist, unit_ring, stages)
     defines["RHN"] = score_heads(H, E, warps, stages, rows, unit_ring)
+    defines["REDF"] = red_floats(E, H, warps, rows, cluster, persist, unit_ring, stages, defines["RHN"])
     if persist:
         if persist not in (1, 2):
             raise ValueError(f"CudaHiddenAttention: persist must be 0, 1 or 2, got {persist}")
