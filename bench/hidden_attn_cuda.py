@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 512, 1024])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--cuda", default=None, help="CUDA configs warps,stages,splits,rows,qsmem,pipe,bulk,red2[,mode[,cluster]];… (default: the candidates)")
+    ap.add_argument("--cuda", default=None, help="CUDA configs warps,stages,splits,rows,qsmem,pipe,bulk,red2[,mode[,cluster[,persist[,unit_ring[,lazy]]]]];… (default: the candidates)")
     ap.add_argument("--triton", default="32,1,4,3,16", help="Triton configs block_n,splits,warps,stages,head_tile;…")
     a = ap.parse_args()
     import torch

@@ -44,14 +44,15 @@ def test_whisper_smoke_graph_decode_same_tokens():
     assert torch.equal(a.last_ids, b.last_ids)
 
 
-@pytest.mark.parametrize("only", [None, "persistent", "unit ring"])
+@pytest.mark.parametrize("only", [None, "persistent", "unit ring", "lazy"])
 def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
     """Large-v3 architecture in fp16 on the card: each layer's cross-attention through the hidden
     form and the kernel chosen for it against the stock module (fresh random inputs), and greedy
     tokens of the whole optimized path (hidden form, compiled encoder off to keep the test short)
     against stock ``generate``. ``persistent``: the persistent CUDA kernel is the only candidate,
     on 3 blocks for the 8 clips, so clips are cut between blocks inside the captured decode step;
-    ``unit ring``: the same with its ring of 16-row units."""
+    ``unit ring``: the same with its ring of 16-row units; ``lazy``: the persistent staged form with the
+    lazy rescale."""
     from bench.cli import _whisper_model
     from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
     from mi300x_cert.workloads.optimized import whisper_fast as wf
@@ -62,7 +63,8 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
         if not ok or torch.cuda.get_device_capability()[0] < 9:
             pytest.skip(why or "bulk copies need compute capability 9.0")
         monkeypatch.setattr(wf, "HIDDEN_ATTN_CONFIGS", ())
-        cfg = (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2) if only == "persistent" else (8, 5, 1, 32, 0, 0, 1, 1, 0, 1, 1, 1)
+        cfg = {"persistent": (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2), "unit ring": (8, 5, 1, 32, 0, 0, 1, 1, 0, 1, 1, 1),
+               "lazy": (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1)}[only]
         monkeypatch.setattr(hc, "CUDA_HIDDEN_CONFIGS", (cfg,))
         monkeypatch.setattr(hc, "persist_blocks", lambda device: 3)
 
@@ -80,6 +82,7 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
     if only:
         assert "persistent: 3 blocks" in fw.attn_choice[B]["cross"], fw.attn_choice[B]
         assert ("16-row units" in fw.attn_choice[B]["cross"]) == (only == "unit ring"), fw.attn_choice[B]
+        assert ("lazy rescale" in fw.attn_choice[B]["cross"]) == (only == "lazy"), fw.attn_choice[B]
     # self-attention: the launch configuration chosen by timing (the fastest of those that passed
     # the check against SDPA)
     rec = fw.attn_choice[B]
@@ -141,6 +144,9 @@ def test_whisper_overlapped_encoder_same_tokens_as_series():
     (20, 1500, 1280, 5, (8, 3, 2, 32, 0, 0, 1, 1, 0, 2)),
     (6, 77, 384, 4, (4, 3, 3, 32, 0, 0, 1, 1, 0, 2)),
     (16, 1500, 1024, 2, (8, 4, 1, 32, 0, 0, 1, 1, 0, 2)),
+    (20, 1500, 1280, 3, (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 0, 0, 1)),   # lazy rescale: bulk copies
+    (20, 1500, 1280, 5, (8, 2, 2, 32, 0, 0, 1, 1, 0, 1, 0, 0, 1)),   # … splits (merged on the host side)
+    (6, 77, 384, 4, (8, 3, 3, 16, 0, 0, 0, 1, 0, 1, 0, 0, 1)),        # … cp.async loads, tail tile, 6 heads
 ])
 def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     """The hand-written CUDA kernel against the float32 reference: a tail tile (S not a multiple
@@ -164,24 +170,27 @@ def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     assert got.shape == (B, H, E) and got.stride(1) == B * E  # head-major buffer, as the per-head W_v reads it
 
 
-@pytest.mark.parametrize("H,S,E,B,blocks,stages,rows,persist,ur", [
-    (20, 1500, 1280, 7, 5, 2, 32, 1, 0),       # clips cut between blocks (ranges of 65–66 tiles of 47)
-    (20, 1500, 1280, 7, 5, 2, 32, 2, 0),       # … the output staged in shared memory
-    (20, 1500, 1280, 300, None, 2, 32, 1, 0),  # one block per multiprocessor, 2–3 clips each
-    (20, 1500, 1280, 300, None, 2, 32, 2, 0),
-    (20, 1500, 1280, 300, "2x", 2, 32, 2, 0),  # twice the multiprocessors: blocks not all resident at once
-    (20, 1500, 1280, 5, None, 2, 32, 1, 0),    # fewer clips than multiprocessors: a whole clip per block
-    (6, 77, 384, 9, 4, 3, 32, 1, 0),           # a last tile overlapping the one before, 6 heads, 3 stages
-    (6, 77, 384, 9, 4, 3, 32, 2, 0),
-    (16, 1500, 1024, 6, 4, 3, 16, 1, 0),       # 16-row tiles, 16 heads
-    (16, 1500, 1024, 6, 4, 3, 16, 2, 0),       # … staging larger than the partial-score buffers
-    (20, 1500, 1280, 7, 5, 5, 32, 1, 1),       # the unit ring (five 16-row units: real heads only), cut clips
-    (20, 1500, 1280, 300, "2x", 5, 32, 1, 1),  # … blocks not all resident at once
-    (20, 1500, 1280, 300, None, 4, 32, 1, 1),  # … four units (slots {0, 1} and {2, 3} in turn), padded heads
-    (6, 77, 384, 9, 4, 3, 32, 1, 1),           # … three units (one on its way, a tile's units wrap), 6 heads
-    (16, 1500, 1024, 6, 4, 5, 32, 1, 1),       # … 16 heads (no padded heads)
+@pytest.mark.parametrize("H,S,E,B,blocks,stages,rows,persist,ur,lazy", [
+    (20, 1500, 1280, 7, 5, 2, 32, 1, 0, 0),       # clips cut between blocks (ranges of 65–66 tiles of 47)
+    (20, 1500, 1280, 7, 5, 2, 32, 2, 0, 0),       # … the output staged in shared memory
+    (20, 1500, 1280, 300, None, 2, 32, 1, 0, 0),  # one block per multiprocessor, 2–3 clips each
+    (20, 1500, 1280, 300, None, 2, 32, 2, 0, 0),
+    (20, 1500, 1280, 300, "2x", 2, 32, 2, 0, 0),  # twice the multiprocessors: blocks not all resident at once
+    (20, 1500, 1280, 5, None, 2, 32, 1, 0, 0),    # fewer clips than multiprocessors: a whole clip per block
+    (6, 77, 384, 9, 4, 3, 32, 1, 0, 0),           # a last tile overlapping the one before, 6 heads, 3 stages
+    (6, 77, 384, 9, 4, 3, 32, 2, 0, 0),
+    (16, 1500, 1024, 6, 4, 3, 16, 1, 0, 0),       # 16-row tiles, 16 heads
+    (16, 1500, 1024, 6, 4, 3, 16, 2, 0, 0),       # … staging larger than the partial-score buffers
+    (20, 1500, 1280, 7, 5, 5, 32, 1, 1, 0),       # the unit ring (five 16-row units: real heads only), cut clips
+    (20, 1500, 1280, 300, "2x", 5, 32, 1, 1, 0),  # … blocks not all resident at once
+    (20, 1500, 1280, 300, None, 4, 32, 1, 1, 0),  # … four units (slots {0, 1} and {2, 3} in turn), padded heads
+    (6, 77, 384, 9, 4, 3, 32, 1, 1, 0),           # … three units (one on its way, a tile's units wrap), 6 heads
+    (16, 1500, 1024, 6, 4, 5, 32, 1, 1, 0),       # … 16 heads (no padded heads)
+    (20, 1500, 1280, 7, 5, 2, 32, 2, 0, 1),       # lazy rescale: cut clips merged, output staged
+    (20, 1500, 1280, 300, "2x", 2, 32, 2, 0, 1),  # … blocks not all resident at once
+    (6, 77, 384, 9, 4, 3, 32, 1, 0, 1),           # … overlapping last tile, 6 heads, direct stores
 ])
-def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist, ur):
+def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist, ur, lazy):
     """The persistent form (a range of the batch's tiles per block, a clip cut between two blocks
     finished by the one that ends second) against the float32 reference: with the hand-over slots
     poisoned with NaN before the first launch, and on two inputs alternated, called directly and
@@ -203,9 +212,10 @@ def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, pers
     xs = [torch.randn(B, S, E, device="cuda", generator=g).half() for _ in range(2)]
     qp = (torch.randn(H, B, E, device="cuda", generator=g) * E ** -0.5 * 4).half().transpose(0, 1)
     k = hc.CudaHiddenAttention(B, H, S, E, warps=8, stages=stages, rows=rows, bulk=True, red2=True, persist=persist,
-                               unit_ring=bool(ur), blocks=blocks, device="cuda", dtype=torch.float16)
+                               unit_ring=bool(ur), lazy=bool(lazy), blocks=blocks, device="cuda", dtype=torch.float16)
     assert k.grid == min(B, blocks or sms)
     assert "persistent" in k.label() and ("16-row units" in k.label()) == bool(ur)
+    assert ("lazy rescale" in k.label()) == bool(lazy)
     wants = [hidden_attention_reference(qp, x).float() for x in xs]
 
     def check(got, j):
@@ -235,3 +245,46 @@ def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, pers
         check(k.out, j)
         assert torch.equal(k.out, outs[j])
     assert int(k.flags.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("cfg", [
+    (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 0, 0, 1),  # lazy rescale, a block per clip
+    (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1),  # … persistent, staged, clips cut between 3 blocks
+    (8, 2, 2, 32, 0, 0, 1, 1, 0, 1, 0, 0, 1),  # … two splits per clip, merged
+    (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 2),  # … with the next two tiles asked into L2 ahead
+    (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2),        # the same data without it
+])
+def test_cuda_hidden_attention_lazy_rescale_rising_scores(cfg):
+    """Scores that grow along the clip, so that every head's running max passes itself by more
+    than 2^8 several times, in different tiles for different heads (counted here on the float32
+    scores with the kernel's rule): the lazy rescale's moves and skipped tiles both happen, and the
+    output still matches the float32 reference."""
+    from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
+    from mi300x_cert.workloads.optimized.whisper_fast import hidden_attention_reference
+
+    ok, why = hc.cuda_hidden_available("cuda")
+    if not ok or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip(why or "bulk copies need compute capability 9.0")
+    B, H, S, E, rows = 7, 20, 1500, 1280, 32
+    g = torch.Generator(device="cuda").manual_seed(11)
+    ramp = 1 + 30 * torch.arange(S, device="cuda").float() / S
+    x = (torch.randn(B, S, E, device="cuda", generator=g) * ramp[None, :, None]).half()
+    qp = (torch.randn(H, B, E, device="cuda", generator=g) * E ** -0.5).half().transpose(0, 1)
+    scores = torch.einsum("bhe,bse->bhs", qp.float(), x.float())
+    tiles = torch.stack([scores[..., max(0, min(t * rows, S - rows)):min(S, (t + 1) * rows)].amax(-1)
+                         for t in range(-(-S // rows))], -1)
+    moves = torch.zeros(B, H, dtype=torch.int64)
+    run = torch.full((B, H), -1e30, device="cuda")
+    for t in range(tiles.shape[-1]):
+        up = (tiles[..., t] - run) * 1.4426950408889634 > hc.LAZY_LOG2
+        run = torch.where(up, tiles[..., t], run)
+        moves += up.cpu()
+    assert int(moves.min()) >= 3 and int(moves.max()) < tiles.shape[-1] // 2, moves
+    kw = {"blocks": 3} if len(cfg) > 10 and cfg[10] else {}
+    k = hc.CudaHiddenAttention.from_config(B, H, S, E, cfg, device="cuda", dtype=torch.float16, **kw)
+    assert ("lazy rescale" in k.label()) == (len(cfg) > 12 and bool(cfg[12]))
+    assert ("asked into L2" in k.label()) == (len(cfg) > 13 and bool(cfg[13]))
+    got = k(qp, x).float()
+    want = hidden_attention_reference(qp, x).float()
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel < 5e-3, (cfg, rel)

@@ -570,8 +570,11 @@ def test_cuda_hidden_attention_shapes_and_refusals():
         pm = cfg[10] if len(cfg) > 10 else 0
         ur = bool(cfg[11]) if len(cfg) > 11 else False
         assert hc.smem_bytes(1280, 20, cfg[0], cfg[1], cfg[3], bool(cfg[4]), bool(cfg[6]), cl, pm, ur) <= 227 * 1024, cfg
-        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8], cluster=cl, persist=pm, seq=1500, unit_ring=ur)
-        assert f"#define UR {int(ur)}" in src
+        lz = bool(cfg[12]) if len(cfg) > 12 else False
+        src = hc.kernel_source(20, 1280, cfg[0], cfg[1], *cfg[3:8], cluster=cl, persist=pm, seq=1500, unit_ring=ur,
+                               lazy=lz)
+        assert f"#define UR {int(ur)}" in src and f"#define LAZY {int(lz)}" in src
+        assert ("#define LAZY_LOG2 8.0f" in src) == lz
         assert f"#define EW {1280 // cl // cfg[0]}" in src and "#define NT 3" in src and "hidden_attn_cuda" in src
         assert f"#define CL {cl}" in src
         key = hc.CudaHiddenAttention.config_key(cfg)
@@ -597,6 +600,24 @@ def test_cuda_hidden_attention_shapes_and_refusals():
     assert "#define PERSIST 1" in src and "#define SEQ 1500" in src and "#define PERSIST 0" in hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True)
     assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 1)) == "cuda w8 st2 s1 r32 tr persistent"
     assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2)) == "cuda w8 st2 s1 r32 tr persistent staged"
+    # the bench-only lazy rescale and L2 prefetch (measured slower, not candidates): their keys, their
+    # macros, and one clear error where the prefetch does not go
+    assert not any(len(c) > 12 and any(c[12:]) for c in hc.CUDA_HIDDEN_CONFIGS)
+    assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1)) == \
+        "cuda w8 st2 s1 r32 tr persistent staged lazy"
+    assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 0, 0, 1)) == "cuda w8 st2 s1 r32 tr lazy"
+    assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 0, 2)) == \
+        "cuda w8 st2 s1 r32 tr persistent staged L2+2"
+    assert len({hc.CudaHiddenAttention.config_key(c) for c in hc.CUDA_HIDDEN_CONFIGS}) == len(hc.CUDA_HIDDEN_CONFIGS)
+    src = hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=2, seq=1500, lazy=True, prefetch=2)
+    assert "#define LAZY 1" in src and "#define LAZY_LOG2 8.0f" in src and "#define PF 2" in src
+    assert "#define PF 0" in hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=2, seq=1500)
+    for bad in (dict(persist=0), dict(persist=1, unit_ring=True, stages=5), dict(persist=2, prefetch=9)):
+        kw = {**dict(rows=32, bulk=True, red2=True, seq=1500, stages=2, prefetch=2), **bad}
+        with pytest.raises(ValueError, match="L2 prefetch goes with the persistent form"):
+            hc.kernel_source(20, 1280, 8, **kw)
+    with pytest.raises(ValueError, match="at most 14 elements"):
+        hc.CudaHiddenAttention.from_config(4, 20, 1500, 1280, (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 1, 1))
     # staged output: a clip's [heads × (E + 8)] fp16 rows where the partial scores were, or more room
     assert hc.smem_bytes(1280, 20, 8, 2, 32, bulk=True, persist=2) == hc.smem_bytes(1280, 20, 8, 2, 32, bulk=True)
     assert hc.smem_bytes(1024, 16, 8, 3, 16, bulk=True, persist=2) == 3 * 16 * 1032 * 2 + 16 * 1032 * 2 + 16 * 20 * 4 + 48

@@ -57,6 +57,16 @@ between two block barriers, so no warp writes the next tile's before every warp 
 tile's), kept for the real heads only where the padded ones would not fit (their stores predicated
 off, their reads clamped to a real head's row).
 
+``lazy`` (bench only: measured slower, see :data:`CUDA_HIDDEN_CONFIGS`): the online softmax's rescale of the accumulators (a multiply per accumulator, ≈ 120 per
+thread and tile at large-v3 shapes, beside ≈ 120 matrix instructions) is skipped in every tile where no
+head of the warp moved its running max, and a running max moves only where the tile's passes it by
+more than 2^:data:`LAZY_LOG2` (as in FlashAttention-4): after a clip's first tiles, a rescale is rare.
+The result is the same softmax (the accumulators and the running sum always share one reference max;
+the final division cancels it), rounded differently; each probability is one fused multiply-add and
+one exp2. ``prefetch`` (bench only, persistent form with stages: measured slower) asks the tiles
+that many places after the ring's into L2 (``cp.async.bulk.prefetch.L2``, one row a lane) ahead of
+their bulk copies.
+
 A kernel that fails to compile, to launch or to match the float32 reference is not chosen; a fault
 on the device while a chosen kernel runs fails the run (a CUDA error is sticky for the process).
 """
@@ -70,6 +80,10 @@ from .whisper_fast import merge_splits, split_buffers
 __all__ = ["CudaHiddenAttention", "cuda_hidden_available", "CUDA_HIDDEN_CONFIGS", "cuda_hidden_fits"]
 
 ROWS_CHOICES = (16, 32)  # rows of X per tile: one or two of the matrix units' 16-row tiles
+# ``lazy`` (13th configuration element): a head's running max moves only where a tile's max passes it
+# by more than this many powers of two, so a probability stays ≤ 2^8 = 256 before it is packed to fp16
+# (whose relative precision does not depend on the magnitude, and whose range holds it many times over)
+LAZY_LOG2 = 8.0
 
 # (warps, stages, splits, rows, q' in shared memory, pipelined, bulk copies, scores summed once)
 # candidates, timed per batch size on the card. Measured on an H200 at Whisper large-v3 shapes
@@ -106,6 +120,15 @@ ROWS_CHOICES = (16, 32)  # rows of X per tile: one or two of the matrix units' 1
 # units, the real-heads-only stores and registers spilled in the loop). More rows in flight gained
 # nothing: at this instruction count the kernel is bound by issuing them, not by the loads.
 # Bench-only, not a candidate.
+#
+# The lazy rescale (13th element 1: the accumulators' rescale skipped in every tile where no head of
+# the warp moved its running max, see the module doc) is correct (tests/gpu, with scores that move
+# every head's max several times) and takes the arithmetic alone from 866 to 804 µs per layer at b1024
+# (diagnostic mode 4), but the whole kernel does not follow: 1,140 µs against 1,125–1,126 for the
+# persistent staged form, 1,173 against 1,159 per clip (bench/results/h200-run23-hidden-attn-lazy.json,
+# h200-run24-hidden-attn-lazy-modes.json). Asking the tiles after the ring's into L2 ahead of their copies
+# (14th element: how many tiles ahead; cp.async.bulk.prefetch.L2) is slower still: 1,432–1,806 µs
+# (h200-run25-hidden-attn-l2-prefetch.json). Both bench-only, not candidates.
 CUDA_HIDDEN_CONFIGS: tuple[tuple[int, ...], ...] = (
     (8, 2, 1, 32, 0, 0, 1, 1), (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2), (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1),
     (8, 3, 1, 16, 0, 0, 0, 0))
@@ -214,6 +237,9 @@ __device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigne
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {  // into L2 only, no completion
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
@@ -292,6 +318,9 @@ __device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, uns
 #endif
   unsigned pb[U][NT][2];
   float al[NT];
+#if LAZY
+  bool moved = false;  // some head of this lane raised its running max in this tile
+#endif
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     float sv[U][4];
@@ -316,13 +345,25 @@ __device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, uns
     for (int u = 0; u < U; ++u) mx = fmaxf(mx, fmaxf(fmaxf(sv[u][0], sv[u][1]), fmaxf(sv[u][2], sv[u][3])));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+#if LAZY
+    // the running max moves only where the tile's passes it by more than LAZY_LOG2 (log2 units), so
+    // a probability stays ≤ 2^LAZY_LOG2 (fp16 holds it at the same relative precision)
+    const bool up = (mx - m_run[nt]) * LOG2E > LAZY_LOG2;
+    const float mn = up ? mx : m_run[nt], mnl = mn * LOG2E;
+    al[nt] = up ? ex2(m_run[nt] * LOG2E - mnl) : 1.f;
+    moved |= up;
+#define PROB(s) ex2(fmaf(s, LOG2E, -mnl))
+#else
     const float mn = fmaxf(m_run[nt], mx);
     al[nt] = ex2((m_run[nt] - mn) * LOG2E);
+#define PROB(s) ex2(((s) - mn) * LOG2E)
+#endif
     float ls = 0.f;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const float p0 = ex2((sv[u][0] - mn) * LOG2E), p1 = ex2((sv[u][1] - mn) * LOG2E);
-      const float p2 = ex2((sv[u][2] - mn) * LOG2E), p3 = ex2((sv[u][3] - mn) * LOG2E);
+      const float p0 = PROB(sv[u][0]), p1 = PROB(sv[u][1]);
+      const float p2 = PROB(sv[u][2]), p3 = PROB(sv[u][3]);
+#undef PROB
       ls += (p0 + p1) + (p2 + p3);
       pb[u][nt][0] = pack_h2(p0, p1);
       pb[u][nt][1] = pack_h2(p2, p3);
@@ -330,7 +371,11 @@ __device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, uns
     l_run[nt] = l_run[nt] * al[nt] + ls;
     m_run[nt] = mn;
   }
-  // rescale the accumulators (their heads are nt*8 + 2c and + 1: held by lanes 8c and 8c + 4)
+  // rescale the accumulators (their heads are nt*8 + 2c and + 1: held by lanes 8c and 8c + 4); LAZY:
+  // only in a tile where some head of the warp moved its running max (a branch the whole warp takes)
+#if LAZY
+  if (__any_sync(0xffffffffu, moved))
+#endif
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const float a_lo = __shfl_sync(0xffffffffu, al[nt], 8 * c);
@@ -766,6 +811,18 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   if (w == 0)
     for (int i = 0; i < STAGES - 1; ++i)
       if (i < n) load(i);
+#if PF
+  // PF > 0: the PF tiles after the ring's are asked into L2 ahead of their bulk copies (one row a lane),
+  // so a stage's copy reads L2 where the ring has no room for more tiles in flight
+  auto prefetch = [&](int i) {
+    const int b = (g0 + i) / T, t = g0 + i - b * T;
+    const int r0 = min(t * ROWS, S - ROWS);
+    if (lane < ROWS) prefetch_l2(X + ((long long)b * S + r0 + lane) * E, E * 2);
+  };
+  if (w == 0)
+    for (int i = STAGES - 1; i < STAGES - 1 + PF; ++i)
+      if (i < n) prefetch(i);
+#endif
 #endif
 
   float acc[MT][NT][4];
@@ -808,6 +865,9 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
       if (MODE != 4 && w == 0 && i + STAGES - 1 < n) {
         if (i > 0) mbar_wait(bars + 8 * (STAGES + (i - 1) % STAGES), ((i - 1) / STAGES) & 1);
         load(i + STAGES - 1);
+#if PF
+        if (i + STAGES - 1 + PF < n) prefetch(i + STAGES - 1 + PF);
+#endif
       }
       if (MODE != 4 || i < STAGES - 1) mbar_wait(bars + 8 * (i % STAGES), (i / STAGES) & 1);
       const unsigned sbase = STAGE_ADDR(i);
@@ -1042,9 +1102,12 @@ def kernel_attributes(kernel: Any) -> dict[str, int]:
 
 def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
                   bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1, persist: int = 0,
-                  seq: int = 0, unit_ring: bool = False) -> str:
+                  seq: int = 0, unit_ring: bool = False, lazy: bool = False, prefetch: int = 0) -> str:
     """The CUDA source for these shapes and this form (one clear error for a combination the
     kernel does not take)."""
+    if prefetch and (persist not in (1, 2) or unit_ring or not 0 < prefetch <= 8):
+        raise ValueError("CudaHiddenAttention: the L2 prefetch goes with the persistent form's stages (not the unit "
+                         f"ring), 1–8 tiles ahead; got prefetch {prefetch}, persist {persist}, unit ring {unit_ring}")
     if cluster not in (1, 2):
         raise ValueError(f"CudaHiddenAttention: cluster must be 1 or 2, got {cluster}")
     if cluster > 1 and (not bulk or not red2 or pipe or qsmem):
@@ -1075,6 +1138,11 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     defines = {"E": E, "HN": H, "NT": -(-H // 8), "NW": warps, "EW": E // cluster // warps, "STAGES": stages, "ROWS": rows,
                "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
                "RED2": int(bool(red2)), "CL": int(cluster), "PERSIST": int(persist), "UR": int(bool(unit_ring))}
+    if lazy:
+        defines.update(LAZY=1, LAZY_LOG2=f"{LAZY_LOG2:.1f}f")
+    else:
+        defines["LAZY"] = 0
+    defines["PF"] = int(prefetch)
     defines["RHN"] = score_heads(H, E, warps, stages, rows, unit_ring)
     defines["REDF"] = red_floats(E, H, warps, rows, cluster, persist, unit_ring, stages, defines["RHN"])
     if persist:
@@ -1090,14 +1158,15 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
 
 def build_kernel(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
                  bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1, persist: int = 0,
-                 seq: int = 0, unit_ring: bool = False) -> Any:
+                 seq: int = 0, unit_ring: bool = False, lazy: bool = False, prefetch: int = 0) -> Any:
     """The compiled kernel for these shapes (NVRTC, cached per process) and its shared memory in
     bytes. ``mode`` is for the bench only: 1 streams X without the arithmetic, 2 does the
     arithmetic on one resident tile; for the persistent form, 3 copies half of each tile's rows
     and 4 only the first stages, with all the arithmetic (outputs meaningless)."""
     import torch
 
-    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster, persist, seq, unit_ring)
+    src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster, persist, seq, unit_ring,
+                        lazy, prefetch)
     key = (src, torch.cuda.current_device())
     if key in _CACHE:
         return _CACHE[key]
@@ -1121,8 +1190,8 @@ class CudaHiddenAttention:
 
     def __init__(self, B: int, H: int, S: int, E: int, *, warps: int = 8, stages: int = 3, splits: int = 1,
                  rows: int = 16, qsmem: bool = False, pipe: bool = False, bulk: bool = False, red2: bool = False,
-                 mode: int = 0, cluster: int = 1, persist: int = 0, unit_ring: bool = False, blocks: int | None = None,
-                 device: Any = None, dtype: Any = None) -> None:
+                 mode: int = 0, cluster: int = 1, persist: int = 0, unit_ring: bool = False, lazy: bool = False,
+                 prefetch: int = 0, blocks: int | None = None, device: Any = None, dtype: Any = None) -> None:
         import torch
 
         if dtype is not None and dtype != torch.float16:
@@ -1130,7 +1199,8 @@ class CudaHiddenAttention:
         self.B, self.H, self.S, self.E = B, H, S, E
         self.warps, self.stages, self.splits = int(warps), int(stages), max(1, int(splits))
         self.rows, self.qsmem, self.pipe, self.bulk, self.red2 = int(rows), bool(qsmem), bool(pipe), bool(bulk), bool(red2)
-        self.cluster, self.persist, self.unit_ring = int(cluster), int(persist), bool(unit_ring)
+        self.cluster, self.persist, self.unit_ring, self.lazy = int(cluster), int(persist), bool(unit_ring), bool(lazy)
+        self.prefetch = int(prefetch)
         if blocks is not None and not self.persist:
             raise ValueError(f"CudaHiddenAttention: blocks (got {blocks}) is for the persistent form; "
                              "the per-clip forms launch a block per clip and split")
@@ -1140,7 +1210,7 @@ class CudaHiddenAttention:
         with torch.cuda.device(dev):
             self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
                                                   self.bulk, self.red2, mode, self.cluster, self.persist, S,
-                                                  self.unit_ring)
+                                                  self.unit_ring, self.lazy, self.prefetch)
         chunk = -(-S // self.splits)
         self.chunk = -(-chunk // self.rows) * self.rows
         self.out, self.mp, self.lp, self.ap = split_buffers(B, H, E, self.splits, device, torch.float16)
@@ -1157,9 +1227,11 @@ class CudaHiddenAttention:
     @classmethod
     def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
         """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2[,
-        mode[, cluster[, persist[, unit_ring]]]])."""
+        mode[, cluster[, persist[, unit_ring[, lazy[, prefetch]]]]]])."""
         names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist",
-                 "unit_ring")
+                 "unit_ring", "lazy", "prefetch")
+        if len(cfg) > len(names):
+            raise ValueError(f"CudaHiddenAttention: a configuration has at most {len(names)} elements, got {cfg}")
         return cls(B, H, S, E, **dict(zip(names, cfg)), **kw)
 
     @staticmethod
@@ -1168,7 +1240,8 @@ class CudaHiddenAttention:
         return f"cuda w{cfg[0]} st{cfg[1]} s{cfg[2]} r{cfg[3]}" + (f" {flags}" if flags else "") + \
             (f" mode{cfg[8]}" if len(cfg) > 8 and cfg[8] else "") + (f" c{cfg[9]}" if len(cfg) > 9 and cfg[9] > 1 else "") + \
             ({0: "", 1: " persistent", 2: " persistent staged"}.get(cfg[10], f" persist{cfg[10]}") if len(cfg) > 10 else "") + \
-            (" unit ring" if len(cfg) > 11 and cfg[11] else "")
+            (" unit ring" if len(cfg) > 11 and cfg[11] else "") + (" lazy" if len(cfg) > 12 and cfg[12] else "") + \
+            (f" L2+{cfg[13]}" if len(cfg) > 13 and cfg[13] else "")
 
     def label(self) -> str:
         parts = [f"warps {self.warps}",
@@ -1180,6 +1253,10 @@ class CudaHiddenAttention:
             parts.append("pipelined")
         if self.red2:
             parts.append("scores summed once")
+        if self.lazy:
+            parts.append("lazy rescale")
+        if self.prefetch:
+            parts.append(f"{self.prefetch} tiles ahead asked into L2")
         if self.cluster > 1:
             parts.append(f"a cluster of {self.cluster} blocks per clip")
         if self.persist:
