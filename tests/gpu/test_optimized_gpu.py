@@ -52,7 +52,7 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
     against stock ``generate``. ``persistent``: the persistent CUDA kernel is the only candidate,
     on 3 blocks for the 8 clips, so clips are cut between blocks inside the captured decode step;
     ``unit ring``: the same with its ring of 16-row units; ``lazy``: the persistent staged form with the
-    lazy rescale."""
+    lazy rescale and the last warp's refill (the candidate chosen at b1024 on the H200)."""
     from bench.cli import _whisper_model
     from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
     from mi300x_cert.workloads.optimized import whisper_fast as wf
@@ -64,7 +64,7 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
             pytest.skip(why or "bulk copies need compute capability 9.0")
         monkeypatch.setattr(wf, "HIDDEN_ATTN_CONFIGS", ())
         cfg = {"persistent": (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2), "unit ring": (8, 5, 1, 32, 0, 0, 1, 1, 0, 1, 1, 1),
-               "lazy": (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1)}[only]
+               "lazy": (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 0, 1)}[only]
         monkeypatch.setattr(hc, "CUDA_HIDDEN_CONFIGS", (cfg,))
         monkeypatch.setattr(hc, "persist_blocks", lambda device: 3)
 
@@ -83,6 +83,7 @@ def test_whisper_hidden_form_on_gpu_is_the_stock_function(only, monkeypatch):
         assert "persistent: 3 blocks" in fw.attn_choice[B]["cross"], fw.attn_choice[B]
         assert ("16-row units" in fw.attn_choice[B]["cross"]) == (only == "unit ring"), fw.attn_choice[B]
         assert ("lazy rescale" in fw.attn_choice[B]["cross"]) == (only == "lazy"), fw.attn_choice[B]
+        assert ("the last warp done with a stage refills it" in fw.attn_choice[B]["cross"]) == (only == "lazy")
     # self-attention: the launch configuration chosen by timing (the fastest of those that passed
     # the check against SDPA)
     rec = fw.attn_choice[B]
@@ -170,7 +171,7 @@ def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     assert got.shape == (B, H, E) and got.stride(1) == B * E  # head-major buffer, as the per-head W_v reads it
 
 
-@pytest.mark.parametrize("H,S,E,B,blocks,stages,rows,persist,ur,lazy", [
+@pytest.mark.parametrize("H,S,E,B,blocks,stages,rows,persist,ur,opts", [  # opts: 1 lazy rescale, 2 last-warp refill
     (20, 1500, 1280, 7, 5, 2, 32, 1, 0, 0),       # clips cut between blocks (ranges of 65–66 tiles of 47)
     (20, 1500, 1280, 7, 5, 2, 32, 2, 0, 0),       # … the output staged in shared memory
     (20, 1500, 1280, 300, None, 2, 32, 1, 0, 0),  # one block per multiprocessor, 2–3 clips each
@@ -189,8 +190,12 @@ def test_cuda_hidden_attention_matches_reference(H, S, E, B, cfg):
     (20, 1500, 1280, 7, 5, 2, 32, 2, 0, 1),       # lazy rescale: cut clips merged, output staged
     (20, 1500, 1280, 300, "2x", 2, 32, 2, 0, 1),  # … blocks not all resident at once
     (6, 77, 384, 9, 4, 3, 32, 1, 0, 1),           # … overlapping last tile, 6 heads, direct stores
+    (20, 1500, 1280, 7, 5, 2, 32, 2, 0, 2),       # the last warp done with a stage refills it: cut clips
+    (20, 1500, 1280, 300, "2x", 2, 32, 2, 0, 2),  # … blocks not all resident at once
+    (6, 77, 384, 9, 4, 3, 32, 1, 0, 2),           # … three stages, overlapping last tile, direct stores
+    (16, 1500, 1024, 6, 4, 3, 16, 2, 0, 3),       # … with the lazy rescale, 16-row tiles, 16 heads
 ])
-def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist, ur, lazy):
+def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, persist, ur, opts):
     """The persistent form (a range of the batch's tiles per block, a clip cut between two blocks
     finished by the one that ends second) against the float32 reference: with the hand-over slots
     poisoned with NaN before the first launch, and on two inputs alternated, called directly and
@@ -212,10 +217,12 @@ def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, pers
     xs = [torch.randn(B, S, E, device="cuda", generator=g).half() for _ in range(2)]
     qp = (torch.randn(H, B, E, device="cuda", generator=g) * E ** -0.5 * 4).half().transpose(0, 1)
     k = hc.CudaHiddenAttention(B, H, S, E, warps=8, stages=stages, rows=rows, bulk=True, red2=True, persist=persist,
-                               unit_ring=bool(ur), lazy=bool(lazy), blocks=blocks, device="cuda", dtype=torch.float16)
+                               unit_ring=bool(ur), lazy=bool(opts & 1), last_refills=bool(opts & 2), blocks=blocks,
+                               device="cuda", dtype=torch.float16)
     assert k.grid == min(B, blocks or sms)
     assert "persistent" in k.label() and ("16-row units" in k.label()) == bool(ur)
-    assert ("lazy rescale" in k.label()) == bool(lazy)
+    assert ("lazy rescale" in k.label()) == bool(opts & 1)
+    assert ("the last warp done with a stage refills it" in k.label()) == bool(opts & 2)
     wants = [hidden_attention_reference(qp, x).float() for x in xs]
 
     def check(got, j):
@@ -252,6 +259,7 @@ def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, pers
     (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1),  # … persistent, staged, clips cut between 3 blocks
     (8, 2, 2, 32, 0, 0, 1, 1, 0, 1, 0, 0, 1),  # … two splits per clip, merged
     (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 2),  # … with the next two tiles asked into L2 ahead
+    (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 0, 1),  # … the last warp done with a stage refills it
     (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2),        # the same data without it
 ])
 def test_cuda_hidden_attention_lazy_rescale_rising_scores(cfg):

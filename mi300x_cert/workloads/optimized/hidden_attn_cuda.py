@@ -57,15 +57,22 @@ between two block barriers, so no warp writes the next tile's before every warp 
 tile's), kept for the real heads only where the padded ones would not fit (their stores predicated
 off, their reads clamped to a real head's row).
 
-``lazy`` (bench only: measured slower, see :data:`CUDA_HIDDEN_CONFIGS`): the online softmax's rescale of the accumulators (a multiply per accumulator, ≈ 120 per
-thread and tile at large-v3 shapes, beside ≈ 120 matrix instructions) is skipped in every tile where no
-head of the warp moved its running max, and a running max moves only where the tile's passes it by
-more than 2^:data:`LAZY_LOG2` (as in FlashAttention-4): after a clip's first tiles, a rescale is rare.
-The result is the same softmax (the accumulators and the running sum always share one reference max;
+``lazy`` (a candidate together with ``last_refills``, see :data:`CUDA_HIDDEN_CONFIGS`): the online
+softmax's rescale of the accumulators (a multiply per accumulator, ≈ 120 per thread and tile at
+large-v3 shapes, beside ≈ 120 matrix instructions) is skipped in every tile where no head of the warp
+moved its running max, and a running max moves only where the tile's passes it by more than
+2^:data:`LAZY_LOG2` (as in FlashAttention-4): after a clip's first tiles, a rescale is rare. The
+result is the same softmax (the accumulators and the running sum always share one reference max;
 the final division cancels it), rounded differently; each probability is one fused multiply-add and
-one exp2. ``prefetch`` (bench only, persistent form with stages: measured slower) asks the tiles
-that many places after the ring's into L2 (``cp.async.bulk.prefetch.L2``, one row a lane) ahead of
-their bulk copies.
+one exp2.
+
+``last_refills`` (persistent form with stages): no "empty" barriers; each warp counts itself done with
+a stage in shared memory, and the last one issues the stage's refill at once (all stages are filled
+at the start), so warp 0 no longer waits for every other warp before computing its next tile.
+
+``prefetch`` (bench only, persistent form with stages: measured slower) asks the tiles that many
+places after the ring's into L2 (``cp.async.bulk.prefetch.L2``, one row a lane) ahead of their bulk
+copies.
 
 A kernel that fails to compile, to launch or to match the float32 reference is not chosen; a fault
 on the device while a chosen kernel runs fails the run (a CUDA error is sticky for the process).
@@ -118,20 +125,26 @@ LAZY_LOG2 = 8.0
 # the same rows in flight as two stages, so the unit ring itself costs 7%: its per-tile loop has
 # ≈ 1,000–1,085 instructions against 863 (two barrier waits and slot arithmetic per tile; with five
 # units, the real-heads-only stores and registers spilled in the loop). More rows in flight gained
-# nothing: at this instruction count the kernel is bound by issuing them, not by the loads.
-# Bench-only, not a candidate.
+# nothing. Bench-only, not a candidate.
 #
 # The lazy rescale (13th element 1: the accumulators' rescale skipped in every tile where no head of
-# the warp moved its running max, see the module doc) is correct (tests/gpu, with scores that move
-# every head's max several times) and takes the arithmetic alone from 866 to 804 µs per layer at b1024
-# (diagnostic mode 4), but the whole kernel does not follow: 1,140 µs against 1,125–1,126 for the
-# persistent staged form, 1,173 against 1,159 per clip (bench/results/h200-run23-hidden-attn-lazy.json,
-# h200-run24-hidden-attn-lazy-modes.json). Asking the tiles after the ring's into L2 ahead of their copies
-# (14th element: how many tiles ahead; cp.async.bulk.prefetch.L2) is slower still: 1,432–1,806 µs
-# (h200-run25-hidden-attn-l2-prefetch.json). Both bench-only, not candidates.
+# the warp moved its running max, see the module doc) takes the arithmetic alone from 866 to 804 µs
+# per layer at b1024 (diagnostic mode 4), but alone the whole kernel does not follow: 1,140 µs
+# against 1,125–1,126 for the persistent staged form, 1,173 against 1,159 per clip
+# (bench/results/h200-run23-hidden-attn-lazy.json, h200-run24-hidden-attn-lazy-modes.json): the
+# schedulers issue in a third of their cycles and the warps wait at the block barriers and for the
+# next tile (Nsight Compute, h200-run27-ncu-*.txt), not on issuing. The last warp's refill (15th
+# element 1: each warp counts itself done with a stage in shared memory and the last one refills it,
+# instead of warp 0 waiting for all of them before computing its next tile) is no faster alone
+# (1,131–1,135 µs) but **with the lazy rescale** it is: **1,112 µs = 3.54 TB/s** in two runs
+# (h200-run28-hidden-attn-last-refill.json, h200-run29-hidden-attn-lazy-last.json; sustained for
+# 300 calls 1,153 against 1,171), the candidate the chooser picked at b1024 in run 29's Whisper run
+# (1,123 µs on the batch's own data). Asking the tiles after the ring's into L2 ahead of their
+# copies (14th element: how many tiles ahead; cp.async.bulk.prefetch.L2) is slower: 1,432–1,806 µs
+# (h200-run25-hidden-attn-l2-prefetch.json). The lazy rescale alone and the prefetch are bench-only.
 CUDA_HIDDEN_CONFIGS: tuple[tuple[int, ...], ...] = (
-    (8, 2, 1, 32, 0, 0, 1, 1), (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2), (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1),
-    (8, 3, 1, 16, 0, 0, 0, 0))
+    (8, 2, 1, 32, 0, 0, 1, 1), (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2), (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 0, 1),
+    (8, 3, 1, 16, 0, 0, 1, 1), (8, 3, 1, 16, 0, 0, 0, 1), (8, 3, 1, 16, 0, 0, 0, 0))
 
 
 _SOURCE = r"""
@@ -775,7 +788,11 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   if (threadIdx.x == 0) {
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(bars + 8 * st, 1);
+#if LASTW
+      *reinterpret_cast<unsigned*>(smem + XS_HALVES * 2 + (REDF + TOTN * RHN * RS) * 4 + 8 * (STAGES + st)) = 0u;
+#else
       mbar_init(bars + 8 * (STAGES + st), NW);
+#endif
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -808,9 +825,15 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
     if (lane < LR)
       bulk_copy(smem_u32(xall + st * STAGE_HALVES) + lane * PITCH * 2, X + ((long long)b * S + r0 + lane) * E, E * 2, bar);
   };
+  // LASTW: every stage is free at the start, so all of them are filled here; afterwards the last warp
+  // done with a stage refills it (below). Otherwise warp 0 keeps one stage back for the loop's refill.
   if (w == 0)
-    for (int i = 0; i < STAGES - 1; ++i)
+    for (int i = 0; i < STAGES - 1 + (LASTW && MODE != 4); ++i)
       if (i < n) load(i);
+#if LASTW
+  // per stage, how many warps are done with its tile (where the "empty" barriers would be)
+  unsigned* done = reinterpret_cast<unsigned*>(smem + XS_HALVES * 2 + (REDF + TOTN * RHN * RS) * 4 + 8 * STAGES);
+#endif
 #if PF
   // PF > 0: the PF tiles after the ring's are asked into L2 ahead of their bulk copies (one row a lane),
   // so a stage's copy reads L2 where the ring has no room for more tiles in flight
@@ -862,7 +885,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
 #else
       // warp 0 refills the stage of tile i - 1 with tile i + STAGES - 1 once every warp is done with it
       // (diagnostic mode 4: only the first stages are ever copied, the arithmetic runs on what is there)
-      if (MODE != 4 && w == 0 && i + STAGES - 1 < n) {
+      if (!LASTW && MODE != 4 && w == 0 && i + STAGES - 1 < n) {
         if (i > 0) mbar_wait(bars + 8 * (STAGES + (i - 1) % STAGES), ((i - 1) / STAGES) & 1);
         load(i + STAGES - 1);
 #if PF
@@ -892,7 +915,24 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
         mbar_arrive(bars + 8 * (STAGES + s_1));
       }
 #else
+#if LASTW
+      {  // the last warp done with this stage refills it with tile i + STAGES (no warp waits for another here;
+         // the block barriers keep every warp within a tile of the others, so a counter is reset before reuse)
+        unsigned prior = 0;
+        if (lane == 0) {
+          __threadfence_block();
+          prior = atomicAdd(done + 2 * (i % STAGES), 1u);
+        }
+        if (__shfl_sync(0xffffffffu, prior, 0) == NW - 1) {
+          if (lane == 0) done[2 * (i % STAGES)] = 0u;
+          __threadfence_block();
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+          if (MODE != 4 && i + STAGES < n) load(i + STAGES);
+        }
+      }
+#else
       if (lane == 0) mbar_arrive(bars + 8 * (STAGES + i % STAGES));
+#endif
 #endif
     }
     {  // this block's part of clip b ends here
@@ -1102,9 +1142,13 @@ def kernel_attributes(kernel: Any) -> dict[str, int]:
 
 def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
                   bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1, persist: int = 0,
-                  seq: int = 0, unit_ring: bool = False, lazy: bool = False, prefetch: int = 0) -> str:
+                  seq: int = 0, unit_ring: bool = False, lazy: bool = False, prefetch: int = 0,
+                  last_refills: bool = False) -> str:
     """The CUDA source for these shapes and this form (one clear error for a combination the
     kernel does not take)."""
+    if last_refills and (persist not in (1, 2) or unit_ring or prefetch):
+        raise ValueError("CudaHiddenAttention: the last warp's refill goes with the persistent form's stages (not the "
+                         f"unit ring, no L2 prefetch); got persist {persist}, unit ring {unit_ring}, prefetch {prefetch}")
     if prefetch and (persist not in (1, 2) or unit_ring or not 0 < prefetch <= 8):
         raise ValueError("CudaHiddenAttention: the L2 prefetch goes with the persistent form's stages (not the unit "
                          f"ring), 1–8 tiles ahead; got prefetch {prefetch}, persist {persist}, unit ring {unit_ring}")
@@ -1143,6 +1187,7 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     else:
         defines["LAZY"] = 0
     defines["PF"] = int(prefetch)
+    defines["LASTW"] = int(bool(last_refills))
     defines["RHN"] = score_heads(H, E, warps, stages, rows, unit_ring)
     defines["REDF"] = red_floats(E, H, warps, rows, cluster, persist, unit_ring, stages, defines["RHN"])
     if persist:
@@ -1158,7 +1203,8 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
 
 def build_kernel(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem: bool = False, pipe: bool = False,
                  bulk: bool = False, red2: bool = False, mode: int = 0, cluster: int = 1, persist: int = 0,
-                 seq: int = 0, unit_ring: bool = False, lazy: bool = False, prefetch: int = 0) -> Any:
+                 seq: int = 0, unit_ring: bool = False, lazy: bool = False, prefetch: int = 0,
+                 last_refills: bool = False) -> Any:
     """The compiled kernel for these shapes (NVRTC, cached per process) and its shared memory in
     bytes. ``mode`` is for the bench only: 1 streams X without the arithmetic, 2 does the
     arithmetic on one resident tile; for the persistent form, 3 copies half of each tile's rows
@@ -1166,7 +1212,7 @@ def build_kernel(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem:
     import torch
 
     src = kernel_source(H, E, warps, stages, rows, qsmem, pipe, bulk, red2, mode, cluster, persist, seq, unit_ring,
-                        lazy, prefetch)
+                        lazy, prefetch, last_refills)
     key = (src, torch.cuda.current_device())
     if key in _CACHE:
         return _CACHE[key]
@@ -1191,7 +1237,8 @@ class CudaHiddenAttention:
     def __init__(self, B: int, H: int, S: int, E: int, *, warps: int = 8, stages: int = 3, splits: int = 1,
                  rows: int = 16, qsmem: bool = False, pipe: bool = False, bulk: bool = False, red2: bool = False,
                  mode: int = 0, cluster: int = 1, persist: int = 0, unit_ring: bool = False, lazy: bool = False,
-                 prefetch: int = 0, blocks: int | None = None, device: Any = None, dtype: Any = None) -> None:
+                 prefetch: int = 0, last_refills: bool = False, blocks: int | None = None, device: Any = None,
+                 dtype: Any = None) -> None:
         import torch
 
         if dtype is not None and dtype != torch.float16:
@@ -1200,7 +1247,7 @@ class CudaHiddenAttention:
         self.warps, self.stages, self.splits = int(warps), int(stages), max(1, int(splits))
         self.rows, self.qsmem, self.pipe, self.bulk, self.red2 = int(rows), bool(qsmem), bool(pipe), bool(bulk), bool(red2)
         self.cluster, self.persist, self.unit_ring, self.lazy = int(cluster), int(persist), bool(unit_ring), bool(lazy)
-        self.prefetch = int(prefetch)
+        self.prefetch, self.last_refills = int(prefetch), bool(last_refills)
         if blocks is not None and not self.persist:
             raise ValueError(f"CudaHiddenAttention: blocks (got {blocks}) is for the persistent form; "
                              "the per-clip forms launch a block per clip and split")
@@ -1210,7 +1257,7 @@ class CudaHiddenAttention:
         with torch.cuda.device(dev):
             self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
                                                   self.bulk, self.red2, mode, self.cluster, self.persist, S,
-                                                  self.unit_ring, self.lazy, self.prefetch)
+                                                  self.unit_ring, self.lazy, self.prefetch, self.last_refills)
         chunk = -(-S // self.splits)
         self.chunk = -(-chunk // self.rows) * self.rows
         self.out, self.mp, self.lp, self.ap = split_buffers(B, H, E, self.splits, device, torch.float16)
@@ -1227,9 +1274,9 @@ class CudaHiddenAttention:
     @classmethod
     def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
         """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2[,
-        mode[, cluster[, persist[, unit_ring[, lazy[, prefetch]]]]]])."""
+        mode[, cluster[, persist[, unit_ring[, lazy[, prefetch[, last_refills]]]]]]])."""
         names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist",
-                 "unit_ring", "lazy", "prefetch")
+                 "unit_ring", "lazy", "prefetch", "last_refills")
         if len(cfg) > len(names):
             raise ValueError(f"CudaHiddenAttention: a configuration has at most {len(names)} elements, got {cfg}")
         return cls(B, H, S, E, **dict(zip(names, cfg)), **kw)
@@ -1241,7 +1288,8 @@ class CudaHiddenAttention:
             (f" mode{cfg[8]}" if len(cfg) > 8 and cfg[8] else "") + (f" c{cfg[9]}" if len(cfg) > 9 and cfg[9] > 1 else "") + \
             ({0: "", 1: " persistent", 2: " persistent staged"}.get(cfg[10], f" persist{cfg[10]}") if len(cfg) > 10 else "") + \
             (" unit ring" if len(cfg) > 11 and cfg[11] else "") + (" lazy" if len(cfg) > 12 and cfg[12] else "") + \
-            (f" L2+{cfg[13]}" if len(cfg) > 13 and cfg[13] else "")
+            (f" L2+{cfg[13]}" if len(cfg) > 13 and cfg[13] else "") + \
+            (" last-refill" if len(cfg) > 14 and cfg[14] else "")
 
     def label(self) -> str:
         parts = [f"warps {self.warps}",
@@ -1257,6 +1305,8 @@ class CudaHiddenAttention:
             parts.append("lazy rescale")
         if self.prefetch:
             parts.append(f"{self.prefetch} tiles ahead asked into L2")
+        if self.last_refills:
+            parts.append("the last warp done with a stage refills it")
         if self.cluster > 1:
             parts.append(f"a cluster of {self.cluster} blocks per clip")
         if self.persist:
