@@ -423,6 +423,52 @@ def test_decode_attention_kernel_matches_sdpa_and_generate(tmp_path):
     assert r.returncode == 0 and "KERNEL-OK" in r.stdout, r.stderr[-3000:]
 
 
+_GEGLU_CHECK = r"""
+import torch
+from bench.sd_geglu import geglu, geglu_reference
+torch.manual_seed(0)
+for M, K, N, cfg in ((200, 96, 80, (32, 32, 32, 4, 2)), (3 * 64, 64, 128, (64, 64, 64, 4, 2))):
+    x, w, b = torch.randn(2, M // 2, K), torch.randn(2 * N, K) / K ** 0.5, torch.randn(2 * N)
+    y = geglu(x, w, b, config=cfg)
+    ref = geglu_reference(x.double(), w.double(), b.double())
+    rel = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert y.shape == (2, M // 2, N) and rel < 1e-5, (M, K, N, rel)
+    from diffusers.models.activations import GEGLU
+    m = GEGLU(K, N).double()
+    with torch.no_grad():
+        assert torch.allclose(m(x.double()), geglu_reference(x.double(), m.proj.weight, m.proj.bias))
+for bad, msg in (((torch.randn(4, 8), torch.randn(15, 8), torch.randn(15)), "weight must be"),
+                 ((torch.randn(4, 8), torch.randn(16, 8), torch.randn(8)), "bias must be"),
+                 ((torch.randn(4, 8), torch.randn(16, 8).half(), torch.randn(16).half()), "one dtype")):
+    try:
+        geglu(*bad)
+    except ValueError as e:
+        assert msg in str(e), e
+    else:
+        raise AssertionError(msg)
+print("GEGLU-OK")
+"""
+
+
+def test_bench_geglu_one_kernel_is_the_modules_function(tmp_path):
+    """The bench's one-kernel GEGLU (both halves' products in one Triton program, the gate in the
+    epilogue), run by triton's CPU interpreter, against diffusers' arithmetic in float64 (value
+    half first, exact GELU on the gate half), with tails in M and N; one clear error per bad input."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "geglu_check.py"
+    script.write_text(_GEGLU_CHECK)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and "GEGLU-OK" in r.stdout, r.stderr[-3000:]
+
+
 def test_bench_whisper_recipe_runs_in_a_child_and_a_crash_is_a_row(monkeypatch):
     """The Whisper compile recipe can take its process down (a segmentation fault was measured):
     the bench runs it in a child process; a crash becomes an error row naming the signal, a
@@ -602,7 +648,7 @@ def test_cuda_hidden_attention_shapes_and_refusals():
     assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2)) == "cuda w8 st2 s1 r32 tr persistent staged"
     # the bench-only lazy rescale and L2 prefetch (measured slower, not candidates): their keys, their
     # macros, and one clear error where the prefetch does not go
-    assert not any(len(c) > 12 and any(c[12:]) for c in hc.CUDA_HIDDEN_CONFIGS)
+    assert [c for c in hc.CUDA_HIDDEN_CONFIGS if len(c) > 12 and any(c[12:])] == [(8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 0, 1)]
     assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1)) == \
         "cuda w8 st2 s1 r32 tr persistent staged lazy"
     assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 0, 0, 1)) == "cuda w8 st2 s1 r32 tr lazy"
@@ -616,8 +662,18 @@ def test_cuda_hidden_attention_shapes_and_refusals():
         kw = {**dict(rows=32, bulk=True, red2=True, seq=1500, stages=2, prefetch=2), **bad}
         with pytest.raises(ValueError, match="L2 prefetch goes with the persistent form"):
             hc.kernel_source(20, 1280, 8, **kw)
-    with pytest.raises(ValueError, match="at most 14 elements"):
-        hc.CudaHiddenAttention.from_config(4, 20, 1500, 1280, (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 1, 1))
+    # the last warp done with a stage refills it (15th element): persistent stages only
+    assert hc.CudaHiddenAttention.config_key((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 0, 0, 1)) == \
+        "cuda w8 st2 s1 r32 tr persistent staged last-refill"
+    assert "#define LASTW 1" in hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=2, seq=1500,
+                                                 last_refills=True)
+    assert "#define LASTW 0" in hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=2, seq=1500)
+    for bad in (dict(persist=0), dict(persist=1, unit_ring=True, stages=5), dict(persist=2, prefetch=1)):
+        kw = {**dict(rows=32, bulk=True, red2=True, seq=1500, stages=2, last_refills=True), **bad}
+        with pytest.raises(ValueError, match="last warp's refill goes with the persistent form"):
+            hc.kernel_source(20, 1280, 8, **kw)
+    with pytest.raises(ValueError, match="at most 15 elements"):
+        hc.CudaHiddenAttention.from_config(4, 20, 1500, 1280, (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 1, 1, 1))
     # staged output: a clip's [heads × (E + 8)] fp16 rows where the partial scores were, or more room
     assert hc.smem_bytes(1280, 20, 8, 2, 32, bulk=True, persist=2) == hc.smem_bytes(1280, 20, 8, 2, 32, bulk=True)
     assert hc.smem_bytes(1024, 16, 8, 3, 16, bulk=True, persist=2) == 3 * 16 * 1032 * 2 + 16 * 1032 * 2 + 16 * 20 * 4 + 48
