@@ -254,6 +254,48 @@ def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, pers
     assert int(k.flags.abs().sum()) == 0
 
 
+def _cuda_source(hc, H, S, E, cfg):
+    """The kernel source of a CUDA_HIDDEN_CONFIGS-style tuple, as build_kernel makes it."""
+    names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist",
+             "unit_ring", "lazy", "prefetch", "last_refills")
+    kw = dict(zip(names, cfg))
+    kw.pop("splits")
+    return hc.kernel_source(H, E, seq=S, **kw)
+
+
+@pytest.mark.parametrize("cfg,B,blocks", [
+    ((8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 0, 1), 7, 5),     # the candidate: two stages, clips cut
+    ((8, 4, 1, 16, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 1), 300, None),  # four 16-row stages, direct stores, every SM
+])
+def test_cuda_hidden_attention_last_refill_waits_for_a_slow_warp(cfg, B, blocks):
+    """The last warp's refill with one warp made to read every tile late (a test-only sleep of 4 µs
+    before its second product, ``STALL_WARP``): a stage refilled before every warp is done with it
+    would hand that warp rows of a later tile. The same bits as without the sleep, and the float32
+    reference."""
+    from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
+    from mi300x_cert.workloads.optimized.whisper_fast import hidden_attention_reference
+
+    ok, why = hc.cuda_hidden_available("cuda")
+    if not ok or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip(why or "bulk copies need compute capability 9.0")
+    H, S, E = 20, 1500, 1280
+    g = torch.Generator(device="cuda").manual_seed(13)
+    x = torch.randn(B, S, E, device="cuda", generator=g).half()
+    qp = (torch.randn(H, B, E, device="cuda", generator=g) * E ** -0.5 * 4).half().transpose(0, 1)
+    k = hc.CudaHiddenAttention.from_config(B, H, S, E, cfg, blocks=blocks, device="cuda", dtype=torch.float16)
+    fast = k(qp, x).clone()
+    slow = "#define STALL_WARP 5\n#define STALL_NS 4000\n" + _cuda_source(hc, H, S, E, cfg)
+    assert "#define LASTW 1" in slow
+    k.kernel = torch.cuda._compile_kernel(slow, "hidden_attn_cuda", nvcc_options=["-std=c++17"])
+    hc._set_smem(k.kernel, k.smem)
+    got = k(qp, x).float()
+    torch.cuda.synchronize()
+    assert torch.equal(got.half(), fast)
+    want = hidden_attention_reference(qp, x).float()
+    assert float((got - want).abs().max() / want.abs().max()) < 5e-3
+    assert int(k.flags.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("cfg", [
     (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 0, 0, 1),  # lazy rescale, a block per clip
     (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1),  # … persistent, staged, clips cut between 3 blocks

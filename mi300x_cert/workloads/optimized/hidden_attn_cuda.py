@@ -400,6 +400,10 @@ __device__ __forceinline__ void softmax_pv(const float* rsum, Masked masked, uns
     }
   }
   // O'^T[e][h] += X_tile^T . P
+#ifdef STALL_WARP
+  // tests only: one warp reads the tile late, so a stage refilled before every warp is done with it shows
+  if ((threadIdx.x >> 5) == STALL_WARP) __nanosleep(STALL_NS);
+#endif
 #pragma unroll
   for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -925,6 +929,7 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
         }
         if (__shfl_sync(0xffffffffu, prior, 0) == NW - 1) {
           if (lane == 0) done[2 * (i % STAGES)] = 0u;
+          __syncwarp();  // every lane after lane 0's count, then the fences, then the copies
           __threadfence_block();
           asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
           if (MODE != 4 && i + STAGES < n) load(i + STAGES);
@@ -1149,7 +1154,7 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
     if last_refills and (persist not in (1, 2) or unit_ring or prefetch):
         raise ValueError("CudaHiddenAttention: the last warp's refill goes with the persistent form's stages (not the "
                          f"unit ring, no L2 prefetch); got persist {persist}, unit ring {unit_ring}, prefetch {prefetch}")
-    if prefetch and (persist not in (1, 2) or unit_ring or not 0 < prefetch <= 8):
+    if prefetch != int(prefetch) or (prefetch and (persist not in (1, 2) or unit_ring or not 0 < prefetch <= 8)):
         raise ValueError("CudaHiddenAttention: the L2 prefetch goes with the persistent form's stages (not the unit "
                          f"ring), 1–8 tiles ahead; got prefetch {prefetch}, persist {persist}, unit ring {unit_ring}")
     if cluster not in (1, 2):
@@ -1183,7 +1188,7 @@ def kernel_source(H: int, E: int, warps: int, stages: int, rows: int = 16, qsmem
                "MODE": int(mode), "QS": int(bool(qsmem)), "PIPE": int(bool(pipe)), "BULK": int(bool(bulk)),
                "RED2": int(bool(red2)), "CL": int(cluster), "PERSIST": int(persist), "UR": int(bool(unit_ring))}
     if lazy:
-        defines.update(LAZY=1, LAZY_LOG2=f"{LAZY_LOG2:.1f}f")
+        defines.update(LAZY=1, LAZY_LOG2=f"{float(LAZY_LOG2)!r}f")
     else:
         defines["LAZY"] = 0
     defines["PF"] = int(prefetch)
