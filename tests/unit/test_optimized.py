@@ -658,7 +658,8 @@ def test_cuda_hidden_attention_shapes_and_refusals():
     src = hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=2, seq=1500, lazy=True, prefetch=2)
     assert "#define LAZY 1" in src and "#define LAZY_LOG2 8.0f" in src and "#define PF 2" in src
     assert "#define PF 0" in hc.kernel_source(20, 1280, 8, 2, 32, bulk=True, red2=True, persist=2, seq=1500)
-    for bad in (dict(persist=0), dict(persist=1, unit_ring=True, stages=5), dict(persist=2, prefetch=9)):
+    for bad in (dict(persist=0), dict(persist=1, unit_ring=True, stages=5), dict(persist=2, prefetch=9),
+                dict(persist=2, prefetch=1.5)):
         kw = {**dict(rows=32, bulk=True, red2=True, seq=1500, stages=2, prefetch=2), **bad}
         with pytest.raises(ValueError, match="L2 prefetch goes with the persistent form"):
             hc.kernel_source(20, 1280, 8, **kw)
