@@ -94,8 +94,11 @@ def main() -> None:
                     rec["of_copy"] = rec["tb_s"] / res["copy_tb_s"]
             except Exception as e:
                 rec["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
-            row["kernels"][name] = rec
-            print(B, name, json.dumps(rec), flush=True)
+            key, k_rep = name, 2
+            while key in row["kernels"]:  # the same configuration again in one run: kept beside the first
+                key, k_rep = f"{name} (#{k_rep})", k_rep + 1
+            row["kernels"][key] = rec
+            print(B, key, json.dumps(rec), flush=True)
             del k
         res["batches"][str(B)] = row
         del X, qp

@@ -136,7 +136,7 @@ LAZY_LOG2 = 8.0
 # next tile (Nsight Compute, h200-run27-ncu-*.txt), not on issuing. The last warp's refill (15th
 # element 1: each warp counts itself done with a stage in shared memory and the last one refills it,
 # instead of warp 0 waiting for all of them before computing its next tile) is no faster alone
-# (1,131–1,135 µs) but **with the lazy rescale** it is: **1,112 µs = 3.54 TB/s** in two runs
+# (1,132–1,135 µs) but **with the lazy rescale** it is: **1,112 µs = 3.54 TB/s** in two runs
 # (h200-run28-hidden-attn-last-refill.json, h200-run29-hidden-attn-lazy-last.json; sustained for
 # 300 calls 1,153 against 1,171), the candidate the chooser picked at b1024 in run 29's Whisper run
 # (1,123 µs on the batch's own data). Asking the tiles after the ring's into L2 ahead of their
