@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from typing import Any
 
 # (block_m, block_n, block_k, warps, stages): block_n columns of each half per program
@@ -122,24 +121,6 @@ def geglu(x: Any, weight: Any, bias: Any, config: tuple[int, int, int, int, int]
 LEVELS = ((64, 320, 5), (32, 640, 5), (16, 1280, 5), (8, 1280, 1))
 
 
-def _time_us(fn: Any, n: int = 20) -> float:
-    import torch
-
-    for i in range(3):
-        fn(i)
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    meds = []
-    for _ in range(5):
-        ev[0].record()
-        for i in range(n):
-            fn(i)
-        ev[1].record()
-        ev[1].synchronize()
-        meds.append(ev[0].elapsed_time(ev[1]) * 1e3 / n)
-    return statistics.median(meds)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 2], help="UNet batch (2 × images with CFG)")
@@ -151,6 +132,8 @@ def main() -> None:
     import torch.nn.functional as F
     import triton
 
+    from bench.sd_levels import _time_ms
+
     dev, dt = "cuda", torch.float16
     cfgs = ([tuple(int(v) for v in c.split(",")) for c in a.configs.split(";") if c] if a.configs
             else list(GEGLU_CONFIGS))
@@ -159,7 +142,7 @@ def main() -> None:
                            "python": platform.python_version(), "dtype": "fp16", "levels": {}}
     n = 8192
     ga, gb = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-    res["gemm_tflops_fp16"] = 2 * n ** 3 / (_time_us(lambda i: ga @ gb, 10) * 1e-6) / 1e12
+    res["gemm_tflops_fp16"] = 2 * n ** 3 / (_time_ms(lambda i: ga @ gb, 10) * 1e-3) / 1e12
     del ga, gb
     compiled = torch.compile(geglu_reference, fullgraph=True, dynamic=False)
     for B in a.batch:
@@ -189,7 +172,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                     if not name.startswith("product"):
                         rec["max_rel_err_vs_fp64"] = float((out[:nref].double() - ref).abs().max() / ref.abs().max())
-                    us = _time_us(fn)
+                    us = _time_ms(fn, 20) * 1e3
                     rec["us"] = us
                     rec["tflops"] = flop / (us * 1e-6) / 1e12
                     rec["of_gemm"] = rec["tflops"] / res["gemm_tflops_fp16"]
