@@ -8,6 +8,7 @@ must be identical.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -404,22 +405,28 @@ print("KERNEL-OK")
 """
 
 
-def test_decode_attention_kernel_matches_sdpa_and_generate(tmp_path):
-    """The single-query Triton kernel, run by triton's CPU interpreter (a fresh process: the
-    interpreter is chosen when triton is imported), against SDPA on whole K/V, split K/V and a
-    device length; then greedy tokens through it (cross- and self-attention) equal generate's."""
-    pytest.importorskip("triton")
+def _run_interpreted(script: Any, source: str) -> Any:
+    """Run ``source`` as ``script`` in a fresh Python with triton's CPU interpreter (chosen when triton
+    is imported, hence a new process), the repository on the path; the completed process."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    script = tmp_path / "kernel_check.py"
-    script.write_text(_KERNEL_CHECK)
+    script.write_text(source)
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_decode_attention_kernel_matches_sdpa_and_generate(tmp_path):
+    """The single-query Triton kernel, run by triton's CPU interpreter (a fresh process: the
+    interpreter is chosen when triton is imported), against SDPA on whole K/V, split K/V and a
+    device length; then greedy tokens through it (cross- and self-attention) equal generate's."""
+    pytest.importorskip("triton")
+    r = _run_interpreted(tmp_path / "kernel_check.py", _KERNEL_CHECK)
     assert r.returncode == 0 and "KERNEL-OK" in r.stdout, r.stderr[-3000:]
 
 
@@ -455,17 +462,7 @@ def test_bench_geglu_one_kernel_is_the_modules_function(tmp_path):
     epilogue), run by triton's CPU interpreter, against diffusers' arithmetic in float64 (value
     half first, exact GELU on the gate half), with tails in M and N; one clear error per bad input."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    script = tmp_path / "geglu_check.py"
-    script.write_text(_GEGLU_CHECK)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    r = _run_interpreted(tmp_path / "geglu_check.py", _GEGLU_CHECK)
     assert r.returncode == 0 and "GEGLU-OK" in r.stdout, r.stderr[-3000:]
 
 
