@@ -256,9 +256,7 @@ def test_cuda_hidden_attention_persistent(H, S, E, B, blocks, stages, rows, pers
 
 def _cuda_source(hc, H, S, E, cfg):
     """The kernel source of a CUDA_HIDDEN_CONFIGS-style tuple, as build_kernel makes it."""
-    names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist",
-             "unit_ring", "lazy", "prefetch", "last_refills")
-    kw = dict(zip(names, cfg))
+    kw = hc.CudaHiddenAttention.config_kwargs(cfg)
     kw.pop("splits")
     return hc.kernel_source(H, E, seq=S, **kw)
 

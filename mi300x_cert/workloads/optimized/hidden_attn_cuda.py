@@ -789,11 +789,15 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   float* red = reinterpret_cast<float*>(smem + XS_HALVES * 2);
   float* tot = red + REDF;  // REDF: the per-warp partial scores, or (PERSIST 2) a clip's output if larger
   const unsigned bars = smem_u32(smem + XS_HALVES * 2 + (REDF + TOTN * RHN * RS) * 4);
+#if LASTW
+  // per stage, how many warps are done with its tile (where the "empty" barriers would be)
+  unsigned* done = reinterpret_cast<unsigned*>(smem + XS_HALVES * 2 + (REDF + TOTN * RHN * RS) * 4 + 8 * STAGES);
+#endif
   if (threadIdx.x == 0) {
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(bars + 8 * st, 1);
 #if LASTW
-      *reinterpret_cast<unsigned*>(smem + XS_HALVES * 2 + (REDF + TOTN * RHN * RS) * 4 + 8 * (STAGES + st)) = 0u;
+      done[2 * st] = 0u;
 #else
       mbar_init(bars + 8 * (STAGES + st), NW);
 #endif
@@ -834,10 +838,6 @@ hidden_attn_cuda(const unsigned short* __restrict__ Q, const unsigned short* __r
   if (w == 0)
     for (int i = 0; i < STAGES - 1 + (LASTW && MODE != 4); ++i)
       if (i < n) load(i);
-#if LASTW
-  // per stage, how many warps are done with its tile (where the "empty" barriers would be)
-  unsigned* done = reinterpret_cast<unsigned*>(smem + XS_HALVES * 2 + (REDF + TOTN * RHN * RS) * 4 + 8 * STAGES);
-#endif
 #if PF
   // PF > 0: the PF tiles after the ring's are asked into L2 ahead of their bulk copies (one row a lane),
   // so a stage's copy reads L2 where the ring has no room for more tiles in flight
@@ -1276,15 +1276,20 @@ class CudaHiddenAttention:
                                      device=dev, dtype=torch.float32)
             self.flags = torch.zeros(self.grid + 1, device=dev, dtype=torch.int32)
 
-    @classmethod
-    def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
-        """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2[,
-        mode[, cluster[, persist[, unit_ring[, lazy[, prefetch[, last_refills]]]]]]])."""
+    @staticmethod
+    def config_kwargs(cfg: tuple[int, ...]) -> dict[str, int]:
+        """A :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2[, mode[,
+        cluster[, persist[, unit_ring[, lazy[, prefetch[, last_refills]]]]]]]) as keyword arguments."""
         names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist",
                  "unit_ring", "lazy", "prefetch", "last_refills")
         if len(cfg) > len(names):
             raise ValueError(f"CudaHiddenAttention: a configuration has at most {len(names)} elements, got {cfg}")
-        return cls(B, H, S, E, **dict(zip(names, cfg)), **kw)
+        return dict(zip(names, cfg))
+
+    @classmethod
+    def from_config(cls, B: int, H: int, S: int, E: int, cfg: tuple[int, ...], **kw: Any) -> "CudaHiddenAttention":
+        """From a :data:`CUDA_HIDDEN_CONFIGS` tuple (see :meth:`config_kwargs`)."""
+        return cls(B, H, S, E, **cls.config_kwargs(cfg), **kw)
 
     @staticmethod
     def config_key(cfg: tuple[int, ...]) -> str:
