@@ -466,6 +466,93 @@ def test_bench_geglu_one_kernel_is_the_modules_function(tmp_path):
     assert r.returncode == 0 and "GEGLU-OK" in r.stdout, r.stderr[-3000:]
 
 
+_ATTN_CHECK = r"""
+import torch
+from bench.sd_attention import attention, attention_reference, head_parts, _exp2_kernel
+torch.manual_seed(0)
+assert [head_parts(d) for d in (40, 80, 160, 64, 16, 8, 48, 100)] == [
+    (32, 16), (64, 16), (128, 32), (64, 0), (16, 0), (16, 0), (32, 16), (64, 64)]
+
+def diffusers_layout(B, S, H, D):   # [B, S, H·D] viewed as [B, H, S, D]: SD's own strides
+    return torch.randn(B, S, H * D).view(B, S, H, D).transpose(1, 2)
+
+cases = ((2, 3, 70, 50, 40, (32, 16, 4, 2), None), (2, 3, 70, 50, 40, (32, 16, 4, 2), (64, 0)),
+         (1, 2, 33, 77, 80, (16, 32, 4, 2), None), (1, 2, 33, 77, 80, (16, 32, 4, 2), (128, 0)),
+         (1, 1, 16, 64, 64, (16, 16, 4, 1), None), (1, 2, 20, 9, 160, (16, 16, 4, 1), None))
+for B, H, Sq, Sk, D, cfg, parts in cases:
+    q, k, v = diffusers_layout(B, Sq, H, D), diffusers_layout(B, Sk, H, D), diffusers_layout(B, Sk, H, D)
+    o = attention(q, k, v, config=cfg, parts=parts)
+    ref = attention_reference(q.double(), k.double(), v.double())
+    assert torch.allclose(ref, torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double()))
+    rel = float((o.double() - ref).abs().max() / ref.abs().max())
+    assert o.shape == (B, H, Sq, D) and rel < 1e-5, (B, H, Sq, Sk, D, parts, rel)
+q = diffusers_layout(1, 8, 2, 40)
+for bad, msg in (((q, q, q[:, :1]), "k and v must be"), ((q, q.double(), q), "one dtype"),
+                 ((q[..., ::2], q[..., ::2], q[..., ::2]), "last dimension"), ((q[0], q[0], q[0]), "[B, H, S, D]")):
+    try:
+        attention(*bad)
+    except ValueError as e:
+        assert msg in str(e), e
+    else:
+        raise AssertionError(msg)
+for parts in ((32, 0), (48, 0), (32, 8)):
+    try:
+        attention(q, q, q, parts=parts)
+    except ValueError as e:
+        assert "parts" in str(e) and "D = 40" in str(e), e
+    else:
+        raise AssertionError(parts)
+x = torch.rand(4 * 64) + 0.5
+y = torch.empty(64)
+_exp2_kernel()[(1,)](x, y, ITERS=3, BLOCK=64)
+ref = x.double().view(4, 64)
+for _ in range(3):
+    ref = torch.exp2(ref - 1.0)
+assert torch.allclose(y.double(), ref.sum(0), rtol=1e-5), (y, ref.sum(0))
+print("ATTN-OK")
+"""
+
+
+def test_bench_sd_attention_kernel_is_attention(tmp_path):
+    """The bench's Triton attention for SD's heads, run by triton's CPU interpreter in diffusers'
+    strided layout, against softmax(QKᵀ/√d)V in float64 (itself checked against SDPA): the two-part
+    head forms (40 = 32 + 16, 80 = 64 + 16, 160 = 128 + 32) and the padded ones, tails in both
+    sequences; one clear error per bad input or part split; the exp2 ceiling kernel computes exp2."""
+    pytest.importorskip("triton")
+    r = _run_interpreted(tmp_path / "attn_check.py", _ATTN_CHECK)
+    assert r.returncode == 0 and "ATTN-OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_bench_sd_attention_check_parts_sorts_children(monkeypatch):
+    """``--check-parts`` runs each case in a child process and calls it right (within 2e-2 of
+    float64), wrong, or a fault (non-zero exit, or a hang) with the child's error line."""
+    import json
+    import subprocess
+
+    from bench import sd_attention
+
+    seen = []
+    replies = [(0, json.dumps({"max_rel_err": 3e-4}), ""), (0, json.dumps({"max_rel_err": 1.12}), ""),
+               (1, "", "Traceback\ntorch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"),
+               "hang"]
+
+    def fake_run(argv, **kw):
+        seen.append(argv)
+        rep = replies[len(seen) - 1]
+        if rep == "hang":
+            raise subprocess.TimeoutExpired(argv, kw.get("timeout"))
+        return subprocess.CompletedProcess(argv, rep[0], rep[1], rep[2])
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    cases = [(1, 1, 128, 128, 40, (64, 64, 4, 1), (64, 0)), (1, 1, 128, 128, 40, (64, 64, 4, 1), (32, 16)),
+             (64, 8, 4096, 4096, 40, (128, 64, 4, 3), (32, 16)), (1, 1, 8, 8, 40, (16, 16, 4, 1), (64, 0))]
+    rows = sd_attention.check_parts(cases, timeout=5)
+    assert [r["result"] for r in rows] == ["right", "wrong", "fault", "fault"]
+    assert rows[0]["max_rel_err"] == 3e-4 and rows[1]["max_rel_err"] == 1.12
+    assert "illegal memory access" in rows[2]["error"] and "timed out" in rows[3]["error"]
+    assert seen[2][seen[2].index("--one") + 1] == "64,8,4096,4096,40,128,64,4,3,32,16"
+
+
 def test_bench_whisper_recipe_runs_in_a_child_and_a_crash_is_a_row(monkeypatch):
     """The Whisper compile recipe can take its process down (a segmentation fault was measured):
     the bench runs it in a child process; a crash becomes an error row naming the signal, a
