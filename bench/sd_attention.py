@@ -53,6 +53,13 @@ def head_parts(d: int) -> tuple[int, int]:
     return a, b
 
 
+def padded_part(d: int) -> tuple[int, int]:
+    """The head padded to one power-of-two part (≥ 16): ``(64, 0)`` at d = 40."""
+    if d < 1:
+        raise ValueError(f"head dimension must be ≥ 1, got {d}")
+    return max(16, 1 << (d - 1).bit_length()), 0
+
+
 def _kernel() -> Any:
     if "attn" in _KERNELS:
         return _KERNELS["attn"]
@@ -127,8 +134,9 @@ def attention(q: Any, k: Any, v: Any, config: tuple[int, int, int, int] = ATTN_C
               parts: tuple[int, int] | None = None) -> Any:
     """Non-causal attention, q [B, H, Sq, D], k and v [B, H, Sk, D] (any strides with the last
     dimension contiguous), scale 1/√D; one clear error for what it does not take. ``parts``: the two
-    power-of-two column parts (default :func:`head_parts`; ``(64, 0)`` at D = 40 pads like the
-    library kernels)."""
+    power-of-two column parts; by default the head padded to one (:func:`padded_part`: 40 → 64, as
+    the library kernels pad it). ``parts=head_parts(D)`` asks for the two-part form, which triton 3.6
+    compiles wrong on the H200 (run 37): bench-only, behind ``--split``."""
     import torch
     import triton
 
@@ -145,7 +153,7 @@ def attention(q: Any, k: Any, v: Any, config: tuple[int, int, int, int] = ATTN_C
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("attention: the last dimension of q, k and v must be contiguous")
     bm, bn, warps, stages = config
-    da, db = head_parts(D) if parts is None else parts
+    da, db = padded_part(D) if parts is None else parts
     if da + db < D or any(x and (x < 16 or x & (x - 1)) for x in (da, db)) or not da:
         raise ValueError(f"attention: parts {da}, {db} must be powers of two ≥ 16 (the second may be 0) "
                          f"covering D = {D}")
@@ -330,8 +338,7 @@ def main() -> None:
                 cands: list[tuple[str, Any]] = [(name, lambda i, be=be: _sdpa(F, sdpa_kernel, be, ins[i % 2]))
                                                 for name, be in backends.items()]
                 outs = [torch.empty(B, HEADS, sq, D, device=dev, dtype=dt) for _ in range(2)]
-                split = head_parts(D)
-                padded = (max(16, 1 << (D - 1).bit_length()), 0)
+                split, padded = head_parts(D), padded_part(D)
                 forms = [padded] + ([split] if a.split and split != padded else [])
                 cands += [(f"triton m{c[0]} n{c[1]} w{c[2]} st{c[3]} d{'+'.join(str(x) for x in pt if x)}",
                            lambda i, c=c, pt=pt: attention(*ins[i % 2], config=c, out=outs[i % 2], parts=pt))
