@@ -488,11 +488,21 @@ for B, H, Sq, Sk, D, cfg, parts in cases:
     assert torch.allclose(ref, torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double()))
     rel = float((o.double() - ref).abs().max() / ref.abs().max())
     assert o.shape == (B, H, Sq, D) and rel < 1e-5, (B, H, Sq, Sk, D, parts, rel)
+# half precision (p cast to the inputs' dtype before PV), written into a given output
+qh, kh, vh = (diffusers_layout(2, s, 2, 40).half() for s in (40, 70, 70))
+out = torch.full((2, 2, 40, 40), float("nan"), dtype=torch.float16)
+assert attention(qh, kh, vh, config=(16, 32, 4, 2), out=out) is out
+ref = attention_reference(qh.double(), kh.double(), vh.double())
+assert float((out.double() - ref).abs().max() / ref.abs().max()) < 3e-3
 q = diffusers_layout(1, 8, 2, 40)
-for bad, msg in (((q, q, q[:, :1]), "k and v must be"), ((q, q.double(), q), "one dtype"),
-                 ((q[..., ::2], q[..., ::2], q[..., ::2]), "last dimension"), ((q[0], q[0], q[0]), "[B, H, S, D]")):
+for bad, kw, msg in (((q, q, q[:, :1]), {}, "k and v must be"), ((q, q.double(), q), {}, "one dtype"),
+                     ((q[..., ::2], q[..., ::2], q[..., ::2]), {}, "last dimension"),
+                     ((q[0], q[0], q[0]), {}, "[B, H, S, D]"), ((q.double(),) * 3, {}, "float16, bfloat16 or float32"),
+                     ((q, q, q), {"out": torch.empty(1, 2, 8, 41)}, "out must be"),
+                     ((q, q, q), {"out": torch.empty(1, 2, 8, 40).half()}, "out must be"),
+                     ((q, q, q), {"config": (48, 32, 4, 2)}, "config"), ((q, q, q), {"config": (8, 32, 4, 2)}, "config")):
     try:
-        attention(*bad)
+        attention(*bad, **kw)
     except ValueError as e:
         assert msg in str(e), e
     else:
@@ -504,13 +514,14 @@ for parts in ((32, 0), (48, 0), (32, 8)):
         assert "parts" in str(e) and "D = 40" in str(e), e
     else:
         raise AssertionError(parts)
-x = torch.rand(4 * 64) + 0.5
-y = torch.empty(64)
-_exp2_kernel()[(1,)](x, y, ITERS=3, BLOCK=64)
-ref = x.double().view(4, 64)
+x = torch.rand(3 * 4 * 64) + 0.5
+y = torch.full((4 * 64,), -1.0)   # 3 programs write y[:192]; the rest is a guard that must stay untouched
+_exp2_kernel()[(3,)](x, y, ITERS=3, BLOCK=64)
+ref = x.double().view(3, 4, 64)
 for _ in range(3):
     ref = torch.exp2(ref - 1.0)
-assert torch.allclose(y.double(), ref.sum(0), rtol=1e-5), (y, ref.sum(0))
+assert torch.allclose(y[:192].double(), ref.sum(1).reshape(-1), rtol=1e-5), (y, ref.sum(1))
+assert bool((y[192:] == -1.0).all()), "the exp2 kernel wrote past its programs' outputs"
 print("ATTN-OK")
 """
 
@@ -527,7 +538,8 @@ def test_bench_sd_attention_kernel_is_attention(tmp_path):
 
 def test_bench_sd_attention_check_parts_sorts_children(monkeypatch):
     """``--check-parts`` runs each case in a child process and calls it right (within 2e-2 of
-    float64), wrong, or a fault (non-zero exit, or a hang) with the child's error line."""
+    float64), wrong, or a fault (non-zero exit, a hang, no error figure) with the child's own error
+    line, not the hint line torch prints after a CUDA error."""
     import json
     import subprocess
 
@@ -535,8 +547,9 @@ def test_bench_sd_attention_check_parts_sorts_children(monkeypatch):
 
     seen = []
     replies = [(0, json.dumps({"max_rel_err": 3e-4}), ""), (0, json.dumps({"max_rel_err": 1.12}), ""),
-               (1, "", "Traceback\ntorch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"),
-               "hang"]
+               (1, "", "Traceback\ntorch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"
+                       "Search for `cudaErrorIllegalAddress' in https://docs.nvidia.com/cuda/ for more information.\n"),
+               "hang", (0, json.dumps({"note": "no error figure"}), "")]
 
     def fake_run(argv, **kw):
         seen.append(argv)
@@ -547,11 +560,13 @@ def test_bench_sd_attention_check_parts_sorts_children(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     cases = [(1, 1, 128, 128, 40, (64, 64, 4, 1), (64, 0)), (1, 1, 128, 128, 40, (64, 64, 4, 1), (32, 16)),
-             (64, 8, 4096, 4096, 40, (128, 64, 4, 3), (32, 16)), (1, 1, 8, 8, 40, (16, 16, 4, 1), (64, 0))]
+             (64, 8, 4096, 4096, 40, (128, 64, 4, 3), (32, 16)), (1, 1, 8, 8, 40, (16, 16, 4, 1), (64, 0)),
+             (1, 1, 8, 8, 40, (16, 16, 4, 1), (64, 0))]
     rows = sd_attention.check_parts(cases, timeout=5)
-    assert [r["result"] for r in rows] == ["right", "wrong", "fault", "fault"]
+    assert [r["result"] for r in rows] == ["right", "wrong", "fault", "fault", "fault"]
     assert rows[0]["max_rel_err"] == 3e-4 and rows[1]["max_rel_err"] == 1.12
-    assert "illegal memory access" in rows[2]["error"] and "timed out" in rows[3]["error"]
+    assert "CUDA error: an illegal memory access" in rows[2]["error"] and "timed out" in rows[3]["error"]
+    assert rows[4]["error"] and "max_rel_err" not in rows[4]
     assert seen[2][seen[2].index("--one") + 1] == "64,8,4096,4096,40,128,64,4,3,32,16"
 
 
