@@ -18,7 +18,7 @@ padding); ``per_eval_ms`` weighs the shapes by their calls per UNet evaluation.
 tail masked: 83% of the padded form's products at d = 40); ``--check-parts`` checks, each case in a
 child process, which part splits triton compiles right on the card (with triton 3.6 on the H200,
 run 37: those with a 16-column part beside a 32-column one are wrong, and at the UNet's shape one
-faults). Bench-only: the UNet keeps SDPA (docs/performance.md, runs 34–37).
+faults). Bench-only: the UNet keeps SDPA (docs/performance.md, runs 34–37 and 39).
 """
 
 from __future__ import annotations
