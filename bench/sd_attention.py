@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 from typing import Any
 
@@ -35,9 +34,8 @@ ATTN_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
     (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (256, 64, 8, 3),
     (64, 128, 4, 3))
 
-# (latent side, channels, calls per UNet evaluation) of SD v1-4's transformer blocks; 8 heads; each
-# block has one self-attention (side² keys) and one cross-attention (77 text tokens)
-LEVELS = ((64, 320, 5), (32, 640, 5), (16, 1280, 5), (8, 1280, 1))
+# SD v1-4's transformer blocks (bench.sd_levels.LEVELS): 8 heads; each block has one self-attention
+# (side² keys) and one cross-attention (77 text tokens)
 HEADS, TEXT_TOKENS = 8, 77
 
 _KERNELS: dict[str, Any] = {}
@@ -123,6 +121,14 @@ def _kernel() -> Any:
 
     _KERNELS["attn"] = _attn_fwd
     return _attn_fwd
+
+
+def diffusers_qkv(B: int, S: int, H: int, D: int, **kw: Any) -> Any:
+    """Random [B, H, S, D] in diffusers' strided layout: [B, S, H·D] viewed per head (``kw``: device,
+    dtype, generator for ``torch.randn``)."""
+    import torch
+
+    return torch.randn(B, S, H * D, **kw).view(B, S, H, D).transpose(1, 2)
 
 
 def attention_reference(q: Any, k: Any, v: Any) -> Any:
@@ -233,11 +239,8 @@ def one_case(B: int, H: int, Sq: int, Sk: int, D: int, config: tuple[int, int, i
     with float64: ``{"max_rel_err": …}``."""
     import torch
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def mk(s: int) -> Any:
-        return torch.randn(B, s, H * D, device="cuda", dtype=torch.float16, generator=g).view(B, s, H, D).transpose(1, 2)
-    q, k, v = mk(Sq), mk(Sk), mk(Sk)
+    kw = {"device": "cuda", "dtype": torch.float16, "generator": torch.Generator(device="cuda").manual_seed(0)}
+    q, k, v = diffusers_qkv(B, Sq, H, D, **kw), diffusers_qkv(B, Sk, H, D, **kw), diffusers_qkv(B, Sk, H, D, **kw)
     o = attention(q, k, v, config=config, parts=parts)
     torch.cuda.synchronize()
     n = min(Sq, 64)
@@ -296,33 +299,24 @@ def main() -> None:
         v = [int(x) for x in a.one.split(",")]
         print(json.dumps(one_case(*v[:5], tuple(v[5:9]), tuple(v[9:11]))), flush=True)  # type: ignore[arg-type]
         return
-    if a.check_parts:
-        import torch
+    from bench.sd_levels import run_conditions
 
+    if a.check_parts:
         rows = check_parts()
         if a.out:
             with open(a.out, "w") as f:
-                json.dump({"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "triton": __import__("triton").__version__, "cases": rows}, f, indent=1)
+                json.dump({**run_conditions(), "cases": rows}, f, indent=1)
         return
     import torch
     import torch.nn.functional as F
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from bench.sd_levels import _time_ms
+    from bench.sd_levels import LEVELS, _time_ms, gemm_tflops, parse_configs
 
     dev, dt = "cuda", torch.float16
-    cfgs = ([tuple(int(v) for v in c.split(",")) for c in a.configs.split(";") if c] if a.configs
-            else list(ATTN_CONFIGS))
-    res: dict[str, Any] = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                           "triton": triton.__version__, "python": platform.python_version(), "dtype": "fp16",
-                           "heads": HEADS, "levels": {}}
-    n = 8192
-    ga, gb = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-    res["gemm_tflops_fp16"] = gemm = 2 * n ** 3 / (_time_ms(lambda i: ga @ gb, 10) * 1e-3) / 1e12
-    del ga, gb
+    cfgs = parse_configs(a.configs, ATTN_CONFIGS)
+    res: dict[str, Any] = {**run_conditions(), "dtype": "fp16", "heads": HEADS, "levels": {}}
+    res["gemm_tflops_fp16"] = gemm = gemm_tflops(dt)
     res["exp2_per_s"] = expr = exp2_rate(dev)
     print(f"ceilings: fp16 GEMM {gemm:.0f} TFLOP/s, exp2 {expr / 1e12:.2f} T/s", flush=True)
     backends = {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -334,12 +328,8 @@ def main() -> None:
             D = C // HEADS
             for kind, sk in (("self", side * side), ("cross", TEXT_TOKENS)):
                 sq = side * side
-                g = torch.Generator(device=dev).manual_seed(0)
-
-                def qkv(s_len: int) -> Any:   # diffusers' layout: [B, S, H·D] viewed as [B, H, S, D]
-                    return torch.randn(B, s_len, HEADS * D, device=dev, dtype=dt, generator=g).view(
-                        B, s_len, HEADS, D).transpose(1, 2)
-                ins = [(qkv(sq), qkv(sk), qkv(sk)) for _ in range(2)]
+                kw = {"device": dev, "dtype": dt, "generator": torch.Generator(device=dev).manual_seed(0)}
+                ins = [tuple(diffusers_qkv(B, s_len, HEADS, D, **kw) for s_len in (sq, sk, sk)) for _ in range(2)]
                 nref = min(sq, 256)
                 q0, k0, v0 = ins[0]
                 ref = attention_reference(q0[:, :, :nref].double(), k0.double(), v0.double())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from typing import Any
 
 # (block_m, block_n, block_k, warps, stages): block_n columns of each half per program
@@ -117,10 +116,6 @@ def geglu(x: Any, weight: Any, bias: Any, config: tuple[int, int, int, int, int]
     return y
 
 
-# (latent side, channels, calls per UNet evaluation) of SD v1-4's transformer blocks
-LEVELS = ((64, 320, 5), (32, 640, 5), (16, 1280, 5), (8, 1280, 1))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 2], help="UNet batch (2 × images with CFG)")
@@ -130,20 +125,13 @@ def main() -> None:
     a = ap.parse_args()
     import torch
     import torch.nn.functional as F
-    import triton
 
-    from bench.sd_levels import _time_ms
+    from bench.sd_levels import LEVELS, _time_ms, gemm_tflops, parse_configs, run_conditions
 
     dev, dt = "cuda", torch.float16
-    cfgs = ([tuple(int(v) for v in c.split(",")) for c in a.configs.split(";") if c] if a.configs
-            else list(GEGLU_CONFIGS))
-    res: dict[str, Any] = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "triton": triton.__version__,
-                           "python": platform.python_version(), "dtype": "fp16", "levels": {}}
-    n = 8192
-    ga, gb = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
-    res["gemm_tflops_fp16"] = 2 * n ** 3 / (_time_ms(lambda i: ga @ gb, 10) * 1e-3) / 1e12
-    del ga, gb
+    cfgs = parse_configs(a.configs, GEGLU_CONFIGS)
+    res: dict[str, Any] = {**run_conditions(), "dtype": "fp16", "levels": {}}
+    res["gemm_tflops_fp16"] = gemm_tflops(dt)
     compiled = torch.compile(geglu_reference, fullgraph=True, dynamic=False)
     for B in a.batch:
         per_eval: dict[str, float] = {}

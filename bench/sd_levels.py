@@ -20,6 +20,10 @@ import sys
 from typing import Any
 
 
+# (latent side, channels, transformer blocks per UNet evaluation) of SD v1-4's four levels
+LEVELS = ((64, 320, 5), (32, 640, 5), (16, 1280, 5), (8, 1280, 1))
+
+
 def _time_ms(fn: Any, n: int = 30) -> float:
     import torch
 
@@ -36,6 +40,35 @@ def _time_ms(fn: Any, n: int = 30) -> float:
         ev[1].synchronize()
         meds.append(ev[0].elapsed_time(ev[1]) / n)
     return statistics.median(meds)
+
+
+def gemm_tflops(dtype: Any, n: int = 8192, reps: int = 10) -> float:
+    """The card's n³ matrix-product rate in ``dtype`` on random data (:func:`_time_ms`): the ceiling
+    the SD level benches set their figures against."""
+    import torch
+
+    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / (_time_ms(lambda i: a @ b, reps) * 1e-3) / 1e12
+
+
+def run_conditions() -> dict[str, Any]:
+    """Card and library versions for a bench's JSON."""
+    import platform
+
+    import torch
+
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # pragma: no cover - a build without triton
+        tv = None
+    return {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "triton": tv, "python": platform.python_version()}
+
+
+def parse_configs(text: str | None, default: Any) -> list[tuple[int, ...]]:
+    """``a,b,…;c,d,…`` → launch configurations (``default`` when not given)."""
+    return [tuple(int(v) for v in c.split(",")) for c in text.split(";") if c] if text else list(default)
 
 
 def unet_flops_by_level(config_dir: str = "include/models/sd-v1-4/unet") -> dict[str, Any]:
@@ -103,7 +136,7 @@ def main() -> None:
 
     dev, dt = "cuda", torch.float16
     g = torch.Generator(device=dev).manual_seed(0)
-    levels = [(64, 320), (32, 640), (16, 1280), (8, 1280)]
+    levels = [(side, C) for side, C, _ in LEVELS]
     rows = []
     m = 8192
     A = torch.randn(m, m, device=dev, dtype=torch.bfloat16, generator=g)

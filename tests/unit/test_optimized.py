@@ -468,14 +468,13 @@ def test_bench_geglu_one_kernel_is_the_modules_function(tmp_path):
 
 _ATTN_CHECK = r"""
 import torch
-from bench.sd_attention import attention, attention_reference, head_parts, padded_part, _exp2_kernel
+from bench.sd_attention import attention, attention_reference, diffusers_qkv, head_parts, padded_part, _exp2_kernel
 torch.manual_seed(0)
 assert [head_parts(d) for d in (40, 80, 160, 64, 16, 8, 48, 100)] == [
     (32, 16), (64, 16), (128, 32), (64, 0), (16, 0), (16, 0), (32, 16), (64, 64)]
 assert [padded_part(d) for d in (40, 80, 160, 64, 16, 8)] == [(64, 0), (128, 0), (256, 0), (64, 0), (16, 0), (16, 0)]
 
-def diffusers_layout(B, S, H, D):   # [B, S, H·D] viewed as [B, H, S, D]: SD's own strides
-    return torch.randn(B, S, H * D).view(B, S, H, D).transpose(1, 2)
+diffusers_layout = diffusers_qkv   # [B, S, H·D] viewed as [B, H, S, D]: SD's own strides
 
 cases = ((2, 3, 70, 50, 40, (32, 16, 4, 2), (32, 16)), (2, 3, 70, 50, 40, (32, 16, 4, 2), None),
          (1, 2, 33, 77, 80, (16, 32, 4, 2), (64, 16)), (1, 2, 33, 77, 80, (16, 32, 4, 2), None),
