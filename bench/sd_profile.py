@@ -1,14 +1,19 @@
 """Where one compiled SD v1-4 UNet evaluation spends its time on this card, by kernel class.
 
-    python bench/sd_profile.py [--batches 2,64] [--variants base,freeze] [--out profile.json]
+    python bench/sd_profile.py [--batches 2,64] [--variants base,freeze,freeze+split_reductions=false]
+                               [--graph] [--out profile.json]
 
 The UNet is prepared as the optimized path prepares it (channels-last, fused QKV, the attention
 kernel timed and put first) and compiled per variant (``base``: ``conv_1x1_as_mm``; ``freeze``:
 Inductor's weight freezing on top — the optimized path's settings since; ``cdt``: coordinate-descent
-tuning of Inductor's own kernels on top of that). Per UNet batch (2 = one image with CFG, 64 = 32 images):
-compile time, the mean time of one evaluation (device events, warm), and one profiled evaluation
-bucketed into convolution / matrix product / attention / Inductor-generated (norms, element-wise)
-/ other, with the largest kernels by total time. Prints one JSON object per measurement.
+tuning of Inductor's own kernels on top of that; any of them followed by ``+key=value`` items adds
+those Inductor settings, e.g. ``freeze+split_reductions=false+combo_kernels=true``). Per UNet batch
+(2 = one image with CFG, 64 = 32 images): compile time, the mean time of one evaluation (device
+events, warm), with ``--graph`` also of one evaluation captured as a device graph and replayed (as
+the optimized path runs it: at batch 2 the eager call is bound by the host), and one profiled
+evaluation bucketed into convolution / matrix product / attention / Inductor-generated (norms,
+element-wise) / other, with the largest kernels by total time. Prints one JSON object per
+measurement.
 """
 
 from __future__ import annotations
@@ -67,19 +72,44 @@ def profile_buckets(fn: Any, reps: int = 3) -> dict[str, Any]:
             "ms_total": round(sum(buckets.values()), 3), "top": kernels[:40]}
 
 
-def main() -> None:
+NAMED_VARIANTS = {
+    "base": {"conv_1x1_as_mm": True, "freezing": False, "coordinate_descent_tuning": False},
+    "freeze": {"conv_1x1_as_mm": True, "freezing": True, "coordinate_descent_tuning": False},
+    "cdt": {"conv_1x1_as_mm": True, "freezing": True, "coordinate_descent_tuning": True},
+}
+
+
+def variant_options(spec: str) -> dict[str, Any]:
+    """Inductor options of one ``--variants`` item: a named variant, then ``+key=value`` items
+    (checked like ``--sd-inductor``: an unknown key or a malformed item raises ``ValueError``)."""
+    from mi300x_cert.workloads.optimized.common import parse_inductor_settings
+
+    name, *extra = spec.strip().split("+")
+    if name not in NAMED_VARIANTS:
+        raise ValueError(f"--variants: unknown variant {name!r} in {spec!r} (one of {', '.join(NAMED_VARIANTS)})")
+    return {**NAMED_VARIANTS[name], **parse_inductor_settings(",".join(extra), source=f"--variants {spec!r}")}
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="synthetic:sd-v1-4")
     ap.add_argument("--batches", default="2,64", help="UNet batch sizes (2 = one image with CFG)")
-    ap.add_argument("--variants", default="base", help="base,freeze,cdt (comma-separated)")
+    ap.add_argument("--variants", default="base",
+                    help="base,freeze,cdt (comma-separated), each optionally followed by +key=value Inductor settings")
+    ap.add_argument("--graph", action="store_true",
+                    help="also time one evaluation captured as a device graph and replayed")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--time-limit", type=float, default=420.0)
     ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    try:  # a bad variant is a usage error before the card is touched
+        variants = {v: variant_options(v) for v in a.variants.split(",") if v.strip()}
+    except ValueError as e:
+        ap.error(str(e))
     import torch
 
     from bench.cli import _sd_params, environment
-    from mi300x_cert.workloads.optimized.common import event_time_us, pick_sdpa_backend
+    from mi300x_cert.workloads.optimized.common import DeviceGraph, event_time_us, pick_sdpa_backend
     from mi300x_cert.workloads.sd import SDWorkload
 
     t_end = time.time() + a.time_limit
@@ -102,11 +132,9 @@ def main() -> None:
     unet.to(memory_format=torch.channels_last)
     unet.fuse_qkv_projections()
     res["sdpa"] = pick_sdpa_backend((16, 8), 4096, 40, unet.dtype, "cuda")
-    refs: dict[int, Any] = {}
-    for variant in a.variants.split(","):
+    refs: dict[int, tuple[str, Any]] = {}
+    for variant, opts in variants.items():
         torch._dynamo.reset()
-        opts = {"conv_1x1_as_mm": True, "freezing": variant in ("freeze", "cdt"),
-                "coordinate_descent_tuning": variant == "cdt"}
         fn = torch.compile(unet, fullgraph=True, dynamic=False, options=opts)
         for B in [int(x) for x in a.batches.split(",")]:
             if time.time() > t_end:
@@ -116,7 +144,7 @@ def main() -> None:
             x = torch.randn(B, 4, 64, 64, device="cuda", dtype=torch.float16, generator=g)
             e = torch.randn(B, 77, 768, device="cuda", dtype=torch.float16, generator=g)
             t = torch.tensor(500.0, device="cuda")
-            row: dict[str, Any] = {"variant": variant, "unet_batch": B}
+            row: dict[str, Any] = {"variant": variant, "options": opts, "unet_batch": B}
             try:
                 with torch.inference_mode():
                     t0 = time.perf_counter()
@@ -125,14 +153,26 @@ def main() -> None:
                     row["compile_s"] = round(time.perf_counter() - t0, 1)
                     row["ms_per_eval"] = event_time_us(lambda i: fn(x, t, encoder_hidden_states=e, return_dict=False),
                                                        10 if B > 8 else 30) / 1e3
-                    if variant != "base":
-                        base = refs.get(B)
-                        if base is not None:
-                            row["rel_diff_vs_base"] = float((ref.float() - base).norm() / base.norm())
+                    if a.graph:
+                        g = DeviceGraph(lambda x, t, e: fn(x, t, encoder_hidden_states=e, return_dict=False)[0],
+                                        "cuda", name=f"unet-b{B}")
+                        g.run(x, t, e)
+                        row["graph"] = g.reason
+                        if g.captured:
+                            row["ms_per_eval_graph"] = event_time_us(lambda i: g.run(x, t, e),
+                                                                     10 if B > 8 else 50) / 1e3
+                    first = refs.get(B)  # each later variant against the first one at this batch
+                    if first is None:
+                        refs[B] = (variant, ref.float())
                     else:
-                        refs[B] = ref.float()
+                        row["rel_diff_vs"] = {"variant": first[0],
+                                              "rel": float((ref.float() - first[1]).norm() / first[1].norm())}
                     if not a.no_profile:
                         row.update(profile_buckets(lambda: fn(x, t, encoder_hidden_states=e, return_dict=False)))
+                        mb = row["ms_by_bucket"]
+                        row["libraries_ms"] = round(sum(mb.get(k, 0.0) for k in ("conv", "gemm", "attention")), 3)
+                        if "ms_per_eval_graph" in row:  # what the replayed graph spends outside the kernels
+                            row["graph_minus_kernels_ms"] = round(row["ms_per_eval_graph"] - row["ms_total"], 3)
             except Exception as ex:
                 row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
             emit(row)

@@ -961,3 +961,26 @@ def test_encoder_bench_classifies_kernels_and_refuses_bad_arguments(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err
+
+
+def test_sd_profile_buckets_kernels_and_refuses_bad_variants(capsys):
+    """The SD profile's kernel classes by name, its variants' Inductor options (a named variant plus
+    ``+key=value`` items), and one usage error naming a bad variant or setting before any GPU work."""
+    pytest.importorskip("torch._inductor.config")
+    from bench.sd_profile import bucket_of, main, variant_options
+
+    assert bucket_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert bucket_of("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert bucket_of("nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN") == "gemm"
+    assert bucket_of("triton_per_fused_add_clone_convolution_div_native_group_norm_silu_34") == "inductor"
+    assert bucket_of("Memset (Device)") == "other"
+    assert variant_options("freeze") == {"conv_1x1_as_mm": True, "freezing": True, "coordinate_descent_tuning": False}
+    assert variant_options("base+split_reductions=false+combo_kernels=true") == {
+        "conv_1x1_as_mm": True, "freezing": False, "coordinate_descent_tuning": False,
+        "split_reductions": False, "combo_kernels": True}
+    for argv, word in ((["--variants", "freeze,fast"], "unknown variant 'fast'"),
+                       (["--variants", "freeze+warp_speed=9"], "unknown Inductor setting 'warp_speed'"),
+                       (["--variants", "cdt+split_reductions"], "'split_reductions' is not key=value")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and word in capsys.readouterr().err
