@@ -963,11 +963,18 @@ def test_encoder_bench_classifies_kernels_and_refuses_bad_arguments(capsys):
         assert e.value.code == 2 and word in capsys.readouterr().err
 
 
-def test_sd_profile_buckets_kernels_and_refuses_bad_variants(capsys):
+def test_sd_profile_buckets_kernels_and_refuses_bad_variants(capsys, monkeypatch):
     """The SD profile's kernel classes by name, its variants' Inductor options (a named variant plus
-    ``+key=value`` items), and one usage error naming a bad variant or setting before any GPU work."""
+    ``+key=value`` items), and one usage error naming a bad variant, setting or batch before the
+    model is built (building it here fails the test)."""
     pytest.importorskip("torch._inductor.config")
     from bench.sd_profile import bucket_of, main, variant_options
+    from mi300x_cert.workloads import sd as sd_mod
+
+    def never(*a, **k):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(sd_mod, "SDWorkload", never)
 
     assert bucket_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
     assert bucket_of("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "conv"
@@ -980,7 +987,10 @@ def test_sd_profile_buckets_kernels_and_refuses_bad_variants(capsys):
         "split_reductions": False, "combo_kernels": True}
     for argv, word in ((["--variants", "freeze,fast"], "unknown variant 'fast'"),
                        (["--variants", "freeze+warp_speed=9"], "unknown Inductor setting 'warp_speed'"),
-                       (["--variants", "cdt+split_reductions"], "'split_reductions' is not key=value")):
+                       (["--variants", "cdt+split_reductions"], "'split_reductions' is not key=value"),
+                       (["--variants", "freeze, freeze"], "name each variant once"),
+                       (["--variants", "freeze", "--batches", "2,x"], "--batches: expected positive"),
+                       (["--variants", "freeze", "--batches", "0"], "--batches: expected positive")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err
