@@ -74,7 +74,8 @@ def environment() -> dict[str, Any]:
     import torch
 
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None)}
+                           "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None),
+                           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
     for mod in ("diffusers", "transformers", "triton"):
         try:
             env[mod] = __import__(mod).__version__
@@ -96,6 +97,12 @@ def environment() -> dict[str, Any]:
     except Exception as e:
         env["driver"] = f"unknown ({type(e).__name__})"
     return env
+
+
+def run_record(argv: list[str] | None = None) -> dict[str, Any]:
+    """A bench run's conditions: :func:`environment`, the start time and the command line."""
+    return environment() | {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "argv": list(sys.argv[1:] if argv is None else argv)}
 
 
 def measure_gemm(n: int = 8192, reps: int = 20) -> dict[str, Any]:
@@ -821,8 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     deadline = time.time() + args.time_limit if args.time_limit else float("inf")
     res = Results(Path(args.out) if args.out else None)
-    res.data["conditions"] = environment() | {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                              "argv": list(sys.argv[1:] if argv is None else argv)}
+    res.data["conditions"] = run_record(argv)
     res.save()
     w = args.workload
     if not args.whisper_recipe_child:

@@ -299,13 +299,13 @@ def main() -> None:
         v = [int(x) for x in a.one.split(",")]
         print(json.dumps(one_case(*v[:5], tuple(v[5:9]), tuple(v[9:11]))), flush=True)  # type: ignore[arg-type]
         return
-    from bench.sd_levels import run_conditions
+    from bench.cli import run_record
 
     if a.check_parts:
         rows = check_parts()
         if a.out:
             with open(a.out, "w") as f:
-                json.dump({**run_conditions(), "cases": rows}, f, indent=1)
+                json.dump({**run_record(), "cases": rows}, f, indent=1)
         return
     import torch
     import torch.nn.functional as F
@@ -315,7 +315,7 @@ def main() -> None:
 
     dev, dt = "cuda", torch.float16
     cfgs = parse_configs(a.configs, ATTN_CONFIGS)
-    res: dict[str, Any] = {**run_conditions(), "dtype": "fp16", "heads": HEADS, "levels": {}}
+    res: dict[str, Any] = {**run_record(), "dtype": "fp16", "heads": HEADS, "levels": {}}
     res["gemm_tflops_fp16"] = gemm = gemm_tflops(dt)
     res["exp2_per_s"] = expr = exp2_rate(dev)
     print(f"ceilings: fp16 GEMM {gemm:.0f} TFLOP/s, exp2 {expr / 1e12:.2f} T/s", flush=True)

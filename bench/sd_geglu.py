@@ -126,11 +126,12 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from bench.sd_levels import LEVELS, _time_ms, gemm_tflops, parse_configs, run_conditions
+    from bench.cli import run_record
+    from bench.sd_levels import LEVELS, _time_ms, gemm_tflops, parse_configs
 
     dev, dt = "cuda", torch.float16
     cfgs = parse_configs(a.configs, GEGLU_CONFIGS)
-    res: dict[str, Any] = {**run_conditions(), "dtype": "fp16", "levels": {}}
+    res: dict[str, Any] = {**run_record(), "dtype": "fp16", "levels": {}}
     res["gemm_tflops_fp16"] = gemm_tflops(dt)
     compiled = torch.compile(geglu_reference, fullgraph=True, dynamic=False)
     for B in a.batch:

@@ -51,21 +51,6 @@ def gemm_tflops(dtype: Any, n: int = 8192, reps: int = 10) -> float:
     return 2 * n ** 3 / (_time_ms(lambda i: a @ b, reps) * 1e-3) / 1e12
 
 
-def run_conditions() -> dict[str, Any]:
-    """Card and library versions for a bench's JSON."""
-    import platform
-
-    import torch
-
-    try:
-        import triton
-        tv = triton.__version__
-    except Exception:  # pragma: no cover - a build without triton
-        tv = None
-    return {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "triton": tv, "python": platform.python_version()}
-
-
 def parse_configs(text: str | None, default: Any) -> list[tuple[int, ...]]:
     """``a,b,…;c,d,…`` → launch configurations (``default`` when not given)."""
     return [tuple(int(v) for v in c.split(",")) for c in text.split(";") if c] if text else list(default)

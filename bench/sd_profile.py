@@ -117,14 +117,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--batches: expected positive UNet batch sizes like 2,64, got {a.batches!r}")
     import torch
 
-    from bench.cli import _sd_params, environment
+    from bench.cli import _sd_params, run_record
     from mi300x_cert.workloads.optimized.common import DeviceGraph, event_time_us, pick_sdpa_backend
     from mi300x_cert.workloads.sd import SDWorkload
 
     t_end = time.time() + a.time_limit
-    res: dict[str, Any] = {"conditions": {**environment(), "argv": list(argv if argv is not None else sys.argv[1:]),
-                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                           "model": a.model, "dtype": "float16", "rows": []}
+    res: dict[str, Any] = {"conditions": run_record(argv), "model": a.model, "dtype": "float16", "rows": []}
 
     def emit(row: dict[str, Any]) -> None:
         res["rows"].append(row)

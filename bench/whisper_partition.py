@@ -34,13 +34,12 @@ def main() -> None:
     import torch
     from torch.cuda import green_contexts as gcx
 
-    from bench.cli import _whisper_counts, _whisper_model, environment
+    from bench.cli import _whisper_counts, _whisper_model, run_record
     from bench.whisper_parts import kernel_rows, step_kernel_rows
     from mi300x_cert.workloads.optimized import whisper_fast as wf
     from mi300x_cert.workloads.optimized.common import setup_compile_cache
 
-    res: dict[str, Any] = {"conditions": dict(environment(), argv=sys.argv[1:],
-                                              started=time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+    res: dict[str, Any] = {"conditions": run_record(),
                            "model": a.model, "dtype": "float16", "batch": a.batch}
 
     def emit(key: str, val: Any) -> None:
