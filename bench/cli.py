@@ -169,11 +169,41 @@ def whisper_bound(row: dict[str, Any], gemm: dict[str, Any] | None, copy: dict[s
 
 
 # ----------------------------------------------------------------------------------------------
-def _sd_params(args: argparse.Namespace, path: str) -> dict[str, Any]:
+SD_VARIANTS = ("stock", "recipe", "optimized")
+
+
+def sd_variants(spec: str, base: dict[str, Any] | None = None) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """The SD rows ``--variants`` asks for: (label, path, Inductor settings) per item. An item is
+    ``stock``, ``recipe`` or ``optimized``; ``optimized+key=value+…`` is the optimized path with
+    Inductor settings over ``base`` (``--sd-inductor``), so settings are measured beside the
+    default in one run. An unknown name, a setting on another path, a bad setting or a repeated
+    item raises ``ValueError`` naming it."""
+    from mi300x_cert.workloads.optimized.common import parse_inductor_settings
+
+    out: list[tuple[str, str, dict[str, Any] | None]] = []
+    for item in (v.strip() for v in spec.split(",")):
+        if not item:
+            continue
+        name, *extra = item.split("+")
+        if name not in SD_VARIANTS:
+            raise ValueError(f"--variants: unknown variant {name!r} in {item!r} (one of {', '.join(SD_VARIANTS)})")
+        if extra and name != "optimized":
+            raise ValueError(f"--variants: Inductor settings ({item!r}) apply to the optimized path only")
+        if any(label == item for label, _, _ in out):
+            raise ValueError(f"--variants: {item!r} is named twice")
+        own = parse_inductor_settings(",".join(extra), source=f"--variants {item!r}")
+        settings = {**(base or {}), **own} if name == "optimized" else None
+        out.append((item, "optimized" if name == "optimized" else "stock", settings or None))
+    if not out:
+        raise ValueError(f"--variants: no variant in {spec!r}")
+    return out
+
+
+def _sd_params(args: argparse.Namespace, path: str, inductor: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"model": args.sd_model, "height": 512, "width": 512, "steps": args.steps, "guidance": 7.5,
             "scheduler": "pndm", "dtype": args.dtype, "seed": 0, "device": "cuda", "path": path,
             "prompts": "include/prompts/prompts.txt" if Path("include/prompts/prompts.txt").exists() else None,
-            "optimized_inductor": getattr(args, "sd_inductor", None)}
+            "optimized_inductor": inductor if inductor is not None else getattr(args, "sd_inductor", None)}
 
 
 def sd_flops(wl: Any) -> dict[str, float]:
@@ -218,7 +248,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
 
     batches = [int(x) for x in args.batch.split(",")]
     flops: dict[str, float] | None = None
-    for variant in args.variants.split(","):
+    for variant, path, inductor in sd_variants(args.variants, getattr(args, "sd_inductor", None)):
         for b in batches:
             if time.time() > deadline:
                 res.data["notes"].append(f"sd {variant} b{b}: skipped (time limit)")
@@ -226,7 +256,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                 continue
             _log(f"[sd] {variant} batch {b}")
             t0 = time.perf_counter()
-            wl = SDWorkload(_sd_params(args, "optimized" if variant == "optimized" else "stock"))
+            wl = SDWorkload(_sd_params(args, path, inductor))
             load_s = time.perf_counter() - t0
             if flops is None:
                 try:
@@ -251,8 +281,9 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                 row.update({"latencies_s": lats, "batch_latency_s": med, "per_image_s": med / b,
                             "tflop_per_image": tflop_img, "tflops": tflop_img * b / med,
                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
-                if variant == "optimized":
+                if path == "optimized":
                     row["optimized"] = wl.conditions().get("optimized")
+                    row["inductor"] = inductor or {}
                 if rec_mode:
                     row["recipe_mode"] = rec_mode
                 # equality: same seeded inputs through this variant vs stock, compared once per batch
@@ -700,7 +731,7 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
                     "| batch | path | s / image | × stock | TFLOP/s | % of GEMM rate | warm-up s (compile incl.) | peak GiB | vs stock (latent / image rel. err) |",
                     "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
             stock = {r["batch"]: r for r in sd if r["variant"] == "stock"}
-            for r in sorted(sd, key=lambda r: (r["batch"], ["stock", "recipe", "optimized"].index(r["variant"]))):
+            for r in sorted(sd, key=lambda r: (r["batch"], SD_VARIANTS.index(r["variant"].split("+")[0]), r["variant"])):
                 s = stock.get(r["batch"])
                 ratio = s["per_image_s"] / r["per_image_s"] if s else None
                 frac = 100 * r["tflops"] / g["tflops"] if g else None
@@ -809,6 +840,11 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             args.sd_inductor = parse_inductor_settings(args.sd_inductor, source="--sd-inductor")
+        except ValueError as e:
+            parser.error(str(e))
+    if args.workload in ("sd", "all") and args.from_json is None:
+        try:  # an unknown variant or a bad setting on one is a usage error before the card is touched
+            sd_variants(args.variants, args.sd_inductor)
         except ValueError as e:
             parser.error(str(e))
     if args.from_json is not None:

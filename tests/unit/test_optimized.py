@@ -701,6 +701,40 @@ def test_bench_rejects_a_bad_inductor_setting_as_a_usage_error(capsys):
     assert "--sd-inductor: unknown Inductor setting 'warp_speed'" in capsys.readouterr().err
 
 
+def test_bench_sd_variants_carry_inductor_settings_and_refuse_bad_ones(capsys):
+    """``--variants optimized+key=value`` measures Inductor settings beside the default in one run:
+    each item's path and settings (over ``--sd-inductor``), and one usage error naming a bad item
+    before the card is touched (no GPU here: a late check would fail on the missing card instead)."""
+    pytest.importorskip("torch._inductor.config")
+    from bench import cli as bench
+
+    got = bench.sd_variants("stock, optimized,optimized+split_reductions=false+triton.prefer_nd_tiling=true",
+                            {"coordinate_descent_tuning": True})
+    assert got == [("stock", "stock", None),
+                   ("optimized", "optimized", {"coordinate_descent_tuning": True}),
+                   ("optimized+split_reductions=false+triton.prefer_nd_tiling=true", "optimized",
+                    {"coordinate_descent_tuning": True, "split_reductions": False, "triton.prefer_nd_tiling": True})]
+    assert bench.sd_variants("optimized+freezing=false", {"freezing": True})[0][2] == {"freezing": False}
+    assert bench.sd_variants("recipe,optimized")[1] == ("optimized", "optimized", None)
+    for variants, word in (("stock,optimised", "unknown variant 'optimised'"),
+                           ("stock+freezing=false", "apply to the optimized path only"),
+                           ("optimized+warp_speed=9", "unknown Inductor setting 'warp_speed'"),
+                           ("optimized+split_reductions", "'split_reductions' is not key=value"),
+                           ("optimized,optimized", "'optimized' is named twice"),
+                           (",", "no variant")):
+        with pytest.raises(SystemExit) as ex:
+            bench.main(["--workload", "sd", "--variants", variants])
+        assert ex.value.code == 2 and word in capsys.readouterr().err, variants
+    # rows of such variants render beside the default: by path, the default first
+    rows = [{"variant": v, "batch": 1, "per_image_s": t, "tflops": 84.5 / t, "steps": 50, "unet_evals": 51,
+             "dtype": "float16", "tflop_per_image": 84.5}
+            for v, t in (("optimized+split_reductions=false", 0.324), ("stock", 1.3), ("optimized", 0.329))]
+    text = bench.render_markdown([{"conditions": {"device": "card"}, "sd": rows, "gemm": {"n": 8192, "dtype": "bfloat16", "tflops": 780.0}}])
+    order = [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| 1 |")]
+    assert order == ["stock", "optimized", "optimized+split_reductions=false"]
+    assert "| 1 | optimized+split_reductions=false | 0.324 | 4.01 |" in text
+
+
 def test_cuda_hidden_attention_shapes_and_refusals():
     """The CUDA hidden-form kernel: which shapes it takes, one clear error for the rest, its
     shared memory within a Hopper block's 227 KB for every candidate at Whisper large-v3 shapes,
