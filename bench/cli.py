@@ -804,7 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mi300x-cert bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", default="all", choices=["sd", "whisper", "telemetry", "gemm", "all", "none"])
     p.add_argument("--batch", default="1,32", help="SD batch sizes (comma-separated)")
-    p.add_argument("--variants", default="stock,recipe,optimized")
+    p.add_argument("--variants", default="stock,recipe,optimized",
+                   help="stock, recipe, optimized (comma-separated); for SD also optimized+key=value+…: "
+                        "the optimized path with those Inductor settings, beside the default in the same run")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
