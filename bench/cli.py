@@ -181,18 +181,24 @@ def sd_variants(spec: str, base: dict[str, Any] | None = None) -> list[tuple[str
     from mi300x_cert.workloads.optimized.common import parse_inductor_settings
 
     out: list[tuple[str, str, dict[str, Any] | None]] = []
-    for item in (v.strip() for v in spec.split(",")):
-        if not item:
+    seen: dict[tuple[str, str], str] = {}
+    for raw in spec.split(","):
+        if not raw.strip():
             continue
-        name, *extra = item.split("+")
+        name, *extra = (part.strip() for part in raw.split("+"))
+        item = "+".join((name, *extra))
         if name not in SD_VARIANTS:
             raise ValueError(f"--variants: unknown variant {name!r} in {item!r} (one of {', '.join(SD_VARIANTS)})")
         if extra and name != "optimized":
             raise ValueError(f"--variants: Inductor settings ({item!r}) apply to the optimized path only")
-        if any(label == item for label, _, _ in out):
-            raise ValueError(f"--variants: {item!r} is named twice")
+        if any(not part for part in extra):
+            raise ValueError(f"--variants: an empty setting in {item!r} (expected optimized+key=value+…)")
         own = parse_inductor_settings(",".join(extra), source=f"--variants {item!r}")
         settings = {**(base or {}), **own} if name == "optimized" else None
+        key = (name, json.dumps(settings or {}, sort_keys=True))
+        if key in seen:  # the same configuration twice, by name or by settings in another order
+            raise ValueError(f"--variants: {item!r} measures the same as {seen[key]!r}")
+        seen[key] = item
         out.append((item, "optimized" if name == "optimized" else "stock", settings or None))
     if not out:
         raise ValueError(f"--variants: no variant in {spec!r}")
@@ -518,7 +524,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
     for b in batches:
         gen = torch.Generator(device="cpu").manual_seed(b)  # the same inputs in a child process
         feats = [torch.randn(b, nmel, 3000, generator=gen).to("cuda", dtype) for _ in range(2)]
-        recipe = ["recipe"] if "recipe" in args.variants.split(",") else []
+        recipe = ["recipe"] if "recipe" in (v.strip() for v in args.variants.split(",")) else []
         for variant in (("recipe",) if child else ("stock", *fasts, *recipe)):
             if variant in ("stock", "recipe") and b not in stock_batches:
                 continue

@@ -701,12 +701,18 @@ def test_bench_rejects_a_bad_inductor_setting_as_a_usage_error(capsys):
     assert "--sd-inductor: unknown Inductor setting 'warp_speed'" in capsys.readouterr().err
 
 
-def test_bench_sd_variants_carry_inductor_settings_and_refuse_bad_ones(capsys):
+def test_bench_sd_variants_carry_inductor_settings_and_refuse_bad_ones(capsys, monkeypatch):
     """``--variants optimized+key=value`` measures Inductor settings beside the default in one run:
     each item's path and settings (over ``--sd-inductor``), and one usage error naming a bad item
-    before the card is touched (no GPU here: a late check would fail on the missing card instead)."""
+    before the card is touched (asking torch for a card fails the test)."""
+    torch = pytest.importorskip("torch")
     pytest.importorskip("torch._inductor.config")
     from bench import cli as bench
+
+    def never() -> bool:
+        raise AssertionError("the card was looked for before --variants was checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", never)
 
     got = bench.sd_variants("stock, optimized,optimized+split_reductions=false+triton.prefer_nd_tiling=true",
                             {"coordinate_descent_tuning": True})
@@ -716,11 +722,15 @@ def test_bench_sd_variants_carry_inductor_settings_and_refuse_bad_ones(capsys):
                     {"coordinate_descent_tuning": True, "split_reductions": False, "triton.prefer_nd_tiling": True})]
     assert bench.sd_variants("optimized+freezing=false", {"freezing": True})[0][2] == {"freezing": False}
     assert bench.sd_variants("recipe,optimized")[1] == ("optimized", "optimized", None)
+    assert bench.sd_variants(" optimized + split_reductions=false ")[0][0] == "optimized+split_reductions=false"
     for variants, word in (("stock,optimised", "unknown variant 'optimised'"),
                            ("stock+freezing=false", "apply to the optimized path only"),
                            ("optimized+warp_speed=9", "unknown Inductor setting 'warp_speed'"),
                            ("optimized+split_reductions", "'split_reductions' is not key=value"),
-                           ("optimized,optimized", "'optimized' is named twice"),
+                           ("optimized,optimized", "'optimized' measures the same as 'optimized'"),
+                           ("optimized+freezing=true,optimized+", "an empty setting in 'optimized+'"),
+                           ("optimized+split_reductions=false+combo_kernels=true,"
+                            "optimized+combo_kernels=true+split_reductions=false", "measures the same as"),
                            (",", "no variant")):
         with pytest.raises(SystemExit) as ex:
             bench.main(["--workload", "sd", "--variants", variants])
