@@ -3,9 +3,20 @@ cross-attention kernel, the encoder and a whole decode step (eager, and captured
 share's own stream) scale with the number of multiprocessors they get, one share at a time; and,
 from those rates, a model of a batch with its decoding on one share and the next batch's encoder
 on another, against the same work in series on the whole card. (Two shares side by side are not
-measured: torch's green contexts are each carved from the whole device, so two of them overlap.)
+measured that way: torch's green contexts are each carved from the whole device, so two of them
+overlap.)
+
+``--side-by-side 80,96`` measures what the model only assumed: the device split ONCE by the
+driver's SM split into a share of that many multiprocessors for decoding and the disjoint rest for
+the encoder (two green contexts, a stream in each), the persistent cross-attention kernel launched
+with one block per multiprocessor of its share, the decode step captured as a graph on the decode
+share's stream; then a whole batch — every decode step of it beside the next batch's encoder, a
+chunk every few steps as ``FastWhisper.generate_many`` launches them — timed against the same
+batch in series on the whole card, in the same process. ``--only-side-by-side`` skips the
+one-share-at-a-time parts.
 
     python bench/whisper_partition.py [--batch 1024] [--sms 112,96,80,64,48,32] [--out part.json]
+    python bench/whisper_partition.py --only-side-by-side --side-by-side 80,88,96 [--out part.json]
 
 Prints one JSON object per part as it goes; the whole result is written after each part, so a
 killed run keeps what it finished.
@@ -15,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -22,15 +34,89 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def main() -> None:
+def disjoint_streams(decode_sms: int, device: int = 0) -> tuple[Any, Any, int, int]:
+    """Two device streams on disjoint shares of the multiprocessors: the device's SM resource split
+    once by the driver (``cuDevSmResourceSplitByCount``) into a group of at least ``decode_sms``
+    and the rest, a green context and a stream for each. Returns (decode stream, rest stream, SMs
+    of each). The driver's resource struct is read only where the CUDA headers put it (type at
+    byte 0, the SM count at byte 96), checked against the card's own count; a mismatch or a driver
+    error raises ``RuntimeError`` naming the call."""
+    import ctypes
+
+    import torch
+
+    cu = ctypes.CDLL("libcuda.so.1")
+
+    def check(name: str, rc: int) -> None:
+        if rc != 0:
+            msg = ctypes.c_char_p()
+            cu.cuGetErrorString(rc, ctypes.byref(msg))
+            raise RuntimeError(f"{name}: CUDA driver error {rc} ({(msg.value or b'?').decode()})")
+
+    def sms_of(buf: Any) -> tuple[int, int]:
+        return int.from_bytes(buf.raw[0:4], "little"), int.from_bytes(buf.raw[96:100], "little")
+
+    torch.cuda.init()
+    dev = ctypes.c_int()
+    check("cuDeviceGet", cu.cuDeviceGet(ctypes.byref(dev), int(device)))
+    whole, group, rest = (ctypes.create_string_buffer(1024) for _ in range(3))  # ≥ sizeof(CUdevResource)
+    check("cuDeviceGetDevResource", cu.cuDeviceGetDevResource(dev, whole, 1))  # 1: SM resource
+    kind, total = sms_of(whole)
+    card = torch.cuda.get_device_properties(device).multi_processor_count
+    if kind != 1 or total != card:
+        raise RuntimeError(f"cuDeviceGetDevResource: read type {kind} and {total} SMs, the card has {card}: "
+                           "this driver's resource layout is not the one this bench reads")
+    groups = ctypes.c_uint(1)
+    check("cuDevSmResourceSplitByCount",
+          cu.cuDevSmResourceSplitByCount(group, ctypes.byref(groups), whole, rest, 0, int(decode_sms)))
+    cu.cuGreenCtxCreate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+    cu.cuGreenCtxStreamCreate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    streams = []
+    for buf in (group, rest):
+        desc, gctx, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        check("cuDevResourceGenerateDesc", cu.cuDevResourceGenerateDesc(ctypes.byref(desc), buf, 1))
+        check("cuGreenCtxCreate", cu.cuGreenCtxCreate(ctypes.byref(gctx), desc, dev, 1))  # 1: default stream
+        check("cuGreenCtxStreamCreate", cu.cuGreenCtxStreamCreate(ctypes.byref(stream), gctx, 1, 0))  # non-blocking
+        streams.append(torch.cuda.ExternalStream(stream.value, device=torch.device("cuda", device)))
+    n_dec, n_rest = sms_of(group)[1], sms_of(rest)[1]
+    if n_dec < 1 or n_rest < 1 or n_dec + n_rest > card:
+        raise RuntimeError(f"cuDevSmResourceSplitByCount: {n_dec} + {n_rest} SMs of {card}: not a split")
+    return streams[0], streams[1], n_dec, n_rest
+
+
+def parse_shares(text: str, label: str) -> list[int]:
+    """Multiprocessor counts from "80,96": positive integers, each named once; else ``ValueError``."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1 or len(set(out)) != len(out):
+        raise ValueError(f"{label}: expected distinct positive multiprocessor counts like 80,96, got {text!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="synthetic:whisper-large-v3")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--encoder-chunk", type=int, default=128)
     ap.add_argument("--sms", default="112,96,80,64,48,32", help="multiprocessor counts to try")
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timing")
+    ap.add_argument("--side-by-side", default=None,
+                    help="decode shares (e.g. 80,96): the device split once per share, decoding beside the "
+                         "encoder on the disjoint rest, a whole batch timed against series")
+    ap.add_argument("--only-side-by-side", action="store_true", help="skip the one-share-at-a-time parts")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    try:  # usage errors before the card is touched
+        parse_shares(a.sms, "--sms")
+        side_shares = parse_shares(a.side_by_side, "--side-by-side") if a.side_by_side else []
+    except ValueError as e:
+        ap.error(str(e))
+    if a.only_side_by_side and not side_shares:
+        ap.error("--only-side-by-side needs --side-by-side")
+    if a.batch < 1 or a.encoder_chunk < 1 or a.batch % a.encoder_chunk:
+        ap.error(f"--batch {a.batch} must be a positive multiple of --encoder-chunk {a.encoder_chunk}")
     import torch
     from torch.cuda import green_contexts as gcx
 
@@ -113,13 +199,18 @@ def main() -> None:
                         eos_token_id=gc.eos_token_id, device="cuda", encoder_chunk=a.encoder_chunk)
     B, C = a.batch, a.encoder_chunk
     feats = torch.randn(B, cfg.num_mel_bins, 3000, device="cuda", dtype=torch.float16)
-    sms = [int(s) for s in a.sms.split(",") if s]
+    sms = parse_shares(a.sms, "--sms")
     with torch.inference_mode():
         t0 = time.perf_counter()
         st = fw._ready(fw.prefill(feats), feats)
         torch.cuda.synchronize()
+        ready_pos = st["pos"].clone()  # where a batch's first decode step starts
         emit("setup", {"s": time.perf_counter() - t0, "decode_step": fw.reason,
                        "attention": {k: v for k, v in (fw.attn_choice.get(B) or {}).items() if k != "rejected"}})
+        if side_shares:
+            emit("side_by_side", side_by_side(fw, st, ready_pos, feats, side_shares, a.steps, emit))
+        if a.only_side_by_side:
+            return
         # -- the chosen cross-attention kernel against the multiprocessor count --------------------
         kern, X = st["xattn"], st["enc"]
         qp = (torch.randn(B, fw.H, fw.E, device="cuda") * fw.E ** -0.5).half()
@@ -214,6 +305,134 @@ def main() -> None:
             fw._encode(xc)
             torch.cuda.synchronize()
         emit("encoder_kernels_us_per_clip", kernel_rows(prof, C, top=25))
+
+
+def side_by_side(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, shares: list[int], steps: int,
+                 emit: Any) -> dict[str, Any]:
+    """A batch's decoding on a share beside the next batch's encoder on the disjoint rest, against
+    the same batch in series on the whole card, each a whole batch (every decode step from the
+    batch's start, every encoder chunk), timed by the host around a device synchronization."""
+    import torch
+
+    from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
+
+    B, C = int(st["tokens"].shape[0]), fw.encoder_chunk
+    T, chunks = fw.total - 1, B // C
+    every = max(1, T // chunks)  # an encoder chunk every few decode steps, as generate_many does
+    kern = st["xattn"]
+    new_tokens = B * (T + 1 - len(fw.prompt))
+
+    def batch(stream_dec: Any, stream_enc: Any, graph: Any) -> dict[str, Any]:
+        """One batch, the card sampled through NVML at 10 Hz meanwhile (power, SM clock, throttle
+        reasons: what the two shares contend for)."""
+        from bench.cli import _NvmlPoller
+
+        with _NvmlPoller(10.0) as poll:
+            out = one_batch(stream_dec, stream_enc, graph)
+
+        def med(key: str) -> float | None:
+            vals = [r[key] for r in poll.rows if isinstance(r.get(key), (int, float))]
+            return statistics.median(vals) if vals else None
+
+        reasons = [str(r["throttle_reasons"]) for r in poll.rows if r.get("throttle_reasons")]
+        out.update({"power_w_median": med("power_w"), "sm_clock_mhz_median": med("sclk_mhz"),
+                    "sm_clock_mhz_min": min((r["sclk_mhz"] for r in poll.rows
+                                             if isinstance(r.get("sclk_mhz"), (int, float))), default=None),
+                    "clock_reasons_most_seen": max(set(reasons), key=reasons.count) if reasons else None,
+                    "samples": len(poll.rows)})
+        return out
+
+    def one_batch(stream_dec: Any, stream_enc: Any, graph: Any) -> dict[str, float]:
+        """One batch: T replays of ``graph`` on ``stream_dec``, a chunk of the encoder on
+        ``stream_enc`` every ``every`` steps (the same stream for series)."""
+        st["pos"].copy_(ready_pos)
+        settle(stream_dec, stream_enc)
+        t0 = time.perf_counter()
+        done = 0
+        for i in range(T):
+            if i % every == 0 and done < chunks:
+                with torch.cuda.stream(stream_enc):
+                    fw._encode(feats[done * C:(done + 1) * C])
+                done += 1
+            with torch.cuda.stream(stream_dec):
+                graph.replay()
+        while done < chunks:
+            with torch.cuda.stream(stream_enc):
+                fw._encode(feats[done * C:(done + 1) * C])
+            done += 1
+        settle(stream_dec, stream_enc)
+        s = time.perf_counter() - t0
+        return {"batch_s": s, "tokens_per_s": new_tokens / s}
+
+    def settle(*streams: Any) -> None:
+        """Wait for each stream itself (a green context's stream is not the primary context's) and
+        for the device."""
+        for s in streams:
+            s.synchronize()
+        torch.cuda.synchronize()
+
+    def alone(stream: Any, fn: Any, reps: int) -> float:
+        with torch.cuda.stream(stream):
+            fn()
+        settle(stream)
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            for _ in range(reps):
+                fn()
+        settle(stream)
+        return (time.perf_counter() - t0) / reps
+
+    def replay_steps(graph: Any) -> Any:
+        def run() -> None:
+            st["pos"].copy_(ready_pos)
+            for _ in range(steps):
+                graph.replay()
+        return run
+
+    whole = torch.cuda.current_stream()
+    out: dict[str, Any] = {"batch": B, "decode_steps": T, "encoder_chunks": chunks, "chunk": C,
+                           "chunk_every_steps": every, "new_tokens_per_batch": new_tokens,
+                           "cross_attention": kern.label() if hasattr(kern, "label") else type(kern).__name__}
+    series = batch(whole, whole, st["graph"])
+    series.update({"decode_ms_per_step": alone(whole, replay_steps(st["graph"]), 2) * 1e3 / steps,
+                   "encoder_ms_per_clip": alone(whole, lambda: fw._encode(feats[:C]), 1) * 1e3 / C})
+    out["series_whole_card"] = series
+    emit("side_by_side", out)
+    for n in shares:
+        row: dict[str, Any] = {"asked_decode_sms": n}
+        out[f"decode_{n}"] = row
+        try:
+            sd, se, nd, ne = disjoint_streams(n)
+            row.update({"decode_sms": nd, "encoder_sms": ne})
+            # the persistent kernel launches one block per multiprocessor of the whole card; on a
+            # share it gets one per multiprocessor of the share (a second wave would idle the rest)
+            if isinstance(kern, hc.CudaHiddenAttention) and kern.persist:
+                st["xattn"] = hc.CudaHiddenAttention(
+                    kern.B, kern.H, kern.S, kern.E, warps=kern.warps, stages=kern.stages, rows=kern.rows,
+                    qsmem=kern.qsmem, pipe=kern.pipe, bulk=kern.bulk, red2=kern.red2, cluster=kern.cluster,
+                    persist=kern.persist, unit_ring=kern.unit_ring, lazy=kern.lazy, prefetch=kern.prefetch,
+                    last_refills=kern.last_refills, blocks=nd, device=st["enc"].device)
+                row["cross_attention_blocks"] = st["xattn"].grid
+            torch.cuda.synchronize()
+            st["pos"].copy_(ready_pos)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=sd):
+                fw._step(st)
+            settle(sd)
+            row["decode_alone_ms_per_step"] = alone(sd, replay_steps(g), 2) * 1e3 / steps
+            row["encoder_alone_ms_per_clip"] = alone(se, lambda: fw._encode(feats[:C]), 1) * 1e3 / C
+            row["model_batch_s"] = max(T * row["decode_alone_ms_per_step"], B * row["encoder_alone_ms_per_clip"]) / 1e3
+            row.update(batch(sd, se, g))
+            row["vs_series"] = series["batch_s"] / row["batch_s"]
+            del g
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            st["xattn"] = kern
+            st["pos"].copy_(ready_pos)
+            torch.cuda.synchronize()
+        emit("side_by_side", out)
+    return out
 
 
 if __name__ == "__main__":

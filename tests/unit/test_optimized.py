@@ -745,6 +745,28 @@ def test_bench_sd_variants_carry_inductor_settings_and_refuse_bad_ones(capsys, m
     assert "| 1 | optimized+split_reductions=false | 0.324 | 4.01 |" in text
 
 
+def test_whisper_partition_refuses_bad_shares_before_the_model(capsys, monkeypatch):
+    """``bench/whisper_partition.py``: multiprocessor shares parsed once, and one usage error naming
+    a bad share, a side-by-side run without shares or a batch that is not whole encoder chunks,
+    before the model is built (building it here fails the test)."""
+    from bench import cli as bench_cli
+    from bench import whisper_partition as wp
+
+    def never(*a, **k):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(bench_cli, "_whisper_model", never)
+    assert wp.parse_shares("80, 96", "--side-by-side") == [80, 96]
+    for argv, word in ((["--side-by-side", "80,x"], "--side-by-side: expected distinct positive"),
+                       (["--side-by-side", "80,80"], "--side-by-side: expected distinct positive"),
+                       (["--sms", "0,64"], "--sms: expected distinct positive"),
+                       (["--only-side-by-side"], "--only-side-by-side needs --side-by-side"),
+                       (["--batch", "1000"], "--batch 1000 must be a positive multiple of --encoder-chunk 128")):
+        with pytest.raises(SystemExit) as e:
+            wp.main(argv)
+        assert e.value.code == 2 and word in capsys.readouterr().err, argv
+
+
 def test_cuda_hidden_attention_shapes_and_refusals():
     """The CUDA hidden-form kernel: which shapes it takes, one clear error for the rest, its
     shared memory within a Hopper block's 227 KB for every candidate at Whisper large-v3 shapes,
