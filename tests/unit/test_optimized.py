@@ -748,14 +748,17 @@ def test_bench_sd_variants_carry_inductor_settings_and_refuse_bad_ones(capsys, m
 def test_whisper_partition_refuses_bad_shares_before_the_model(capsys, monkeypatch):
     """``bench/whisper_partition.py``: multiprocessor shares parsed once, and one usage error naming
     a bad share, a side-by-side run without shares or a batch that is not whole encoder chunks,
-    before the model is built (building it here fails the test)."""
+    before the card is touched or the model built (either fails the test here)."""
+    torch = pytest.importorskip("torch")
     from bench import cli as bench_cli
     from bench import whisper_partition as wp
 
     def never(*a, **k):
-        raise AssertionError("the model was built before the arguments were checked")
+        raise AssertionError("the card or the model was touched before the arguments were checked")
 
     monkeypatch.setattr(bench_cli, "_whisper_model", never)
+    for name in ("init", "is_available", "get_device_properties", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, never)
     assert wp.parse_shares("80, 96", "--side-by-side") == [80, 96]
     for argv, word in ((["--side-by-side", "80,x"], "--side-by-side: expected distinct positive"),
                        (["--side-by-side", "80,80"], "--side-by-side: expected distinct positive"),
