@@ -420,6 +420,15 @@ def side_by_side(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, shares
                 fw._step(st)
             settle(sd)
             row["decode_alone_ms_per_step"] = alone(sd, replay_steps(g), 2) * 1e3 / steps
+            # control: the same step (the kernel with the share's blocks) captured on the whole
+            # card's side; slower on the share means the share's graph keeps to its multiprocessors
+            gw = torch.cuda.CUDAGraph()
+            st["pos"].copy_(ready_pos)
+            with torch.cuda.graph(gw):
+                fw._step(st)
+            settle(whole)
+            row["control_same_step_whole_card_ms_per_step"] = alone(whole, replay_steps(gw), 2) * 1e3 / steps
+            del gw
             row["encoder_alone_ms_per_clip"] = alone(se, lambda: fw._encode(feats[:C]), 1) * 1e3 / C
             row["model_batch_s"] = max(T * row["decode_alone_ms_per_step"], B * row["encoder_alone_ms_per_clip"]) / 1e3
             row.update(batch(sd, se, g))
