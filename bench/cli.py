@@ -172,28 +172,36 @@ def whisper_bound(row: dict[str, Any], gemm: dict[str, Any] | None, copy: dict[s
 SD_VARIANTS = ("stock", "recipe", "optimized")
 
 
+def split_variant(raw: str, names: Any) -> tuple[str, str, dict[str, Any]]:
+    """One ``--variants`` item ``name+key=value+…`` (spaces around parts ignored): its name (one of
+    ``names``), its label as written without the spaces, and its own Inductor settings (checked
+    like ``--sd-inductor``). An unknown name, an empty setting or a bad one raises ``ValueError``
+    naming the item. Serves ``sd_variants`` here and ``bench/sd_profile.py``'s variants."""
+    from mi300x_cert.workloads.optimized.common import parse_inductor_settings
+
+    name, *extra = (part.strip() for part in raw.split("+"))
+    item = "+".join((name, *extra))
+    if name not in names:
+        raise ValueError(f"--variants: unknown variant {name!r} in {item!r} (one of {', '.join(names)})")
+    if any(not part for part in extra):
+        raise ValueError(f"--variants: an empty setting in {item!r} (expected {name}+key=value+…)")
+    return name, item, parse_inductor_settings(",".join(extra), source=f"--variants {item!r}")
+
+
 def sd_variants(spec: str, base: dict[str, Any] | None = None) -> list[tuple[str, str, dict[str, Any] | None]]:
     """The SD rows ``--variants`` asks for: (label, path, Inductor settings) per item. An item is
     ``stock``, ``recipe`` or ``optimized``; ``optimized+key=value+…`` is the optimized path with
     Inductor settings over ``base`` (``--sd-inductor``), so settings are measured beside the
     default in one run. An unknown name, a setting on another path, a bad setting or a repeated
     item raises ``ValueError`` naming it."""
-    from mi300x_cert.workloads.optimized.common import parse_inductor_settings
-
     out: list[tuple[str, str, dict[str, Any] | None]] = []
     seen: dict[tuple[str, str], str] = {}
     for raw in spec.split(","):
         if not raw.strip():
             continue
-        name, *extra = (part.strip() for part in raw.split("+"))
-        item = "+".join((name, *extra))
-        if name not in SD_VARIANTS:
-            raise ValueError(f"--variants: unknown variant {name!r} in {item!r} (one of {', '.join(SD_VARIANTS)})")
-        if extra and name != "optimized":
+        name, item, own = split_variant(raw, SD_VARIANTS)
+        if own and name != "optimized":
             raise ValueError(f"--variants: Inductor settings ({item!r}) apply to the optimized path only")
-        if any(not part for part in extra):
-            raise ValueError(f"--variants: an empty setting in {item!r} (expected optimized+key=value+…)")
-        own = parse_inductor_settings(",".join(extra), source=f"--variants {item!r}")
         settings = {**(base or {}), **own} if name == "optimized" else None
         key = (name, json.dumps(settings or {}, sort_keys=True))
         if key in seen:  # the same configuration twice, by name or by settings in another order

@@ -82,12 +82,10 @@ NAMED_VARIANTS = {
 def variant_options(spec: str) -> dict[str, Any]:
     """Inductor options of one ``--variants`` item: a named variant, then ``+key=value`` items
     (checked like ``--sd-inductor``: an unknown key or a malformed item raises ``ValueError``)."""
-    from mi300x_cert.workloads.optimized.common import parse_inductor_settings
+    from bench.cli import split_variant
 
-    name, *extra = spec.strip().split("+")
-    if name not in NAMED_VARIANTS:
-        raise ValueError(f"--variants: unknown variant {name!r} in {spec!r} (one of {', '.join(NAMED_VARIANTS)})")
-    return {**NAMED_VARIANTS[name], **parse_inductor_settings(",".join(extra), source=f"--variants {spec!r}")}
+    name, _, own = split_variant(spec, NAMED_VARIANTS)
+    return {**NAMED_VARIANTS[name], **own}
 
 
 def main(argv: list[str] | None = None) -> None:
