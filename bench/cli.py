@@ -151,6 +151,20 @@ def measure_copy(gib: float = 4.0, reps: int = 20) -> dict[str, Any]:
     return {"gib": gib, "median_s": t, "tb_per_s": 2 * n * 2 / t / 1e12}
 
 
+def release_gpu_memory(torch: Any) -> float:
+    """Between two variants: free what the last one held, then start the peak counter again.
+    Compiled modules and captured graphs sit in reference cycles, so their memory pools go back
+    only once the cycles are collected: collect first, then empty the allocator's cache. Returns
+    the GiB still allocated (what the next variant's peak stands on; recorded as ``held_gib``)."""
+    import gc as _gc
+
+    _gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
 def whisper_bound(row: dict[str, Any], gemm: dict[str, Any] | None, copy: dict[str, Any] | None) -> dict[str, Any] | None:
     """The tokens/s this run's measured ceilings allow a Whisper row: per generated token, the
     cross-attention bytes over the copy rate and the encoder's FLOPs (per clip ÷ new tokens) over
@@ -270,6 +284,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                 continue
             _log(f"[sd] {variant} batch {b}")
             t0 = time.perf_counter()
+            held = torch.cuda.memory_allocated() / 2**30
             wl = SDWorkload(_sd_params(args, path, inductor))
             load_s = time.perf_counter() - t0
             if flops is None:
@@ -281,7 +296,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                 res.data["sd_flops"] = flops
             rec_mode = _apply_recipe(wl, b) if variant == "recipe" else None
             row: dict[str, Any] = {"variant": variant, "batch": b, "load_s": load_s, "steps": args.steps,
-                                   "dtype": wl.dtype_name, "compile": wl.compile_mode}
+                                   "dtype": wl.dtype_name, "compile": wl.compile_mode, "held_gib": held}
             try:
                 row["warmup_s"] = wl.warmup(b)
                 lats = []
@@ -309,8 +324,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
             wl.close()
             del wl
             torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            release_gpu_memory(torch)
             res.add("sd", row, quiet=("latencies_s", "optimized", "latents"))
     _sd_equality(res)
 
@@ -547,7 +561,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                 continue
             _log(f"[whisper] {variant} batch {b}")
             row: dict[str, Any] = {"variant": variant, "batch": b, "new_tokens": N, "dtype": args.dtype,
-                                   "model": args.whisper_model}
+                                   "model": args.whisper_model, "held_gib": torch.cuda.memory_allocated() / 2**30}
 
             def run(x: Any) -> Any:
                 if variant in ("stock", "recipe"):
@@ -610,8 +624,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                     res.add("whisper", _whisper_overlap_row(args, fast, variant, b, feats, tokens, counts))
             for other in fasts.values():  # peak memory of the next variant starts from no caches
                 other._states.clear()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            release_gpu_memory(torch)
             if fast is None:
                 res.add("whisper", row)
 

@@ -1063,3 +1063,38 @@ def test_sd_profile_buckets_kernels_and_refuses_bad_variants(capsys, monkeypatch
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err
+
+
+def test_bench_frees_a_variants_cycles_before_emptying_the_cache_and_resetting_the_peak():
+    """Between variants the bench collects what sits in reference cycles (compiled modules and
+    captured graphs hold their memory pools there) before it empties the allocator's cache and
+    starts the peak counter again; otherwise the next variant's peak includes the last one's pool.
+    A fake ``torch.cuda`` records the order; the pool is an object in a cycle whose finalizer
+    says when it is freed."""
+    import types
+
+    from bench import cli as bench
+
+    log: list[str] = []
+
+    class Pool:
+        def __del__(self) -> None:
+            log.append("pool freed")
+
+    holder: dict[str, Any] = {"pool": Pool()}
+    holder["self"] = holder  # a cycle: only the collector frees it
+    del holder
+
+    held = {"gib": 6.0}
+
+    def empty_cache() -> None:
+        log.append("empty_cache")
+        # the allocator hands back only what nothing holds
+        held["gib"] = 0.5 if "pool freed" in log else 6.0
+
+    cuda = types.SimpleNamespace(
+        synchronize=lambda: log.append("synchronize"), empty_cache=empty_cache,
+        reset_peak_memory_stats=lambda: log.append("reset_peak_memory_stats"),
+        memory_allocated=lambda: held["gib"] * 2**30)
+    assert bench.release_gpu_memory(types.SimpleNamespace(cuda=cuda)) == 0.5
+    assert log == ["pool freed", "synchronize", "empty_cache", "reset_peak_memory_stats"]
