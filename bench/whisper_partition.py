@@ -407,11 +407,7 @@ def side_by_side(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, shares
             # the persistent kernel launches one block per multiprocessor of the whole card; on a
             # share it gets one per multiprocessor of the share (a second wave would idle the rest)
             if isinstance(kern, hc.CudaHiddenAttention) and kern.persist:
-                st["xattn"] = hc.CudaHiddenAttention(
-                    kern.B, kern.H, kern.S, kern.E, warps=kern.warps, stages=kern.stages, rows=kern.rows,
-                    qsmem=kern.qsmem, pipe=kern.pipe, bulk=kern.bulk, red2=kern.red2, cluster=kern.cluster,
-                    persist=kern.persist, unit_ring=kern.unit_ring, lazy=kern.lazy, prefetch=kern.prefetch,
-                    last_refills=kern.last_refills, blocks=nd, device=st["enc"].device)
+                st["xattn"] = kern.with_blocks(nd)
                 row["cross_attention_blocks"] = st["xattn"].grid
             torch.cuda.synchronize()
             st["pos"].copy_(ready_pos)

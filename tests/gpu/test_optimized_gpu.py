@@ -336,3 +336,35 @@ def test_cuda_hidden_attention_lazy_rescale_rising_scores(cfg):
     want = hidden_attention_reference(qp, x).float()
     rel = float((got - want).abs().max() / want.abs().max())
     assert rel < 5e-3, (cfg, rel)
+
+
+def test_cuda_hidden_attention_with_blocks_is_the_same_kernel_on_another_grid():
+    """``with_blocks`` (a share of the card's multiprocessors gets one block for each) builds the
+    same kernel — every setting kept, the same source — on the asked grid with its own buffers,
+    and its output is the float32 reference's; the per-clip forms refuse it, naming why."""
+    from mi300x_cert.workloads.optimized import hidden_attn_cuda as hc
+    from mi300x_cert.workloads.optimized.whisper_fast import hidden_attention_reference
+
+    ok, why = hc.cuda_hidden_available("cuda")
+    if not ok or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip(why or "bulk copies need compute capability 9.0")
+    H, S, E, B = 20, 1500, 1280, 12
+    cfg = (8, 2, 1, 32, 0, 0, 1, 1, 0, 1, 2, 0, 1, 0, 1)  # the shipped candidate: lazy, last warp refills
+    k = hc.CudaHiddenAttention.from_config(B, H, S, E, cfg, device="cuda", dtype=torch.float16)
+    k5 = k.with_blocks(5)
+    assert k5.grid == 5 and k.grid == min(B, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert k5._settings == k._settings and k5.smem == k.smem
+    assert k5.label() == k.label().replace(f"persistent: {k.grid} blocks", "persistent: 5 blocks")
+    assert k5.out.data_ptr() != k.out.data_ptr() and k5.flags.numel() == 6
+    g = torch.Generator(device="cuda").manual_seed(17)
+    x = torch.randn(B, S, E, device="cuda", generator=g).half()
+    qp = (torch.randn(H, B, E, device="cuda", generator=g) * E ** -0.5 * 4).half().transpose(0, 1)
+    want = hidden_attention_reference(qp, x).float()
+    for kern in (k, k5):
+        got = kern(qp, x).float()
+        torch.cuda.synchronize()
+        assert float((got - want).abs().max() / want.abs().max()) < 5e-3
+        assert int(kern.flags.abs().sum()) == 0
+    per_clip = hc.CudaHiddenAttention.from_config(B, H, S, E, cfg[:10], device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="per-clip forms"):
+        per_clip.with_blocks(5)

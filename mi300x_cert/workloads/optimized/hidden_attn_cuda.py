@@ -1259,6 +1259,12 @@ class CudaHiddenAttention:
         if self.persist and self.splits > 1:
             raise ValueError(f"CudaHiddenAttention: the persistent form splits the batch's tiles itself, got splits {splits}")
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        # what builds this kernel, so that with_blocks can build the same one for another grid
+        self._settings = dict(warps=self.warps, stages=self.stages, splits=self.splits, rows=self.rows,
+                              qsmem=self.qsmem, pipe=self.pipe, bulk=self.bulk, red2=self.red2, mode=int(mode),
+                              cluster=self.cluster, persist=self.persist, unit_ring=self.unit_ring, lazy=self.lazy,
+                              prefetch=self.prefetch, last_refills=self.last_refills)
         with torch.cuda.device(dev):
             self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
                                                   self.bulk, self.red2, mode, self.cluster, self.persist, S,
@@ -1275,6 +1281,14 @@ class CudaHiddenAttention:
             self.parts = torch.empty(self.grid * 2 * handover_values(H, E, self.warps) * 32 * self.warps,
                                      device=dev, dtype=torch.float32)
             self.flags = torch.zeros(self.grid + 1, device=dev, dtype=torch.int32)
+
+    def with_blocks(self, blocks: int) -> "CudaHiddenAttention":
+        """The same kernel for the same shapes on ``blocks`` blocks (the persistent form only), e.g.
+        one block per multiprocessor of a share of the card: a second wave of blocks would wait for
+        the first while the share's other multiprocessors idle. Its own buffers; the same device."""
+        if not self.persist:
+            raise ValueError("CudaHiddenAttention.with_blocks: the per-clip forms launch a block per clip and split")
+        return type(self)(self.B, self.H, self.S, self.E, **self._settings, blocks=blocks, device=self.device)
 
     @staticmethod
     def config_kwargs(cfg: tuple[int, ...]) -> dict[str, int]:
