@@ -1070,22 +1070,18 @@ def test_bench_frees_a_variants_cycles_before_emptying_the_cache_and_resetting_t
     captured graphs hold their memory pools there) before it empties the allocator's cache and
     starts the peak counter again; otherwise the next variant's peak includes the last one's pool.
     A fake ``torch.cuda`` records the order; the pool is an object in a cycle whose finalizer
-    says when it is freed."""
+    says when it is freed (automatic collection off, so only the helper can free it)."""
+    import gc
     import types
 
     from bench import cli as bench
 
     log: list[str] = []
+    held = {"gib": 6.0}
 
     class Pool:
         def __del__(self) -> None:
             log.append("pool freed")
-
-    holder: dict[str, Any] = {"pool": Pool()}
-    holder["self"] = holder  # a cycle: only the collector frees it
-    del holder
-
-    held = {"gib": 6.0}
 
     def empty_cache() -> None:
         log.append("empty_cache")
@@ -1096,5 +1092,13 @@ def test_bench_frees_a_variants_cycles_before_emptying_the_cache_and_resetting_t
         synchronize=lambda: log.append("synchronize"), empty_cache=empty_cache,
         reset_peak_memory_stats=lambda: log.append("reset_peak_memory_stats"),
         memory_allocated=lambda: held["gib"] * 2**30)
-    assert bench.release_gpu_memory(types.SimpleNamespace(cuda=cuda)) == 0.5
+    gc.disable()
+    try:
+        holder: dict[str, Any] = {"pool": Pool()}
+        holder["self"] = holder  # a cycle: only the collector frees it
+        del holder
+        assert log == []
+        assert bench.release_gpu_memory(types.SimpleNamespace(cuda=cuda)) == 0.5
+    finally:
+        gc.enable()
     assert log == ["pool freed", "synchronize", "empty_cache", "reset_peak_memory_stats"]

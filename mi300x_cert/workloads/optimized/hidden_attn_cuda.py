@@ -1259,6 +1259,8 @@ class CudaHiddenAttention:
         if self.persist and self.splits > 1:
             raise ValueError(f"CudaHiddenAttention: the persistent form splits the batch's tiles itself, got splits {splits}")
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())  # with_blocks builds on this card, not the current one
         self.device = dev
         # what builds this kernel, so that with_blocks can build the same one for another grid
         self._settings = dict(warps=self.warps, stages=self.stages, splits=self.splits, rows=self.rows,
