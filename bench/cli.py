@@ -483,7 +483,8 @@ def _whisper_overlap_row(args: argparse.Namespace, fast: Any, variant: str, b: i
 
     n, N = int(args.whisper_overlap), args.new_tokens
     row: dict[str, Any] = {"variant": f"{variant}+overlap", "batch": b, "new_tokens": N, "dtype": args.dtype,
-                           "model": args.whisper_model, "batches": n, "cross_form": fast.cross, **counts}
+                           "model": args.whisper_model, "batches": n, "cross_form": fast.cross, **counts,
+                           "held_gib": release_gpu_memory(torch)}  # its own peak, not the row's before
     try:
         xs = [feats[i % 2] for i in range(n)]
         fast.generate_many(xs[:2])  # warm: the side stream's first use
