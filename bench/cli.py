@@ -152,7 +152,7 @@ def measure_copy(gib: float = 4.0, reps: int = 20) -> dict[str, Any]:
 
 
 def release_gpu_memory(torch: Any) -> float:
-    """Between two variants: free what the last one held, then start the peak counter again.
+    """Before each variant: free what the last one held, then start the peak counter again.
     Compiled modules and captured graphs sit in reference cycles, so their memory pools go back
     only once the cycles are collected: collect first, then empty the allocator's cache. Called
     before every variant, the first included (the run's copy ceiling has just held 8 GiB). Returns
@@ -324,8 +324,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                 _log(f"[sd] {variant} b{b} failed: {row['error']}")
             wl.close()
             del wl
-            torch._dynamo.reset()
-            release_gpu_memory(torch)
+            torch._dynamo.reset()  # its memory goes back at the next variant's release_gpu_memory
             res.add("sd", row, quiet=("latencies_s", "optimized", "latents"))
     _sd_equality(res)
 
@@ -628,7 +627,6 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                     res.add("whisper", _whisper_overlap_row(args, fast, variant, b, feats, tokens, counts))
             for other in fasts.values():  # peak memory of the next variant starts from no caches
                 other._states.clear()
-            release_gpu_memory(torch)
             if fast is None:
                 res.add("whisper", row)
 

@@ -1258,15 +1258,11 @@ class CudaHiddenAttention:
                              "the per-clip forms launch a block per clip and split")
         if self.persist and self.splits > 1:
             raise ValueError(f"CudaHiddenAttention: the persistent form splits the batch's tiles itself, got splits {splits}")
-        dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.mode = int(mode)
+        dev = torch.device(device if device is not None else "cuda")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())  # with_blocks builds on this card, not the current one
         self.device = dev
-        # what builds this kernel, so that with_blocks can build the same one for another grid
-        self._settings = dict(warps=self.warps, stages=self.stages, splits=self.splits, rows=self.rows,
-                              qsmem=self.qsmem, pipe=self.pipe, bulk=self.bulk, red2=self.red2, mode=int(mode),
-                              cluster=self.cluster, persist=self.persist, unit_ring=self.unit_ring, lazy=self.lazy,
-                              prefetch=self.prefetch, last_refills=self.last_refills)
         with torch.cuda.device(dev):
             self.kernel, self.smem = build_kernel(H, E, self.warps, self.stages, self.rows, self.qsmem, self.pipe,
                                                   self.bulk, self.red2, mode, self.cluster, self.persist, S,
@@ -1284,6 +1280,15 @@ class CudaHiddenAttention:
                                      device=dev, dtype=torch.float32)
             self.flags = torch.zeros(self.grid + 1, device=dev, dtype=torch.int32)
 
+    # the build settings, in the order of a CUDA_HIDDEN_CONFIGS tuple
+    SETTINGS = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist",
+                "unit_ring", "lazy", "prefetch", "last_refills")
+
+    @property
+    def _settings(self) -> dict[str, Any]:
+        """What builds this kernel, as keyword arguments: with_blocks builds the same one."""
+        return {name: getattr(self, name) for name in self.SETTINGS}
+
     def with_blocks(self, blocks: int) -> "CudaHiddenAttention":
         """The same kernel for the same shapes on ``blocks`` blocks (the persistent form only), e.g.
         one block per multiprocessor of a share of the card: a second wave of blocks would wait for
@@ -1296,8 +1301,7 @@ class CudaHiddenAttention:
     def config_kwargs(cfg: tuple[int, ...]) -> dict[str, int]:
         """A :data:`CUDA_HIDDEN_CONFIGS` tuple (warps, stages, splits, rows, qsmem, pipe, bulk, red2[, mode[,
         cluster[, persist[, unit_ring[, lazy[, prefetch[, last_refills]]]]]]]) as keyword arguments."""
-        names = ("warps", "stages", "splits", "rows", "qsmem", "pipe", "bulk", "red2", "mode", "cluster", "persist",
-                 "unit_ring", "lazy", "prefetch", "last_refills")
+        names = CudaHiddenAttention.SETTINGS
         if len(cfg) > len(names):
             raise ValueError(f"CudaHiddenAttention: a configuration has at most {len(names)} elements, got {cfg}")
         return dict(zip(names, cfg))
