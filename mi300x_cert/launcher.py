@@ -10,9 +10,11 @@ Protocol (one JSON object per line; see :mod:`mi300x_cert.worker`)::
                                {"type": "row", "warmup": false, "latency_s": ..., ...}
                                {"type": "done"}  |  {"type": "error", "reason": "..."}
 
-Every worker is a ``python -m mi300x_cert.worker`` subprocess (prefixed by the network-isolation
+Every worker is a ``python -m mi300x_cert.worker`` process (prefixed by the network-isolation
 argv when isolation is enforced) in its own process group, so a hung worker and anything it
-started are killed together. The launcher
+started are killed together. By default workers of model workloads are forked from a preloaded
+process that imported the libraries once (:mod:`mi300x_cert.preload`; ``MI300X_CERT_WORKER_START``)
+and run the same ``worker.main``; ``WorkerResult.start`` says how each one started. The launcher
 
 * waits until every worker said ``ready`` (load + warm-up; bounded by ``load_timeout_s``), then
   writes ``go`` to all of them (a barrier: measured batches start together);
@@ -58,6 +60,7 @@ class WorkerResult:
     device: str | None = None
     conditions: dict = field(default_factory=dict)
     log: str | None = None
+    start: str | None = None  # "preloaded" (forked from the preloader) | "spawned" (and why, if not preloaded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,12 +173,14 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
            on_message: Callable[[dict, Message], None] | None = None, *, load_timeout_s: float | None = None,
            log_dir: Path | str | None = None, vendor: str = "virtual", on_go: Callable[[], None] | None = None,
            on_spawn: Callable[[int, dict], None] | None = None, env: dict | None = None,
-           poll_s: float = 0.02) -> LaunchResult:
+           poll_s: float = 0.02, start: str | None = None) -> LaunchResult:
     """Run one worker per spec (each spec: ``proc``, ``card``, ``device``, ``kind``, ``params``,
     ``warmup_batches``, ``plan``); see the module docstring for the protocol and failure handling.
 
     ``on_go`` runs after every worker is ready and right before ``go`` is sent (e.g. to switch the
     telemetry phase); ``on_spawn(pid, spec)`` lets a network monitor watch each worker.
+    ``start``: ``preload`` | ``spawn`` (default ``MI300X_CERT_WORKER_START``, else ``preload``: the
+    preloader serves CPU workers of model workloads; ``start="preload"`` passed here forces it).
     """
     load_timeout_s = timeout_s if load_timeout_s is None else load_timeout_s
     log_dir = Path(log_dir) if log_dir else None
@@ -185,6 +190,7 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
     workers: list[_Worker] = []
     argv = worker_argv(argv_prefix)
     n = len(specs)
+    pre, own_pre, start_note = _preloader(specs, argv_prefix, env, vendor, start, load_timeout_s, log_dir)
 
     def reader(w: _Worker) -> None:
         assert w.popen.stdout is not None
@@ -250,9 +256,19 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
             # a worker that spans cards (peer-to-peer copies) sees every card of the host
             wenv = pin_env(None if spec.get("all_cards_visible") else spec.get("card"), vendor,
                            str(spec.get("device", "auto")), n, base=env)
-            popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_f,
-                                     env=wenv, text=True, bufsize=1, start_new_session=True)
+            popen: Any = None
+            how = start_note
+            if pre is not None:
+                try:
+                    popen = pre.spawn(wenv, log_f.fileno() if log_path else None)
+                    how = "preloaded"
+                except Exception as e:  # the preloader is gone: this worker starts the usual way
+                    how = f"spawned (the preloader failed: {e})"
+            if popen is None:
+                popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_f,
+                                         env=wenv, text=True, bufsize=1, start_new_session=True)
             w = _Worker(spec, popen, log_path, log_f if log_path else None)
+            w.result.start = how
             workers.append(w)
             w.reader = threading.Thread(target=reader, args=(w,), daemon=True, name=f"worker-reader-{proc}")
             w.reader.start()
@@ -322,3 +338,41 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
                         s.close()
                 except OSError:
                     pass
+        if own_pre and pre is not None:
+            pre.close()
+
+
+def _preloader(specs: list[dict], argv_prefix: list[str] | None, env: dict | None, vendor: str,
+               start: str | None, timeout_s: float, log_dir: Path | None) -> tuple[Any, bool, str]:
+    """The preloader this launch forks its workers from (``None``: spawn them), whether the launch
+    owns it (closes it at the end), and what a spawned worker records as its start."""
+    from .preload import Preloader, active_pool, start_mode
+    from .workloads import uses_torch
+
+    base = dict(os.environ if env is None else env)
+    forced = start is not None
+    mode = start if forced else start_mode(base)
+    if mode not in ("preload", "spawn"):
+        raise ValueError(f"start={mode!r}: expected 'preload' or 'spawn'")
+    if mode == "spawn":
+        return None, False, "spawned"
+    debug = base.get("MI300X_CERT_WORKLOAD") == "debug"
+    kinds = [str(s.get("kind")) for s in specs
+             if s.get("kind") != "debug" and not debug and uses_torch(str(s.get("kind")), dict(s.get("params") or {}))]
+    pool = active_pool()
+    if not forced and not kinds:
+        return None, False, "spawned"  # nothing heavy to import: a fresh process is as quick
+    if not forced and any(str(s.get("device", "auto")) != "cpu" for s in specs):
+        # a GPU worker is always a fresh process: GPU libraries leave threads and driver state at
+        # import that a fork does not carry safely (mi300x_cert.preload), and its case runs minutes
+        return None, False, "spawned"
+    if not forced and pool is None and len(specs) < 2:
+        return None, False, "spawned"  # one worker imports once either way
+    penv = pin_env(None, vendor, str(specs[0].get("device", "auto")) if specs else "auto", len(specs), base=base)
+    log_path = (log_dir / "preloader.log") if log_dir else None
+    try:
+        if pool is not None:
+            return pool.get(argv_prefix, penv, kinds, timeout_s, log_path), False, "spawned"
+        return Preloader(argv_prefix, penv, kinds, timeout_s=timeout_s, log_path=log_path), True, "spawned"
+    except Exception as e:
+        return None, False, f"spawned (no preloader: {e})"

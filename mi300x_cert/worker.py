@@ -76,7 +76,8 @@ class DebugWorkload:
     def conditions(self) -> dict:
         return {"model": f"debug:{self.kind}", "synthetic": True, "dtype": "none", "path": "debug",
                 "scheduler": None, "unet_evals": None, "guidance": None, "attention": None,
-                "compile_mode": None, "backend": "debug", "note": "debug workload: sleeps, no model"}
+                "compile_mode": None, "backend": "debug", "note": "debug workload: sleeps, no model",
+                "virtual_card": os.environ.get("MI300X_CERT_VIRTUAL_CARD")}
 
     def warmup(self, batch_size: int) -> float:
         return self.run_batch(batch_size, -1)["latency_s"]

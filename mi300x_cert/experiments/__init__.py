@@ -556,7 +556,11 @@ def run_experiment(run_dir: str | Path, experiment: str, progress: bool = False,
         return {"experiment": experiment, "state": "disabled"}
     cases = exp.plan(rd, profile)
     bar = None
-    with measuring(rd, profile):  # the whole experiment: no other run slips in between its cases
+    from ..preload import preloading
+
+    # the whole experiment: no other run slips in between its cases, whose workers fork from one
+    # preloaded process (mi300x_cert.preload)
+    with measuring(rd, profile), preloading():
         if progress:
             from tqdm import tqdm
 

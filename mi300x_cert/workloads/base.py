@@ -195,6 +195,9 @@ class Workload:
 
     kind: str = "?"
     optimizer_alias: str | None = None  # another name of its optimize_<kind> function
+    # what loading imports (``module`` or ``module:name,…``): a preloader imports it once for every
+    # worker it forks (mi300x_cert.preload); imports only, nothing that touches a device
+    PRELOAD: tuple[str, ...] = ()
 
     def __init__(self, params: dict[str, Any], device: str | None = None) -> None:
         set_offline_env()

@@ -21,6 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ResNetWorkload(Workload):
     kind = "resnet50"
+    PRELOAD = ("torch", "transformers:ResNetConfig,ResNetForImageClassification")
     optimizer_alias = "resnet"
 
     def _load(self) -> None:

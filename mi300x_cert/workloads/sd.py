@@ -56,6 +56,9 @@ def hash_tokenize(prompts: list[str], vocab_size: int, max_length: int = 77) -> 
 
 class SDWorkload(Workload):
     kind = "sd"
+    PRELOAD = ("torch", "diffusers:AutoencoderKL,StableDiffusionPipeline,UNet2DConditionModel," + ",".join(SCHEDULERS.values()),
+               "diffusers.models.attention_processor", "transformers:CLIPTextConfig,CLIPTextModel,CLIPTokenizer",
+               "PIL.Image")
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self) -> None:

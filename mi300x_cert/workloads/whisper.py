@@ -107,6 +107,8 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 class WhisperWorkload(Workload):
     kind = "whisper"
+    PRELOAD = ("torch", "numpy", "transformers:GenerationConfig,WhisperConfig,WhisperFeatureExtractor,"
+               "WhisperForConditionalGeneration,WhisperTokenizer")
 
     def _load(self) -> None:
         import torch

@@ -273,3 +273,7 @@ def test_real_workload_case_resnet_tiny(tmp_path, monkeypatch):
     assert float(r["latency_overhead_s"]) >= float(r["latency_s"]) > 0
     conds = rd.read_json("conditions.json")["experiments"]["resnet50"]["workload"]
     assert conds["model"] == "synthetic:resnet-tiny" and "versions" in conds
+    # a CPU worker of a model workload: forked from the experiment's preloader, which imported torch
+    # and transformers' ResNet once (mi300x_cert.preload)
+    (status,) = [json.loads(p.read_text()) for p in (rd.root / "results" / "resnet50" / "cases").glob("*.json")]
+    assert [w["start"] for w in status["workers"]] == ["preloaded"], status["workers"]
