@@ -173,7 +173,8 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
            on_message: Callable[[dict, Message], None] | None = None, *, load_timeout_s: float | None = None,
            log_dir: Path | str | None = None, vendor: str = "virtual", on_go: Callable[[], None] | None = None,
            on_spawn: Callable[[int, dict], None] | None = None, env: dict | None = None,
-           poll_s: float = 0.02, start: str | None = None) -> LaunchResult:
+           poll_s: float = 0.02, start: str | None = None,
+           on_preloader: Callable[[int], None] | None = None) -> LaunchResult:
     """Run one worker per spec (each spec: ``proc``, ``card``, ``device``, ``kind``, ``params``,
     ``warmup_batches``, ``plan``); see the module docstring for the protocol and failure handling.
 
@@ -181,6 +182,8 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
     telemetry phase); ``on_spawn(pid, spec)`` lets a network monitor watch each worker.
     ``start``: ``preload`` | ``spawn`` (default ``MI300X_CERT_WORKER_START``, else ``preload``: the
     preloader serves CPU workers of model workloads; ``start="preload"`` passed here forces it).
+    ``on_preloader(pid)``: the preloader this launch forks from, as soon as it starts (and for each
+    launch that reuses it), so that a network monitor can audit its sockets too.
     """
     load_timeout_s = timeout_s if load_timeout_s is None else load_timeout_s
     log_dir = Path(log_dir) if log_dir else None
@@ -190,7 +193,8 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
     workers: list[_Worker] = []
     argv = worker_argv(argv_prefix)
     n = len(specs)
-    pre, own_pre, start_note = _preloader(specs, argv_prefix, env, vendor, start, load_timeout_s, log_dir)
+    pre, own_pre, start_note = _preloader(specs, argv_prefix, env, vendor, start, load_timeout_s, log_dir,
+                                          on_preloader)
 
     def reader(w: _Worker) -> None:
         assert w.popen.stdout is not None
@@ -237,7 +241,10 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
             w.reader.join(timeout=10)
         w.result.returncode = rc
         if status is None:
-            if w.done and rc == 0:
+            if getattr(w.popen, "status_lost", False):  # never read as success
+                status = "failed"
+                reason = "its exit status was lost: the preloader that forked it ended first"
+            elif w.done and rc == 0:
                 status = "ok"
             else:
                 status = "failed"
@@ -333,6 +340,8 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
             if not w.finished:
                 finish(w, "aborted", "aborted: launcher interrupted")
             for s in (w.popen.stdin, w.popen.stdout):
+                if s is w.popen.stdout and w.reader is not None and w.reader.is_alive():
+                    continue  # something still holds its write end; closing would wait on the blocked read
                 try:
                     if s:
                         s.close()
@@ -343,10 +352,11 @@ def launch(specs: list[dict], argv_prefix: list[str] | None = None, timeout_s: f
 
 
 def _preloader(specs: list[dict], argv_prefix: list[str] | None, env: dict | None, vendor: str,
-               start: str | None, timeout_s: float, log_dir: Path | None) -> tuple[Any, bool, str]:
+               start: str | None, timeout_s: float, log_dir: Path | None,
+               on_start: Callable[[int], None] | None = None) -> tuple[Any, bool, str]:
     """The preloader this launch forks its workers from (``None``: spawn them), whether the launch
     owns it (closes it at the end), and what a spawned worker records as its start."""
-    from .preload import Preloader, active_pool, start_mode
+    from .preload import Preloader, active_pool, host_refusal, start_mode
     from .workloads import uses_torch
 
     base = dict(os.environ if env is None else env)
@@ -368,11 +378,17 @@ def _preloader(specs: list[dict], argv_prefix: list[str] | None, env: dict | Non
         return None, False, "spawned"
     if not forced and pool is None and len(specs) < 2:
         return None, False, "spawned"  # one worker imports once either way
+    if host_refusal():
+        return None, False, f"spawned (no preloader: {host_refusal()})"
     penv = pin_env(None, vendor, str(specs[0].get("device", "auto")) if specs else "auto", len(specs), base=base)
     log_path = (log_dir / "preloader.log") if log_dir else None
     try:
         if pool is not None:
-            return pool.get(argv_prefix, penv, kinds, timeout_s, log_path), False, "spawned"
-        return Preloader(argv_prefix, penv, kinds, timeout_s=timeout_s, log_path=log_path), True, "spawned"
+            pre = pool.get(argv_prefix, penv, kinds, timeout_s, log_path, on_start)
+            if on_start is not None:  # every case's monitor (a new preloader was also told as it started)
+                on_start(pre.proc.pid)
+            return pre, False, "spawned"
+        pre = Preloader(argv_prefix, penv, kinds, timeout_s=timeout_s, log_path=log_path, on_start=on_start)
+        return pre, True, "spawned"
     except Exception as e:
         return None, False, f"spawned (no preloader: {e})"

@@ -338,6 +338,7 @@ class NetworkMonitor:
         self._phase: str | None = None
         self._prev: dict[str, tuple[int, int]] | None = None
         self._watched: set[int] = set()
+        self._audited: set[int] = set()  # sockets only: not a worker (e.g. the preloader its workers fork from)
         self._seen: set[tuple[int, str, str]] = set()
         self._connections: list[dict] = []
         self._by_phase: dict[str, dict[str, int]] = {}
@@ -365,9 +366,15 @@ class NetworkMonitor:
             except Exception as e:
                 self._error(f"worker namespaces: {type(e).__name__}: {e}")
 
-    def watch(self, pid: int) -> None:
-        """Audit the sockets of ``pid`` and its children from now on (audited at once, then every tick)."""
+    def watch(self, pid: int, worker: bool = True) -> None:
+        """Audit the sockets of ``pid`` and its children from now on (audited at once, then every tick).
+        A worker also gets namespace readings (its evidence in enforced mode); ``worker=False``
+        (the preloader that forks the workers) only its sockets."""
         with self._lock:
+            if not worker:
+                self._audited.add(int(pid))
+                self._audit_sockets(time.time())
+                return
             self._watched.add(int(pid))
             self._audit_sockets(time.time())
             self._read_workers(time.time(), only=int(pid))
@@ -467,7 +474,7 @@ class NetworkMonitor:
                                            "bytes_sent": s, "bytes_recv": r, "d_sent": ds, "d_recv": dr})
 
     def _audit_sockets(self, t: float) -> None:
-        for pid in sorted(self._watched):
+        for pid in sorted(self._watched | self._audited):
             for owner, conn in self._connections_fn(pid):
                 laddr, raddr = _fmt_addr(getattr(conn, "laddr", None)), _fmt_addr(getattr(conn, "raddr", None))
                 key = (int(owner), laddr, raddr)

@@ -130,6 +130,8 @@ def _child(conn: socket.socket, fds: list[int], req: dict, started_w: int) -> No
         from .worker import main
 
         code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - the worker must end with a code, whatever happened
         try:
             traceback.print_exc()
@@ -167,14 +169,29 @@ def serve(sock_path: str, kinds: list[str]) -> int:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(sock_path)
     try:
-        t0 = time.time()
+        return _serve(conn, kinds)
+    finally:  # the launcher removes them too; whichever ends last (a launcher killed cannot)
+        with contextlib.suppress(OSError):
+            os.unlink(sock_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(sock_path))
+
+
+def _serve(conn: socket.socket, kinds: list[str]) -> int:
+    t0 = time.time()
+    try:
         loaded = preload_kinds(kinds)
-        _check_fork_safe()
-        _send(conn, {"ready": True, "pid": os.getpid(), "loaded": loaded, "import_s": time.time() - t0})
     except Exception as e:
         traceback.print_exc()
         _send(conn, {"ready": False, "error": f"{type(e).__name__}: {e}"})
         return 1
+    try:
+        _check_fork_safe()
+    except RuntimeError as e:  # this host's libraries: every later preloader would refuse too
+        print(f"preloader: refusing to fork workers: {e}", file=sys.stderr, flush=True)
+        _send(conn, {"ready": False, "refused": True, "error": f"{type(e).__name__}: {e}"})
+        return 1
+    _send(conn, {"ready": True, "pid": os.getpid(), "loaded": loaded, "import_s": time.time() - t0})
     children: set[int] = set()
     buf = b""
     while True:
@@ -195,6 +212,11 @@ def serve(sock_path: str, kinds: list[str]) -> int:
         if not data:
             break  # the launcher closed the socket (or died): no more workers
         buf += data
+        while b"\n" not in buf:  # a large request arrives in pieces; its fds came with the first
+            more = conn.recv(1 << 20)
+            if not more:
+                return 0
+            buf += more
         line, _, buf = buf.partition(b"\n")
         req = json.loads(line)
         started_r, started_w = os.pipe()
@@ -215,7 +237,9 @@ def serve(sock_path: str, kinds: list[str]) -> int:
 # ---- the launcher's side -----------------------------------------------------------------------
 
 class ForkedProcess:
-    """What the launcher uses of ``subprocess.Popen``, for a worker the preloader forked."""
+    """What the launcher uses of ``subprocess.Popen``, for a worker the preloader forked. Its exit
+    status comes from the preloader; a pidfd (taken as soon as the pid is known) says whether it
+    still runs when the preloader is gone, and signals exactly this process, never a recycled pid."""
 
     def __init__(self, pre: "Preloader", pid: int, stdin: Any, stdout: Any):
         self._pre = pre
@@ -223,10 +247,32 @@ class ForkedProcess:
         self.stdin = stdin
         self.stdout = stdout
         self.returncode: int | None = None
+        self.status_lost = False  # it ended after the preloader did: its exit status is unknown
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # an old kernel, or it already ended and was reaped
+            pass
+
+    def _ended(self) -> bool:
+        if self._pidfd is not None:
+            return bool(select.select([self._pidfd], [], [], 0)[0])  # readable once it has exited
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+        except (OSError, IndexError):
+            return True
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self._pre.exit_status(self.pid)
+            rc = self._pre.take_exit(self.pid)
+            if rc is None and not self._pre.alive and self._ended():
+                rc, self.status_lost = 255, True  # never read as success
+            if rc is not None:
+                self.returncode = rc
+                if self._pidfd is not None:
+                    os.close(self._pidfd)
+                    self._pidfd = None
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -239,9 +285,14 @@ class ForkedProcess:
         return self.returncode
 
     def kill(self) -> None:
+        if self.poll() is not None:
+            return
         try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
             pass
 
 
@@ -250,7 +301,7 @@ class Preloader:
     the workers' environment (the preloader runs with :func:`preloader_env` of it)."""
 
     def __init__(self, argv_prefix: list[str] | None, env: dict, kinds: list[str], *, timeout_s: float = 600.0,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, on_start: Any = None):
         self.kinds = list(kinds)
         self._dir = tempfile.mkdtemp(prefix="mi300x-cert-preload-")
         os.chmod(self._dir, 0o700)
@@ -270,6 +321,8 @@ class Preloader:
         self.conn: socket.socket | None = None
         self.info: dict = {}
         try:
+            if on_start is not None:  # e.g. the network monitor audits its sockets from its first import
+                on_start(self.proc.pid)
             self._listener.settimeout(0.2)
             end = time.time() + timeout_s
             while self.conn is None:
@@ -285,7 +338,10 @@ class Preloader:
             self._reader.start()
             msg = self._next_reply(lambda m: "ready" in m, end)
             if not msg.get("ready"):
-                raise RuntimeError(f"the preloader is not ready: {msg.get('error')}")
+                why = f"the preloader is not ready: {msg.get('error')}"
+                if msg.get("refused"):
+                    _HOST["refused"] = why
+                raise RuntimeError(why)
             self.info = msg
         except BaseException:
             self.close()
@@ -320,6 +376,8 @@ class Preloader:
                     if match(m):
                         return self._replies.pop(i)
                 if self._closed:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(timeout=2)
                     raise RuntimeError(f"the preloader ended (code {self.proc.poll()}) before it answered")
                 left = end - time.time()
                 if left <= 0:
@@ -330,20 +388,10 @@ class Preloader:
     def alive(self) -> bool:
         return self.conn is not None and not self._closed and self.proc.poll() is None
 
-    def exit_status(self, pid: int) -> int | None:
+    def take_exit(self, pid: int) -> int | None:
+        """The exit status the preloader reported for ``pid`` (once: a recycled pid starts afresh)."""
         with self._cv:
-            if pid in self._exits:
-                return self._exits[pid]
-            if not self._closed:
-                return None
-        # the preloader is gone and cannot report it: the worker's fate is unknown once it has ended
-        try:
-            os.kill(pid, 0)
-            return None
-        except ProcessLookupError:
-            return 255  # it ended; its status was lost with the preloader (never read as success)
-        except PermissionError:  # pragma: no cover - a recycled pid of another user
-            return 255
+            return self._exits.pop(pid, None)
 
     # -- requests -------------------------------------------------------------------------------
     def spawn(self, env: dict, stderr_fd: int | None, timeout_s: float = 30.0) -> ForkedProcess:
@@ -421,18 +469,19 @@ class _Pool:
         self.failed: dict[str, str] = {}
 
     def get(self, argv_prefix: list[str] | None, env: dict, kinds: list[str], timeout_s: float,
-            log_path: Path | None) -> Preloader:
+            log_path: Path | None, on_start: Any = None) -> Preloader:
         key = _key(argv_prefix, env, kinds)
         pre = self._by_key.get(key)
         if pre is not None and pre.alive:
             return pre
-        if pre is not None:
+        if pre is not None:  # it ended under a running experiment: the rest of it spawns
+            self.failed[key] = f"the preloader ended during the experiment (code {pre.proc.poll()})"
             pre.close()
             del self._by_key[key]
         if key in self.failed:  # do not pay a failing import again for every case
             raise RuntimeError(self.failed[key])
         try:
-            pre = Preloader(argv_prefix, env, kinds, timeout_s=timeout_s, log_path=log_path)
+            pre = Preloader(argv_prefix, env, kinds, timeout_s=timeout_s, log_path=log_path, on_start=on_start)
         except Exception as e:
             self.failed[key] = str(e)
             raise
@@ -443,6 +492,15 @@ class _Pool:
         for pre in self._by_key.values():
             pre.close()
         self._by_key.clear()
+
+
+# set when a preloader refused to fork on this host (its libraries leave a thread or an initialized
+# driver after import): every later one would too, so this process spawns without paying the import
+_HOST: dict[str, str] = {}
+
+
+def host_refusal() -> str | None:
+    return _HOST.get("refused")
 
 
 _POOL: contextvars.ContextVar[_Pool | None] = contextvars.ContextVar("mi300x_cert_preload_pool", default=None)

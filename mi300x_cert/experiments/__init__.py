@@ -392,7 +392,8 @@ def _run_case_locked(rd: Any, profile: Any, experiment: str, case: dict, *, rais
 
             res = launch(specs, argv_prefix, timeout_s=exp.timeout_s(profile, case), on_message=on_message,
                          load_timeout_s=float(exp.spec(profile).timeout_s), log_dir=case_dir / case_id,
-                         vendor=_vendor(profile), on_go=on_go, on_spawn=lambda pid, s: monitor.watch(pid))
+                         vendor=_vendor(profile), on_go=on_go, on_spawn=lambda pid, s: monitor.watch(pid),
+                         on_preloader=lambda pid: monitor.watch(pid, worker=False))
             sampler.reset_busy(cards)
             if bm is not None:
                 phase("cooldown", cards)

@@ -458,7 +458,7 @@ def _find_mode(obj: Any, depth: int = 0) -> str | None:
     return None
 
 
-_ENFORCED_EVIDENCE = ("enforced: every worker ran in its own network namespace (its /proc/<pid>/ns/net differs from "
+_ENFORCED_EVIDENCE = ("enforced: every worker ran in a private network namespace, made for its case or its experiment (its /proc/<pid>/ns/net differs from "
                       "the host's; recorded per worker in netns/*.csv) whose interfaces moved no non-loopback byte, "
                       "and the socket audit of the workers (read from their own namespaces) found no external "
                       "connection; host-wide interface traffic is recorded and reported as background, not judged")

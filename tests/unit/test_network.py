@@ -255,6 +255,27 @@ def test_worker_namespace_readings_are_written_per_phase(tmp_path):
     assert mon.summary()["workers"]["4321"]["namespaces"] == ["net:[4026532999]"]
 
 
+def test_the_preloader_is_audited_for_sockets_but_is_not_worker_evidence(tmp_path):
+    """The process the workers fork from (mi300x_cert.preload): its sockets are listed, but it adds
+    no namespace reading, so it can never stand in for a worker's evidence."""
+    addr = lambda ip, port: types.SimpleNamespace(ip=ip, port=port)  # noqa: E731
+    fam = types.SimpleNamespace(name="AF_INET")
+    conn = types.SimpleNamespace(laddr=addr("10.0.0.2", 51000), raddr=addr("52.95.110.1", 443), status="ESTABLISHED",
+                                 family=fam)
+    ns = CsvStream(tmp_path / "netns.csv", network.NETNS_COLUMNS)
+    mon = NetworkMonitor(None, None, rate_hz=1, counters_fn=FakeCounters(),
+                         connections_fn=lambda pid: [(pid, conn)] if pid == 777 else [],
+                         netns_stream=ns, netns_fn=lambda pid: {"netns": "net:[1]", "interfaces": {}},
+                         host_netns="net:[4026531840]")
+    mon.watch(777, worker=False)
+    mon.tick()
+    mon.phase("active")
+    ns.close()
+    s = mon.summary()
+    assert s["external_connections"] == 1 and s["connections"][0]["pid"] == 777
+    assert read_csv(tmp_path / "netns.csv") == [] and "777" not in (s.get("workers") or {})
+
+
 @pytest.mark.skipif(network.enforced_available()[0] is None, reason="no private network namespace here")
 def test_a_worker_in_a_private_namespace_is_read_in_its_own_namespace(tmp_path):
     """A process under the enforced prefix: its namespace differs from ours, holds only `lo`, and

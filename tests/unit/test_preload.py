@@ -20,6 +20,8 @@ from mi300x_cert.launcher import launch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[2]
+# a preloader that kept a worker's pipe open would hang a launch, not fail it: bound every test
+pytestmark = pytest.mark.timeout(180)
 
 
 def _spec(proc: int, card: int, n: int = 3, **params) -> dict:
@@ -76,14 +78,23 @@ def test_a_forked_worker_that_crashes_or_hangs_is_reported_like_a_spawned_one(tm
 
 def test_one_preloader_serves_every_launch_of_an_experiment_then_ends(tmp_path):
     parents: list[int] = []
+    told: list[int] = []
+    fds: list[int] = []
     with preload.preloading() as pool:
-        for k in range(2):
-            res = launch([_spec(0, 1)], timeout_s=20, log_dir=tmp_path / str(k), start="preload",
-                         on_spawn=lambda pid, s: parents.append(psutil.Process(pid).ppid()))
-            assert res.ok and res.workers[0].start == "preloaded"
-        (pre,) = pool._by_key.values()
-        assert pre.alive and parents == [pre.proc.pid, pre.proc.pid]
+        for k in range(4):
+            t0 = time.time()
+            res = launch([_spec(0, 1), _spec(1, 2)], timeout_s=20, log_dir=tmp_path / str(k), start="preload",
+                         on_spawn=lambda pid, s: parents.append(psutil.Process(pid).ppid()), on_preloader=told.append)
+            assert res.ok and [w.start for w in res.workers] == ["preloaded", "preloaded"]
+            assert time.time() - t0 < 10  # every worker's stdout reached end of file as it exited
+            (pre,) = pool._by_key.values()
+            fds.append(len(os.listdir(f"/proc/{pre.proc.pid}/fd")))
+        assert pre.alive and parents == [pre.proc.pid] * 8
+        assert set(told) == {pre.proc.pid} and len(told) >= 4  # each case's network monitor audits it
+        # the preloader keeps none of its workers' pipe ends
+        assert fds == [fds[0]] * 4, fds
     assert pre.proc.poll() is not None, "the preloader outlived its experiment"
+    assert not Path(pre._dir).exists()
 
 
 def test_a_preloader_that_cannot_start_falls_back_to_spawned_workers(tmp_path, monkeypatch):
@@ -185,3 +196,42 @@ def test_gpu_workers_are_always_spawned_unless_forced(tmp_path):
         assert pre is not None and own and pre.alive
     finally:
         pre.close()
+
+
+def test_a_large_worker_environment_reaches_the_worker(tmp_path):
+    """A request larger than one socket read (module systems export big variables) is read whole."""
+    env = {**os.environ, **{f"BIG_SETTING_{i}": "x" * 40_000 for i in range(5)}}  # 200 KB, each under exec's limit
+    res = launch([_spec(0, 1), _spec(1, 2)], timeout_s=20, log_dir=tmp_path, start="preload", env=env)
+    assert res.ok, res.reason
+    assert [w.start for w in res.workers] == ["preloaded", "preloaded"]
+
+
+def test_a_preloader_killed_under_its_workers_fails_them_closed_without_hanging(tmp_path):
+    killed: list[int] = []
+
+    def kill_preloader(pid: int, spec: dict) -> None:
+        if not killed:
+            killed.append(psutil.Process(pid).ppid())
+            os.kill(killed[0], signal.SIGKILL)
+
+    t0 = time.time()
+    res = launch([_spec(0, 1, n=20, latency_s=0.05), _spec(1, 2, n=20, latency_s=0.05)], timeout_s=30,
+                 log_dir=tmp_path, start="preload", on_spawn=kill_preloader)
+    assert time.time() - t0 < 30
+    assert not res.ok
+    state = [(w.status, w.start, w.reason) for w in res.workers]
+    # the forked worker's exit status is unknown: a failure, never a pass
+    assert res.workers[0].start == "preloaded" and res.workers[0].status == "failed", state
+    assert res.workers[0].reason == "its exit status was lost: the preloader that forked it ended first"
+    # a worker asked for after the preloader died is spawned, saying why
+    assert res.workers[1].start.startswith("spawned (the preloader failed: "), state
+
+
+def test_a_refusal_on_this_host_is_not_paid_again(tmp_path, monkeypatch):
+    monkeypatch.setitem(preload._HOST, "refused", "the preloader is not ready: RuntimeError: 3 threads after the imports")
+    sd = {"kind": "sd", "params": {}, "device": "cpu"}
+    from mi300x_cert.launcher import _preloader
+
+    assert _preloader([sd, sd], None, dict(os.environ), "virtual", None, 60, tmp_path) == (
+        None, False, "spawned (no preloader: the preloader is not ready: RuntimeError: 3 threads after the imports)")
+    assert not (tmp_path / "preloader.log").exists()
