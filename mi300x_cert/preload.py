@@ -26,7 +26,8 @@ socket (also when the launcher dies). A preloader that cannot start (an import f
 it does not answer within the load timeout) is not fatal: the launcher spawns the workers instead
 and records why (``WorkerResult.start``). ``MI300X_CERT_WORKER_START=spawn`` always spawns.
 
-Within :func:`preloading` (``run_experiment`` holds it for its cases) one preloader serves every
+Within :func:`preloading` (``run_experiment`` holds it for its cases when they have more than one
+worker in all) one preloader serves every
 case of the same isolation prefix, kinds and base environment; outside it, a launch of two or more
 workers starts its own.
 """

@@ -560,8 +560,9 @@ def run_experiment(run_dir: str | Path, experiment: str, progress: bool = False,
     from ..preload import preloading
 
     # the whole experiment: no other run slips in between its cases, whose workers fork from one
-    # preloaded process (mi300x_cert.preload)
-    with measuring(rd, profile), preloading():
+    # preloaded process (mi300x_cert.preload) when there is more than one worker in all to fork
+    workers = sum(len(c.get("cards") or []) for c in cases)
+    with measuring(rd, profile), (preloading() if workers > 1 else contextlib.nullcontext()):
         if progress:
             from tqdm import tqdm
 

@@ -260,12 +260,12 @@ def test_real_workload_case_resnet_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ov = {"experiments": {"bare-metal": {"enabled": False}, "whisper": {"enabled": False},
                           "sd-throughput": {"enabled": False},
-                          "resnet50": {"image_sizes": [64], "batch_sizes": [2], "iterations": 2, "timeout_s": 120}}}
+                          "resnet50": {"image_sizes": [64, 96], "batch_sizes": [2], "iterations": 2, "timeout_s": 120}}}
     rd = RunDir(prepare_run(TINY, tmp_path / "run", overrides=ov))
     result = run_all(rd.root, list(EXPERIMENTS))
     assert result["state"] == "complete", result.get("error")
     rows = _csv(rd.root / "results" / "resnet50" / "rows.csv")
-    assert len(rows) == 2
+    assert len(rows) == 4
     r = rows[0]
     assert (r["model"], r["synthetic"], r["device"], r["backend"], r["dtype"]) == (
         "synthetic:resnet-tiny", "True", "cpu", "cpu", "float32")
@@ -273,7 +273,8 @@ def test_real_workload_case_resnet_tiny(tmp_path, monkeypatch):
     assert float(r["latency_overhead_s"]) >= float(r["latency_s"]) > 0
     conds = rd.read_json("conditions.json")["experiments"]["resnet50"]["workload"]
     assert conds["model"] == "synthetic:resnet-tiny" and "versions" in conds
-    # a CPU worker of a model workload: forked from the experiment's preloader, which imported torch
-    # and transformers' ResNet once (mi300x_cert.preload)
-    (status,) = [json.loads(p.read_text()) for p in (rd.root / "results" / "resnet50" / "cases").glob("*.json")]
-    assert [w["start"] for w in status["workers"]] == ["preloaded"], status["workers"]
+    # CPU workers of a model workload, two cases of one: forked from the experiment's one preloader,
+    # which imported torch and transformers' ResNet once (mi300x_cert.preload)
+    statuses = [json.loads(p.read_text()) for p in (rd.root / "results" / "resnet50" / "cases").glob("*.json")]
+    assert len(statuses) == 2
+    assert [w["start"] for st in statuses for w in st["workers"]] == ["preloaded", "preloaded"], statuses
