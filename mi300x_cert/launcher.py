@@ -356,14 +356,14 @@ def _preloader(specs: list[dict], argv_prefix: list[str] | None, env: dict | Non
                on_start: Callable[[int], None] | None = None) -> tuple[Any, bool, str]:
     """The preloader this launch forks its workers from (``None``: spawn them), whether the launch
     owns it (closes it at the end), and what a spawned worker records as its start."""
-    from .preload import Preloader, active_pool, host_refusal, start_mode
+    from .preload import START_MODES, Preloader, active_pool, host_refusal, start_mode
     from .workloads import uses_torch
 
     base = dict(os.environ if env is None else env)
     forced = start is not None
     mode = start if forced else start_mode(base)
-    if mode not in ("preload", "spawn"):
-        raise ValueError(f"start={mode!r}: expected 'preload' or 'spawn'")
+    if mode not in START_MODES:
+        raise ValueError(f"start={mode!r}: expected one of {', '.join(START_MODES)}")
     if mode == "spawn":
         return None, False, "spawned"
     debug = base.get("MI300X_CERT_WORKLOAD") == "debug"

@@ -54,7 +54,7 @@ from typing import Any, Iterator
 from .errors import WorkerError
 
 __all__ = ["START_MODES", "start_mode", "Preloader", "ForkedProcess", "preloading", "active_pool",
-           "preload_kinds"]
+           "preload_kinds", "preloader_env", "host_refusal"]
 
 START_MODES = ("preload", "spawn")
 _ENV = "MI300X_CERT_WORKER_START"
@@ -78,17 +78,16 @@ def preload_kinds(kinds: list[str] | tuple[str, ...]) -> list[str]:
     Returns the entries imported. Touches no device."""
     import importlib
 
-    from .workloads import KINDS, _ALIASES
+    from .workloads import workload_class
     from .workloads.base import set_offline_env
 
     set_offline_env()  # before the libraries import, as a worker does
     done: list[str] = []
     for kind in dict.fromkeys(kinds):
-        k = _ALIASES.get(kind, kind)
-        if k not in KINDS:
+        try:
+            cls = workload_class(kind)
+        except WorkerError:  # its worker reports the unknown kind itself
             continue
-        mod_name, cls_name = KINDS[k]
-        cls = getattr(importlib.import_module(f".workloads.{mod_name}", __package__), cls_name)
         for entry in getattr(cls, "PRELOAD", ()):
             mod, _, names = entry.partition(":")
             m = importlib.import_module(mod)
@@ -320,7 +319,6 @@ class Preloader:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
                                      env=preloader_env(env), start_new_session=True)
         self.conn: socket.socket | None = None
-        self.info: dict = {}
         try:
             if on_start is not None:  # e.g. the network monitor audits its sockets from its first import
                 on_start(self.proc.pid)
@@ -343,7 +341,6 @@ class Preloader:
                 if msg.get("refused"):
                     _HOST["refused"] = why
                 raise RuntimeError(why)
-            self.info = msg
         except BaseException:
             self.close()
             raise

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import WorkerError
 from .base import Workload
 
-__all__ = ["load_workload", "uses_torch", "Workload", "KINDS"]
+__all__ = ["load_workload", "workload_class", "uses_torch", "Workload", "KINDS"]
 
 KINDS = {
     "sd": ("sd", "SDWorkload"),
@@ -28,13 +28,17 @@ def uses_torch(kind: str, params: dict[str, Any]) -> bool:
     return not (_ALIASES.get(kind, kind) == "ceilings" and params.get("simulated") is not None)
 
 
-def load_workload(kind: str, params: dict[str, Any], device: str | None = None) -> Workload:
-    """Load the model of workload ``kind`` once; raises ModelSourceError / WorkerError."""
+def workload_class(kind: str) -> type[Workload]:
+    """The class of workload ``kind`` (aliases accepted; imports its module, not its libraries)."""
     k = _ALIASES.get(kind, kind)
     if k not in KINDS:
         raise WorkerError(f"unknown workload kind {kind!r} (known: {', '.join(KINDS)})")
     import importlib
 
     mod_name, cls_name = KINDS[k]
-    cls = getattr(importlib.import_module(f".{mod_name}", __name__), cls_name)
-    return cls(params, device)
+    return getattr(importlib.import_module(f".{mod_name}", __name__), cls_name)
+
+
+def load_workload(kind: str, params: dict[str, Any], device: str | None = None) -> Workload:
+    """Load the model of workload ``kind`` once; raises ModelSourceError / WorkerError."""
+    return workload_class(kind)(params, device)
