@@ -13,10 +13,20 @@ with one block per multiprocessor of its share, the decode step captured as a gr
 share's stream; then a whole batch — every decode step of it beside the next batch's encoder, a
 chunk every few steps as ``FastWhisper.generate_many`` launches them — timed against the same
 batch in series on the whole card, in the same process. ``--only-side-by-side`` skips the
-one-share-at-a-time parts.
+one-share-at-a-time parts. Each side-by-side and series batch also records the joules the card's
+energy counter read over it.
+
+``--energy`` measures what a batch costs the card in energy, then stops: a whole batch's decoding
+alone (every decode step, replayed), its encoder alone (every chunk) and both in series, each on the
+whole card, ``--energy-rounds`` times (the order reversed every other round), with NVML's energy
+counter read around each and the power, SM clock and clock reasons sampled at 10 Hz. From the
+joules per generated token and per clip it gives the tok/s the card's enforced power limit allows
+for that work, however the two parts are scheduled: where both parts already run at the limit, no
+overlap of them can be faster than series unless the work itself costs fewer joules.
 
     python bench/whisper_partition.py [--batch 1024] [--sms 112,96,80,64,48,32] [--out part.json]
     python bench/whisper_partition.py --only-side-by-side --side-by-side 80,88,96 [--out part.json]
+    python bench/whisper_partition.py --energy [--energy-rounds 2] [--side-by-side 72] [--out energy.json]
 
 Prints one JSON object per part as it goes; the whole result is written after each part, so a
 killed run keeps what it finished.
@@ -106,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="decode shares (e.g. 80,96): the device split once per share, decoding beside the "
                          "encoder on the disjoint rest, a whole batch timed against series")
     ap.add_argument("--only-side-by-side", action="store_true", help="skip the one-share-at-a-time parts")
+    ap.add_argument("--energy", action="store_true",
+                    help="joules of a whole batch's decoding alone, its encoder alone and both in series "
+                         "(after any --side-by-side), and the tok/s the power limit allows; then stop")
+    ap.add_argument("--energy-rounds", type=int, default=2, help="rounds of the three --energy parts")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     try:  # usage errors before the card is touched
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(str(e))
     if a.only_side_by_side and not side_shares:
         ap.error("--only-side-by-side needs --side-by-side")
+    if a.energy_rounds < 1:
+        ap.error(f"--energy-rounds {a.energy_rounds} must be at least 1")
     if a.batch < 1 or a.encoder_chunk < 1 or a.batch % a.encoder_chunk:
         ap.error(f"--batch {a.batch} must be a positive multiple of --encoder-chunk {a.encoder_chunk}")
     import torch
@@ -209,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
                        "attention": {k: v for k, v in (fw.attn_choice.get(B) or {}).items() if k != "rejected"}})
         if side_shares:
             emit("side_by_side", side_by_side(fw, st, ready_pos, feats, side_shares, a.steps, emit))
-        if a.only_side_by_side:
+        if a.energy:
+            emit("energy", energy_parts(fw, st, ready_pos, feats, a.energy_rounds, emit))
+        if a.only_side_by_side or a.energy:
             return
         # -- the chosen cross-attention kernel against the multiprocessor count --------------------
         kern, X = st["xattn"], st["enc"]
@@ -307,6 +325,121 @@ def main(argv: list[str] | None = None) -> None:
         emit("encoder_kernels_us_per_clip", kernel_rows(prof, C, top=25))
 
 
+class _EnergyCounter:
+    """The card's total-energy counter through NVML (millijoules since the driver loaded), and its
+    enforced power limit. One GPU visible: NVML index 0 is the card torch uses."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(self._h) / 1e3
+
+    def joules(self) -> float:
+        return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h) / 1e3
+
+
+_COUNTER: list[_EnergyCounter] = []
+
+
+def sampled(fn: Any, settle: Any) -> tuple[Any, dict[str, Any]]:
+    """``fn()`` (which must leave the device idle, ``settle`` waits for it) with the card sampled
+    at 10 Hz and its energy counter read before and after: (fn's result, the card's figures)."""
+    from bench.cli import _NvmlPoller
+
+    if not _COUNTER:
+        _COUNTER.append(_EnergyCounter())
+    counter = _COUNTER[0]
+    settle()
+    with _NvmlPoller(10.0) as poll:
+        j0, t0 = counter.joules(), time.perf_counter()
+        res = fn()
+        settle()
+        s, j1 = time.perf_counter() - t0, counter.joules()
+
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in poll.rows if isinstance(r.get(key), (int, float))]
+        return statistics.median(vals) if vals else None
+
+    reasons = [str(r["throttle_reasons"]) for r in poll.rows if r.get("throttle_reasons")]
+    return res, {"s": s, "joules": j1 - j0, "mean_power_w": (j1 - j0) / s if s > 0 else None,
+                 "power_w_median": med("power_w"), "sm_clock_mhz_median": med("sclk_mhz"),
+                 "sm_clock_mhz_min": min((r["sclk_mhz"] for r in poll.rows
+                                          if isinstance(r.get("sclk_mhz"), (int, float))), default=None),
+                 "clock_reasons_most_seen": max(set(reasons), key=reasons.count) if reasons else None,
+                 "samples": len(poll.rows), "power_limit_w": counter.limit_w}
+
+
+def energy_parts(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, rounds: int, emit: Any) -> dict[str, Any]:
+    """A whole batch's decoding alone, its encoder alone and both in series (a chunk every few
+    steps, as ``generate_many`` launches them, on one stream), each on the whole card, timed by the
+    host around a device synchronization and measured by the energy counter; ``rounds`` rounds,
+    every other one in reverse order. Then the power bound: the batch's joules (decoding's plus
+    the encoder's, medians of the rounds) at the card's enforced power limit."""
+    import torch
+
+    B, C = int(st["tokens"].shape[0]), fw.encoder_chunk
+    T, chunks = fw.total - 1, B // C
+    every = max(1, T // chunks)
+    new_tokens = B * (T + 1 - len(fw.prompt))
+    graph = st["graph"]
+
+    def decoding() -> None:
+        st["pos"].copy_(ready_pos)
+        for _ in range(T):
+            graph.replay()
+
+    def encoder() -> None:
+        for i in range(chunks):
+            fw._encode(feats[i * C:(i + 1) * C])
+
+    def series() -> None:
+        st["pos"].copy_(ready_pos)
+        done = 0
+        for i in range(T):
+            if i % every == 0 and done < chunks:
+                fw._encode(feats[done * C:(done + 1) * C])
+                done += 1
+            graph.replay()
+        while done < chunks:
+            fw._encode(feats[done * C:(done + 1) * C])
+            done += 1
+
+    parts = {"decoding": decoding, "encoder": encoder, "series": series}
+    out: dict[str, Any] = {"batch": B, "decode_steps": T, "encoder_chunks": chunks, "chunk": C,
+                           "new_tokens_per_batch": new_tokens, "rounds": [],
+                           "idle": sampled(lambda: time.sleep(2.0), torch.cuda.synchronize)[1]}
+    for r in range(rounds):
+        names = list(parts) if r % 2 == 0 else list(reversed(parts))
+        row: dict[str, Any] = {}
+        for name in names:
+            _, card = sampled(parts[name], torch.cuda.synchronize)
+            row[name] = card
+        out["rounds"].append(row)
+        emit("energy", out)
+    med = {n: {k: statistics.median([rw[n][k] for rw in out["rounds"]])
+               for k in ("s", "joules", "mean_power_w")} for n in parts}
+    limit = out["rounds"][0]["series"]["power_limit_w"]
+    e_dec, e_enc = med["decoding"]["joules"], med["encoder"]["joules"]
+    power_s = (e_dec + e_enc) / limit
+    out["summary"] = {
+        "median_of_rounds": med,
+        "joules_per_token_decoding": e_dec / new_tokens,
+        "joules_per_clip_encoder": e_enc / B,
+        "joules_per_token": (e_dec + e_enc) / new_tokens,
+        "series_joules_vs_parts": med["series"]["joules"] / (e_dec + e_enc),
+        "power_limit_w": limit,
+        "power_bound_batch_s": power_s,
+        "power_bound_tokens_per_s": new_tokens / power_s,
+        "series_tokens_per_s": new_tokens / med["series"]["s"],
+        "parts_in_series_tokens_per_s": new_tokens / (med["decoding"]["s"] + med["encoder"]["s"]),
+        "joules_per_token_for_13000_at_limit": limit / 13000.0,
+    }
+    return out
+
+
 def side_by_side(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, shares: list[int], steps: int,
                  emit: Any) -> dict[str, Any]:
     """A batch's decoding on a share beside the next batch's encoder on the disjoint rest, against
@@ -325,21 +458,8 @@ def side_by_side(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, shares
     def batch(stream_dec: Any, stream_enc: Any, graph: Any) -> dict[str, Any]:
         """One batch, the card sampled through NVML at 10 Hz meanwhile (power, SM clock, throttle
         reasons: what the two shares contend for)."""
-        from bench.cli import _NvmlPoller
-
-        with _NvmlPoller(10.0) as poll:
-            out = one_batch(stream_dec, stream_enc, graph)
-
-        def med(key: str) -> float | None:
-            vals = [r[key] for r in poll.rows if isinstance(r.get(key), (int, float))]
-            return statistics.median(vals) if vals else None
-
-        reasons = [str(r["throttle_reasons"]) for r in poll.rows if r.get("throttle_reasons")]
-        out.update({"power_w_median": med("power_w"), "sm_clock_mhz_median": med("sclk_mhz"),
-                    "sm_clock_mhz_min": min((r["sclk_mhz"] for r in poll.rows
-                                             if isinstance(r.get("sclk_mhz"), (int, float))), default=None),
-                    "clock_reasons_most_seen": max(set(reasons), key=reasons.count) if reasons else None,
-                    "samples": len(poll.rows)})
+        out, card = sampled(lambda: one_batch(stream_dec, stream_enc, graph), lambda: settle(stream_dec, stream_enc))
+        out.update(card)
         return out
 
     def one_batch(stream_dec: Any, stream_enc: Any, graph: Any) -> dict[str, float]:

@@ -764,10 +764,71 @@ def test_whisper_partition_refuses_bad_shares_before_the_model(capsys, monkeypat
                        (["--side-by-side", "80,80"], "--side-by-side: expected distinct positive"),
                        (["--sms", "0,64"], "--sms: expected distinct positive"),
                        (["--only-side-by-side"], "--only-side-by-side needs --side-by-side"),
+                       (["--energy", "--energy-rounds", "0"], "--energy-rounds 0 must be at least 1"),
                        (["--batch", "1000"], "--batch 1000 must be a positive multiple of --encoder-chunk 128")):
         with pytest.raises(SystemExit) as e:
             wp.main(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err, argv
+
+
+def test_whisper_energy_parts_do_a_whole_batch_each_and_bound_by_the_power_limit(monkeypatch):
+    """``bench/whisper_partition.py --energy``: decoding alone replays every decode step of the
+    batch once, the encoder alone encodes every clip once, series does both (chunks interleaved
+    with the steps); rounds alternate their order; the summary's power bound is the parts' joules
+    at the card's limit. The card is replaced by counters (each part's joules = its work)."""
+    torch = pytest.importorskip("torch")
+    from bench import whisper_partition as wp
+
+    work = {"steps": 0, "clips": 0}
+    order: list[str] = []
+
+    class Graph:
+        def replay(self):
+            work["steps"] += 1
+
+    class Pos:
+        def copy_(self, other):
+            return self
+
+    class FW:
+        total, prompt, encoder_chunk = 132, [1, 2, 3, 4], 4
+
+        def _encode(self, x):
+            work["clips"] += len(x)
+
+    B = 16
+    st = {"tokens": torch.zeros(B, 1), "graph": Graph(), "pos": Pos()}
+    feats = list(range(B))
+    J_STEP, J_CLIP, LIMIT = 2.0, 10.0, 700.0
+
+    def fake_sampled(fn, settle):
+        before = dict(work)
+        res = fn()
+        steps, clips = work["steps"] - before["steps"], work["clips"] - before["clips"]
+        order.append("idle" if not steps and not clips else "decoding" if not clips else
+                     "encoder" if not steps else "series")
+        j = steps * J_STEP + clips * J_CLIP
+        return res, {"s": max(j / LIMIT, 1e-3) * (1.1 if order[-1] == "series" else 1.0), "joules": j,
+                     "mean_power_w": LIMIT, "power_limit_w": LIMIT}
+
+    monkeypatch.setattr(wp, "sampled", fake_sampled)
+    monkeypatch.setattr(wp.time, "sleep", lambda s: None)
+    out = wp.energy_parts(FW(), st, Pos(), feats, 3, lambda k, v: None)
+    T = FW.total - 1
+    assert order == ["idle", "decoding", "encoder", "series", "series", "encoder", "decoding",
+                     "decoding", "encoder", "series"]
+    assert work == {"steps": 3 * 2 * T, "clips": 3 * 2 * B}
+    r0 = out["rounds"][0]
+    assert r0["decoding"]["joules"] == T * J_STEP and r0["encoder"]["joules"] == B * J_CLIP
+    assert r0["series"]["joules"] == T * J_STEP + B * J_CLIP  # every step and every clip, once
+    sm = out["summary"]
+    new_tokens = B * (T + 1 - len(FW.prompt))
+    assert out["new_tokens_per_batch"] == new_tokens == B * 128
+    assert sm["power_bound_batch_s"] == pytest.approx((T * J_STEP + B * J_CLIP) / LIMIT)
+    assert sm["power_bound_tokens_per_s"] == pytest.approx(new_tokens * LIMIT / (T * J_STEP + B * J_CLIP))
+    assert sm["series_tokens_per_s"] == pytest.approx(sm["power_bound_tokens_per_s"] / 1.1)
+    assert sm["joules_per_clip_encoder"] == pytest.approx(J_CLIP)
+    assert sm["series_joules_vs_parts"] == pytest.approx(1.0)
 
 
 def test_cuda_hidden_attention_shapes_and_refusals():
