@@ -9,8 +9,10 @@ batches after one warm-up batch (warm-up, compilation and graph capture reported
 synchronized before the clock is read. TFLOP/s use a FLOP count made with
 ``torch.utils.flop_counter`` on the same modules; the card's ceilings — an 8192³ bf16 GEMM and a
 4 GiB device-to-device copy — are measured in the same run, and every figure is also rendered as a
-fraction of them. The JSON is written after each measurement, so a killed run keeps
-what it finished. ``--write-docs`` renders the Markdown table from one or more JSON files.
+fraction of them. With ``--energy`` each row's timed batches are also measured by the card's
+energy counter (NVML), with power, SM clock and clock reasons sampled at 10 Hz: joules per image
+or per token beside the card's enforced power limit, the third ceiling. The JSON is written after
+each measurement, so a killed run keeps what it finished. ``--write-docs`` renders the Markdown table from one or more JSON files.
 
 Variants:
   SD       stock     = diffusers StableDiffusionPipeline, eager (the stock workload)
@@ -35,8 +37,9 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 __all__ = ["main", "render_markdown", "SD_UNET_PAIR_TFLOP", "SD_VAE_TFLOP"]
 
@@ -301,10 +304,13 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
             try:
                 row["warmup_s"] = wl.warmup(b)
                 lats = []
-                for i in range(args.repeats):
-                    r = wl.run_batch(b, i)
-                    lats.append(r["latency_s"])
-                    row["unet_evals"] = r.get("unet_evals")
+                with _row_energy(args, torch) as card:
+                    for i in range(args.repeats):
+                        r = wl.run_batch(b, i)
+                        lats.append(r["latency_s"])
+                        row["unet_evals"] = r.get("unet_evals")
+                if card:
+                    row["energy"] = {**card, "joules_per_image": card["joules"] / (b * args.repeats)}
                 med = statistics.median(lats)
                 evals = row.get("unet_evals") or 51
                 tflop_img = flops["unet_pair_tflop"] * evals + flops["vae_decode_tflop"]
@@ -587,14 +593,17 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                 torch.cuda.synchronize()
                 row["warmup_s"] = time.perf_counter() - t0
                 lats, outs = [], []
-                for i in range(args.repeats):
-                    x = feats[i % 2]
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    out = run(x)
-                    torch.cuda.synchronize()
-                    lats.append(time.perf_counter() - t0)
-                    outs.append(out)
+                with _row_energy(args, torch) as card:
+                    for i in range(args.repeats):
+                        x = feats[i % 2]
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        out = run(x)
+                        torch.cuda.synchronize()
+                        lats.append(time.perf_counter() - t0)
+                        outs.append(out)
+                if card:
+                    row["energy"] = {**card, "joules_per_token": card["joules"] / (b * N * args.repeats)}
                 med = statistics.median(lats)
                 row.update({"latencies_s": lats, "batch_latency_s": med, "tokens": b * N,
                             "tokens_per_s": b * N / med, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -673,6 +682,60 @@ class _NvmlPoller:
         self._stop.set()
         if self._thread:
             self._thread.join(10)
+
+
+class _EnergyCounter:
+    """The card's total-energy counter through NVML (millijoules since the driver loaded) and its
+    enforced power limit. One GPU visible, as for ``_NvmlPoller``: NVML index 0 is the card."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(self._h) / 1e3
+
+    def joules(self) -> float:
+        return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h) / 1e3
+
+
+_COUNTER: list[_EnergyCounter] = []
+
+
+@contextmanager
+def card_energy(settle: Callable[[], Any]) -> Iterator[dict[str, Any]]:
+    """The block's work measured on the card: ``settle()`` (wait for the device) before and after,
+    the energy counter read around it, power, SM clock and clock reasons sampled at 10 Hz
+    meanwhile. The yielded dict is filled when the block ends: seconds, joules, mean power (joules
+    over seconds), the samples' medians, the clock reason seen most and the power limit."""
+    if not _COUNTER:
+        _COUNTER.append(_EnergyCounter())
+    counter = _COUNTER[0]
+    card: dict[str, Any] = {}
+    settle()
+    with _NvmlPoller(10.0) as poll:
+        j0, t0 = counter.joules(), time.perf_counter()
+        yield card
+        settle()
+        s, j1 = time.perf_counter() - t0, counter.joules()
+
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in poll.rows if isinstance(r.get(key), (int, float))]
+        return statistics.median(vals) if vals else None
+
+    reasons = [str(r["throttle_reasons"]) for r in poll.rows if r.get("throttle_reasons")]
+    card.update({"s": s, "joules": j1 - j0, "mean_power_w": (j1 - j0) / s if s > 0 else None,
+                 "power_w_median": med("power_w"), "sm_clock_mhz_median": med("sclk_mhz"),
+                 "sm_clock_mhz_min": min((r["sclk_mhz"] for r in poll.rows
+                                          if isinstance(r.get("sclk_mhz"), (int, float))), default=None),
+                 "clock_reasons_most_seen": max(set(reasons), key=reasons.count) if reasons else None,
+                 "samples": len(poll.rows), "power_limit_w": counter.limit_w})
+
+
+def _row_energy(args: argparse.Namespace, torch: Any) -> Any:
+    """``card_energy`` around a row's timed batches with ``--energy``, else nothing measured."""
+    return card_energy(torch.cuda.synchronize) if getattr(args, "energy", False) else nullcontext({})
 
 
 def bench_telemetry(args: argparse.Namespace, res: Results, deadline: float) -> None:
@@ -770,6 +833,7 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
                 out.append(f"| {r['batch']} | {label} | {r['per_image_s']:.3f} | {_fmt(ratio, 2)} | {r['tflops']:.0f} | "
                            f"{_fmt(frac, 0)} | {_fmt(r.get('warmup_s'), 0)} | {_fmt(r.get('peak_mem_gib'), 1)} | {vs_s} |")
             out.append("")
+            out += _energy_lines(sd, "image")
         wh = [r for r in d.get("whisper", []) if "tokens_per_s" in r]
         if wh:
             out += ["### Whisper large-v3 architecture (synthetic weights), greedy, forced new tokens", "",
@@ -809,6 +873,7 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
                                 f"{_fmt(tb.get(k), 2)} TB/s{frac}")
             if kern:
                 out += ["Cross-attention kernel chosen per batch (timed on the batch's own data): " + "; ".join(kern) + ".", ""]
+            out += _energy_lines(wh, "token")
             modes = {r["variant"]: r["recipe_mode"] for r in wh if r.get("recipe_mode")}
             for v, mode in modes.items():
                 out += [f"`{v}`: {mode}.", ""]
@@ -826,6 +891,23 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
         if d.get("notes"):
             out += ["Notes: " + "; ".join(d["notes"]), ""]
     return "\n".join(out) + "\n"
+
+
+def _energy_lines(rows: list[dict[str, Any]], unit: str) -> list[str]:
+    """One sentence for the rows measured with ``--energy``: joules per unit, the mean power
+    against the card's power limit, the SM clock and the clock reason seen most."""
+    parts = []
+    for r in rows:
+        e = r.get("energy") or {}
+        per = e.get(f"joules_per_{unit}")
+        if per is None:
+            continue
+        lim = e.get("power_limit_w")
+        frac = f" = {100 * e['mean_power_w'] / lim:.0f}% of the {lim:.0f} W limit" if lim and e.get("mean_power_w") else ""
+        parts.append(f"b{r['batch']} {r['variant']}: {_fmt(per * (1e3 if unit == 'token' else 1), 1 if unit == 'token' else 2)} "
+                     f"{'mJ' if unit == 'token' else 'J'} per {unit}, {_fmt(e.get('mean_power_w'), 0)} W{frac}, "
+                     f"SM clock {_fmt(e.get('sm_clock_mhz_median'), 0)} MHz ({e.get('clock_reasons_most_seen') or 'no clock reason'})")
+    return ["Energy of the timed batches (the card's energy counter; `--energy`): " + "; ".join(parts) + ".", ""] if parts else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -855,6 +937,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--telemetry-batches", type=int, default=6)
     p.add_argument("--telemetry-rounds", type=int, default=4)
     p.add_argument("--rate-hz", type=float, default=10.0)
+    p.add_argument("--energy", action="store_true",
+                   help="measure each row's timed batches with the card's energy counter (NVML): joules per "
+                        "image or token, mean power against the enforced limit, SM clock and clock reasons")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the stock-equality check")
     p.add_argument("--time-limit", type=float, default=0, help="seconds; later measurements are skipped past it")
     p.add_argument("--out", default=None, help="JSON file to write (updated after each measurement)")

@@ -325,51 +325,14 @@ def main(argv: list[str] | None = None) -> None:
         emit("encoder_kernels_us_per_clip", kernel_rows(prof, C, top=25))
 
 
-class _EnergyCounter:
-    """The card's total-energy counter through NVML (millijoules since the driver loaded), and its
-    enforced power limit. One GPU visible: NVML index 0 is the card torch uses."""
-
-    def __init__(self) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        self.limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(self._h) / 1e3
-
-    def joules(self) -> float:
-        return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h) / 1e3
-
-
-_COUNTER: list[_EnergyCounter] = []
-
-
 def sampled(fn: Any, settle: Any) -> tuple[Any, dict[str, Any]]:
-    """``fn()`` (which must leave the device idle, ``settle`` waits for it) with the card sampled
-    at 10 Hz and its energy counter read before and after: (fn's result, the card's figures)."""
-    from bench.cli import _NvmlPoller
+    """``fn()`` measured on the card (``bench.cli.card_energy``: ``settle`` waits for the device;
+    seconds, joules, power, SM clock and clock reasons): (fn's result, the card's figures)."""
+    from bench.cli import card_energy
 
-    if not _COUNTER:
-        _COUNTER.append(_EnergyCounter())
-    counter = _COUNTER[0]
-    settle()
-    with _NvmlPoller(10.0) as poll:
-        j0, t0 = counter.joules(), time.perf_counter()
+    with card_energy(settle) as card:
         res = fn()
-        settle()
-        s, j1 = time.perf_counter() - t0, counter.joules()
-
-    def med(key: str) -> float | None:
-        vals = [r[key] for r in poll.rows if isinstance(r.get(key), (int, float))]
-        return statistics.median(vals) if vals else None
-
-    reasons = [str(r["throttle_reasons"]) for r in poll.rows if r.get("throttle_reasons")]
-    return res, {"s": s, "joules": j1 - j0, "mean_power_w": (j1 - j0) / s if s > 0 else None,
-                 "power_w_median": med("power_w"), "sm_clock_mhz_median": med("sclk_mhz"),
-                 "sm_clock_mhz_min": min((r["sclk_mhz"] for r in poll.rows
-                                          if isinstance(r.get("sclk_mhz"), (int, float))), default=None),
-                 "clock_reasons_most_seen": max(set(reasons), key=reasons.count) if reasons else None,
-                 "samples": len(poll.rows), "power_limit_w": counter.limit_w}
+    return res, card
 
 
 def energy_parts(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, rounds: int, emit: Any) -> dict[str, Any]:

@@ -745,6 +745,56 @@ def test_bench_sd_variants_carry_inductor_settings_and_refuse_bad_ones(capsys, m
     assert "| 1 | optimized+split_reductions=false | 0.324 | 4.01 |" in text
 
 
+def test_bench_energy_meter_and_its_sentence(monkeypatch):
+    """``--energy``: ``card_energy`` reads the energy counter around the block (the device settled
+    before and after) and summarizes the 10 Hz samples; the page says joules per image or token
+    against the power limit, and nothing for rows measured without it. The card is faked."""
+    from bench import cli as bench
+
+    reads = iter([1000.0, 1700.0])
+    settled = []
+
+    class Counter:
+        limit_w = 700.0
+
+        def joules(self):
+            return next(reads)
+
+    class Poller:
+        def __init__(self, rate):
+            self.rows = [{"power_w": 690.0, "sclk_mhz": 1700.0, "throttle_reasons": "sw_power_cap"},
+                         {"power_w": 700.0, "sclk_mhz": 1600.0, "throttle_reasons": "sw_power_cap"},
+                         {"power_w": 695.0, "sclk_mhz": 1650.0, "throttle_reasons": None}]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(bench, "_COUNTER", [Counter()])
+    monkeypatch.setattr(bench, "_NvmlPoller", Poller)
+    with bench.card_energy(lambda: settled.append(1)) as card:
+        assert card == {}  # filled when the block ends
+    assert settled == [1, 1]
+    assert card["joules"] == 700.0 and card["power_limit_w"] == 700.0
+    assert card["mean_power_w"] == pytest.approx(700.0 / card["s"])
+    assert card["power_w_median"] == 695.0 and card["sm_clock_mhz_median"] == 1650.0
+    assert card["sm_clock_mhz_min"] == 1600.0 and card["clock_reasons_most_seen"] == "sw_power_cap"
+    sd = [{"variant": "optimized", "batch": 32, "per_image_s": 0.218, "tflops": 390.0, "steps": 50, "unet_evals": 51,
+           "tflop_per_image": 84.5, "dtype": "float16",
+           "energy": {"joules_per_image": 150.0, "mean_power_w": 690.0, "power_limit_w": 700.0,
+                      "sm_clock_mhz_median": 1600.0, "clock_reasons_most_seen": "sw_power_cap"}},
+          {"variant": "stock", "batch": 32, "per_image_s": 0.3, "tflops": 280.0, "steps": 50, "unet_evals": 51,
+           "tflop_per_image": 84.5, "dtype": "float16"}]
+    text = bench.render_markdown([{"conditions": {}, "sd": sd}])
+    assert ("Energy of the timed batches (the card's energy counter; `--energy`): b32 optimized: 150.00 J per image, "
+            "690 W = 99% of the 700 W limit, SM clock 1600 MHz (sw_power_cap).") in text
+    assert "b32 stock:" not in text.split("Energy of the timed batches")[1]
+    assert "Energy of" not in bench.render_markdown([{"conditions": {}, "sd": sd[1:]}])
+    assert bench.build_parser().parse_args(["--energy"]).energy is True
+
+
 def test_whisper_partition_refuses_bad_shares_before_the_model(capsys, monkeypatch):
     """``bench/whisper_partition.py``: multiprocessor shares parsed once, and one usage error naming
     a bad share, a side-by-side run without shares or a batch that is not whole encoder chunks,
