@@ -9,9 +9,11 @@ batches after one warm-up batch (warm-up, compilation and graph capture reported
 synchronized before the clock is read. TFLOP/s use a FLOP count made with
 ``torch.utils.flop_counter`` on the same modules; the card's ceilings — an 8192³ bf16 GEMM and a
 4 GiB device-to-device copy — are measured in the same run, and every figure is also rendered as a
-fraction of them. With ``--energy`` each row's timed batches are also measured by the card's
-energy counter (NVML), with power, SM clock and clock reasons sampled at 10 Hz: joules per image
-or per token beside the card's enforced power limit, the third ceiling. The JSON is written after
+fraction of them. With ``--energy`` the timed batches of each SD row and each Whisper row (not the
+``+overlap`` stream rows, nor the recipe row, which runs in a child process) are also measured by
+the card's energy counter (NVML), with power, SM clock and clock reasons sampled at 10 Hz: joules
+per image or per token over all the row's batches (their mean time beside them) and the card's
+enforced power limit, the third ceiling. The JSON is written after
 each measurement, so a killed run keeps what it finished. ``--write-docs`` renders the Markdown table from one or more JSON files.
 
 Variants:
@@ -310,7 +312,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                         lats.append(r["latency_s"])
                         row["unet_evals"] = r.get("unet_evals")
                 if card:
-                    row["energy"] = {**card, "joules_per_image": card["joules"] / (b * args.repeats)}
+                    row["energy"] = energy_row(card, b * args.repeats, "image", statistics.mean(lats))
                 med = statistics.median(lats)
                 evals = row.get("unet_evals") or 51
                 tflop_img = flops["unet_pair_tflop"] * evals + flops["vae_decode_tflop"]
@@ -603,7 +605,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
                         lats.append(time.perf_counter() - t0)
                         outs.append(out)
                 if card:
-                    row["energy"] = {**card, "joules_per_token": card["joules"] / (b * N * args.repeats)}
+                    row["energy"] = energy_row(card, b * N * args.repeats, "token", statistics.mean(lats))
                 med = statistics.median(lats)
                 row.update({"latencies_s": lats, "batch_latency_s": med, "tokens": b * N,
                             "tokens_per_s": b * N / med, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -686,21 +688,47 @@ class _NvmlPoller:
 
 class _EnergyCounter:
     """The card's total-energy counter through NVML (millijoules since the driver loaded) and its
-    enforced power limit. One GPU visible, as for ``_NvmlPoller``: NVML index 0 is the card."""
+    enforced power limit. The card is torch's current device, found among NVML's by its UUID (NVML
+    does not follow ``CUDA_VISIBLE_DEVICES``); where NVML has one device only, that one. Raises
+    RuntimeError, naming the cause, where the counter cannot be read."""
 
     def __init__(self) -> None:
         import pynvml
+        import torch
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        n = pynvml.nvmlDeviceGetCount()
+        if n == 1:
+            self._h, self.matched = pynvml.nvmlDeviceGetHandleByIndex(0), "the only NVML device"
+        else:
+            want = str(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", "") or "")
+            found = [i for i in range(n) if want and _bare_uuid(pynvml.nvmlDeviceGetUUID(
+                pynvml.nvmlDeviceGetHandleByIndex(i))) == _bare_uuid(want)]
+            if len(found) != 1:
+                raise RuntimeError(f"cannot tell which of the {n} NVML devices is torch's card (UUID {want or '?'}); "
+                                   "make one GPU visible")
+            self._h, self.matched = pynvml.nvmlDeviceGetHandleByIndex(found[0]), f"NVML device {found[0]} by UUID"
         self.limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(self._h) / 1e3
+        self.joules()  # a card without the counter fails here, before anything is measured
 
     def joules(self) -> float:
         return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h) / 1e3
 
 
+def _bare_uuid(u: Any) -> str:
+    u = u.decode() if isinstance(u, bytes) else str(u)
+    return u[4:].lower() if u.upper().startswith("GPU-") else u.lower()
+
+
 _COUNTER: list[_EnergyCounter] = []
+
+
+def energy_counter() -> _EnergyCounter:
+    """The one energy counter of this process (opened on first use)."""
+    if not _COUNTER:
+        _COUNTER.append(_EnergyCounter())
+    return _COUNTER[0]
 
 
 @contextmanager
@@ -709,9 +737,7 @@ def card_energy(settle: Callable[[], Any]) -> Iterator[dict[str, Any]]:
     the energy counter read around it, power, SM clock and clock reasons sampled at 10 Hz
     meanwhile. The yielded dict is filled when the block ends: seconds, joules, mean power (joules
     over seconds), the samples' medians, the clock reason seen most and the power limit."""
-    if not _COUNTER:
-        _COUNTER.append(_EnergyCounter())
-    counter = _COUNTER[0]
+    counter = energy_counter()
     card: dict[str, Any] = {}
     settle()
     with _NvmlPoller(10.0) as poll:
@@ -730,12 +756,19 @@ def card_energy(settle: Callable[[], Any]) -> Iterator[dict[str, Any]]:
                  "sm_clock_mhz_min": min((r["sclk_mhz"] for r in poll.rows
                                           if isinstance(r.get("sclk_mhz"), (int, float))), default=None),
                  "clock_reasons_most_seen": max(set(reasons), key=reasons.count) if reasons else None,
-                 "samples": len(poll.rows), "power_limit_w": counter.limit_w})
+                 "samples": len(poll.rows), "power_limit_w": counter.limit_w, "counter": counter.matched})
 
 
 def _row_energy(args: argparse.Namespace, torch: Any) -> Any:
     """``card_energy`` around a row's timed batches with ``--energy``, else nothing measured."""
     return card_energy(torch.cuda.synchronize) if getattr(args, "energy", False) else nullcontext({})
+
+
+def energy_row(card: dict[str, Any], items: int, unit: str, mean_s: float) -> dict[str, Any]:
+    """A row's ``energy``: the meter's figures for its timed batches, joules per ``unit`` over all
+    ``items`` of them, and the batches' mean time beside it (the joules follow the mean, the row's
+    latency is the median)."""
+    return {**card, f"joules_per_{unit}": card["joules"] / items, "mean_batch_s": mean_s}
 
 
 def bench_telemetry(args: argparse.Namespace, res: Results, deadline: float) -> None:
@@ -938,8 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--telemetry-rounds", type=int, default=4)
     p.add_argument("--rate-hz", type=float, default=10.0)
     p.add_argument("--energy", action="store_true",
-                   help="measure each row's timed batches with the card's energy counter (NVML): joules per "
-                        "image or token, mean power against the enforced limit, SM clock and clock reasons")
+                   help="measure the timed batches of each SD and Whisper row (not +overlap or recipe rows) with the "
+                        "card's energy counter (NVML): joules per image or token, mean power against the enforced "
+                        "limit, SM clock and clock reasons")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the stock-equality check")
     p.add_argument("--time-limit", type=float, default=0, help="seconds; later measurements are skipped past it")
     p.add_argument("--out", default=None, help="JSON file to write (updated after each measurement)")
@@ -977,6 +1011,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         raise WorkerError("mi300x-cert bench measures a GPU: torch sees none (CUDA/ROCm)")
+    if args.energy:
+        try:  # before anything is measured: a card whose energy counter cannot be read is a usage error
+            energy_counter()
+        except Exception as e:
+            parser.error(f"--energy: the card's energy counter cannot be read ({type(e).__name__}: {e})")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     deadline = time.time() + args.time_limit if args.time_limit else float("inf")
     res = Results(Path(args.out) if args.out else None)

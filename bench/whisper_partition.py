@@ -21,8 +21,9 @@ alone (every decode step, replayed), its encoder alone (every chunk) and both in
 whole card, ``--energy-rounds`` times (the order reversed every other round), with NVML's energy
 counter read around each and the power, SM clock and clock reasons sampled at 10 Hz. From the
 joules per generated token and per clip it gives the tok/s the card's enforced power limit allows
-for that work, however the two parts are scheduled: where both parts already run at the limit, no
-overlap of them can be faster than series unless the work itself costs fewer joules.
+for that work: where both parts already run at the limit on their own, no overlap of them can be
+faster than series unless the work itself costs fewer joules (a second figure counts the idle
+card's power once, as an overlapped schedule pays it).
 
     python bench/whisper_partition.py [--batch 1024] [--sms 112,96,80,64,48,32] [--out part.json]
     python bench/whisper_partition.py --only-side-by-side --side-by-side 80,88,96 [--out part.json]
@@ -133,6 +134,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--energy-rounds {a.energy_rounds} must be at least 1")
     if a.batch < 1 or a.encoder_chunk < 1 or a.batch % a.encoder_chunk:
         ap.error(f"--batch {a.batch} must be a positive multiple of --encoder-chunk {a.encoder_chunk}")
+    if a.energy:
+        from bench.cli import energy_counter
+
+        try:  # before the model is built: a card whose energy counter cannot be read is a usage error
+            energy_counter()
+        except Exception as e:
+            ap.error(f"--energy: the card's energy counter cannot be read ({type(e).__name__}: {e})")
     import torch
     from torch.cuda import green_contexts as gcx
 
@@ -340,7 +348,11 @@ def energy_parts(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, rounds
     steps, as ``generate_many`` launches them, on one stream), each on the whole card, timed by the
     host around a device synchronization and measured by the energy counter; ``rounds`` rounds,
     every other one in reverse order. Then the power bound: the batch's joules (decoding's plus
-    the encoder's, medians of the rounds) at the card's enforced power limit."""
+    the encoder's, medians of the rounds) at the card's enforced power limit. That bound holds for
+    any schedule of the two parts only where each runs at the limit on its own (each part's joules
+    then include the idle card's power for its own time, which a schedule that overlaps them pays
+    once); ``power_bound_batch_s_idle_once`` counts the idle card's power once, for the batch's
+    time: (parts' joules − idle watts × parts' seconds) / (limit − idle watts)."""
     import torch
 
     B, C = int(st["tokens"].shape[0]), fw.encoder_chunk
@@ -387,6 +399,11 @@ def energy_parts(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, rounds
     limit = out["rounds"][0]["series"]["power_limit_w"]
     e_dec, e_enc = med["decoding"]["joules"], med["encoder"]["joules"]
     power_s = (e_dec + e_enc) / limit
+    if e_dec + e_enc <= 0:  # a counter that did not advance: no bound, the rounds are kept
+        out["summary"] = {"median_of_rounds": med, "error": "the energy counter did not advance"}
+        return out
+    idle_w = out["idle"].get("mean_power_w") or 0.0
+    idle_once_s = (e_dec + e_enc - idle_w * (med["decoding"]["s"] + med["encoder"]["s"])) / (limit - idle_w)
     out["summary"] = {
         "median_of_rounds": med,
         "joules_per_token_decoding": e_dec / new_tokens,
@@ -396,6 +413,9 @@ def energy_parts(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, rounds
         "power_limit_w": limit,
         "power_bound_batch_s": power_s,
         "power_bound_tokens_per_s": new_tokens / power_s,
+        "idle_w": idle_w,
+        "power_bound_batch_s_idle_once": idle_once_s,
+        "power_bound_tokens_per_s_idle_once": new_tokens / idle_once_s,
         "series_tokens_per_s": new_tokens / med["series"]["s"],
         "parts_in_series_tokens_per_s": new_tokens / (med["decoding"]["s"] + med["encoder"]["s"]),
         "joules_per_token_for_13000_at_limit": limit / 13000.0,

@@ -752,12 +752,13 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
     from bench import cli as bench
 
     reads = iter([1000.0, 1700.0])
-    settled = []
+    settled = []  # settles and counter reads, in order
 
     class Counter:
-        limit_w = 700.0
+        limit_w, matched = 700.0, "the only NVML device"
 
         def joules(self):
+            settled.append("read")
             return next(reads)
 
     class Poller:
@@ -774,9 +775,10 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
 
     monkeypatch.setattr(bench, "_COUNTER", [Counter()])
     monkeypatch.setattr(bench, "_NvmlPoller", Poller)
-    with bench.card_energy(lambda: settled.append(1)) as card:
+    with bench.card_energy(lambda: settled.append("settle")) as card:
         assert card == {}  # filled when the block ends
-    assert settled == [1, 1]
+        settled.append("work")
+    assert settled == ["settle", "read", "work", "settle", "read"]
     assert card["joules"] == 700.0 and card["power_limit_w"] == 700.0
     assert card["mean_power_w"] == pytest.approx(700.0 / card["s"])
     assert card["power_w_median"] == 695.0 and card["sm_clock_mhz_median"] == 1650.0
@@ -793,6 +795,71 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
     assert "b32 stock:" not in text.split("Energy of the timed batches")[1]
     assert "Energy of" not in bench.render_markdown([{"conditions": {}, "sd": sd[1:]}])
     assert bench.build_parser().parse_args(["--energy"]).energy is True
+    # a row's energy: joules over all its items, its batches' mean time beside them
+    row = bench.energy_row({"joules": 960.0, "s": 6.0}, 32 * 5, "image", 1.2)
+    assert row["joules_per_image"] == 6.0 and row["mean_batch_s"] == 1.2 and row["joules"] == 960.0
+    with bench._row_energy(bench.build_parser().parse_args([]), None) as nothing:
+        assert nothing == {}  # without --energy the card is not touched (torch not even asked)
+
+
+def test_bench_energy_counter_finds_torchs_card_or_refuses(monkeypatch):
+    """The energy counter reads torch's card: NVML's only device, else the one whose UUID is
+    torch's (NVML ignores CUDA_VISIBLE_DEVICES); no match, or a card without the counter, is one
+    clear error, and ``--energy`` turns it into a usage error before anything is measured."""
+    torch = pytest.importorskip("torch")
+    import sys
+    import types
+
+    from bench import cli as bench
+
+    class FakeNvml(types.ModuleType):
+        def __init__(self, uuids, counter_ok=True):
+            super().__init__("pynvml")
+            self.uuids, self.counter_ok = uuids, counter_ok
+
+        def nvmlInit(self):
+            pass
+
+        def nvmlDeviceGetCount(self):
+            return len(self.uuids)
+
+        def nvmlDeviceGetHandleByIndex(self, i):
+            return i
+
+        def nvmlDeviceGetUUID(self, h):
+            return self.uuids[h].encode()
+
+        def nvmlDeviceGetEnforcedPowerLimit(self, h):
+            return 700_000
+
+        def nvmlDeviceGetTotalEnergyConsumption(self, h):
+            if not self.counter_ok:
+                raise RuntimeError("Not Supported")
+            return 5_000 * (h + 1)
+
+    class Props:
+        uuid = "BBBB-2"
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(["GPU-aaaa-1", "GPU-bbbb-2", "GPU-cccc-3"]))
+    c = bench._EnergyCounter()
+    assert c.matched == "NVML device 1 by UUID" and c.joules() == 10.0 and c.limit_w == 700.0
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(["GPU-zzzz"]))
+    assert bench._EnergyCounter().matched == "the only NVML device"
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(["GPU-aaaa-1", "GPU-cccc-3"]))
+    with pytest.raises(RuntimeError, match="which of the 2 NVML devices"):
+        bench._EnergyCounter()
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(["GPU-bbbb-2"], counter_ok=False))
+    with pytest.raises(RuntimeError, match="Not Supported"):
+        bench._EnergyCounter()
+    monkeypatch.setattr(bench, "_COUNTER", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    err = []
+    monkeypatch.setattr(bench, "measure_gemm", lambda *a, **k: err.append("measured") or {})
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--energy", "--workload", "gemm"])
+    assert e.value.code == 2 and not err  # refused before anything was measured
 
 
 def test_whisper_partition_refuses_bad_shares_before_the_model(capsys, monkeypatch):
@@ -849,7 +916,8 @@ def test_whisper_energy_parts_do_a_whole_batch_each_and_bound_by_the_power_limit
     B = 16
     st = {"tokens": torch.zeros(B, 1), "graph": Graph(), "pos": Pos()}
     feats = list(range(B))
-    J_STEP, J_CLIP, LIMIT = 2.0, 10.0, 700.0
+    J_STEP, J_CLIP, LIMIT, IDLE_W = 2.0, 10.0, 700.0, 100.0
+    ROUND_SCALE = [1.0, 1.5, 0.9]  # each part's joules in its 1st, 2nd, 3rd round: the medians take 1.0
 
     def fake_sampled(fn, settle):
         before = dict(work)
@@ -857,8 +925,10 @@ def test_whisper_energy_parts_do_a_whole_batch_each_and_bound_by_the_power_limit
         steps, clips = work["steps"] - before["steps"], work["clips"] - before["clips"]
         order.append("idle" if not steps and not clips else "decoding" if not clips else
                      "encoder" if not steps else "series")
-        j = steps * J_STEP + clips * J_CLIP
-        return res, {"s": max(j / LIMIT, 1e-3) * (1.1 if order[-1] == "series" else 1.0), "joules": j,
+        j = (steps * J_STEP + clips * J_CLIP) * ROUND_SCALE[sum(o == order[-1] for o in order) - 1]
+        if order[-1] == "idle":
+            return res, {"s": 2.0, "joules": 2.0 * IDLE_W, "mean_power_w": IDLE_W, "power_limit_w": LIMIT}
+        return res, {"s": j / LIMIT * (1.1 if order[-1] == "series" else 1.0), "joules": j,
                      "mean_power_w": LIMIT, "power_limit_w": LIMIT}
 
     monkeypatch.setattr(wp, "sampled", fake_sampled)
@@ -871,14 +941,24 @@ def test_whisper_energy_parts_do_a_whole_batch_each_and_bound_by_the_power_limit
     r0 = out["rounds"][0]
     assert r0["decoding"]["joules"] == T * J_STEP and r0["encoder"]["joules"] == B * J_CLIP
     assert r0["series"]["joules"] == T * J_STEP + B * J_CLIP  # every step and every clip, once
+    assert out["rounds"][1]["series"]["joules"] == 1.5 * (T * J_STEP + B * J_CLIP)
     sm = out["summary"]
     new_tokens = B * (T + 1 - len(FW.prompt))
+    E = T * J_STEP + B * J_CLIP  # the medians of the rounds: the first round's
     assert out["new_tokens_per_batch"] == new_tokens == B * 128
-    assert sm["power_bound_batch_s"] == pytest.approx((T * J_STEP + B * J_CLIP) / LIMIT)
-    assert sm["power_bound_tokens_per_s"] == pytest.approx(new_tokens * LIMIT / (T * J_STEP + B * J_CLIP))
+    assert sm["median_of_rounds"]["decoding"]["joules"] == T * J_STEP
+    assert sm["power_bound_batch_s"] == pytest.approx(E / LIMIT)
+    assert sm["power_bound_tokens_per_s"] == pytest.approx(new_tokens * LIMIT / E)
     assert sm["series_tokens_per_s"] == pytest.approx(sm["power_bound_tokens_per_s"] / 1.1)
+    assert sm["parts_in_series_tokens_per_s"] == pytest.approx(new_tokens * LIMIT / E)
     assert sm["joules_per_clip_encoder"] == pytest.approx(J_CLIP)
+    assert sm["joules_per_token_decoding"] == pytest.approx(T * J_STEP / new_tokens)
+    assert sm["joules_per_token"] == pytest.approx(E / new_tokens)
     assert sm["series_joules_vs_parts"] == pytest.approx(1.0)
+    assert sm["joules_per_token_for_13000_at_limit"] == pytest.approx(LIMIT / 13000)
+    # the idle card's power counted once: (E - idle W x parts' s) / (limit - idle W)
+    assert sm["idle_w"] == IDLE_W
+    assert sm["power_bound_batch_s_idle_once"] == pytest.approx((E - IDLE_W * E / LIMIT) / (LIMIT - IDLE_W))
 
 
 def test_cuda_hidden_attention_shapes_and_refusals():
