@@ -343,6 +343,30 @@ def sampled(fn: Any, settle: Any) -> tuple[Any, dict[str, Any]]:
     return res, card
 
 
+def interleaved(fw: Any, st: dict[str, Any], feats: Any, graph: Any, stream_dec: Any = None,
+                stream_enc: Any = None) -> None:
+    """Launch one whole batch (the caller sets its first decode step): every replay of ``graph`` on
+    ``stream_dec``, and a chunk of the encoder on ``stream_enc`` every few steps, as
+    ``generate_many`` launches them (None: the current stream; the same stream is series)."""
+    import torch
+
+    B, C = int(st["tokens"].shape[0]), fw.encoder_chunk
+    T, chunks = fw.total - 1, B // C
+    every = max(1, T // chunks)
+    done = 0
+    for i in range(T):
+        if i % every == 0 and done < chunks:
+            with torch.cuda.stream(stream_enc):
+                fw._encode(feats[done * C:(done + 1) * C])
+            done += 1
+        with torch.cuda.stream(stream_dec):
+            graph.replay()
+    while done < chunks:
+        with torch.cuda.stream(stream_enc):
+            fw._encode(feats[done * C:(done + 1) * C])
+        done += 1
+
+
 def energy_parts(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, rounds: int, emit: Any) -> dict[str, Any]:
     """A whole batch's decoding alone, its encoder alone and both in series (a chunk every few
     steps, as ``generate_many`` launches them, on one stream), each on the whole card, timed by the
@@ -357,7 +381,6 @@ def energy_parts(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, rounds
 
     B, C = int(st["tokens"].shape[0]), fw.encoder_chunk
     T, chunks = fw.total - 1, B // C
-    every = max(1, T // chunks)
     new_tokens = B * (T + 1 - len(fw.prompt))
     graph = st["graph"]
 
@@ -372,15 +395,7 @@ def energy_parts(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, rounds
 
     def series() -> None:
         st["pos"].copy_(ready_pos)
-        done = 0
-        for i in range(T):
-            if i % every == 0 and done < chunks:
-                fw._encode(feats[done * C:(done + 1) * C])
-                done += 1
-            graph.replay()
-        while done < chunks:
-            fw._encode(feats[done * C:(done + 1) * C])
-            done += 1
+        interleaved(fw, st, feats, graph)
 
     parts = {"decoding": decoding, "encoder": encoder, "series": series}
     out: dict[str, Any] = {"batch": B, "decode_steps": T, "encoder_chunks": chunks, "chunk": C,
@@ -451,18 +466,7 @@ def side_by_side(fw: Any, st: dict[str, Any], ready_pos: Any, feats: Any, shares
         st["pos"].copy_(ready_pos)
         settle(stream_dec, stream_enc)
         t0 = time.perf_counter()
-        done = 0
-        for i in range(T):
-            if i % every == 0 and done < chunks:
-                with torch.cuda.stream(stream_enc):
-                    fw._encode(feats[done * C:(done + 1) * C])
-                done += 1
-            with torch.cuda.stream(stream_dec):
-                graph.replay()
-        while done < chunks:
-            with torch.cuda.stream(stream_enc):
-                fw._encode(feats[done * C:(done + 1) * C])
-            done += 1
+        interleaved(fw, st, feats, graph, stream_dec, stream_enc)
         settle(stream_dec, stream_enc)
         s = time.perf_counter() - t0
         return {"batch_s": s, "tokens_per_s": new_tokens / s}
