@@ -644,11 +644,12 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
 
 # ----------------------------------------------------------------------------------------------
 class _NvmlPoller:
-    """Samples the card at ``rate_hz`` through the project's NVML telemetry backend on a thread,
-    counting the thread's own CPU time."""
+    """Samples one card (NVML's index ``card``) at ``rate_hz`` through the project's NVML telemetry
+    backend on a thread, counting the thread's own CPU time."""
 
-    def __init__(self, rate_hz: float) -> None:
+    def __init__(self, rate_hz: float, card: int = 0) -> None:
         self.rate_hz = rate_hz
+        self.card = card
         self.samples = 0
         self.cpu_s = 0.0
         self.wall_s = 0.0
@@ -663,7 +664,7 @@ class _NvmlPoller:
 
         spec = TelemetrySpec(backend="nvml", rate_hz=self.rate_hz)
         c0, w0 = time.thread_time(), time.perf_counter()
-        with open_backend(spec, cards=[0]) as be:
+        with open_backend(spec, cards=[self.card]) as be:
             self.backend_name = type(be).__name__
             period = 1.0 / self.rate_hz
             nxt = time.perf_counter()
@@ -700,7 +701,7 @@ class _EnergyCounter:
         self._nvml = pynvml
         n = pynvml.nvmlDeviceGetCount()
         if n == 1:
-            self._h, self.matched = pynvml.nvmlDeviceGetHandleByIndex(0), "the only NVML device"
+            self.index, self.matched = 0, "the only NVML device"
         else:
             want = str(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", "") or "")
             found = [i for i in range(n) if want and _bare_uuid(pynvml.nvmlDeviceGetUUID(
@@ -708,7 +709,8 @@ class _EnergyCounter:
             if len(found) != 1:
                 raise RuntimeError(f"cannot tell which of the {n} NVML devices is torch's card (UUID {want or '?'}); "
                                    "make one GPU visible")
-            self._h, self.matched = pynvml.nvmlDeviceGetHandleByIndex(found[0]), f"NVML device {found[0]} by UUID"
+            self.index, self.matched = found[0], f"NVML device {found[0]} by UUID"
+        self._h = pynvml.nvmlDeviceGetHandleByIndex(self.index)
         self.limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(self._h) / 1e3
         self.joules()  # a card without the counter fails here, before anything is measured
 
@@ -735,12 +737,12 @@ def energy_counter() -> _EnergyCounter:
 def card_energy(settle: Callable[[], Any]) -> Iterator[dict[str, Any]]:
     """The block's work measured on the card: ``settle()`` (wait for the device) before and after,
     the energy counter read around it, power, SM clock and clock reasons sampled at 10 Hz
-    meanwhile. The yielded dict is filled when the block ends: seconds, joules, mean power (joules
+    meanwhile (on the counter's card). The yielded dict is filled when the block ends: seconds, joules, mean power (joules
     over seconds), the samples' medians, the clock reason seen most and the power limit."""
     counter = energy_counter()
     card: dict[str, Any] = {}
     settle()
-    with _NvmlPoller(10.0) as poll:
+    with _NvmlPoller(10.0, card=counter.index) as poll:
         j0, t0 = counter.joules(), time.perf_counter()
         yield card
         settle()

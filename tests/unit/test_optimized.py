@@ -755,14 +755,17 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
     settled = []  # settles and counter reads, in order
 
     class Counter:
-        limit_w, matched = 700.0, "the only NVML device"
+        limit_w, matched, index = 700.0, "NVML device 2 by UUID", 2
 
         def joules(self):
             settled.append("read")
             return next(reads)
 
+    polled = []
+
     class Poller:
-        def __init__(self, rate):
+        def __init__(self, rate, card=0):
+            polled.append(card)  # the samples come from the counter's card, not NVML's first
             self.rows = [{"power_w": 690.0, "sclk_mhz": 1700.0, "throttle_reasons": "sw_power_cap"},
                          {"power_w": 700.0, "sclk_mhz": 1600.0, "throttle_reasons": "sw_power_cap"},
                          {"power_w": 695.0, "sclk_mhz": 1650.0, "throttle_reasons": None}]
@@ -778,7 +781,7 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
     with bench.card_energy(lambda: settled.append("settle")) as card:
         assert card == {}  # filled when the block ends
         settled.append("work")
-    assert settled == ["settle", "read", "work", "settle", "read"]
+    assert settled == ["settle", "read", "work", "settle", "read"] and polled == [2]
     assert card["joules"] == 700.0 and card["power_limit_w"] == 700.0
     assert card["mean_power_w"] == pytest.approx(700.0 / card["s"])
     assert card["power_w_median"] == 695.0 and card["sm_clock_mhz_median"] == 1650.0
@@ -844,7 +847,7 @@ def test_bench_energy_counter_finds_torchs_card_or_refuses(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(["GPU-aaaa-1", "GPU-bbbb-2", "GPU-cccc-3"]))
     c = bench._EnergyCounter()
-    assert c.matched == "NVML device 1 by UUID" and c.joules() == 10.0 and c.limit_w == 700.0
+    assert c.matched == "NVML device 1 by UUID" and c.index == 1 and c.joules() == 10.0 and c.limit_w == 700.0
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(["GPU-zzzz"]))
     assert bench._EnergyCounter().matched == "the only NVML device"
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(["GPU-aaaa-1", "GPU-cccc-3"]))
