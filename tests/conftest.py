@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# ---- running in parallel (pytest-xdist, as scripts/test.sh runs the suite) ----------------------
+# Each test file is one unit of work (its module fixtures are built once), and the files that use
+# the session's Airflow standalone are one unit together (it is started once). The longest units
+# go first so that they do not end the run alone.
+_AIRFLOW_GROUP = "airflow-standalone"
+_FIRST = (_AIRFLOW_GROUP, "tests/integration/test_edge_fleet.py")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 4; one for GPU tests (one card, timed work)."""
+    expr = (config.option.markexpr or "").replace("not gpu", "")
+    if "gpu" in expr:
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    def file_of(item):
+        return item.nodeid.split("::", 1)[0]
+    airflow_files = {file_of(i) for i in items if "airflow_standalone" in getattr(i, "fixturenames", ())}
+    group = {}
+    for item in items:
+        f = file_of(item)
+        group[item.nodeid] = _AIRFLOW_GROUP if f in airflow_files else f
+        item.add_marker(pytest.mark.xdist_group(name=group[item.nodeid]))
+    rank = {g: k for k, g in enumerate(_FIRST)}
+    items.sort(key=lambda i: rank.get(group[i.nodeid], len(rank)))  # stable: file order kept within
+
 
 
 @pytest.fixture(autouse=True)
