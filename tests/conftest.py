@@ -23,8 +23,8 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
+    if not config.pluginmanager.hasplugin("xdist") or not config.getoption("numprocesses", default=None):
+        return  # not in parallel: collection order and marks as written
     def file_of(item):
         return item.nodeid.split("::", 1)[0]
     airflow_files = {file_of(i) for i in items if "airflow_standalone" in getattr(i, "fixturenames", ())}
