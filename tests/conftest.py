@@ -9,9 +9,12 @@ import pytest
 # ---- running in parallel (pytest-xdist, as scripts/test.sh runs the suite) ----------------------
 # Each test file is one unit of work (its module fixtures are built once), and the files that use
 # the session's Airflow standalone are one unit together (it is started once). The longest units
-# go first so that they do not end the run alone.
+# (measured, ``--durations``) go first so that they do not end the run alone; scripts/test.sh asks
+# xdist to keep this order (``--no-loadscope-reorder``; by default it sorts by number of tests).
 _AIRFLOW_GROUP = "airflow-standalone"
-_FIRST = (_AIRFLOW_GROUP, "tests/integration/test_edge_fleet.py")
+_FIRST = (_AIRFLOW_GROUP, "tests/integration/test_edge_fleet.py", "tests/integration/test_network_verdict.py",
+          "tests/integration/test_evidence_and_baseline.py", "tests/integration/test_certify.py",
+          "tests/integration/test_alerts.py", "tests/integration/test_resume.py", "tests/dags/test_console.py")
 
 
 def pytest_xdist_auto_num_workers(config):
