@@ -18,4 +18,4 @@ workers="${MI300X_CERT_TEST_WORKERS:-auto}"
 if [ "$workers" = 0 ]; then
   exec python -m pytest "$@"
 fi
-exec python -m pytest -n "$workers" --dist loadgroup --no-loadscope-reorder "$@"
+exec python -m pytest -n "$workers" --dist loadscope "$@"

@@ -8,13 +8,21 @@ import pytest
 
 # ---- running in parallel (pytest-xdist, as scripts/test.sh runs the suite) ----------------------
 # Each test file is one unit of work (its module fixtures are built once), and the files that use
-# the session's Airflow standalone are one unit together (it is started once). The longest units
-# (measured, ``--durations``) go first so that they do not end the run alone; scripts/test.sh asks
-# xdist to keep this order (``--no-loadscope-reorder``; by default it sorts by number of tests).
-_AIRFLOW_GROUP = "airflow-standalone"
-_FIRST = (_AIRFLOW_GROUP, "tests/integration/test_edge_fleet.py", "tests/integration/test_network_verdict.py",
+# the session's Airflow standalone (``airflow_standalone`` below) are one unit together, so it is
+# started once. The longest units (measured with ``--durations``) go first so that they do not end
+# the run alone. xdist's own ``loadgroup`` cannot express this with pytest 9 (its group suffix no
+# longer reaches the node ids), hence a scheduler of our own.
+_AIRFLOW_UNIT = "airflow-standalone"
+_AIRFLOW_FILES = ("tests/browser/test_console_ui.py", "tests/browser/test_ui.py",
+                  "tests/integration/test_airflow_standalone.py")
+_FIRST = (_AIRFLOW_UNIT, "tests/integration/test_edge_fleet.py", "tests/integration/test_network_verdict.py",
           "tests/integration/test_evidence_and_baseline.py", "tests/integration/test_certify.py",
           "tests/integration/test_alerts.py", "tests/integration/test_resume.py", "tests/dags/test_console.py")
+
+
+def _unit(nodeid: str) -> str:
+    f = nodeid.split("::", 1)[0]
+    return _AIRFLOW_UNIT if f in _AIRFLOW_FILES else f
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -25,20 +33,27 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist") or not config.getoption("numprocesses", default=None):
-        return  # not in parallel: collection order and marks as written
-    def file_of(item):
-        return item.nodeid.split("::", 1)[0]
-    airflow_files = {file_of(i) for i in items if "airflow_standalone" in getattr(i, "fixturenames", ())}
-    group = {}
-    for item in items:
-        f = file_of(item)
-        group[item.nodeid] = _AIRFLOW_GROUP if f in airflow_files else f
-        item.add_marker(pytest.mark.xdist_group(name=group[item.nodeid]))
-    rank = {g: k for k, g in enumerate(_FIRST)}
-    items.sort(key=lambda i: rank.get(group[i.nodeid], len(rank)))  # stable: file order kept within
+def pytest_xdist_make_scheduler(config, log):
+    """Units as above, in the order the workers collected them (``pytest_collection_modifyitems``)."""
+    from xdist.scheduler import LoadScopeScheduling
 
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the longest-first order, not xdist's sort by test count
+    return Units(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return  # not an xdist worker (workers collect; the controller only schedules): order as written
+    stray = sorted({_unit(i.nodeid) for i in items if "airflow_standalone" in getattr(i, "fixturenames", ())}
+                   - {_AIRFLOW_UNIT})
+    if stray:  # it would start a second Airflow on another worker: list the file above
+        raise pytest.UsageError(f"tests/conftest.py: {stray} use airflow_standalone; add them to _AIRFLOW_FILES")
+    rank = {u: k for k, u in enumerate(_FIRST)}
+    items.sort(key=lambda i: rank.get(_unit(i.nodeid), len(rank)))  # stable: file order kept within
 
 
 @pytest.fixture(autouse=True)
