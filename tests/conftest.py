@@ -11,13 +11,19 @@ import pytest
 # the session's Airflow standalone (``airflow_standalone`` below) are one unit together, so it is
 # started once. The longest units (measured with ``--durations``) go first so that they do not end
 # the run alone. xdist's own ``loadgroup`` cannot express this with pytest 9 (its group suffix no
-# longer reaches the node ids), hence a scheduler of our own.
+# longer reaches the node ids), hence a scheduler of our own (``--dist loadscope``).
+#
+# Tests marked ``host_network`` move traffic through the host's own interfaces (a veth pair), which
+# every certification in observed mode counts as the host's traffic: each runs alone, with no other
+# test of the run in progress on any worker (a lock file shared by the workers, taken exclusively
+# by them and shared by every other test). Their file goes last.
 _AIRFLOW_UNIT = "airflow-standalone"
 _AIRFLOW_FILES = ("tests/browser/test_console_ui.py", "tests/browser/test_ui.py",
                   "tests/integration/test_airflow_standalone.py")
-_FIRST = (_AIRFLOW_UNIT, "tests/integration/test_edge_fleet.py", "tests/integration/test_network_verdict.py",
-          "tests/integration/test_evidence_and_baseline.py", "tests/integration/test_certify.py",
-          "tests/integration/test_alerts.py", "tests/integration/test_resume.py", "tests/dags/test_console.py")
+_FIRST = (_AIRFLOW_UNIT, "tests/integration/test_edge_fleet.py", "tests/integration/test_evidence_and_baseline.py",
+          "tests/integration/test_certify.py", "tests/integration/test_alerts.py", "tests/integration/test_resume.py",
+          "tests/dags/test_console.py")
+_LAST = ("tests/integration/test_network_verdict.py",)
 
 
 def _unit(nodeid: str) -> str:
@@ -25,16 +31,26 @@ def _unit(nodeid: str) -> str:
     return _AIRFLOW_UNIT if f in _AIRFLOW_FILES else f
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker per core, at most 4; one for GPU tests (one card, timed work)."""
-    expr = (config.option.markexpr or "").replace("not gpu", "")
-    if "gpu" in expr:
+    """``-n auto``: one worker per core, at most 4 (``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides);
+    one where GPU tests are selected (one card, timed work)."""
+    import re
+
+    if re.search(r"(?<!not )\bgpu\b", config.option.markexpr or ""):
         return 1
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist reads it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Units as above, in the order the workers collected them (``pytest_collection_modifyitems``)."""
+    """``--dist loadscope``: the units above, in the order the workers collected them
+    (``pytest_collection_modifyitems``). Other modes are xdist's own."""
+    if config.getoption("dist") != "loadscope":
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class Units(LoadScopeScheduling):
@@ -53,19 +69,65 @@ def pytest_collection_modifyitems(config, items):
     if stray:  # it would start a second Airflow on another worker: list the file above
         raise pytest.UsageError(f"tests/conftest.py: {stray} use airflow_standalone; add them to _AIRFLOW_FILES")
     rank = {u: k for k, u in enumerate(_FIRST)}
-    items.sort(key=lambda i: rank.get(_unit(i.nodeid), len(rank)))  # stable: file order kept within
+    rank.update({u: len(_FIRST) + 1 + k for k, u in enumerate(_LAST)})
+    items.sort(key=lambda i: rank.get(_unit(i.nodeid), len(_FIRST)))  # stable: file order kept within
+
+
+def _run_lock(config):
+    """The lock file the workers of this run share (beside their base temp dirs), else None."""
+    if not hasattr(config, "workerinput"):
+        return None
+    from pathlib import Path
+
+    if config.option.basetemp:  # xdist gives each worker <the run's base temp>/<worker id>
+        return Path(config.option.basetemp).parent / "host-network.lock"
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"mi300x-cert-tests-{config.workerinput['testrunuid']}.lock"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    path = _run_lock(item.config)
+    if path is None:
+        return (yield)
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if item.get_closest_marker("host_network") else fcntl.LOCK_SH)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---- state of their own ------------------------------------------------------------------------
+_OURS: set[str] = set()  # the state dirs these fixtures made (a dir the user exported is kept)
+
+
+def _isolate(mp, tmp_path_factory) -> None:
+    for var, prefix in (("MI300X_CERT_STATE_DIR", "cert-state"), ("MI300X_CERT_HISTORY_DIR", "cert-history")):
+        now = os.environ.get(var)
+        if now is None or now in _OURS:
+            d = str(tmp_path_factory.mktemp(prefix))
+            _OURS.add(d)
+            mp.setenv(var, d)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _isolated_module_state(tmp_path_factory):
+    """Module fixtures (set up before any test's own) get a private state dir too: no run they make
+    writes the user's state or takes the user's host lock (shared with other workers)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, tmp_path_factory)
+        yield
 
 
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path_factory, monkeypatch):
     """No test writes into the user's own state (history index, alerts, outcomes): each test gets a
-    private state dir unless it sets one itself."""
-    import os
-
-    if "MI300X_CERT_STATE_DIR" not in os.environ:
-        monkeypatch.setenv("MI300X_CERT_STATE_DIR", str(tmp_path_factory.mktemp("cert-state")))
-    if "MI300X_CERT_HISTORY_DIR" not in os.environ:
-        monkeypatch.setenv("MI300X_CERT_HISTORY_DIR", str(tmp_path_factory.mktemp("cert-history")))
+    private state dir unless the user exported one or the test sets one itself."""
+    _isolate(monkeypatch, tmp_path_factory)
 
 
 # ---- certificate bundles and S3 ---------------------------------------------------------------

@@ -31,8 +31,9 @@ from mi300x_cert import cli
 
 TINY = Path(__file__).resolve().parent.parent / "fixtures" / "profiles" / "tiny.yaml"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="needs root and iproute2 to make a network namespace and a veth pair")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                 reason="needs root and iproute2 to make a network namespace and a veth pair"),
+              pytest.mark.host_network]  # the veth's host end is the host's traffic: runs alone (tests/conftest.py)
 
 SINK = textwrap.dedent("""
     import socket, sys, threading
