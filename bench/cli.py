@@ -736,9 +736,10 @@ def energy_counter() -> _EnergyCounter:
 @contextmanager
 def card_energy(settle: Callable[[], Any]) -> Iterator[dict[str, Any]]:
     """The block's work measured on the card: ``settle()`` (wait for the device) before and after,
-    the energy counter read around it, power, SM clock and clock reasons sampled at 10 Hz
-    meanwhile (on the counter's card). The yielded dict is filled when the block ends: seconds, joules, mean power (joules
-    over seconds), the samples' medians, the clock reason seen most and the power limit."""
+    the energy counter read around it, power, SM clock and clock reasons sampled at 10 Hz on the
+    counter's card meanwhile. The yielded dict is filled when the block ends: seconds, joules, mean
+    power (joules over seconds), the samples' medians, the clock reason seen most and the power
+    limit."""
     counter = energy_counter()
     card: dict[str, Any] = {}
     settle()
