@@ -368,3 +368,68 @@ def test_cuda_hidden_attention_with_blocks_is_the_same_kernel_on_another_grid():
     per_clip = hc.CudaHiddenAttention.from_config(B, H, S, E, cfg[:10], device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="per-clip forms"):
         per_clip.with_blocks(5)
+
+
+@pytest.mark.parametrize("M,K,N,cfg", [
+    (3 * 1500, 1280, 5120, None),                    # the encoder's first MLP product, 3 clips
+    (1000, 1280, 5120, (128, 128, 64, 8, 4, 8)),     # rows not a multiple of the tile
+    (777, 384, 1544, (128, 128, 64, 4, 4, 8)),       # whisper-tiny's width, columns cut in a tile
+    (300, 96, 200, (256, 128, 64, 8, 3, 8)),
+])
+def test_linear_gelu_kernel_is_the_librarys_product_and_gelu(M, K, N, cfg):
+    """The fused product + bias + exact GELU against the library's (cuBLAS with the bias, then the
+    GELU in float32): equal but for the rounding of reordered float sums (≤ 2 float16 units in the
+    last place of the largest values)."""
+    import torch.nn.functional as F
+
+    from mi300x_cert.workloads.optimized.encoder_fast import fused_mlp_supported, linear_gelu_triton
+
+    ok, why = fused_mlp_supported("cuda")
+    if not ok:
+        pytest.skip(why)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, K, device="cuda", generator=g).half()
+    w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).half()
+    b = torch.randn(N, device="cuda", generator=g).half()
+    ref = F.gelu(F.linear(x, w, b))
+    got = linear_gelu_triton(x.view(1, M, K), w, b, cfg).view(M, N)
+    err = float((got.float() - ref.float()).abs().max())
+    assert err <= 2 * float(ref.float().abs().max()) * 2.0 ** -10, err
+    assert float((got.float() - ref.float()).abs().mean()) < 1e-4
+
+
+@pytest.mark.parametrize("form", ["fast", "fused"])
+def test_fast_encoder_compiled_is_the_library_encoder(form):
+    """Large-v3's encoder in its fast form (attention without layout copies; ``fused``: the MLP's
+    first product and GELU in one kernel), compiled as the optimized path runs it, against the
+    library encoder: the same last hidden state up to float16 rounding; and the attention's
+    projections reach the fused kernel without the copies (no layout kernel in the profile), in one
+    compiled graph."""
+    from bench.cli import _whisper_model
+    from mi300x_cert.workloads.optimized.common import compile_module
+    from mi300x_cert.workloads.optimized.encoder_fast import FastEncoder, fused_mlp_supported
+
+    if form == "fused":
+        ok, why = fused_mlp_supported("cuda")
+        if not ok:
+            pytest.skip(why)
+    m = _whisper_model("synthetic:whisper-large-v3", torch.float16)
+    enc = m.model.encoder
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(2, m.config.num_mel_bins, 3000, device="cuda", generator=g).half()
+    from torch._dynamo.utils import counters
+
+    fn, _label = compile_module(FastEncoder(enc, mlp="fused" if form == "fused" else "library"), device="cuda",
+                                fullgraph=False)
+    counters.clear()
+    with torch.inference_mode():
+        ref = enc(x).last_hidden_state.float()
+        got = fn(x).float()
+        assert not counters["graph_break"], dict(counters["graph_break"])  # one graph, the operator inside it
+        rel = float((got - ref).norm() / ref.norm())
+        assert rel < 5e-3, rel
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn(x)
+            torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert not [n for n in names if "clone" in n and "attention" in n], names

@@ -7,6 +7,7 @@ must be identical.
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -114,7 +115,7 @@ def test_whisper_optimized_same_tokens_as_generate():
     assert b.conditions()["path"] == "optimized" and "static KV cache" in opt["recipe"]
     # what ran is recorded: the cross-attention form (K/V on a CPU without the triton kernel), the
     # encoder, the attention choice of the batch size
-    assert opt["cross_attention_form"] == "kv" and opt["encoder"] == "eager" and opt["version"] == OPTIMIZED_VERSION == "3"
+    assert opt["cross_attention_form"] == "kv" and opt["encoder"] == "eager" and opt["version"] == OPTIMIZED_VERSION == "4"
     assert opt["attention"]["cross_form"] == "kv" and "cross K/V once per batch" in opt["recipe"]
 
 
@@ -345,6 +346,107 @@ def test_whisper_encoder_compile_option_recorded_and_falls_back():
     got = fw2.generate(feats)
     assert torch.equal(want, got)
     assert fw2.compile_encoder is False and "inductor exploded" in fw2.encoder_label
+
+
+def test_fast_encoder_is_the_library_encoder_and_its_forms_are_checked():
+    """The encoder's fast form (attention without layout copies, the query's scale in the attention
+    kernel; ``fused``: the MLP's first product and GELU as one operator, the library's ops on a CPU)
+    computes transformers' encoder: float32 to 1e-6, float16 to one unit in the last place; through
+    FastWhisper the tokens are generate's; the forms and bad inputs are named."""
+    from mi300x_cert.workloads.optimized.encoder_fast import FastEncoder, fused_mlp_supported, linear_gelu
+    from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
+
+    m, feats = _varied_whisper()
+    enc = m.model.encoder
+    with torch.inference_mode():
+        ref = enc(feats).last_hidden_state
+        for mlp in ("library", "fused"):
+            got = FastEncoder(enc, mlp=mlp)(feats)
+            assert got.shape == ref.shape and float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max()), mlp
+        x = torch.randn(2, 5, enc.layers[0].fc1.in_features)
+        fc1 = enc.layers[0].fc1
+        assert torch.equal(linear_gelu(x, fc1.weight, fc1.bias), torch.nn.functional.gelu(fc1(x)))
+        with pytest.raises(ValueError, match="length 3000, but found 2999"):
+            FastEncoder(enc)(feats[..., :2999])
+    with pytest.raises(ValueError, match="mlp must be"):
+        FastEncoder(enc, mlp="geglu")
+    assert fused_mlp_supported("cpu")[0] is False
+    gc = m.generation_config
+    n = 8
+    want = m.generate(feats, max_new_tokens=n, min_new_tokens=n, language="en", task="transcribe")[:, -n:]
+    kw = dict(prompt_ids=whisper_prompt_ids(gc), new_tokens=n, begin_suppress_tokens=gc.begin_suppress_tokens,
+              eos_token_id=gc.eos_token_id)
+    assert FastWhisper(m, **kw).encoder_form == "library"   # auto: the library module where nothing is compiled
+    fw = FastWhisper(m, encoder="fast", **kw)
+    assert torch.equal(fw.generate(feats)[:, -n:], want) and fw.notes["encoder_form"] == "fast"
+    fw = FastWhisper(m, encoder="fused", **kw)   # no kernel on a CPU: the fast form, and why
+    assert fw.encoder_form == "fast" and "needs an NVIDIA card" in fw.notes["encoder_form_note"]
+    assert torch.equal(fw.generate(feats)[:, -n:], want)
+    with pytest.raises(ValueError, match="encoder must be"):
+        FastWhisper(m, encoder="flash", **kw)
+    # half precision: the same function to rounding
+    mh = copy.deepcopy(m).half()
+    with torch.inference_mode():
+        a = mh.model.encoder(feats.half()).last_hidden_state.float()
+        b = FastEncoder(mh.model.encoder)(feats.half()).float()
+    assert float((a - b).abs().max()) <= 2.0 ** -10 * 2 * float(a.abs().max())
+
+
+def test_linear_gelu_operator_schema_and_fake_tensor():
+    """The fused product as a torch operator: its schema, fake-tensor shape and CPU result pass
+    torch's operator checks (so ``torch.compile`` can place it in a graph)."""
+    from mi300x_cert.workloads.optimized.encoder_fast import _op
+
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(3, 4, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    torch.library.opcheck(_op(), (x, w, b))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        out = _op()(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b))
+    assert tuple(out.shape) == (3, 4, 24)
+
+
+_LINEAR_GELU_CHECK = r"""
+import torch
+import torch.nn.functional as F
+from mi300x_cert.workloads.optimized.encoder_fast import LINEAR_GELU_CONFIGS, linear_gelu_triton
+
+torch.manual_seed(0)
+# tails in M and N (the bulk copies' bounds), several launch settings, programs that repeat the last tile
+for M, K, N, cfg in ((200, 96, 80, (32, 32, 32, 4, 2, 2)), (130, 64, 48, (64, 16, 16, 4, 2, 1)),
+                     (64, 32, 16, (16, 16, 16, 1, 2, 4)), (33, 32, 40, (32, 32, 16, 4, 2, 8))):
+    x = torch.randn(M, K).half()
+    w = (torch.randn(N, K) / K ** 0.5).half()
+    b = torch.randn(N).half()
+    # the library's arithmetic: product and bias rounded to float16, exact GELU in float64
+    y16 = (x.double() @ w.double().T + b.double()).half().double()
+    ref = y16 * 0.5 * (1 + torch.erf(y16 / 2 ** 0.5))
+    got = linear_gelu_triton(x.view(1, M, K), w, b, cfg)
+    assert got.shape == (1, M, N) and got.dtype == torch.float16
+    err = float((got[0].double() - ref).abs().max())
+    assert err <= 2 * 2.0 ** -10 * float(ref.abs().max()), (M, K, N, cfg, err)
+x = torch.randn(4, 32).half()
+w = torch.randn(16, 32).half()
+b = torch.randn(16).half()
+for bad, msg in (((x.float(), w, b), "float16 operands"), ((x, w[:, :16], b), "w must be"),
+                 ((x, w, b[:8]), "b must be"), ((x[:, :12], w[:, :12], b), "multiples of 8")):
+    try:
+        linear_gelu_triton(*bad)
+    except ValueError as e:
+        assert msg in str(e), e
+    else:
+        raise AssertionError(msg)
+assert LINEAR_GELU_CONFIGS[0] == (128, 256, 64, 8, 3, 8)
+print("LINEAR-GELU-OK")
+"""
+
+
+def test_linear_gelu_kernel_is_the_product_and_exact_gelu(tmp_path):
+    """The fused Triton kernel (persistent, bulk tensor copies), run by triton's CPU interpreter,
+    against the library's arithmetic in float64 (the product with its bias rounded to float16, then
+    the exact GELU), with tails in both output dimensions; one clear error per bad operand."""
+    pytest.importorskip("triton")
+    r = _run_interpreted(tmp_path / "linear_gelu_check.py", _LINEAR_GELU_CHECK)
+    assert r.returncode == 0 and "LINEAR-GELU-OK" in r.stdout, r.stderr[-3000:]
 
 
 _KERNEL_CHECK = """
@@ -1218,7 +1320,8 @@ def test_encoder_bench_classifies_kernels_and_refuses_bad_arguments(capsys):
     # Inductor's layout copies before an attention call are its own kernels, not the attention's
     assert kernel_class("triton_poi_fused__scaled_dot_product_cudnn_attention__unsafe_view_clone_mul") == "inductor"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<8, GeluCUDAKernelImpl>") == "other"
-    for argv, word in ((["--variants", "default,fast"], "fast"), (["--variants", "cdt+flsh"], "cdt+flsh"),
+    assert kernel_class("_linear_gelu_kernel") == "gemm"   # the fast encoder's fused product
+    for argv, word in ((["--variants", "default,fastest"], "fastest"), (["--variants", "cdt+flsh"], "cdt+flsh"),
                        (["--variants", "default,cdt,default"], "each variant once"),
                        (["--chunks", "0"], "positive clip counts"), (["--chunks", "abc"], "positive clip counts")):
         with pytest.raises(SystemExit) as e:

@@ -510,6 +510,7 @@ class FastWhisper:
         encoder_chunk: int = 128,
         cross: str = "auto",
         compile_encoder: bool | None = None,
+        encoder: str = "auto",
     ) -> None:
         import torch
 
@@ -563,12 +564,32 @@ class FastWhisper:
         self.bv = [(layer.encoder_attn.v_proj.bias.view(H, 1, D) if layer.encoder_attn.v_proj.bias is not None
                     else torch.zeros(H, 1, D, dtype=self.dtype, device=w.device)) for layer in self.layers]
         self.encoder_chunk = max(1, int(encoder_chunk))
+        # The encoder's form (:mod:`.encoder_fast`): "library" is transformers' module; "fast" the
+        # same function without the attention's layout copies; "fused" also the MLP's first product
+        # and GELU in one Triton kernel (NVIDIA, compute capability ≥ 9; elsewhere "fast", with the
+        # reason in the notes). "auto": "fast" where the encoder is compiled, else "library".
+        if encoder not in ("auto", "library", "fast", "fused"):
+            raise ValueError(f"encoder must be 'auto', 'library', 'fast' or 'fused', got {encoder!r}")
+        self.encoder_form = encoder
         # The encoder (≈2.3 TFLOP per 30 s clip for large-v3) through torch.compile on GPUs: fused
         # norms/GELU/residuals; one specialization per chunk shape, kept in the persistent cache.
         self.compile_encoder = str(device).startswith("cuda") if compile_encoder is None else bool(compile_encoder)
+        if self.encoder_form == "auto":
+            self.encoder_form = "fast" if self.compile_encoder and str(device).startswith("cuda") else "library"
+        encoder_note = ""
+        if self.encoder_form == "fused":
+            from .encoder_fast import fused_mlp_supported
+
+            ok, why = fused_mlp_supported(str(device))
+            if not ok:
+                self.encoder_form = "fast"
+                encoder_note = f"fused MLP not used: {why}"
         self._encoder: Any = None
+        self._eager_encoder: Any = None
         self.encoder_label = "eager"
-        self.notes: dict[str, Any] = {}  # what actually ran, for the workload's conditions
+        self.notes: dict[str, Any] = {"encoder_form": self.encoder_form}  # what actually ran, for the conditions
+        if encoder_note:
+            self.notes["encoder_form_note"] = encoder_note
         self.attn_choice: dict[int, dict[str, Any]] = {}  # batch size -> what was chosen and the timings
         self._states: dict[int, dict[str, Any]] = {}
         self.capture_s: dict[int, float] = {}
@@ -687,21 +708,35 @@ class FastWhisper:
         a = torch.baddbmm(self.bv[li], c.transpose(0, 1), self.wvT[li])         # [H, B, D]
         return ca.out_proj(a.transpose(0, 1).reshape(B, 1, E))
 
+    def _encoder_fn(self) -> Any:
+        """The encoder as a function of the input features returning its last hidden state, in the
+        chosen form (not compiled)."""
+        encoder = self.model.model.encoder
+        if self.encoder_form == "library":
+            return lambda x: encoder(x, return_dict=True).last_hidden_state
+        from .encoder_fast import FastEncoder
+
+        return FastEncoder(encoder, mlp="fused" if self.encoder_form == "fused" else "library")
+
     def _encode(self, x: Any) -> Any:
         """The encoder's last hidden state for a chunk of clips: compiled where asked (built on first
         use); a compile failure falls back to the eager encoder, with the reason recorded."""
-        encoder = self.model.model.encoder
         if self.compile_encoder and self._encoder is None:
             from .common import compile_module
 
-            self._encoder, self.encoder_label = compile_module(encoder, device=str(x.device), fullgraph=False)
+            target = self.model.model.encoder if self.encoder_form == "library" else self._encoder_fn()
+            self._encoder, label = compile_module(target, device=str(x.device), fullgraph=False)
+            self.encoder_label = label if self.encoder_form == "library" else f"{self.encoder_form} form, {label}"
         if self._encoder is not None and self.compile_encoder:
             try:
-                return self._encoder(x, return_dict=True).last_hidden_state
+                out = self._encoder(x) if self.encoder_form != "library" else self._encoder(x, return_dict=True)
+                return getattr(out, "last_hidden_state", out)
             except Exception as e:  # same function, eagerly
                 self.compile_encoder = False
                 self.encoder_label = f"eager (compile failed: {type(e).__name__}: {str(e)[:160]})"
-        return encoder(x, return_dict=True).last_hidden_state
+        if self._eager_encoder is None:
+            self._eager_encoder = self._encoder_fn()
+        return self._eager_encoder(x)
 
     # -- per batch ------------------------------------------------------------------------------
     def prefill(self, input_features: Any) -> dict[str, Any]:
