@@ -24,7 +24,8 @@ Variants:
   Whisper  stock     = WhisperForConditionalGeneration.generate, eager, sdpa, greedy
            recipe    = stock generate with a static cache and forward compiled (reduce-overhead)
            optimized = FastWhisper (compiled encoder, hidden-form cross-attention, static cache,
-                       graph-captured decode step); --whisper-cross adds forced forms;
+                       graph-captured decode step); --whisper-cross adds forced forms,
+                       --whisper-encoder forced encoder forms (optimized-<form>-encoder);
                        optimized+overlap = a stream of --whisper-overlap batches, the next batch's
                        encoder on a second stream during decoding (generate_many)
 """
@@ -539,14 +540,17 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
     nmel = m.config.num_mel_bins
     # one optimized variant per cross-attention form asked for: "optimized" is the default form
     # (hidden where the triton kernel runs), "optimized-kv" / "optimized-hidden" force one
+    # and per encoder form asked for ("optimized-<form>-encoder" forces one)
     crosses = [c.strip() for c in args.whisper_cross.split(",") if c.strip()]
+    encoders = [e.strip() for e in args.whisper_encoder.split(",") if e.strip()] or ["auto"]
     fasts: dict[str, Any] = {}
     for c in crosses:
-        name = "optimized" if c == "auto" else f"optimized-{c}"
-        fasts[name] = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=N,
-                                  suppress_tokens=getattr(gc, "suppress_tokens", None),
-                                  begin_suppress_tokens=getattr(gc, "begin_suppress_tokens", None),
-                                  eos_token_id=gc.eos_token_id, device="cuda", cross=c)
+        for e in encoders:
+            name = ("optimized" if c == "auto" else f"optimized-{c}") + ("" if e == "auto" else f"-{e}-encoder")
+            fasts[name] = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=N,
+                                      suppress_tokens=getattr(gc, "suppress_tokens", None),
+                                      begin_suppress_tokens=getattr(gc, "begin_suppress_tokens", None),
+                                      eos_token_id=gc.eos_token_id, device="cuda", cross=c, encoder=e)
     counts = _whisper_counts(m, nmel)
     stock_batches = [int(x) for x in args.whisper_stock_batch.split(",")]
     batches = sorted(set(stock_batches) | {int(x) for x in args.whisper_batch.split(",")})
@@ -966,6 +970,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whisper-recipe-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--whisper-cross", default="auto",
                    help="cross-attention forms of the optimized path, comma-separated: auto,kv,hidden")
+    p.add_argument("--whisper-encoder", default="auto",
+                   help="encoder forms of the optimized path, comma-separated: auto,library,fast,fused")
     p.add_argument("--whisper-overlap", type=int, default=3,
                    help="batches per optimized overlap measurement (next encoder on a second stream); 0 or 1: none")
     p.add_argument("--new-tokens", type=int, default=128)

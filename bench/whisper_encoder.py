@@ -11,8 +11,16 @@ own: default mode, not full-graph), ``freeze`` (Inductor ``freezing``: weights a
 ``cudnn`` / ``flash`` (that attention kernel first in SDPA's priority order, in the order written;
 compiled without the FX-graph and AOT-autograd caches, whose keys do not hold that order, and the
 attention kernels that ran are recorded with ``--profile``), ``autotune``
-(``max-autotune-no-cudagraphs``: product templates timed, bias and GELU fused into them); e.g.
-``cdt+flash``. Each variant is checked against the eager encoder on the first chunk (relative error
+(``max-autotune-no-cudagraphs``: product templates timed, bias and GELU fused into them), ``gemm``
+(Inductor ``max_autotune_gemm`` alone: only the products' templates timed against cuBLAS, with
+the epilogue's GELU fused into a Triton template where that wins; no convolution or pointwise
+tuning), ``tma`` (Inductor's persistent TMA product template among the candidates, with ``gemm``),
+``mk`` (Inductor ``triton.multi_kernel``: reductions such as the norms also generated in their
+persistent form and the faster chosen at run time), ``fast`` (the optimized path's own encoder,
+:class:`~mi300x_cert.workloads.optimized.encoder_fast.FastEncoder`: attention without layout
+copies), ``fused`` (``fast`` with the MLP's first product and GELU in one Triton kernel); e.g.
+``cdt+flash``, ``gemm+tma``, ``fast+mk``. ``--mlp`` also times the fused kernel's launch settings
+alone against the library's product and GELU at the MLP's shape. Each variant is checked against the eager encoder on the first chunk (relative error
 of the last hidden state). Prints one JSON object per result as it goes; the ``--out`` file says
 ``"complete": true`` once every variant has run, and the exit status is 1 if any variant failed.
 """
@@ -27,15 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-SETTINGS = ("default", "freeze", "cdt", "cudnn", "flash", "autotune")
+SETTINGS = ("default", "freeze", "cdt", "cudnn", "flash", "autotune", "gemm", "tma", "mk", "fast", "fused")
 
 
 def kernel_class(name: str) -> str:
     """The class of one device kernel by its name: ``gemm`` (cuBLAS/CUTLASS/Triton product
-    templates), ``inductor`` (Inductor's generated Triton kernels, including the layout copies it
+    templates, the fast encoder's fused product and GELU), ``inductor`` (Inductor's generated Triton kernels, including the layout copies it
     puts before an attention call), ``attention`` (the fused attention kernels), ``other``."""
     n = name.lower()
-    if n.startswith("triton_tem"):
+    if n.startswith("triton_tem") or "linear_gelu" in n:  # Inductor's templates, the fast encoder's product
         return "gemm"
     if n.startswith("triton_") or "triton" in n:
         return "inductor"
@@ -46,6 +54,42 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+def mlp_kernels(enc: Any, clips: int, reps: int) -> dict[str, Any]:
+    """The first MLP product with its GELU at the encoder's shape (``clips`` × frames rows, layer 0's
+    weights): the library's ``gelu(linear(x))`` (as the compiled encoder runs it: a cuBLAS product with
+    the bias, then a GELU kernel) against the fused Triton kernel in each launch setting; event-timed
+    medians and the largest difference from the library's output."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.whisper_parts import _events_ms
+    from mi300x_cert.workloads.optimized.encoder_fast import LINEAR_GELU_CONFIGS, linear_gelu_triton
+
+    fc1 = enc.layers[0].fc1
+    frames = int(enc.embed_positions.weight.shape[0])
+    M, K, N = clips * frames, int(fc1.weight.shape[1]), int(fc1.weight.shape[0])
+    g = torch.Generator(device="cuda").manual_seed(1)
+    xs = [torch.randn(M, K, device="cuda", dtype=torch.float16, generator=g) for _ in range(2)]
+    out: dict[str, Any] = {"m": M, "k": K, "n": N, "tflop": 2 * M * K * N / 1e12, "configs": {}}
+    lib = torch.compile(lambda x: F.gelu(F.linear(x, fc1.weight, fc1.bias)), dynamic=False)
+    with torch.inference_mode():
+        ref = lib(xs[0])
+        out["library_ms"] = _events_ms(lambda i: lib(xs[i % 2]), reps + 2)
+        out["library_product_ms"] = _events_ms(lambda i: F.linear(xs[i % 2], fc1.weight, fc1.bias), reps + 2)
+        for cfg in LINEAR_GELU_CONFIGS:
+            key = "x".join(str(c) for c in cfg)
+            try:
+                y = linear_gelu_triton(xs[0], fc1.weight, fc1.bias, cfg)
+                diff = float((y.float() - ref.float()).abs().max())
+                ms = _events_ms(lambda i: linear_gelu_triton(xs[i % 2], fc1.weight, fc1.bias, cfg), reps + 2)
+                out["configs"][key] = {"ms": ms, "max_abs_diff": diff,
+                                       "tflops": out["tflop"] / (ms * 1e-3),
+                                       "vs_library": out["library_ms"] / ms}
+            except Exception as e:  # a setting that does not fit the card is recorded, the rest go on
+                out["configs"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="synthetic:whisper-large-v3")
@@ -53,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", default="128", help="clips per encoder call, comma-separated")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="device time by kernel class per variant")
+    ap.add_argument("--mlp", action="store_true",
+                    help="also time the fused product+GELU kernel's settings against the library's at the MLP's shape")
     ap.add_argument("--time-limit", type=float, default=400.0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -80,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.cli import _whisper_model, environment, measure_gemm
     from bench.whisper_parts import _events_ms, kernel_rows
     from mi300x_cert.workloads.optimized.common import compile_module, setup_compile_cache
+    from mi300x_cert.workloads.optimized.encoder_fast import FastEncoder
 
     t_end = time.time() + a.time_limit
     res: dict[str, Any] = {"conditions": environment(), "model": a.model, "dtype": "float16",
@@ -107,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():  # the eager encoder's output for the first clips of the first chunk
         ref = enc(inputs[chunks[0]][0][:n_ref]).last_hidden_state.float()
 
+    def last(out: Any) -> Any:  # the library encoder returns a model output, FastEncoder the tensor
+        return getattr(out, "last_hidden_state", out)
+
+    if a.mlp:
+        res["mlp"] = mlp_kernels(enc, chunks[0], a.reps)
+        emit("mlp", res["mlp"])
+
     def build(v: str) -> tuple[Any, str, Any]:
         prio: Any = contextlib.nullcontext
         if v == "eager":
@@ -125,9 +179,21 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
                 return stack
         mode = "max-autotune-no-cudagraphs" if "autotune" in parts else "default"
-        options = {k: True for k, on in (("freezing", "freeze" in parts),
-                                         ("coordinate_descent_tuning", "cdt" in parts)) if on} or None
-        fn, label = compile_module(enc, device="cuda", mode=mode, fullgraph=False, options=options)
+        options: Any = {k: True for k, on in (("freezing", "freeze" in parts),
+                                              ("coordinate_descent_tuning", "cdt" in parts),
+                                              ("max_autotune_gemm", bool(parts & {"gemm", "tma"})),
+                                              ("triton.enable_persistent_tma_matmul", "tma" in parts)) if on}
+        if "mk" in parts:
+            options["triton.multi_kernel"] = 1
+        if parts & {"gemm", "tma"}:
+            options["max_autotune_gemm_backends"] = "ATEN,TRITON"
+        options = options or None
+        target: Any = enc
+        if parts & {"fast", "fused"}:
+            target = FastEncoder(enc, mlp="fused" if "fused" in parts else "library")
+        fn, label = compile_module(target, device="cuda", mode=mode, fullgraph=False, options=options)
+        if target is not enc:
+            label = f"FastEncoder(mlp={target.mlp}), {label}"
         if lead:
             label += f", SDPA order {[b.name for b in order]}"
         return fn, label, prio
@@ -151,14 +217,14 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     xs = inputs[C]
                     t1 = time.perf_counter()
-                    out = fn(xs[0]).last_hidden_state  # the first call of a shape compiles it
+                    out = last(fn(xs[0]))  # the first call of a shape compiles it
                     torch.cuda.synchronize()
                     first_s = time.perf_counter() - t1
                     if C == chunks[0]:
                         o = out[:n_ref].float()
                         row["rel_err_vs_eager"] = float((o - ref).norm() / ref.norm())
                     del out
-                    ms = _events_ms(lambda i: fn(xs[i % 2]).last_hidden_state, a.reps)
+                    ms = _events_ms(lambda i: last(fn(xs[i % 2])), a.reps)
                     r: dict[str, Any] = {"first_call_s": first_s, "ms_per_chunk": ms, "ms_per_clip": ms / C,
                                          "tflops": tflop_clip * C / (ms * 1e-3),
                                          "frac_gemm": tflop_clip * C / (ms * 1e-3) / res["gemm"]["tflops"]}
