@@ -398,18 +398,37 @@ def test_linear_gelu_kernel_is_the_librarys_product_and_gelu(M, K, N, cfg):
     assert float((got.float() - ref.float()).abs().mean()) < 1e-4
 
 
-@pytest.mark.parametrize("form", ["fast", "fused"])
+@pytest.mark.parametrize("rows,N,per,warps,clamp", [(3 * 1500, 1280, 4, 4, True), (1001, 1280, 1, 8, False),
+                                                     (777, 384, 2, 4, True)])
+def test_add_layer_norm_kernel_is_the_librarys_add_and_norm(rows, N, per, warps, clamp):
+    """The add (+ clamp) + LayerNorm kernel against the library's ops on the card: the sum bit for
+    bit, the norm to float16 rounding."""
+    from mi300x_cert.workloads.optimized.encoder_fast import add_layer_norm_reference, add_layer_norm_triton
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    r = (torch.randn(rows, N, device="cuda", generator=g) * 4).half()
+    y = torch.randn(rows, N, device="cuda", generator=g).half()
+    w = (torch.rand(N, device="cuda", generator=g) + 0.5).half()
+    b = torch.randn(N, device="cuda", generator=g).half()
+    h0, o0 = add_layer_norm_reference(r, y, w, b, 1e-5, clamp)
+    h, o = add_layer_norm_triton(r.view(1, rows, N), y.view(1, rows, N), w, b, 1e-5, clamp, per, warps)
+    assert torch.equal(h.view(rows, N), h0)
+    err = float((o.view(rows, N).float() - o0.float()).abs().max())
+    assert err <= 2 * float(o0.float().abs().max()) * 2.0 ** -10, err
+
+
+@pytest.mark.parametrize("form", ["fast", "fast+mlp", "fast+norm"])
 def test_fast_encoder_compiled_is_the_library_encoder(form):
-    """Large-v3's encoder in its fast form (attention without layout copies; ``fused``: the MLP's
-    first product and GELU in one kernel), compiled as the optimized path runs it, against the
-    library encoder: the same last hidden state up to float16 rounding; and the attention's
-    projections reach the fused kernel without the copies (no layout kernel in the profile), in one
-    compiled graph."""
+    """Large-v3's encoder in its fast form (attention without layout copies; ``+mlp``: the MLP's
+    first product and GELU in one kernel; ``+norm``: each residual add with the next LayerNorm in
+    one), compiled as the optimized path runs it, against the library encoder: the same last hidden
+    state up to float16 rounding; and the attention's projections reach the fused kernel without
+    the copies (no layout kernel in the profile), in one compiled graph."""
     from bench.cli import _whisper_model
     from mi300x_cert.workloads.optimized.common import compile_module
     from mi300x_cert.workloads.optimized.encoder_fast import FastEncoder, fused_mlp_supported
 
-    if form == "fused":
+    if form == "fast+mlp":
         ok, why = fused_mlp_supported("cuda")
         if not ok:
             pytest.skip(why)
@@ -419,8 +438,8 @@ def test_fast_encoder_compiled_is_the_library_encoder(form):
     x = torch.randn(2, m.config.num_mel_bins, 3000, device="cuda", generator=g).half()
     from torch._dynamo.utils import counters
 
-    fn, _label = compile_module(FastEncoder(enc, mlp="fused" if form == "fused" else "library"), device="cuda",
-                                fullgraph=False)
+    fe = FastEncoder(enc, mlp="fused" if "mlp" in form else "library", norm="fused" if "norm" in form else "library")
+    fn, _label = compile_module(fe, device="cuda", fullgraph=False)
     counters.clear()
     with torch.inference_mode():
         ref = enc(x).last_hidden_state.float()
@@ -433,3 +452,8 @@ def test_fast_encoder_compiled_is_the_library_encoder(form):
             torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages()]
     assert not [n for n in names if "clone" in n and "attention" in n], names
+    if "norm" in form:  # Inductor's norm kernels only for the first layer's first norm (with the front end)
+        calls = {e.key: e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA")}
+        assert sum(c for n, c in calls.items() if "add_ln_kernel" in n) == 2 * len(enc.layers), calls
+        norms = {n: c for n, c in calls.items() if "layer_norm" in n}
+        assert sum(norms.values()) <= 3, norms

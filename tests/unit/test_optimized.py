@@ -346,30 +346,42 @@ def test_whisper_encoder_compile_option_recorded_and_falls_back():
     got = fw2.generate(feats)
     assert torch.equal(want, got)
     assert fw2.compile_encoder is False and "inductor exploded" in fw2.encoder_label
+    # a compiled fast form that fails (one of its kernels, say) falls back to the library's module
+    fw3 = FastWhisper(m, compile_encoder=True, encoder="fast", **kw)
+    fw3._encoder = broken
+    assert torch.equal(want, fw3.generate(feats))
+    assert fw3.encoder_form == fw3.notes["encoder_form"] == "library" and "inductor exploded" in fw3.encoder_label
 
 
 def test_fast_encoder_is_the_library_encoder_and_its_forms_are_checked():
     """The encoder's fast form (attention without layout copies, the query's scale in the attention
-    kernel; ``fused``: the MLP's first product and GELU as one operator, the library's ops on a CPU)
-    computes transformers' encoder: float32 to 1e-6, float16 to one unit in the last place; through
-    FastWhisper the tokens are generate's; the forms and bad inputs are named."""
-    from mi300x_cert.workloads.optimized.encoder_fast import FastEncoder, fused_mlp_supported, linear_gelu
+    kernel; ``mlp``/``norm`` "fused": the MLP's first product and GELU, and each residual add with
+    the next LayerNorm, as operators, the library's ops on a CPU) computes transformers' encoder:
+    float32 to 1e-6, float16 to two units in the last place; through FastWhisper the tokens are
+    generate's; the forms and bad inputs are named."""
+    from mi300x_cert.workloads.optimized.encoder_fast import FastEncoder, add_layer_norm, fused_mlp_supported, linear_gelu
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
 
     m, feats = _varied_whisper()
     enc = m.model.encoder
     with torch.inference_mode():
         ref = enc(feats).last_hidden_state
-        for mlp in ("library", "fused"):
-            got = FastEncoder(enc, mlp=mlp)(feats)
-            assert got.shape == ref.shape and float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max()), mlp
+        for mlp, norm in (("library", "library"), ("fused", "library"), ("library", "fused"), ("fused", "fused")):
+            got = FastEncoder(enc, mlp=mlp, norm=norm)(feats)
+            assert got.shape == ref.shape and float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max()), (mlp, norm)
         x = torch.randn(2, 5, enc.layers[0].fc1.in_features)
         fc1 = enc.layers[0].fc1
         assert torch.equal(linear_gelu(x, fc1.weight, fc1.bias), torch.nn.functional.gelu(fc1(x)))
+        ln = enc.layers[0].final_layer_norm
+        y = torch.randn(2, 5, ln.weight.shape[0])
+        h, o = add_layer_norm(x[..., : y.shape[-1]] * 0 + 1, y, ln.weight, ln.bias, ln.eps, False)
+        assert torch.equal(h, 1 + y) and torch.allclose(o, ln(1 + y))
         with pytest.raises(ValueError, match="length 3000, but found 2999"):
             FastEncoder(enc)(feats[..., :2999])
     with pytest.raises(ValueError, match="mlp must be"):
         FastEncoder(enc, mlp="geglu")
+    with pytest.raises(ValueError, match="norm must be"):
+        FastEncoder(enc, norm="rms")
     assert fused_mlp_supported("cpu")[0] is False
     gc = m.generation_config
     n = 8
@@ -379,30 +391,36 @@ def test_fast_encoder_is_the_library_encoder_and_its_forms_are_checked():
     assert FastWhisper(m, **kw).encoder_form == "library"   # auto: the library module where nothing is compiled
     fw = FastWhisper(m, encoder="fast", **kw)
     assert torch.equal(fw.generate(feats)[:, -n:], want) and fw.notes["encoder_form"] == "fast"
-    fw = FastWhisper(m, encoder="fused", **kw)   # no kernel on a CPU: the fast form, and why
-    assert fw.encoder_form == "fast" and "needs an NVIDIA card" in fw.notes["encoder_form_note"]
+    fw = FastWhisper(m, encoder="fast+mlp+norm", **kw)   # no kernels on a CPU: the fast form, and why
+    assert fw.encoder_form == "fast", fw.encoder_form
+    assert "fused MLP not used: needs an NVIDIA card" in fw.notes["encoder_form_note"]
+    assert "add + LayerNorm not used" in fw.notes["encoder_form_note"]
     assert torch.equal(fw.generate(feats)[:, -n:], want)
-    with pytest.raises(ValueError, match="encoder must be"):
-        FastWhisper(m, encoder="flash", **kw)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        FastWhisper(m, encoder="fused", **kw)
     # half precision: the same function to rounding
     mh = copy.deepcopy(m).half()
     with torch.inference_mode():
         a = mh.model.encoder(feats.half()).last_hidden_state.float()
-        b = FastEncoder(mh.model.encoder)(feats.half()).float()
+        b = FastEncoder(mh.model.encoder, norm="fused")(feats.half()).float()
     assert float((a - b).abs().max()) <= 2.0 ** -10 * 2 * float(a.abs().max())
 
 
-def test_linear_gelu_operator_schema_and_fake_tensor():
-    """The fused product as a torch operator: its schema, fake-tensor shape and CPU result pass
-    torch's operator checks (so ``torch.compile`` can place it in a graph)."""
-    from mi300x_cert.workloads.optimized.encoder_fast import _op
+def test_fast_encoder_operators_schema_and_fake_tensors():
+    """The fused product and the add + LayerNorm as torch operators: their schemas, fake-tensor
+    shapes and CPU results pass torch's operator checks (so ``torch.compile`` can place them in a
+    graph)."""
+    from mi300x_cert.workloads.optimized.encoder_fast import _ln_op, _op
 
     g = torch.Generator().manual_seed(2)
     x, w, b = torch.randn(3, 4, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
     torch.library.opcheck(_op(), (x, w, b))
+    r, y = torch.randn(3, 4, 24, generator=g), torch.randn(3, 4, 24, generator=g)
+    torch.library.opcheck(_ln_op(), (r, y, b, b.abs(), 1e-5, True))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         out = _op()(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b))
-    assert tuple(out.shape) == (3, 4, 24)
+        h, o = _ln_op()(mode.from_tensor(r), mode.from_tensor(y), mode.from_tensor(b), mode.from_tensor(b), 1e-5, False)
+    assert tuple(out.shape) == (3, 4, 24) and tuple(h.shape) == tuple(o.shape) == (3, 4, 24)
 
 
 _LINEAR_GELU_CHECK = r"""
@@ -436,14 +454,48 @@ for bad, msg in (((x.float(), w, b), "float16 operands"), ((x, w[:, :16], b), "w
     else:
         raise AssertionError(msg)
 assert LINEAR_GELU_CONFIGS[0] == (128, 256, 64, 8, 3, 8)
+
+from mi300x_cert.workloads.optimized.encoder_fast import FP16_CLAMP, add_layer_norm_triton
+# the add + LayerNorm: rows cut between programs, a width that is not a power of two, the clamp of
+# a float16 sum past the bound, float32 without the clamp
+for rows, N, per, dt, clamp in ((37, 80, 4, torch.float16, True), (5, 48, 2, torch.float16, False),
+                               (9, 40, 1, torch.float32, False)):
+    r = torch.randn(rows, N).to(dt) * 3
+    y = torch.randn(rows, N).to(dt)
+    if dt == torch.float16:
+        r[0, :3] = torch.tensor([65000.0, -65000.0, 60000.0])
+        y[0, :3] = torch.tensor([400.0, -400.0, 100.0])
+    w = torch.randn(N).to(dt)
+    b = torch.randn(N).to(dt)
+    h, o = add_layer_norm_triton(r, y, w, b, 1e-5, clamp, per, 4)
+    hr = r + y
+    if clamp:
+        hr = torch.clamp(hr, min=-FP16_CLAMP, max=FP16_CLAMP)
+    assert torch.equal(h, hr), (rows, N, (h.float() - hr.float()).abs().max())
+    if clamp:
+        assert float(h[0, 0]) == 64512.0 and float(h[0, 1]) == -64512.0 and float(h[0, 2]) == 60096.0
+    hd = hr.double()
+    ref = (hd - hd.mean(-1, keepdim=True)) / torch.sqrt(hd.var(-1, unbiased=False, keepdim=True) + 1e-5) * w.double() + b.double()
+    tol = 2 * 2.0 ** -10 * float(ref.abs().max()) if dt == torch.float16 else 1e-5 * float(ref.abs().max())
+    assert float((o.double() - ref).abs().max()) <= tol, (rows, N, dt)
+for bad, msg in (((torch.zeros(2, 8), torch.zeros(2, 9), torch.zeros(8), torch.zeros(8)), "one shape and dtype"),
+                 ((torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(9), torch.zeros(8)), "w and b must be [8]")):
+    try:
+        add_layer_norm_triton(*bad, 1e-5, False)
+    except ValueError as e:
+        assert msg in str(e), e
+    else:
+        raise AssertionError(msg)
 print("LINEAR-GELU-OK")
 """
 
 
-def test_linear_gelu_kernel_is_the_product_and_exact_gelu(tmp_path):
-    """The fused Triton kernel (persistent, bulk tensor copies), run by triton's CPU interpreter,
-    against the library's arithmetic in float64 (the product with its bias rounded to float16, then
-    the exact GELU), with tails in both output dimensions; one clear error per bad operand."""
+def test_fast_encoder_kernels_are_the_librarys_arithmetic(tmp_path):
+    """The fast encoder's Triton kernels, run by triton's CPU interpreter: the fused product
+    (persistent, bulk tensor copies) against the library's arithmetic in float64 (the product with
+    its bias rounded to float16, then the exact GELU), with tails in both output dimensions; the
+    add + LayerNorm against the library's add and clamp (bit for bit) and a float64 LayerNorm;
+    one clear error per bad operand."""
     pytest.importorskip("triton")
     r = _run_interpreted(tmp_path / "linear_gelu_check.py", _LINEAR_GELU_CHECK)
     assert r.returncode == 0 and "LINEAR-GELU-OK" in r.stdout, r.stderr[-3000:]

@@ -1,32 +1,35 @@
 """The Whisper encoder with fewer round trips of its activations through device memory.
 
 :class:`FastEncoder` computes the same function as transformers' ``WhisperEncoder`` (eval mode)
-over that module's own weights, written so that a compiler keeps two kinds of copies out:
+over that module's own weights, written so that a compiler keeps copies out, with two optional
+kernels of its own:
 
-* **Attention layouts.** transformers makes the query (scaled), key and value contiguous in
-  ``[batch, heads, frames, head_dim]`` before the fused attention kernel and the kernel's output
+* **Attention layouts** (always). transformers makes the query (scaled), key and value contiguous
+  in ``[batch, heads, frames, head_dim]`` before the fused attention kernel and the kernel's output
   contiguous again before the output projection: four copies of a ``[batch, 1500, 1280]`` tensor
-  per layer (≈ 30 ms of a 640 ms chunk of 128 clips of large-v3 on an H200). Here the three
+  per layer (≈ 30 ms of a 650 ms chunk of 128 clips of large-v3 on an H200). Here the three
   projections go to ``scaled_dot_product_attention`` as strided views of their outputs, the
   query's scale as the kernel's ``scale`` (the same scaling: a power of two for every Whisper
   size), and the output, laid out like the query, comes back as a view.
 * **The MLP's GELU** (``mlp="fused"``): the first product, its bias and the exact (erf) GELU in one
   Triton kernel (:func:`linear_gelu`: persistent, bulk tensor-memory loads on Hopper), so the
-  product's output is written once instead of written, read and written again. Off by default
-  (measured per card: docs/performance.md); without triton or off the GPU it is the library's
-  ``gelu(linear(x))``.
+  product's output is written once instead of written, read and written again.
+* **Residual adds with the next LayerNorm** (``norm="fused"``): ``h = r + y`` (clamped in float16
+  as transformers clamps each layer's output), written, and ``LayerNorm(h)`` in one Triton
+  program per row (:func:`add_layer_norm`).
 
-Same output as the library encoder up to the rounding of reordered float sums (CPU tests compare
-them; GPU tests compare the kernel with the library's product and GELU).
+The optimized path uses both where they run (docs/performance.md: run 67 on an H200); without
+triton or off the GPU they are the library's ops. Same output as the library encoder up to the rounding of reordered
+float sums (CPU tests compare them; GPU tests compare the kernels with the library's ops).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FastEncoder", "linear_gelu", "LINEAR_GELU_CONFIGS", "MLP_FORMS"]
+__all__ = ["FastEncoder", "add_layer_norm", "linear_gelu", "LINEAR_GELU_CONFIGS", "KERNEL_FORMS"]
 
-MLP_FORMS = ("library", "fused")
+KERNEL_FORMS = ("library", "fused")  # FastEncoder's mlp= and norm=
 
 # (block_m, block_n, block_k, warps, stages, group_m): launch settings of the fused kernel; the
 # first is the default (Inductor's best persistent bulk-copy template for this shape on an H200).
@@ -160,6 +163,126 @@ def linear_gelu(x: Any, w: Any, b: Any) -> Any:
     return torch.ops.mi300x_cert.linear_gelu(x, w, b)
 
 
+_LN_KERNEL: Any = None
+
+
+def _ln_kernel() -> Any:
+    global _LN_KERNEL
+    if _LN_KERNEL is not None:
+        return _LN_KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add_ln_kernel(r_ptr, y_ptr, w_ptr, b_ptr, h_ptr, o_ptr, rows, eps, bound, N: tl.constexpr,
+                       BLOCK: tl.constexpr, ROWS: tl.constexpr, CLAMP: tl.constexpr):
+        # ROWS rows per program, each whole in registers: r and y read once, h and LayerNorm(h)
+        # written once. The arithmetic of the library's ops: the sum rounded to the inputs' dtype
+        # (then clamped in float32 and rounded again, as torch.clamp does), mean and variance of
+        # that in float32, the normalized row times the weight plus the bias rounded once.
+        cols = tl.arange(0, BLOCK)
+        cm = cols < N
+        w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        for i in range(ROWS):
+            row = tl.program_id(0) * ROWS + i
+            m = cm & (row < rows)
+            off = row.to(tl.int64) * N + cols
+            r = tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
+            h = (r + y).to(h_ptr.dtype.element_ty).to(tl.float32)
+            if CLAMP:
+                h = tl.minimum(tl.maximum(h, -bound), bound).to(h_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=m)
+            mean = tl.sum(h, axis=0) / N
+            d = tl.where(cm, h - mean, 0.0)
+            var = tl.sum(d * d, axis=0) / N
+            o = d * (1.0 / tl.sqrt(var + eps)) * w + b
+            tl.store(o_ptr + off, o.to(o_ptr.dtype.element_ty), mask=m)
+
+    _LN_KERNEL = _add_ln_kernel
+    return _LN_KERNEL
+
+
+# clamp bound of transformers' encoder layers in float16: finfo(float16).max - 1000
+FP16_CLAMP = 65504.0 - 1000.0
+
+
+def add_layer_norm_triton(r: Any, y: Any, w: Any, b: Any, eps: float, clamp: bool,
+                          rows_per_program: int = 1, warps: int = 4) -> tuple[Any, Any]:
+    """``h = r + y`` (clamped to ±(float16 max − 1000) when ``clamp``) and ``layer_norm(h, w, b, eps)``
+    by one Triton kernel: r, y [..., N] of one float dtype, w and b [N]. Returns (h, normed)."""
+    import torch
+    import triton
+
+    if r.shape != y.shape or r.dtype != y.dtype:
+        raise ValueError(f"add_layer_norm: r and y must have one shape and dtype, got {tuple(r.shape)} "
+                         f"{r.dtype} and {tuple(y.shape)} {y.dtype}")
+    N = int(r.shape[-1])
+    if tuple(w.shape) != (N,) or tuple(b.shape) != (N,):
+        raise ValueError(f"add_layer_norm: w and b must be [{N}], got {tuple(w.shape)} and {tuple(b.shape)}")
+    if rows_per_program < 1:
+        raise ValueError(f"add_layer_norm: rows_per_program must be >= 1, got {rows_per_program}")
+    r2, y2 = r.reshape(-1, N).contiguous(), y.reshape(-1, N).contiguous()
+    rows = int(r2.shape[0])
+    h = torch.empty_like(r2)
+    o = torch.empty_like(r2)
+    if rows:
+        _ln_kernel()[(triton.cdiv(rows, rows_per_program),)](
+            r2, y2, w.contiguous(), b.contiguous(), h, o, rows, float(eps), FP16_CLAMP, N=N,
+            BLOCK=triton.next_power_of_2(N), ROWS=rows_per_program, CLAMP=bool(clamp), num_warps=warps)
+    return h.view(r.shape), o.view(r.shape)
+
+
+def add_layer_norm_reference(r: Any, y: Any, w: Any, b: Any, eps: float, clamp: bool) -> tuple[Any, Any]:
+    """The library's ops for :func:`add_layer_norm_triton` (the encoder layer's own code)."""
+    import torch
+    import torch.nn.functional as F
+
+    h = r + y
+    if clamp:
+        h = torch.clamp(h, min=-FP16_CLAMP, max=FP16_CLAMP)
+    return h, F.layer_norm(h, (int(h.shape[-1]),), w, b, eps)
+
+
+_LN_OP: Any = None
+
+
+def _ln_op() -> Any:
+    """The add + LayerNorm as a custom operator (opaque to ``torch.compile``); the library's ops
+    where the Triton kernel cannot run."""
+    global _LN_OP
+    if _LN_OP is not None:
+        return _LN_OP
+    import torch
+
+    @torch.library.custom_op("mi300x_cert::add_layer_norm", mutates_args=(),
+                             schema="(Tensor r, Tensor y, Tensor w, Tensor b, float eps, bool clamp) "
+                                    "-> (Tensor, Tensor)")
+    def _add_ln(r: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
+                clamp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if r.is_cuda:
+            return add_layer_norm_triton(r, y, w, b, eps, clamp)
+        h, o = add_layer_norm_reference(r, y, w, b, eps, clamp)
+        return h, o.contiguous()
+
+    @_add_ln.register_fake
+    def _(r: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
+          clamp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return r.new_empty(r.shape), r.new_empty(r.shape)
+
+    _LN_OP = _add_ln
+    return _LN_OP
+
+
+def add_layer_norm(r: Any, y: Any, w: Any, b: Any, eps: float, clamp: bool) -> tuple[Any, Any]:
+    """(h, LayerNorm(h)) with h = r + y, clamped where asked: the Triton kernel on a GPU, else the library."""
+    _ln_op()
+    import torch
+
+    return torch.ops.mi300x_cert.add_layer_norm(r, y, w, b, float(eps), bool(clamp))
+
+
 def fused_mlp_supported(device: str) -> tuple[bool, str]:
     """Whether the fused kernel can run here: triton with tensor descriptors and a CUDA card of compute
     capability ≥ 9 (bulk tensor copies)."""
@@ -180,23 +303,31 @@ def fused_mlp_supported(device: str) -> tuple[bool, str]:
 
 class FastEncoder:
     """``WhisperEncoder.forward`` (eval) as a plain function of the input features over the encoder's
-    own modules; returns the last hidden state [batch, frames, d_model]."""
+    own modules; returns the last hidden state [batch, frames, d_model]. ``mlp`` / ``norm``:
+    ``"library"`` (the library's ops, compiled with the rest) or ``"fused"`` (this module's kernels)."""
 
-    def __init__(self, encoder: Any, *, mlp: str = "library") -> None:
-        if mlp not in MLP_FORMS:
-            raise ValueError(f"mlp must be one of {MLP_FORMS}, got {mlp!r}")
+    def __init__(self, encoder: Any, *, mlp: str = "library", norm: str = "library") -> None:
+        import torch
+
+        for name, val in (("mlp", mlp), ("norm", norm)):
+            if val not in KERNEL_FORMS:
+                raise ValueError(f"{name} must be one of {KERNEL_FORMS}, got {val!r}")
         self.encoder = encoder
         self.mlp = mlp
+        self.norm = norm
+        # the operators are registered here, not while torch.compile traces the layers
         self._linear_gelu: Any = None
-        if mlp == "fused":  # registered here, not while torch.compile traces the layers
-            import torch
-
+        self._add_ln: Any = None
+        if mlp == "fused":
             _op()
             self._linear_gelu = torch.ops.mi300x_cert.linear_gelu
+        if norm == "fused":
+            _ln_op()
+            self._add_ln = torch.ops.mi300x_cert.add_layer_norm
         cfg = encoder.config
         self.heads = int(cfg.encoder_attention_heads)
-        self.frames = int(encoder.embed_positions.weight.shape[0])
-        self.expected_len = int(cfg.max_source_positions) * int(encoder.conv1.stride[0]) * int(encoder.conv2.stride[0])
+        self.expected_len = (int(cfg.max_source_positions) * int(encoder.conv1.stride[0])
+                             * int(encoder.conv2.stride[0]))
         act = str(getattr(cfg, "activation_function", "gelu"))
         if act != "gelu":
             raise ValueError(f"FastEncoder: activation_function 'gelu' expected, got {act!r}")
@@ -212,31 +343,40 @@ class FastEncoder:
         x = F.gelu(enc.conv1(input_features))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
         h = x + enc.embed_positions.weight
-        fp16 = h.dtype == torch.float16
-        clamp = torch.finfo(torch.float16).max - 1000
-        for layer in enc.layers:
-            h = self._layer(layer, h)
-            if fp16:
-                h = torch.clamp(h, min=-clamp, max=clamp)
-        return enc.layer_norm(h)
+        clamp = h.dtype == torch.float16
+        layers = list(enc.layers)
+        x = layers[0].self_attn_layer_norm(h)
+        # Each layer: h += attention(x); x = final_norm(h); h += mlp(x), clamped in float16; and x =
+        # the next layer's first norm of h (the encoder's last norm after the last layer).
+        for i, layer in enumerate(layers):
+            h, x = self._add_norm(h, self._attention(layer, x), layer.final_layer_norm, False)
+            nxt = layers[i + 1].self_attn_layer_norm if i + 1 < len(layers) else enc.layer_norm
+            h, x = self._add_norm(h, self._mlp(layer, x), nxt, clamp)
+        return x
 
-    def _layer(self, layer: Any, h: Any) -> Any:
+    def _attention(self, layer: Any, x: Any) -> Any:
         import torch.nn.functional as F
 
-        B, T, E = (int(s) for s in h.shape)
+        B, T, E = (int(s) for s in x.shape)
         H = self.heads
         D = E // H
         sa = layer.self_attn
-        x = layer.self_attn_layer_norm(h)
         q = sa.q_proj(x).view(B, T, H, D).transpose(1, 2)   # strided views: no layout copies
         k = sa.k_proj(x).view(B, T, H, D).transpose(1, 2)
         v = sa.v_proj(x).view(B, T, H, D).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, scale=float(sa.scaling))
-        h = h + sa.out_proj(a.transpose(1, 2).reshape(B, T, E))
-        x = layer.final_layer_norm(h)
-        if self.mlp == "fused":
+        return sa.out_proj(a.transpose(1, 2).reshape(B, T, E))
+
+    def _mlp(self, layer: Any, x: Any) -> Any:
+        import torch.nn.functional as F
+
+        if self._linear_gelu is not None:
             m = self._linear_gelu(x, layer.fc1.weight, layer.fc1.bias)
         else:
             m = F.gelu(layer.fc1(x))
-        return h + layer.fc2(m)
+        return layer.fc2(m)
 
+    def _add_norm(self, h: Any, y: Any, ln: Any, clamp: bool) -> tuple[Any, Any]:
+        if self._add_ln is not None:
+            return self._add_ln(h, y, ln.weight, ln.bias, float(ln.eps), bool(clamp))
+        return add_layer_norm_reference(h, y, ln.weight, ln.bias, float(ln.eps), clamp)

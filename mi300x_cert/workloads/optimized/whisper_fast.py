@@ -565,31 +565,43 @@ class FastWhisper:
                     else torch.zeros(H, 1, D, dtype=self.dtype, device=w.device)) for layer in self.layers]
         self.encoder_chunk = max(1, int(encoder_chunk))
         # The encoder's form (:mod:`.encoder_fast`): "library" is transformers' module; "fast" the
-        # same function without the attention's layout copies; "fused" also the MLP's first product
-        # and GELU in one Triton kernel (NVIDIA, compute capability ≥ 9; elsewhere "fast", with the
-        # reason in the notes). "auto": "fast" where the encoder is compiled, else "library".
-        if encoder not in ("auto", "library", "fast", "fused"):
-            raise ValueError(f"encoder must be 'auto', 'library', 'fast' or 'fused', got {encoder!r}")
+        # same function without the attention's layout copies; "fast+mlp" also the MLP's first
+        # product and GELU in one Triton kernel (NVIDIA, compute capability ≥ 9), "fast+norm" each
+        # residual add with the next LayerNorm in one (where triton runs on a GPU), "fast+mlp+norm"
+        # both; a kernel that cannot run here is left out, with the reason in the notes. "auto":
+        # "fast+mlp+norm" where the encoder is compiled (each kernel where it runs), else "library".
+        forms = ("auto", "library", "fast", "fast+mlp", "fast+norm", "fast+mlp+norm")
+        if encoder not in forms:
+            raise ValueError(f"encoder must be one of {', '.join(repr(f) for f in forms)}, got {encoder!r}")
         self.encoder_form = encoder
         # The encoder (≈2.3 TFLOP per 30 s clip for large-v3) through torch.compile on GPUs: fused
         # norms/GELU/residuals; one specialization per chunk shape, kept in the persistent cache.
         self.compile_encoder = str(device).startswith("cuda") if compile_encoder is None else bool(compile_encoder)
         if self.encoder_form == "auto":
-            self.encoder_form = "fast" if self.compile_encoder and str(device).startswith("cuda") else "library"
-        encoder_note = ""
-        if self.encoder_form == "fused":
+            self.encoder_form = "fast+mlp+norm" if self.compile_encoder and str(device).startswith("cuda") else "library"
+        encoder_notes = []
+        if "+" in self.encoder_form:
             from .encoder_fast import fused_mlp_supported
 
-            ok, why = fused_mlp_supported(str(device))
-            if not ok:
-                self.encoder_form = "fast"
-                encoder_note = f"fused MLP not used: {why}"
+            parts = self.encoder_form.split("+")[1:]
+            if "mlp" in parts:
+                ok, why = fused_mlp_supported(str(device))
+                dims = (int(cfg.d_model), int(getattr(cfg, "encoder_ffn_dim", 4 * cfg.d_model)))
+                if ok and any(d % 8 for d in dims):
+                    ok, why = False, f"d_model and encoder_ffn_dim must be multiples of 8, got {dims}"
+                if not ok:
+                    parts.remove("mlp")
+                    encoder_notes.append(f"fused MLP not used: {why}")
+            if "norm" in parts and not (str(device).startswith("cuda") and triton_available(str(device))):
+                parts.remove("norm")
+                encoder_notes.append("fused add + LayerNorm not used: needs triton on a GPU")
+            self.encoder_form = "+".join(["fast", *parts])
         self._encoder: Any = None
         self._eager_encoder: Any = None
         self.encoder_label = "eager"
         self.notes: dict[str, Any] = {"encoder_form": self.encoder_form}  # what actually ran, for the conditions
-        if encoder_note:
-            self.notes["encoder_form_note"] = encoder_note
+        if encoder_notes:
+            self.notes["encoder_form_note"] = "; ".join(encoder_notes)
         self.attn_choice: dict[int, dict[str, Any]] = {}  # batch size -> what was chosen and the timings
         self._states: dict[int, dict[str, Any]] = {}
         self.capture_s: dict[int, float] = {}
@@ -716,7 +728,9 @@ class FastWhisper:
             return lambda x: encoder(x, return_dict=True).last_hidden_state
         from .encoder_fast import FastEncoder
 
-        return FastEncoder(encoder, mlp="fused" if self.encoder_form == "fused" else "library")
+        parts = self.encoder_form.split("+")[1:]
+        return FastEncoder(encoder, mlp="fused" if "mlp" in parts else "library",
+                           norm="fused" if "norm" in parts else "library")
 
     def _encode(self, x: Any) -> Any:
         """The encoder's last hidden state for a chunk of clips: compiled where asked (built on first
@@ -731,8 +745,12 @@ class FastWhisper:
             try:
                 out = self._encoder(x) if self.encoder_form != "library" else self._encoder(x, return_dict=True)
                 return getattr(out, "last_hidden_state", out)
-            except Exception as e:  # same function, eagerly
+            except Exception as e:  # same function, eagerly, by the library's module (a kernel of
+                # the fast form may be what failed)
                 self.compile_encoder = False
+                self.encoder_form = "library"
+                self.notes["encoder_form"] = "library"
+                self._eager_encoder = None
                 self.encoder_label = f"eager (compile failed: {type(e).__name__}: {str(e)[:160]})"
         if self._eager_encoder is None:
             self._eager_encoder = self._encoder_fn()
