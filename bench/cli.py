@@ -546,7 +546,7 @@ def bench_whisper(args: argparse.Namespace, res: Results, deadline: float) -> No
     fasts: dict[str, Any] = {}
     for c in crosses:
         for e in encoders:
-            name = ("optimized" if c == "auto" else f"optimized-{c}") + ("" if e == "auto" else f"-{e}-encoder")
+            name = ("optimized" if c == "auto" else f"optimized-{c}") + ("" if e == "auto" else f"-{e.replace('+', '-')}-encoder")
             fasts[name] = FastWhisper(m, prompt_ids=whisper_prompt_ids(gc), new_tokens=N,
                                       suppress_tokens=getattr(gc, "suppress_tokens", None),
                                       begin_suppress_tokens=getattr(gc, "begin_suppress_tokens", None),
@@ -971,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whisper-cross", default="auto",
                    help="cross-attention forms of the optimized path, comma-separated: auto,kv,hidden")
     p.add_argument("--whisper-encoder", default="auto",
-                   help="encoder forms of the optimized path, comma-separated: auto,library,fast,fused")
+                   help="encoder forms of the optimized path, comma-separated: auto,library,fast,fast+mlp,fast+norm,fast+mlp+norm")
     p.add_argument("--whisper-overlap", type=int, default=3,
                    help="batches per optimized overlap measurement (next encoder on a second stream); 0 or 1: none")
     p.add_argument("--new-tokens", type=int, default=128)

@@ -2,7 +2,7 @@
 class (matrix products, attention, Inductor's own kernels, other) and the same run's GEMM ceiling.
 
     python bench/whisper_encoder.py [--variants default,freeze,cudnn] [--chunks 128]
-                                    [--profile] [--time-limit 400] [--out enc.json]
+                                    [--profile] [--mlp] [--norm] [--time-limit 400] [--out enc.json]
 
 Variants, one per ``--variants`` entry: ``eager``, or ``torch.compile(encoder, dynamic=False)``
 as the optimized path builds it with settings joined by ``+``: ``default`` (the optimized path's
@@ -18,9 +18,11 @@ tuning), ``tma`` (Inductor's persistent TMA product template among the candidate
 ``mk`` (Inductor ``triton.multi_kernel``: reductions such as the norms also generated in their
 persistent form and the faster chosen at run time), ``fast`` (the optimized path's own encoder,
 :class:`~mi300x_cert.workloads.optimized.encoder_fast.FastEncoder`: attention without layout
-copies), ``fused`` (``fast`` with the MLP's first product and GELU in one Triton kernel); e.g.
-``cdt+flash``, ``gemm+tma``, ``fast+mk``. ``--mlp`` also times the fused kernel's launch settings
-alone against the library's product and GELU at the MLP's shape. Each variant is checked against the eager encoder on the first chunk (relative error
+copies), ``mlp`` (``fast`` with the MLP's first product and GELU in one Triton kernel), ``norm``
+(``fast`` with each residual add and the next LayerNorm in one Triton kernel); e.g. ``cdt+flash``,
+``gemm+tma``, ``fast+mk``, ``mlp+norm``. ``--mlp`` also times the fused kernel's launch settings
+alone against the library's product and GELU at the MLP's shape, ``--norm`` the add + LayerNorm
+kernel's against Inductor's norm kernel. Each variant is checked against the eager encoder on the first chunk (relative error
 of the last hidden state). Prints one JSON object per result as it goes; the ``--out`` file says
 ``"complete": true`` once every variant has run, and the exit status is 1 if any variant failed.
 """
@@ -35,16 +37,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-SETTINGS = ("default", "freeze", "cdt", "cudnn", "flash", "autotune", "gemm", "tma", "mk", "fast", "fused")
+SETTINGS = ("default", "freeze", "cdt", "cudnn", "flash", "autotune", "gemm", "tma", "mk", "fast", "mlp", "norm")
 
 
 def kernel_class(name: str) -> str:
     """The class of one device kernel by its name: ``gemm`` (cuBLAS/CUTLASS/Triton product
-    templates, the fast encoder's fused product and GELU), ``inductor`` (Inductor's generated Triton kernels, including the layout copies it
-    puts before an attention call), ``attention`` (the fused attention kernels), ``other``."""
+    templates, the fast encoder's fused product and GELU), ``inductor`` (Inductor's generated
+    Triton kernels, including the layout copies it puts before an attention call, and the fast
+    encoder's add + LayerNorm kernel in place of its norms), ``attention`` (the fused attention
+    kernels), ``other``."""
     n = name.lower()
     if n.startswith("triton_tem") or "linear_gelu" in n:  # Inductor's templates, the fast encoder's product
         return "gemm"
+    if "add_ln_kernel" in n:  # the fast encoder's add + LayerNorm, in place of Inductor's norm kernels
+        return "inductor"
     if n.startswith("triton_") or "triton" in n:
         return "inductor"
     if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):  # before "cutlass": flash kernels use it
@@ -90,6 +96,46 @@ def mlp_kernels(enc: Any, clips: int, reps: int) -> dict[str, Any]:
     return out
 
 
+NORM_SETTINGS = ((4, 4), (2, 4), (1, 4), (4, 8), (8, 8))  # (rows per program, warps)
+
+
+def norm_kernels(enc: Any, clips: int, reps: int) -> dict[str, Any]:
+    """A residual add with the clamp and the next LayerNorm at the encoder's shape (``clips`` × frames
+    rows): the library's ops compiled (Inductor's fused norm kernel, as the compiled encoder runs it)
+    against the add + LayerNorm kernel in each setting; event-timed medians, the bytes moved (two
+    tensors read, two written) as TB/s, and the largest difference from the library's outputs."""
+    import torch
+
+    from bench.whisper_parts import _events_ms
+    from mi300x_cert.workloads.optimized.encoder_fast import add_layer_norm_reference, add_layer_norm_triton
+
+    ln = enc.layers[0].self_attn_layer_norm
+    frames = int(enc.embed_positions.weight.shape[0])
+    M, N = clips * frames, int(ln.weight.shape[0])
+    g = torch.Generator(device="cuda").manual_seed(2)
+    rs = [torch.randn(M, N, device="cuda", dtype=torch.float16, generator=g) for _ in range(2)]
+    ys = [torch.randn(M, N, device="cuda", dtype=torch.float16, generator=g) for _ in range(2)]
+    gb = 4 * M * N * 2 / 1e9
+    out: dict[str, Any] = {"rows": M, "n": N, "gb_moved": gb, "settings": {}}
+    lib = torch.compile(lambda r, y: add_layer_norm_reference(r, y, ln.weight, ln.bias, ln.eps, True), dynamic=False)
+    with torch.inference_mode():
+        ref = lib(rs[0], ys[0])
+        out["library_ms"] = _events_ms(lambda i: lib(rs[i % 2], ys[i % 2]), reps + 2)
+        out["library_tb_per_s"] = gb / out["library_ms"]
+        for rows, warps in NORM_SETTINGS:
+            key = f"rows{rows}-w{warps}"
+            try:
+                h, o = add_layer_norm_triton(rs[0], ys[0], ln.weight, ln.bias, ln.eps, True, rows, warps)
+                diff = max(float((h.float() - ref[0].float()).abs().max()), float((o.float() - ref[1].float()).abs().max()))
+                ms = _events_ms(lambda i: add_layer_norm_triton(rs[i % 2], ys[i % 2], ln.weight, ln.bias, ln.eps, True,
+                                                                rows, warps), reps + 2)
+                out["settings"][key] = {"ms": ms, "tb_per_s": gb / ms, "max_abs_diff": diff,
+                                        "vs_library": out["library_ms"] / ms}
+            except Exception as e:  # a setting that does not fit is recorded, the rest go on
+                out["settings"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="synthetic:whisper-large-v3")
@@ -99,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="device time by kernel class per variant")
     ap.add_argument("--mlp", action="store_true",
                     help="also time the fused product+GELU kernel's settings against the library's at the MLP's shape")
+    ap.add_argument("--norm", action="store_true",
+                    help="also time the add + LayerNorm kernel's settings against the library's at the encoder's shape")
     ap.add_argument("--time-limit", type=float, default=400.0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -160,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.mlp:
         res["mlp"] = mlp_kernels(enc, chunks[0], a.reps)
         emit("mlp", res["mlp"])
+    if a.norm:
+        res["norm"] = norm_kernels(enc, chunks[0], a.reps)
+        emit("norm", res["norm"])
 
     def build(v: str) -> tuple[Any, str, Any]:
         prio: Any = contextlib.nullcontext
@@ -189,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             options["max_autotune_gemm_backends"] = "ATEN,TRITON"
         options = options or None
         target: Any = enc
-        if parts & {"fast", "fused"}:
-            target = FastEncoder(enc, mlp="fused" if "fused" in parts else "library")
+        if parts & {"fast", "mlp", "norm"}:
+            target = FastEncoder(enc, mlp="fused" if "mlp" in parts else "library",
+                                 norm="fused" if "norm" in parts else "library")
         fn, label = compile_module(target, device="cuda", mode=mode, fullgraph=False, options=options)
         if target is not enc:
-            label = f"FastEncoder(mlp={target.mlp}), {label}"
+            label = f"FastEncoder(mlp={target.mlp}, norm={target.norm}), {label}"
         if lead:
             label += f", SDPA order {[b.name for b in order]}"
         return fn, label, prio
