@@ -196,6 +196,26 @@ def _varied_whisper():
     return m, feats
 
 
+def _deep_encoder_whisper():
+    """whisper-smoke with 3 encoder layers whose LayerNorms each have their own random weight and
+    bias (so that using the wrong norm, or a norm in the wrong place, changes the output)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from mi300x_cert.config import MODELS_DIR
+
+    cfg = WhisperConfig.from_pretrained(MODELS_DIR / "whisper-smoke")
+    cfg.encoder_layers = 3
+    torch.manual_seed(4)
+    m = WhisperForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for mod in m.model.encoder.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g))
+    return m
+
+
 def test_whisper_generate_many_same_tokens_as_generate_per_batch():
     """A stream of batches through ``generate_many``: each batch's tokens are generate's on it; on
     the CPU there are no device streams, so the batches run in series and the notes say why."""
@@ -356,19 +376,41 @@ def test_whisper_encoder_compile_option_recorded_and_falls_back():
 def test_fast_encoder_is_the_library_encoder_and_its_forms_are_checked():
     """The encoder's fast form (attention without layout copies, the query's scale in the attention
     kernel; ``mlp``/``norm`` "fused": the MLP's first product and GELU, and each residual add with
-    the next LayerNorm, as operators, the library's ops on a CPU) computes transformers' encoder:
-    float32 to 1e-6, float16 to two units in the last place; through FastWhisper the tokens are
-    generate's; the forms and bad inputs are named."""
+    the next LayerNorm, as operators, the library's ops on a CPU) computes transformers' encoder,
+    also with three layers whose norms all differ: float32 to 1e-5 of the largest value, float16 to
+    two units in the last place, with the float16 clamp where the library clamps and nowhere else;
+    through FastWhisper the tokens are generate's; the forms and bad inputs are named."""
     from mi300x_cert.workloads.optimized.encoder_fast import FastEncoder, add_layer_norm, fused_mlp_supported, linear_gelu
     from mi300x_cert.workloads.optimized.whisper_fast import FastWhisper, whisper_prompt_ids
 
     m, feats = _varied_whisper()
     enc = m.model.encoder
+    deep = _deep_encoder_whisper().model.encoder
+    forms = (("library", "library"), ("fused", "library"), ("library", "fused"), ("fused", "fused"))
     with torch.inference_mode():
-        ref = enc(feats).last_hidden_state
-        for mlp, norm in (("library", "library"), ("fused", "library"), ("library", "fused"), ("fused", "fused")):
-            got = FastEncoder(enc, mlp=mlp, norm=norm)(feats)
-            assert got.shape == ref.shape and float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max()), (mlp, norm)
+        for e in (enc, deep):
+            ref = e(feats).last_hidden_state
+            for mlp, norm in forms:
+                got = FastEncoder(e, mlp=mlp, norm=norm)(feats)
+                assert got.shape == ref.shape and float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max()), (mlp, norm)
+        # float16: the clamp after each MLP add (a bias past float16's range), and none after the
+        # attention add (a second overflow there reaches the norm as inf: NaN, as in the library)
+        dh = copy.deepcopy(deep).half()
+        x16 = feats[:1].half()
+        dh.layers[0].self_attn.out_proj.bias[:4] = 1000.0   # then + 64992 at the MLP add: past the range
+        dh.layers[0].fc2.weight[:4] = 0.0
+        dh.layers[0].fc2.bias[:4] = 65000.0
+        a = dh(x16).last_hidden_state
+        assert bool(torch.isfinite(a).all())
+        for mlp, norm in forms:
+            b = FastEncoder(dh, mlp=mlp, norm=norm)(x16)
+            assert float((a.float() - b.float()).abs().max()) <= 2.0 ** -10 * 2 * float(a.float().abs().max()), (mlp, norm)
+        dh.layers[1].self_attn.out_proj.bias[:4] = 30000.0
+        a = dh(x16).last_hidden_state
+        assert bool(torch.isnan(a).any())
+        for mlp, norm in forms:
+            b = FastEncoder(dh, mlp=mlp, norm=norm)(x16)
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), (mlp, norm)
         x = torch.randn(2, 5, enc.layers[0].fc1.in_features)
         fc1 = enc.layers[0].fc1
         assert torch.equal(linear_gelu(x, fc1.weight, fc1.bias), torch.nn.functional.gelu(fc1(x)))
@@ -382,6 +424,10 @@ def test_fast_encoder_is_the_library_encoder_and_its_forms_are_checked():
         FastEncoder(enc, mlp="geglu")
     with pytest.raises(ValueError, match="norm must be"):
         FastEncoder(enc, norm="rms")
+    enc.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        FastEncoder(enc)
+    enc.eval()
     assert fused_mlp_supported("cpu")[0] is False
     gc = m.generation_config
     n = 8
@@ -417,6 +463,8 @@ def test_fast_encoder_operators_schema_and_fake_tensors():
     torch.library.opcheck(_op(), (x, w, b))
     r, y = torch.randn(3, 4, 24, generator=g), torch.randn(3, 4, 24, generator=g)
     torch.library.opcheck(_ln_op(), (r, y, b, b.abs(), 1e-5, True))
+    rt = torch.randn(3, 24, 4, generator=g).transpose(1, 2)   # not contiguous, as the encoder's first sum can be
+    torch.library.opcheck(_ln_op(), (rt, y, b, b.abs(), 1e-5, False))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         out = _op()(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b))
         h, o = _ln_op()(mode.from_tensor(r), mode.from_tensor(y), mode.from_tensor(b), mode.from_tensor(b), 1e-5, False)
@@ -478,6 +526,19 @@ for rows, N, per, dt, clamp in ((37, 80, 4, torch.float16, True), (5, 48, 2, tor
     ref = (hd - hd.mean(-1, keepdim=True)) / torch.sqrt(hd.var(-1, unbiased=False, keepdim=True) + 1e-5) * w.double() + b.double()
     tol = 2 * 2.0 ** -10 * float(ref.abs().max()) if dt == torch.float16 else 1e-5 * float(ref.abs().max())
     assert float((o.double() - ref).abs().max()) <= tol, (rows, N, dt)
+# NaN stays NaN through the clamp (torch.clamp keeps it), inf is clamped
+r = torch.randn(3, 16).half()
+r[0, 0] = float("nan")
+r[1, 0] = float("inf")
+h, o = add_layer_norm_triton(r, torch.zeros_like(r), torch.ones(16).half(), torch.zeros(16).half(), 1e-5, True)
+assert bool(torch.isnan(h[0, 0])) and bool(torch.isnan(o[0]).all()) and float(h[1, 0]) == 64512.0
+assert bool(torch.isfinite(o[1:]).all())
+# an operand whose base is not 16-byte aligned (a view at an odd offset) is copied, same result
+buf = torch.randn(1 + 64 * 32).half()
+xv = buf[1:].view(64, 32)
+w = (torch.randn(16, 32) / 32 ** 0.5).half()
+b = torch.randn(16).half()
+assert torch.equal(linear_gelu_triton(xv, w, b, (16, 16, 16, 1, 2, 4)), linear_gelu_triton(xv.clone(), w, b, (16, 16, 16, 1, 2, 4)))
 for bad, msg in (((torch.zeros(2, 8), torch.zeros(2, 9), torch.zeros(8), torch.zeros(8)), "one shape and dtype"),
                  ((torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(9), torch.zeros(8)), "w and b must be [8]")):
     try:

@@ -61,7 +61,7 @@ def optimize_whisper(workload: Any, params: dict[str, Any]) -> None:
     fast = attach_to_workload(workload, params)
     cross = ("cross-attention over the encoder output (hidden form)" if fast.cross == "hidden"
              else "cross K/V once per batch")
-    enc = f"compiled encoder ({fast.encoder_form} form), " if fast.compile_encoder else ""
+    enc = "compiled encoder, " if fast.compile_encoder else ""  # its form: the notes (encoder_form)
     _record(workload, {"version": OPTIMIZED_VERSION,
                        "recipe": f"static KV cache, {enc}{cross}, decode step as a device graph, greedy",
                        "cross_attention_form": fast.cross})

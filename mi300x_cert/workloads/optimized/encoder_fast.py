@@ -9,8 +9,9 @@ kernels of its own:
   contiguous again before the output projection: four copies of a ``[batch, 1500, 1280]`` tensor
   per layer (≈ 30 ms of a 650 ms chunk of 128 clips of large-v3 on an H200). Here the three
   projections go to ``scaled_dot_product_attention`` as strided views of their outputs, the
-  query's scale as the kernel's ``scale`` (the same scaling: a power of two for every Whisper
-  size), and the output, laid out like the query, comes back as a view.
+  query's scale as the kernel's ``scale`` (the same arithmetic where the scale is a power of two,
+  as for every published Whisper size, head size 64; else equal to rounding), and the output,
+  laid out like the query, comes back as a view.
 * **The MLP's GELU** (``mlp="fused"``): the first product, its bias and the exact (erf) GELU in one
   Triton kernel (:func:`linear_gelu`: persistent, bulk tensor-memory loads on Hopper), so the
   product's output is written once instead of written, read and written again.
@@ -92,6 +93,17 @@ def _programs(device: Any) -> int:
     return 4
 
 
+def _on_device(device: Any) -> Any:
+    """The launch's device as the current one (a no-op off CUDA, e.g. in triton's CPU interpreter)."""
+    import contextlib
+
+    import torch
+
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def linear_gelu_triton(x: Any, w: Any, b: Any, config: tuple[int, ...] | None = None) -> Any:
     """``gelu(x @ wᵀ + b)`` (exact GELU) by the fused Triton kernel: x [..., K] float16, w [N, K],
     b [N]; K and N multiples of 8 (the bulk copies' 16-byte rows)."""
@@ -110,6 +122,10 @@ def linear_gelu_triton(x: Any, w: Any, b: Any, config: tuple[int, ...] | None = 
         raise ValueError(f"linear_gelu: K and N must be multiples of 8, got K={K}, N={N}")
     bm, bn, bk, warps, stages, group = config or LINEAR_GELU_CONFIGS[0]
     x2 = x.reshape(-1, K).contiguous()
+    w = w.contiguous()
+    # the bulk copies need 16-byte aligned bases: a view at an odd offset is copied first
+    x2 = x2 if x2.data_ptr() % 16 == 0 else x2.clone()
+    w = w if w.data_ptr() % 16 == 0 else w.clone()
     M = int(x2.shape[0])
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -122,9 +138,10 @@ def linear_gelu_triton(x: Any, w: Any, b: Any, config: tuple[int, ...] | None = 
     triton.set_allocator(alloc)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = max(1, min(_programs(dev), tiles))
-    _kernel()[(programs,)](x2, w.contiguous(), b.contiguous(), y, M, N, K=K, BM=bm, BN=bn, BK=bk,
-                           GROUP_M=group, PROGRAMS=programs, ITERS=triton.cdiv(tiles, programs),
-                           num_warps=warps, num_stages=stages)
+    with _on_device(dev):
+        _kernel()[(programs,)](x2, w, b.contiguous(), y, M, N, K=K, BM=bm, BN=bn, BK=bk,
+                               GROUP_M=group, PROGRAMS=programs, ITERS=triton.cdiv(tiles, programs),
+                               num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], N)
 
 
@@ -143,7 +160,7 @@ def _op() -> Any:
     @torch.library.custom_op("mi300x_cert::linear_gelu", mutates_args=(),
                              schema="(Tensor x, Tensor w, Tensor b) -> Tensor")
     def _linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype == torch.float16:
+        if x.is_cuda and x.dtype == torch.float16 and _supported(str(x.device)):
             return linear_gelu_triton(x, w, b)
         return F.gelu(F.linear(x, w, b))
 
@@ -192,7 +209,9 @@ def _ln_kernel() -> Any:
             y = tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
             h = (r + y).to(h_ptr.dtype.element_ty).to(tl.float32)
             if CLAMP:
-                h = tl.minimum(tl.maximum(h, -bound), bound).to(h_ptr.dtype.element_ty).to(tl.float32)
+                # NaN stays NaN, as in torch.clamp (Triton's min/max would drop it by default)
+                h = tl.minimum(tl.maximum(h, -bound, propagate_nan=tl.PropagateNan.ALL), bound,
+                               propagate_nan=tl.PropagateNan.ALL).to(h_ptr.dtype.element_ty).to(tl.float32)
             tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=m)
             mean = tl.sum(h, axis=0) / N
             d = tl.where(cm, h - mean, 0.0)
@@ -228,9 +247,10 @@ def add_layer_norm_triton(r: Any, y: Any, w: Any, b: Any, eps: float, clamp: boo
     h = torch.empty_like(r2)
     o = torch.empty_like(r2)
     if rows:
-        _ln_kernel()[(triton.cdiv(rows, rows_per_program),)](
-            r2, y2, w.contiguous(), b.contiguous(), h, o, rows, float(eps), FP16_CLAMP, N=N,
-            BLOCK=triton.next_power_of_2(N), ROWS=rows_per_program, CLAMP=bool(clamp), num_warps=warps)
+        with _on_device(r.device):
+            _ln_kernel()[(triton.cdiv(rows, rows_per_program),)](
+                r2, y2, w.contiguous(), b.contiguous(), h, o, rows, float(eps), FP16_CLAMP, N=N,
+                BLOCK=triton.next_power_of_2(N), ROWS=rows_per_program, CLAMP=bool(clamp), num_warps=warps)
     return h.view(r.shape), o.view(r.shape)
 
 
@@ -264,7 +284,7 @@ def _ln_op() -> Any:
         if r.is_cuda:
             return add_layer_norm_triton(r, y, w, b, eps, clamp)
         h, o = add_layer_norm_reference(r, y, w, b, eps, clamp)
-        return h, o.contiguous()
+        return h.contiguous(), o.contiguous()   # the fake's layout, whatever r's
 
     @_add_ln.register_fake
     def _(r: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
@@ -281,6 +301,15 @@ def add_layer_norm(r: Any, y: Any, w: Any, b: Any, eps: float, clamp: bool) -> t
     import torch
 
     return torch.ops.mi300x_cert.add_layer_norm(r, y, w, b, float(eps), bool(clamp))
+
+
+_SUPPORTED: dict[str, bool] = {}
+
+
+def _supported(device: str) -> bool:
+    if device not in _SUPPORTED:
+        _SUPPORTED[device] = fused_mlp_supported(device)[0]
+    return _SUPPORTED[device]
 
 
 def fused_mlp_supported(device: str) -> tuple[bool, str]:
@@ -325,6 +354,10 @@ class FastEncoder:
             _ln_op()
             self._add_ln = torch.ops.mi300x_cert.add_layer_norm
         cfg = encoder.config
+        if encoder.training:
+            raise ValueError("FastEncoder computes the encoder in eval mode; call encoder.eval() first")
+        if len(encoder.layers) < 1:
+            raise ValueError("FastEncoder: the encoder has no layers")
         self.heads = int(cfg.encoder_attention_heads)
         self.expected_len = (int(cfg.max_source_positions) * int(encoder.conv1.stride[0])
                              * int(encoder.conv2.stride[0]))
@@ -342,7 +375,7 @@ class FastEncoder:
                              f"but found {int(input_features.shape[-1])}")
         x = F.gelu(enc.conv1(input_features))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
-        h = x + enc.embed_positions.weight
+        h = (x + enc.embed_positions.weight).contiguous()   # rows of d_model, as the kernels want them
         clamp = h.dtype == torch.float16
         layers = list(enc.layers)
         x = layers[0].self_attn_layer_norm(h)

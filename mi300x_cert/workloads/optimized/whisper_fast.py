@@ -577,9 +577,15 @@ class FastWhisper:
         # The encoder (≈2.3 TFLOP per 30 s clip for large-v3) through torch.compile on GPUs: fused
         # norms/GELU/residuals; one specialization per chunk shape, kept in the persistent cache.
         self.compile_encoder = str(device).startswith("cuda") if compile_encoder is None else bool(compile_encoder)
-        if self.encoder_form == "auto":
-            self.encoder_form = "fast+mlp+norm" if self.compile_encoder and str(device).startswith("cuda") else "library"
         encoder_notes = []
+        if self.encoder_form == "auto":
+            import torch
+
+            hip = bool(getattr(torch.version, "hip", None))
+            self.encoder_form = ("fast+mlp+norm" if self.compile_encoder and str(device).startswith("cuda") and not hip
+                                 else "library")
+            if hip and self.compile_encoder:  # measured on NVIDIA cards only so far
+                encoder_notes.append("auto: the library encoder on ROCm (the fast form is not measured there)")
         if "+" in self.encoder_form:
             from .encoder_fast import fused_mlp_supported
 
@@ -589,6 +595,8 @@ class FastWhisper:
                 dims = (int(cfg.d_model), int(getattr(cfg, "encoder_ffn_dim", 4 * cfg.d_model)))
                 if ok and any(d % 8 for d in dims):
                     ok, why = False, f"d_model and encoder_ffn_dim must be multiples of 8, got {dims}"
+                if ok and str(self.dtype) != "torch.float16":
+                    ok, why = False, f"the kernel is float16 only, the model is {self.dtype}"
                 if not ok:
                     parts.remove("mlp")
                     encoder_notes.append(f"fused MLP not used: {why}")
@@ -598,6 +606,7 @@ class FastWhisper:
             self.encoder_form = "+".join(["fast", *parts])
         self._encoder: Any = None
         self._eager_encoder: Any = None
+        self._chunks_encoded = 0
         self.encoder_label = "eager"
         self.notes: dict[str, Any] = {"encoder_form": self.encoder_form}  # what actually ran, for the conditions
         if encoder_notes:
@@ -744,17 +753,24 @@ class FastWhisper:
         if self._encoder is not None and self.compile_encoder:
             try:
                 out = self._encoder(x) if self.encoder_form != "library" else self._encoder(x, return_dict=True)
+                self._chunks_encoded += 1
                 return getattr(out, "last_hidden_state", out)
             except Exception as e:  # same function, eagerly, by the library's module (a kernel of
-                # the fast form may be what failed)
+                # the fast form may be what failed); what ran before and after is recorded
+                reason = f"{type(e).__name__}: {str(e)[:160]}"
+                self.notes["encoder_fallback"] = {"from": f"{self.encoder_form} form, compiled", "reason": reason,
+                                                  "chunks_before": self._chunks_encoded}
                 self.compile_encoder = False
                 self.encoder_form = "library"
                 self.notes["encoder_form"] = "library"
+                self.notes["encoder_compile"] = False
                 self._eager_encoder = None
-                self.encoder_label = f"eager (compile failed: {type(e).__name__}: {str(e)[:160]})"
+                self.encoder_label = f"eager (compile failed: {reason})"
         if self._eager_encoder is None:
             self._eager_encoder = self._encoder_fn()
-        return self._eager_encoder(x)
+        out = self._eager_encoder(x)
+        self._chunks_encoded += 1
+        return out
 
     # -- per batch ------------------------------------------------------------------------------
     def prefill(self, input_features: Any) -> dict[str, Any]:
