@@ -444,6 +444,16 @@ def test_fast_encoder_is_the_library_encoder_and_its_forms_are_checked():
     assert torch.equal(fw.generate(feats)[:, -n:], want)
     with pytest.raises(ValueError, match="encoder must be one of"):
         FastWhisper(m, encoder="fused", **kw)
+    # where the product kernel could run, a model in another dtype than float16 still leaves it out
+    import mi300x_cert.workloads.optimized.encoder_fast as ef
+
+    real = ef.fused_mlp_supported
+    try:
+        ef.fused_mlp_supported = lambda device: (True, "ok")
+        fw = FastWhisper(m, encoder="fast+mlp", **kw)
+        assert fw.encoder_form == "fast" and "float16 only" in fw.notes["encoder_form_note"], fw.notes
+    finally:
+        ef.fused_mlp_supported = real
     # half precision: the same function to rounding
     mh = copy.deepcopy(m).half()
     with torch.inference_mode():
