@@ -53,7 +53,9 @@ def _kernel() -> Any:
                             PROGRAMS: tl.constexpr, ITERS: tl.constexpr):
         # Persistent: PROGRAMS programs walk the output tiles (grouped along M so that a group's
         # programs share the rows of x in L2), ITERS tiles each; the last tile is repeated where
-        # the tiles run out (the same values written again), so every loop bound is a constant.
+        # the tiles run out (the same values written again), so every loop bound is a constant
+        # (which triton's CPU interpreter needs; one compilation per distinct row count, e.g. a
+        # batch's last, smaller chunk of clips).
         xd = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
         wd = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
         yd = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])

@@ -579,8 +579,6 @@ class FastWhisper:
         self.compile_encoder = str(device).startswith("cuda") if compile_encoder is None else bool(compile_encoder)
         encoder_notes = []
         if self.encoder_form == "auto":
-            import torch
-
             hip = bool(getattr(torch.version, "hip", None))
             self.encoder_form = ("fast+mlp+norm" if self.compile_encoder and str(device).startswith("cuda") and not hip
                                  else "library")
