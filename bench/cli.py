@@ -44,6 +44,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mi300x_cert.workloads.optimized.whisper_fast import ENCODER_FORMS  # no torch import
+
 __all__ = ["main", "render_markdown", "SD_UNET_PAIR_TFLOP", "SD_VAE_TFLOP"]
 
 # FlopCounterMode on the SD v1-4 architecture at 512² (used when the count cannot be made in-run).
@@ -971,7 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whisper-cross", default="auto",
                    help="cross-attention forms of the optimized path, comma-separated: auto,kv,hidden")
     p.add_argument("--whisper-encoder", default="auto",
-                   help="encoder forms of the optimized path, comma-separated: auto,library,fast,fast+mlp,fast+norm,fast+mlp+norm")
+                   help="encoder forms of the optimized path, comma-separated: " + ",".join(ENCODER_FORMS))
     p.add_argument("--whisper-overlap", type=int, default=3,
                    help="batches per optimized overlap measurement (next encoder on a second stream); 0 or 1: none")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -1006,6 +1008,13 @@ def main(argv: list[str] | None = None) -> int:
             sd_variants(args.variants, args.sd_inductor)
         except ValueError as e:
             parser.error(str(e))
+    if args.workload in ("whisper", "all") and args.from_json is None:
+        # an unknown cross-attention or encoder form is a usage error before the card is touched
+        for flag, val, known in (("--whisper-cross", args.whisper_cross, ("auto", "kv", "hidden")),
+                                 ("--whisper-encoder", args.whisper_encoder, ENCODER_FORMS)):
+            bad = [v.strip() for v in val.split(",") if v.strip() and v.strip() not in known]
+            if bad:
+                parser.error(f"{flag}: unknown {', '.join(bad)}; known: {', '.join(known)}")
     if args.from_json is not None:
         datas = [json.loads(Path(f).read_text()) for f in args.from_json]
         text = render_markdown(datas)

@@ -926,6 +926,20 @@ def test_bench_rejects_a_bad_inductor_setting_as_a_usage_error(capsys):
     assert "--sd-inductor: unknown Inductor setting 'warp_speed'" in capsys.readouterr().err
 
 
+def test_bench_rejects_an_unknown_whisper_form_as_a_usage_error(capsys):
+    """An unknown --whisper-encoder or --whisper-cross form is a usage error naming it, before any
+    GPU work (there is no GPU here: reaching the card would fail differently)."""
+    from bench import cli as bench
+
+    for argv, msg in ((["--whisper-encoder", "auto,fused"], "--whisper-encoder: unknown fused"),
+                      (["--whisper-cross", "kv,shared"], "--whisper-cross: unknown shared")):
+        with pytest.raises(SystemExit) as ex:
+            bench.main(["--workload", "whisper", *argv])
+        assert ex.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "known:" in err, err
+
+
 def test_bench_sd_variants_carry_inductor_settings_and_refuse_bad_ones(capsys, monkeypatch):
     """``--variants optimized+key=value`` measures Inductor settings beside the default in one run:
     each item's path and settings (over ``--sd-inductor``), and one usage error naming a bad item

@@ -43,7 +43,10 @@ from typing import Any
 
 from .common import event_time_us, graphs_supported
 
-__all__ = ["FastWhisper", "whisper_prompt_ids"]
+__all__ = ["FastWhisper", "whisper_prompt_ids", "ENCODER_FORMS"]
+
+# FastWhisper's encoder= values (see FastWhisper.__init__)
+ENCODER_FORMS = ("auto", "library", "fast", "fast+mlp", "fast+norm", "fast+mlp+norm")
 
 
 def whisper_prompt_ids(generation_config: Any, language: str | None = "en", task: str = "transcribe") -> list[int]:
@@ -570,9 +573,8 @@ class FastWhisper:
         # residual add with the next LayerNorm in one (where triton runs on a GPU), "fast+mlp+norm"
         # both; a kernel that cannot run here is left out, with the reason in the notes. "auto":
         # "fast+mlp+norm" where the encoder is compiled (each kernel where it runs), else "library".
-        forms = ("auto", "library", "fast", "fast+mlp", "fast+norm", "fast+mlp+norm")
-        if encoder not in forms:
-            raise ValueError(f"encoder must be one of {', '.join(repr(f) for f in forms)}, got {encoder!r}")
+        if encoder not in ENCODER_FORMS:
+            raise ValueError(f"encoder must be one of {', '.join(repr(f) for f in ENCODER_FORMS)}, got {encoder!r}")
         self.encoder_form = encoder
         # The encoder (≈2.3 TFLOP per 30 s clip for large-v3) through torch.compile on GPUs: fused
         # norms/GELU/residuals; one specialization per chunk shape, kept in the persistent cache.
