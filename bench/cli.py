@@ -44,7 +44,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mi300x_cert.workloads.optimized.whisper_fast import ENCODER_FORMS  # no torch import
+from mi300x_cert.workloads.optimized.whisper_fast import CROSS_FORMS, ENCODER_FORMS  # no torch import
 
 __all__ = ["main", "render_markdown", "SD_UNET_PAIR_TFLOP", "SD_VAE_TFLOP"]
 
@@ -971,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whisper-stock-batch", default="64")
     p.add_argument("--whisper-recipe-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--whisper-cross", default="auto",
-                   help="cross-attention forms of the optimized path, comma-separated: auto,kv,hidden")
+                   help="cross-attention forms of the optimized path, comma-separated: " + ",".join(CROSS_FORMS))
     p.add_argument("--whisper-encoder", default="auto",
                    help="encoder forms of the optimized path, comma-separated: " + ",".join(ENCODER_FORMS))
     p.add_argument("--whisper-overlap", type=int, default=3,
@@ -1010,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
     if args.workload in ("whisper", "all") and args.from_json is None:
         # an unknown cross-attention or encoder form is a usage error before the card is touched
-        for flag, val, known in (("--whisper-cross", args.whisper_cross, ("auto", "kv", "hidden")),
+        for flag, val, known in (("--whisper-cross", args.whisper_cross, CROSS_FORMS),
                                  ("--whisper-encoder", args.whisper_encoder, ENCODER_FORMS)):
             bad = [v.strip() for v in val.split(",") if v.strip() and v.strip() not in known]
             if bad:

@@ -503,14 +503,10 @@ for M, K, N, cfg in ((200, 96, 80, (32, 32, 32, 4, 2, 2)), (130, 64, 48, (64, 16
 x = torch.randn(4, 32).half()
 w = torch.randn(16, 32).half()
 b = torch.randn(16).half()
-for bad, msg in (((x.float(), w, b), "float16 operands"), ((x, w[:, :16], b), "w must be"),
-                 ((x, w, b[:8]), "b must be"), ((x[:, :12], w[:, :12], b), "multiples of 8")):
-    try:
-        linear_gelu_triton(*bad)
-    except ValueError as e:
-        assert msg in str(e), e
-    else:
-        raise AssertionError(msg)
+# one clear error per bad operand (checked at the end, with the add + LayerNorm's)
+bad_calls = [(linear_gelu_triton, args, msg) for args, msg in (
+    ((x.float(), w, b), "float16 operands"), ((x, w[:, :16], b), "w must be"),
+    ((x, w, b[:8]), "b must be"), ((x[:, :12], w[:, :12], b), "multiples of 8"))]
 assert LINEAR_GELU_CONFIGS[0] == (128, 256, 64, 8, 3, 8)
 
 from mi300x_cert.workloads.optimized.encoder_fast import FP16_CLAMP, add_layer_norm_triton
@@ -549,10 +545,12 @@ xv = buf[1:].view(64, 32)
 w = (torch.randn(16, 32) / 32 ** 0.5).half()
 b = torch.randn(16).half()
 assert torch.equal(linear_gelu_triton(xv, w, b, (16, 16, 16, 1, 2, 4)), linear_gelu_triton(xv.clone(), w, b, (16, 16, 16, 1, 2, 4)))
-for bad, msg in (((torch.zeros(2, 8), torch.zeros(2, 9), torch.zeros(8), torch.zeros(8)), "one shape and dtype"),
-                 ((torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(9), torch.zeros(8)), "w and b must be [8]")):
+bad_calls += [(add_layer_norm_triton, args + (1e-5, False), msg) for args, msg in (
+    ((torch.zeros(2, 8), torch.zeros(2, 9), torch.zeros(8), torch.zeros(8)), "one shape and dtype"),
+    ((torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(9), torch.zeros(8)), "w and b must be [8]"))]
+for fn, args, msg in bad_calls:
     try:
-        add_layer_norm_triton(*bad, 1e-5, False)
+        fn(*args)
     except ValueError as e:
         assert msg in str(e), e
     else:

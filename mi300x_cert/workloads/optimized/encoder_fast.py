@@ -26,6 +26,7 @@ float sums (CPU tests compare them; GPU tests compare the kernels with the libra
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 __all__ = ["FastEncoder", "add_layer_norm", "linear_gelu", "LINEAR_GELU_CONFIGS", "KERNEL_FORMS"]
@@ -37,13 +38,9 @@ KERNEL_FORMS = ("library", "fused")  # FastEncoder's mlp= and norm=
 LINEAR_GELU_CONFIGS: tuple[tuple[int, int, int, int, int, int], ...] = (
     (128, 256, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 8))
 
-_KERNEL: Any = None
 
-
+@functools.cache
 def _kernel() -> Any:
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
     import triton
     import triton.language as tl
 
@@ -83,15 +80,15 @@ def _kernel() -> Any:
             y = (y * 0.5) * (tl.math.erf(y * 0.7071067811865476) + 1.0)
             yd.store([pm * BM, pn * BN], y.to(tl.float16))
 
-    _KERNEL = _linear_gelu_kernel
-    return _KERNEL
+    return _linear_gelu_kernel
 
 
 def _programs(device: Any) -> int:
-    import torch
+    """One program per multiprocessor on a GPU; 4 in triton's CPU interpreter."""
+    if str(device).startswith("cuda"):
+        from .hidden_attn_cuda import persist_blocks
 
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+        return persist_blocks(device)
     return 4
 
 
@@ -147,15 +144,10 @@ def linear_gelu_triton(x: Any, w: Any, b: Any, config: tuple[int, ...] | None = 
     return y.view(*x.shape[:-1], N)
 
 
-_OP: Any = None
-
-
+@functools.cache
 def _op() -> Any:
     """The fused product as a custom operator (opaque to ``torch.compile``, which keeps the rest of
     the layer compiled around it); the library's ops where the Triton kernel cannot run."""
-    global _OP
-    if _OP is not None:
-        return _OP
     import torch
     import torch.nn.functional as F
 
@@ -170,8 +162,7 @@ def _op() -> Any:
     def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
-    _OP = _linear_gelu
-    return _OP
+    return _linear_gelu
 
 
 def linear_gelu(x: Any, w: Any, b: Any) -> Any:
@@ -182,13 +173,8 @@ def linear_gelu(x: Any, w: Any, b: Any) -> Any:
     return torch.ops.mi300x_cert.linear_gelu(x, w, b)
 
 
-_LN_KERNEL: Any = None
-
-
+@functools.cache
 def _ln_kernel() -> Any:
-    global _LN_KERNEL
-    if _LN_KERNEL is not None:
-        return _LN_KERNEL
     import triton
     import triton.language as tl
 
@@ -221,8 +207,7 @@ def _ln_kernel() -> Any:
             o = d * (1.0 / tl.sqrt(var + eps)) * w + b
             tl.store(o_ptr + off, o.to(o_ptr.dtype.element_ty), mask=m)
 
-    _LN_KERNEL = _add_ln_kernel
-    return _LN_KERNEL
+    return _add_ln_kernel
 
 
 # clamp bound of transformers' encoder layers in float16: finfo(float16).max - 1000
@@ -267,15 +252,10 @@ def add_layer_norm_reference(r: Any, y: Any, w: Any, b: Any, eps: float, clamp: 
     return h, F.layer_norm(h, (int(h.shape[-1]),), w, b, eps)
 
 
-_LN_OP: Any = None
-
-
+@functools.cache
 def _ln_op() -> Any:
     """The add + LayerNorm as a custom operator (opaque to ``torch.compile``); the library's ops
     where the Triton kernel cannot run."""
-    global _LN_OP
-    if _LN_OP is not None:
-        return _LN_OP
     import torch
 
     @torch.library.custom_op("mi300x_cert::add_layer_norm", mutates_args=(),
@@ -293,8 +273,7 @@ def _ln_op() -> Any:
           clamp: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return r.new_empty(r.shape), r.new_empty(r.shape)
 
-    _LN_OP = _add_ln
-    return _LN_OP
+    return _add_ln
 
 
 def add_layer_norm(r: Any, y: Any, w: Any, b: Any, eps: float, clamp: bool) -> tuple[Any, Any]:
@@ -305,13 +284,9 @@ def add_layer_norm(r: Any, y: Any, w: Any, b: Any, eps: float, clamp: bool) -> t
     return torch.ops.mi300x_cert.add_layer_norm(r, y, w, b, float(eps), bool(clamp))
 
 
-_SUPPORTED: dict[str, bool] = {}
-
-
+@functools.cache
 def _supported(device: str) -> bool:
-    if device not in _SUPPORTED:
-        _SUPPORTED[device] = fused_mlp_supported(device)[0]
-    return _SUPPORTED[device]
+    return fused_mlp_supported(device)[0]
 
 
 def fused_mlp_supported(device: str) -> tuple[bool, str]:

@@ -43,9 +43,10 @@ from typing import Any
 
 from .common import event_time_us, graphs_supported
 
-__all__ = ["FastWhisper", "whisper_prompt_ids", "ENCODER_FORMS"]
+__all__ = ["FastWhisper", "whisper_prompt_ids", "CROSS_FORMS", "ENCODER_FORMS"]
 
-# FastWhisper's encoder= values (see FastWhisper.__init__)
+# FastWhisper's cross= and encoder= values (see FastWhisper.__init__)
+CROSS_FORMS = ("auto", "kv", "hidden")
 ENCODER_FORMS = ("auto", "library", "fast", "fast+mlp", "fast+norm", "fast+mlp+norm")
 
 
@@ -552,7 +553,7 @@ class FastWhisper:
             raise ValueError(f"attn must be 'auto', 'sdpa' or 'triton', got {attn!r}")
         if self_attn not in ("sdpa", "triton"):
             raise ValueError(f"self_attn must be 'sdpa' or 'triton', got {self_attn!r}")
-        if cross not in ("auto", "kv", "hidden"):
+        if cross not in CROSS_FORMS:
             raise ValueError(f"cross must be 'auto', 'kv' or 'hidden', got {cross!r}")
         self.attn = attn
         self.self_attn = self_attn
