@@ -89,16 +89,17 @@ def test_compile_cache_dir_is_configurable(tmp_path, monkeypatch):
 
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(fc, "enable_autograd_cache", True)  # torch's default; restored after the test
-    monkeypatch.setattr(ic, "fx_graph_cache", ic.fx_graph_cache)
-    d = setup_compile_cache(tmp_path / "inductor")
-    assert d == str(tmp_path / "inductor") and (tmp_path / "inductor").is_dir()
-    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and ic.fx_graph_cache is True
-    assert os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "0" and fc.enable_autograd_cache is False
-    # the operator's own setting wins
-    monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-    setup_compile_cache(tmp_path / "inductor")
-    assert fc.enable_autograd_cache is True
+    # the configs' own patch restores them after the test (monkeypatch would delete the attribute on
+    # undo, which hides a torch config from every later compilation in the process)
+    with fc.patch(enable_autograd_cache=True), ic.patch(fx_graph_cache=ic.fx_graph_cache):
+        d = setup_compile_cache(tmp_path / "inductor")
+        assert d == str(tmp_path / "inductor") and (tmp_path / "inductor").is_dir()
+        assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and ic.fx_graph_cache is True
+        assert os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "0" and fc.enable_autograd_cache is False
+        # the operator's own setting wins
+        monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+        setup_compile_cache(tmp_path / "inductor")
+        assert fc.enable_autograd_cache is True
 
 
 def test_whisper_optimized_same_tokens_as_generate():
