@@ -20,7 +20,8 @@ Variants:
   SD       stock     = diffusers StableDiffusionPipeline, eager (the stock workload)
            recipe    = stock + channels-last + fuse_qkv_projections + torch.compile(UNet, fullgraph)
                        (mode "default"; "reduce-overhead" = CUDA graphs at batch 1)
-           optimized = the workload's optimized path (mi300x_cert.workloads.optimized)
+           optimized = the workload's optimized path (mi300x_cert.workloads.optimized);
+                       --sd-unet adds forced UNet forms (optimized-<form>-unet)
   Whisper  stock     = WhisperForConditionalGeneration.generate, eager, sdpa, greedy
            recipe    = stock generate with a static cache and forward compiled (reduce-overhead)
            optimized = FastWhisper (compiled encoder, hidden-form cross-attention, static cache,
@@ -44,6 +45,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mi300x_cert.workloads.optimized.unet_fast import UNET_FORMS  # no torch import
 from mi300x_cert.workloads.optimized.whisper_fast import CROSS_FORMS, ENCODER_FORMS  # no torch import
 
 __all__ = ["main", "render_markdown", "SD_UNET_PAIR_TFLOP", "SD_VAE_TFLOP"]
@@ -236,8 +238,9 @@ def sd_variants(spec: str, base: dict[str, Any] | None = None) -> list[tuple[str
     return out
 
 
-def _sd_params(args: argparse.Namespace, path: str, inductor: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"model": args.sd_model, "height": 512, "width": 512, "steps": args.steps, "guidance": 7.5,
+def _sd_params(args: argparse.Namespace, path: str, inductor: dict[str, Any] | None = None,
+               unet_form: str = "auto") -> dict[str, Any]:
+    return {"optimized_unet": unet_form, "model": args.sd_model, "height": 512, "width": 512, "steps": args.steps, "guidance": 7.5,
             "scheduler": "pndm", "dtype": args.dtype, "seed": 0, "device": "cuda", "path": path,
             "prompts": "include/prompts/prompts.txt" if Path("include/prompts/prompts.txt").exists() else None,
             "optimized_inductor": inductor if inductor is not None else getattr(args, "sd_inductor", None)}
@@ -285,7 +288,11 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
 
     batches = [int(x) for x in args.batch.split(",")]
     flops: dict[str, float] | None = None
-    for variant, path, inductor in sd_variants(args.variants, getattr(args, "sd_inductor", None)):
+    unet_forms = [f.strip() for f in getattr(args, "sd_unet", "auto").split(",") if f.strip()] or ["auto"]
+    rows = [(variant if form == "auto" else f"{variant}-{form}-unet", path, inductor, form)
+            for variant, path, inductor in sd_variants(args.variants, getattr(args, "sd_inductor", None))
+            for form in (unet_forms if path == "optimized" else ["auto"])]
+    for variant, path, inductor, unet_form in rows:
         for b in batches:
             if time.time() > deadline:
                 res.data["notes"].append(f"sd {variant} b{b}: skipped (time limit)")
@@ -294,7 +301,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
             _log(f"[sd] {variant} batch {b}")
             held = release_gpu_memory(torch)  # the peak counter starts here, for the first variant too
             t0 = time.perf_counter()
-            wl = SDWorkload(_sd_params(args, path, inductor))
+            wl = SDWorkload(_sd_params(args, path, inductor, unet_form))
             load_s = time.perf_counter() - t0
             if flops is None:
                 try:
@@ -865,7 +872,7 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
                     "| batch | path | s / image | × stock | TFLOP/s | % of GEMM rate | warm-up s (compile incl.) | peak GiB | vs stock (latent / image rel. err) |",
                     "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
             stock = {r["batch"]: r for r in sd if r["variant"] == "stock"}
-            for r in sorted(sd, key=lambda r: (r["batch"], SD_VARIANTS.index(r["variant"].split("+")[0]), r["variant"])):
+            for r in sorted(sd, key=lambda r: (r["batch"], SD_VARIANTS.index(r["variant"].split("+")[0].split("-")[0]), r["variant"])):
                 s = stock.get(r["batch"])
                 ratio = s["per_image_s"] / r["per_image_s"] if s else None
                 frac = 100 * r["tflops"] / g["tflops"] if g else None
@@ -966,6 +973,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sd-model", default="synthetic:sd-v1-4")
     p.add_argument("--sd-inductor", default=None,
                    help="extra Inductor settings for the SD optimized path, e.g. coordinate_descent_tuning=true,freezing=true")
+    p.add_argument("--sd-unet", default="auto",
+                   help="UNet forms of the SD optimized path, comma-separated: auto," + ",".join(UNET_FORMS))
     p.add_argument("--whisper-model", default="synthetic:whisper-large-v3")
     p.add_argument("--whisper-batch", default="64,128")
     p.add_argument("--whisper-stock-batch", default="64")
@@ -1008,6 +1017,10 @@ def main(argv: list[str] | None = None) -> int:
             sd_variants(args.variants, args.sd_inductor)
         except ValueError as e:
             parser.error(str(e))
+    if args.workload in ("sd", "all") and args.from_json is None:
+        bad = [v.strip() for v in args.sd_unet.split(",") if v.strip() and v.strip() not in ("auto", *UNET_FORMS)]
+        if bad:
+            parser.error(f"--sd-unet: unknown {', '.join(bad)}; known: auto, {', '.join(UNET_FORMS)}")
     if args.workload in ("whisper", "all") and args.from_json is None:
         # an unknown cross-attention or encoder form is a usage error before the card is touched
         for flag, val, known in (("--whisper-cross", args.whisper_cross, CROSS_FORMS),

@@ -1,18 +1,22 @@
 """Where one compiled SD v1-4 UNet evaluation spends its time on this card, by kernel class.
 
     python bench/sd_profile.py [--batches 2,64] [--variants base,freeze,freeze+split_reductions=false]
-                               [--graph] [--out profile.json]
+                               [--unet-forms library,nhwc-up,fast] [--norms] [--graph] [--out profile.json]
 
 The UNet is prepared as the optimized path prepares it (channels-last, fused QKV, the attention
 kernel timed and put first) and compiled per variant (``base``: ``conv_1x1_as_mm``; ``freeze``:
 Inductor's weight freezing on top — the optimized path's settings since; ``cdt``: coordinate-descent
 tuning of Inductor's own kernels on top of that; any of them followed by ``+key=value`` items adds
-those Inductor settings, e.g. ``freeze+split_reductions=false+combo_kernels=true``). Per UNet batch
+those Inductor settings, e.g. ``freeze+split_reductions=false+combo_kernels=true``), each in every
+``--unet-forms`` form of ``unet_fast.prepare_unet`` (``library``: diffusers' modules as they are;
+``nhwc-up``: upsampling kept channels-last; ``fast``: and the GroupNorm kernels). Per UNet batch
 (2 = one image with CFG, 64 = 32 images): compile time, the mean time of one evaluation (device
 events, warm), with ``--graph`` also of one evaluation captured as a device graph and replayed (as
 the optimized path runs it: at batch 2 the eager call is bound by the host), and one profiled
 evaluation bucketed into convolution / matrix product / attention / Inductor-generated (norms,
-element-wise) / other, with the largest kernels by total time. Prints one JSON object per
+element-wise) / other, with the largest kernels by total time. ``--norms`` also times every distinct
+GroupNorm of the UNet (its shape at each batch, recorded from one eager call) compiled as the
+library's ops and by ``unet_fast``'s kernels in several launch settings. Prints one JSON object per
 measurement.
 """
 
@@ -28,6 +32,7 @@ from typing import Any
 
 BUCKETS = (  # first match wins: Inductor names its kernels after the ops they fuse ("convolution")
     ("inductor", re.compile(r"^triton_", re.I)),
+    ("norm-kernel", re.compile(r"^_gn_(partial|finish|apply)", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn_generated_fort_native_sdpa", re.I)),
     ("conv", re.compile(r"fprop|conv|implicit|dgrad|wgrad|nchw|nhwc", re.I)),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|ampere_|sm90_|Kernel2|splitK", re.I)),
@@ -88,12 +93,103 @@ def variant_options(spec: str) -> dict[str, Any]:
     return {**NAMED_VARIANTS[name], **own}
 
 
+NORM_SETTINGS = ((64, 64, 4), (32, 64, 4), (64, 128, 4), (32, 128, 8), (128, 64, 8))  # (block_rows, block_c, warps)
+
+
+def norm_sites(unet: Any, batch: int) -> list[dict[str, Any]]:
+    """Every GroupNorm of one eager UNet call at ``batch`` (latents of 64², SD's 77 tokens): its input
+    shape, groups, whether a SiLU follows (ResnetBlock2D's norms, the output norm) and whether the
+    time embedding is added before it (ResnetBlock2D's second), distinct sites counted."""
+    import torch
+
+    sites: dict[tuple[Any, ...], dict[str, Any]] = {}
+    hooks = []
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            silu = name.endswith(("norm1", "norm2", "conv_norm_out"))
+            has_t = name.endswith("norm2")
+
+            def hook(mod: Any, args: Any, silu: bool = silu, has_t: bool = has_t) -> None:
+                x = args[0]
+                key = (tuple(x.shape), mod.num_groups, silu, has_t)
+                site = sites.setdefault(key, {"shape": list(x.shape), "groups": mod.num_groups, "silu": silu,
+                                              "time_add": has_t, "calls": 0, "eps": mod.eps})
+                site["calls"] += 1
+
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        dev = next(unet.parameters()).device
+        with torch.inference_mode():
+            unet(torch.randn(batch, 4, 64, 64, device=dev, dtype=torch.float16), torch.tensor(500.0, device=dev),
+                 encoder_hidden_states=torch.randn(batch, 77, 768, device=dev, dtype=torch.float16), return_dict=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(sites.values())
+
+
+def norm_rows(unet: Any, batch: int) -> list[dict[str, Any]]:
+    """Per distinct GroupNorm site at ``batch``: the library's ops compiled (as the optimized path
+    compiles them, channels-last) against ``group_norm_act_triton`` in each of ``NORM_SETTINGS``;
+    µs per call (10 calls captured as a device graph and replayed, so the host's launches are not
+    timed) and TB/s of one read and one write of the activation; the largest difference of each
+    setting's output from the library's."""
+    import torch
+
+    def graph_us(fn: Any) -> float:
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(10):
+                fn()
+        return event_time_us(lambda i: g.replay(), 10) / 10
+
+    from mi300x_cert.workloads.optimized.common import event_time_us
+    from mi300x_cert.workloads.optimized.unet_fast import group_norm_act_reference, group_norm_act_triton
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    for site in norm_sites(unet, batch):
+        N, C, H, W = site["shape"]
+        x = torch.randn(N, C, H, W, device="cuda", dtype=torch.float16, generator=gen).to(memory_format=torch.channels_last)
+        t = torch.randn(N, C, device="cuda", dtype=torch.float16, generator=gen) if site["time_add"] else None
+        w = torch.randn(C, device="cuda", dtype=torch.float16, generator=gen)
+        b = torch.randn(C, device="cuda", dtype=torch.float16, generator=gen)
+        G, eps, silu = site["groups"], site["eps"], site["silu"]
+        moved = 2 * x.numel() * x.element_size()
+        torch._dynamo.reset()
+        lib = torch.compile(lambda x, t: group_norm_act_reference(x, t, w, b, G, eps, silu), fullgraph=True, dynamic=False)
+        row: dict[str, Any] = {"norm_site": site, "unet_batch": batch, "bytes_one_read_one_write": moved}
+        with torch.inference_mode():
+            ref = lib(x, t)
+            us = graph_us(lambda: lib(x, t))
+            row["library_us"] = us
+            row["library_tb_per_s"] = moved / us / 1e6
+            for br, bc, warps in NORM_SETTINGS:
+                key = f"r{br} c{bc} w{warps}"
+                out = group_norm_act_triton(x, t, w, b, G, eps, silu, block_rows=br, block_c=bc, warps=warps)
+                us = graph_us(lambda: group_norm_act_triton(x, t, w, b, G, eps, silu, block_rows=br,
+                                                            block_c=bc, warps=warps))
+                row.setdefault("kernel_us", {})[key] = us
+                row.setdefault("kernel_tb_per_s", {})[key] = moved / us / 1e6
+                row.setdefault("max_abs_vs_library", {})[key] = float((out.float() - ref.float()).abs().max())
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="synthetic:sd-v1-4")
     ap.add_argument("--batches", default="2,64", help="UNet batch sizes (2 = one image with CFG)")
     ap.add_argument("--variants", default="base",
                     help="base,freeze,cdt (comma-separated), each optionally followed by +key=value Inductor settings")
+    ap.add_argument("--unet-forms", default="library",
+                    help="UNet forms (comma-separated) of unet_fast.prepare_unet: library,nhwc-up,fast")
+    ap.add_argument("--norms", action="store_true",
+                    help="also time each distinct GroupNorm of the UNet at the largest batch: library compiled "
+                         "against the kernels")
     ap.add_argument("--graph", action="store_true",
                     help="also time one evaluation captured as a device graph and replayed")
     ap.add_argument("--no-profile", action="store_true")
@@ -107,6 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         variants = {v: variant_options(v) for v in labels}
     except ValueError as e:
         ap.error(str(e))
+    from mi300x_cert.workloads.optimized.unet_fast import UNET_FORMS
+
+    forms = [f.strip() for f in a.unet_forms.split(",") if f.strip()]
+    bad = [f for f in forms if f not in UNET_FORMS]
+    if not forms or bad or len(set(forms)) != len(forms):
+        ap.error(f"--unet-forms: each once, of {', '.join(UNET_FORMS)}; got {a.unet_forms!r}")
     try:
         batches = [int(x) for x in a.batches.split(",")]
     except ValueError:
@@ -139,10 +241,21 @@ def main(argv: list[str] | None = None) -> None:
     unet.to(memory_format=torch.channels_last)
     unet.fuse_qkv_projections()
     res["sdpa"] = pick_sdpa_backend((16, 8), 4096, 40, unet.dtype, "cuda")
+    if a.norms:  # at the largest batch only (at small ones the calls time the host)
+        for row in norm_rows(unet, max(batches)):
+            emit(row)
+    import copy
+
+    from mi300x_cert.workloads.optimized.unet_fast import prepare_unet
+
     refs: dict[int, tuple[str, Any]] = {}
-    for variant, opts in variants.items():
+    for (variant, opts), form in ((vo, f) for vo in variants.items() for f in forms):
         torch._dynamo.reset()
-        fn = torch.compile(unet, fullgraph=True, dynamic=False, options=opts)
+        model = unet if form == "library" else copy.deepcopy(unet)
+        modules = prepare_unet(model, form)
+        fn = torch.compile(model, fullgraph=True, dynamic=False, options=opts)
+        if form != "library":
+            variant = f"{variant}/{form}"
         for B in batches:
             if time.time() > t_end:
                 emit({"variant": variant, "unet_batch": B, "skipped": "time limit"})
@@ -151,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(B, 4, 64, 64, device="cuda", dtype=torch.float16, generator=gen)
             e = torch.randn(B, 77, 768, device="cuda", dtype=torch.float16, generator=gen)
             t = torch.tensor(500.0, device="cuda")
-            row: dict[str, Any] = {"variant": variant, "options": opts, "unet_batch": B}
+            row: dict[str, Any] = {"variant": variant, "options": opts, "unet_form": form,
+                                   "modules_changed": modules, "unet_batch": B}
             try:
                 with torch.inference_mode():
                     t0 = time.perf_counter()
@@ -178,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                         row.update(profile_buckets(lambda: fn(x, t, encoder_hidden_states=e, return_dict=False)))
                         mb = row["ms_by_bucket"]
                         row["libraries_ms"] = round(sum(mb.get(k, 0.0) for k in ("conv", "gemm", "attention")), 3)
+                        row["memory_bound_ms"] = round(sum(mb.get(k, 0.0) for k in ("inductor", "norm-kernel")), 3)
                         if "ms_per_eval_graph" in row:
                             # the replayed graph's time minus the kernels of one profiled (eager) call of
                             # the same function: the launch gaps where kernels repeat to within a few % —
@@ -186,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as ex:
                 row["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
             emit(row)
+        del model, fn
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
 

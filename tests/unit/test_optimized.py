@@ -144,10 +144,15 @@ def test_bench_renders_markdown_from_json():
             "sd": [{"variant": "stock", "batch": 32, "per_image_s": 0.3, "tflops": 280.0, "steps": 50, "unet_evals": 51,
                     "dtype": "float16", "tflop_per_image": 84.0},
                    {"variant": "optimized", "batch": 32, "per_image_s": 0.2, "tflops": 420.0,
-                    "vs_stock": {"latent_rel_err": 1e-3, "image_rel_err": 2e-3}}],
+                    "vs_stock": {"latent_rel_err": 1e-3, "image_rel_err": 2e-3}},
+                   {"variant": "optimized+freezing=false-library-unet", "batch": 32, "per_image_s": 0.25, "tflops": 336.0},
+                   {"variant": "optimized-library-unet", "batch": 32, "per_image_s": 0.24, "tflops": 350.0}],
             "whisper": [], "telemetry": None, "notes": []}
     md = render_markdown([data])
     assert "TestCard" in md and "| 32 | optimized | 0.200 | 1.50 | 420 | 52 |" in md
+    # forced UNet forms (and settings) are rows of the optimized path, after its default row
+    assert md.index("| 32 | optimized | ") < md.index("| 32 | optimized-library-unet | 0.240 | 1.25 |")
+    assert "| 32 | optimized+freezing=false-library-unet | 0.250 | 1.20 |" in md
 
 
 def test_bench_whisper_rows_against_the_runs_ceilings():
@@ -1535,3 +1540,173 @@ def test_bench_frees_a_variants_cycles_before_emptying_the_cache_and_resetting_t
     finally:
         gc.enable()
     assert log == ["pool freed", "synchronize", "empty_cache", "reset_peak_memory_stats"]
+
+
+_GROUP_NORM_CHECK = r"""
+import torch
+import torch.nn.functional as F
+from mi300x_cert.workloads.optimized import unet_fast as uf
+
+torch.manual_seed(0)
+# tails in the pixels (63, 35) and the channels (96 in blocks of 64), the time embedding's add,
+# several groups and launch settings, activations with a large common offset (the variance's
+# cancellation), ranges of pixels shorter and longer than a tile
+for (N, C, H, W, G, silu, has_t, br, bc, off) in ((2, 64, 9, 7, 8, True, True, 16, 32, 5.0),
+                                                  (3, 96, 5, 7, 32, False, False, 8, 64, 0.0),
+                                                  (1, 40, 16, 16, 4, True, False, 16, 16, 300.0),
+                                                  (2, 48, 12, 12, 6, True, True, 4, 16, -40.0)):
+    x = (torch.randn(N, C, H, W) * 3 + off).half().to(memory_format=torch.channels_last)
+    t = torch.randn(N, C).half() if has_t else None
+    w, b = (torch.rand(C) + 0.5).half(), torch.randn(C).half()
+    got = uf.group_norm_act_triton(x, t, w, b, G, 1e-5, silu, block_rows=br, block_c=bc)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
+    h = x if t is None else x + t[:, :, None, None]          # the library's add, in float16
+    ref = F.group_norm(h.double(), G, w.double(), b.double(), 1e-5)
+    if silu:
+        ref = F.silu(ref.half().double())
+    lib = uf.group_norm_act_reference(x.float(), None if t is None else t.float(), w.float(), b.float(), G, 1e-5, silu)
+    if t is not None:  # the float32 library ops on the float16 sum, as the float16 library computes it
+        lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), G, 1e-5, silu)
+    err = float((got.double() - ref).abs().max())
+    err_lib = float((lib.half().double() - ref).abs().max())
+    unit = float(ref.abs().max()) * 2.0 ** -10
+    assert err <= err_lib + unit, ((N, C, H, W, G), err, err_lib, unit)
+
+# one clear error per bad operand
+x = torch.randn(2, 8, 3, 3).half().to(memory_format=torch.channels_last)
+w = torch.ones(8).half()
+for kw, word in ((dict(x=x.contiguous()), "channels-last"), (dict(groups=3), "do not split into 3 groups"),
+                 (dict(w=torch.ones(7).half()), "w and b must be [8]"),
+                 (dict(t=torch.ones(2, 7).half()), "t must be [2, 8]"), (dict(block_rows=24), "powers of two")):
+    a = dict(x=x, t=None, w=w, b=w, groups=4, eps=1e-5, silu=True)
+    a.update(kw)
+    br = a.pop("block_rows", 16)
+    try:
+        uf.group_norm_act_triton(a["x"], a["t"], a["w"], a["b"], a["groups"], a["eps"], a["silu"], block_rows=br)
+    except ValueError as e:
+        assert word in str(e), (word, str(e))
+    else:
+        raise AssertionError(f"no error for {kw}")
+print("GROUP-NORM-OK")
+"""
+
+
+def test_unet_group_norm_kernels_are_the_librarys_norm(tmp_path):
+    """The UNet's GroupNorm (+ time embedding, + SiLU) kernels, run by triton's CPU interpreter:
+    no further from float64 than the library's own float16 result plus one float16 unit (tails of
+    pixels and channels, offsets that would cancel in a naive variance); one clear error per bad
+    operand."""
+    pytest.importorskip("triton")
+    r = _run_interpreted(tmp_path / "group_norm_check.py", _GROUP_NORM_CHECK)
+    assert r.returncode == 0 and "GROUP-NORM-OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_unet_group_norm_operator_schema_and_fake_tensors():
+    """The GroupNorm operator passes torch's operator checks (schema, fake tensors with the input's
+    channels-last layout, with and without the time embedding)."""
+    from mi300x_cert.workloads.optimized.unet_fast import _op
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 5, 3, generator=g).to(memory_format=torch.channels_last)
+    t, w, b = torch.randn(2, 8, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    torch.library.opcheck(_op(), (x, t, w, b, 4, 1e-5, True))
+    torch.library.opcheck(_op(), (x.contiguous(), None, w, b, 2, 1e-6, False))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        out = _op()(mode.from_tensor(x), None, mode.from_tensor(w), mode.from_tensor(b), 4, 1e-5, True)
+    assert tuple(out.shape) == (2, 8, 5, 3) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def _tiny_unet_and_vae():
+    from mi300x_cert.workloads.sd import SDWorkload
+
+    wl = SDWorkload(dict(SD, path="stock"))
+    if getattr(wl, "_hook", None) is not None:
+        wl._hook.remove()
+    return wl.unet.to(memory_format=torch.channels_last), wl.vae
+
+
+def test_unet_forms_are_the_library_unet_eager_and_compiled(monkeypatch):
+    """``prepare_unet``: each form computes the library UNet's and VAE's function — eagerly bit for
+    bit at a batch of 64 (where diffusers' upsampler copies to channels-first), compiled in one graph
+    with every norm through the operator (the size rule lowered to 0); which modules it changed;
+    one clear error for an unknown form or a module in training mode."""
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    unet, vae = _tiny_unet_and_vae()
+    B = 64
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 4, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    e = torch.randn(B, 77, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor(500.0)
+    n_resnets = sum(1 for m in unet.modules() if type(m).__name__ == "ResnetBlock2D")
+    n_ups = sum(1 for m in unet.modules() if type(m).__name__ == "Upsample2D")
+    with torch.inference_mode():
+        ref = unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
+        img = vae.decode(x[:2], return_dict=False)[0]
+        for form, want in (("library", {"upsample": 0, "resnet": 0, "norm": 0}),
+                           ("nhwc-up", {"upsample": n_ups, "resnet": 0, "norm": 0}),
+                           ("fast", {"upsample": n_ups, "resnet": n_resnets,
+                                     "norm": 1 + sum(1 for m in unet.modules() if type(m).__name__ == "Transformer2DModel")})):
+            u = copy.deepcopy(unet)
+            assert unet_fast.prepare_unet(u, form) == want, form
+            assert torch.equal(u(x, t, encoder_hidden_states=e, return_dict=False)[0], ref), form
+        v = copy.deepcopy(vae)
+        assert unet_fast.prepare_unet(v, "fast")["resnet"] > 0
+        assert torch.equal(v.decode(x[:2], return_dict=False)[0], img)
+        monkeypatch.setattr(unet_fast, "KERNEL_MIN_ELEMENTS", 0)
+        u = copy.deepcopy(unet)
+        unet_fast.prepare_unet(u, "fast")
+        torch._dynamo.reset()
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        got = torch.compile(u, fullgraph=True, dynamic=False)(x, t, encoder_hidden_states=e, return_dict=False)[0]
+        assert not counters["graph_break"]
+        assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="UNet form must be one of .*got 'fastest'"):
+        unet_fast.prepare_unet(copy.deepcopy(unet), "fastest")
+    with pytest.raises(ValueError, match="eval mode"):
+        unet_fast.prepare_unet(copy.deepcopy(unet).train(), "fast")
+
+
+def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents():
+    """The optimized SD path with the ``fast`` UNet form forced (CPU, compiled) gives the stock
+    latents and records the form and the modules it changed; ``auto`` is the library form off the
+    GPU; an unknown ``optimized_unet`` is one clear error before the workload is touched."""
+    from mi300x_cert.workloads.optimized.sd_fast import attach_to_workload
+    from mi300x_cert.workloads.sd import SDWorkload
+
+    a = SDWorkload(dict(SD, path="stock"))
+    b = SDWorkload(dict(SD, path="optimized", optimized_unet="fast"))
+    ids = a.tokenize(a.select_prompts(2, 1))
+    cond, uncond = a.encode_prompts(ids)
+    lat0 = a.initial_latents(2, 1)
+    la, lb = a.denoise(cond, uncond, lat0), b.denoise(cond, uncond, lat0)
+    assert float((la - lb).norm() / la.norm()) < 1e-5
+    opt = b.conditions()["optimized"]
+    assert opt["unet_form"] == "fast" and opt["unet_form_modules"]["unet"]["resnet"] > 0, opt
+    c = SDWorkload(dict(SD, path="optimized"))
+    assert c.conditions()["optimized"]["unet_form"] == "library"
+
+    class Never:  # attach must fail on the parameter before touching the workload
+        def __getattr__(self, name):
+            raise AssertionError(f"workload touched: {name}")
+
+    with pytest.raises(ValueError, match="optimized_unet must be 'auto' or one of 'library', 'nhwc-up', 'fast', got 'quick'"):
+        attach_to_workload(Never(), {"optimized_unet": "quick"})
+
+
+def test_bench_rejects_an_unknown_unet_form_as_a_usage_error(capsys):
+    """An unknown ``--sd-unet`` (the bench) or ``--unet-forms`` (the SD profile) is a usage error
+    naming it, before any GPU work; the profile puts the norm kernels in their own class."""
+    from bench import cli as bench
+    from bench.sd_profile import bucket_of
+    from bench.sd_profile import main as profile_main
+
+    with pytest.raises(SystemExit) as ex:
+        bench.main(["--workload", "sd", "--sd-unet", "auto,turbo"])
+    assert ex.value.code == 2 and "--sd-unet: unknown turbo; known: auto, library, nhwc-up, fast" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ex:
+        profile_main(["--unet-forms", "library,turbo"])
+    assert ex.value.code == 2 and "--unet-forms" in capsys.readouterr().err
+    assert bucket_of("_gn_partial") == bucket_of("_gn_apply") == "norm-kernel"

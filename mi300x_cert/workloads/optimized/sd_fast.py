@@ -10,7 +10,11 @@ What changes (none of it changes the mathematics):
   the scheduler's own ``step`` — captured as ONE device graph per batch size. The scheduler's
   per-step coefficients are host scalars, so replaying the graph reproduces PNDM's multistep state
   (its ``ets`` history) exactly as captured; no host synchronisation remains inside the loop;
-* the VAE decode captured as a second graph.
+* the VAE decode captured as a second graph;
+* where the UNet and VAE are compiled on an NVIDIA card, the ``fast`` UNet form of
+  ``unet_fast.prepare_unet``: upsampling kept in the channels-last layout at every batch size, and
+  each GroupNorm (+ SiLU, + the time embedding's add) by its Triton kernels (``unet_form``:
+  ``auto``, or one of ``unet_fast.UNET_FORMS`` to force one).
 
 The scheduler code is diffusers' own (a fresh copy per capture), so the latents agree with the
 stock pipeline to fp16 rounding; ``tests/unit/test_optimized.py`` checks this on the tiny model.
@@ -57,8 +61,13 @@ class FastSD:
         sdpa_choice: str = "auto",
         latent_side: int | None = None,
         inductor: Any = None,
+        unet_form: str = "auto",
     ) -> None:
         import torch
+
+        from .unet_fast import check_unet_form, prepare_unet
+
+        check_unet_form(unet_form)
 
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
         self.steps, self.guidance, self.scaling_factor = int(steps), float(guidance), float(scaling_factor)
@@ -74,6 +83,16 @@ class FastSD:
                 if hasattr(m, "fuse_qkv_projections"):
                     m.fuse_qkv_projections()
             self.notes["fused_qkv"] = True
+        hip = bool(getattr(torch.version, "hip", None))
+        if unet_form == "auto":
+            # measured on an H200 (docs/performance.md); not measured on ROCm, and the channels-last
+            # upsampling relies on the compiled kernel
+            unet_form = "fast" if compile and on_gpu and not hip else "library"
+        self.unet_form = unet_form
+        self.notes["unet_form"] = unet_form
+        if unet_form != "library":
+            self.notes["unet_form_modules"] = {name: prepare_unet(m, unet_form)
+                                               for name, m in (("unet", unet), ("vae", vae))}
         if on_gpu and sdpa_choice == "auto":
             from .common import pick_sdpa_backend
 
@@ -165,6 +184,9 @@ def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastSD:
     t0 = time.perf_counter()
     inductor = params.get("optimized_inductor")
     inductor_settings(inductor)  # a bad key (parameter or $MI300X_CERT_INDUCTOR) fails before any work
+    from .unet_fast import check_unet_form
+
+    unet_form = check_unet_form(str(params.get("optimized_unet", "auto")), source="optimized_unet")
     hook = getattr(workload, "_hook", None)
     if hook is not None:  # a forward hook on the UNet would break fullgraph compile and graphs
         hook.remove()
@@ -178,6 +200,7 @@ def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastSD:
         sdpa_choice=str(params.get("optimized_sdpa", "auto")),
         latent_side=int(workload.height) // int(workload.vae_scale_factor),
         inductor=inductor,
+        unet_form=unet_form,
     )
 
     def denoise(cond: Any, uncond: Any, latents: Any) -> Any:

@@ -1,0 +1,415 @@
+"""The SD UNet and VAE with fewer and faster round trips of their activations through device memory.
+
+:func:`prepare_unet` changes how diffusers' modules run, never what they compute:
+
+* **Upsampling in the channels-last layout** (``nhwc-up`` and ``fast``). diffusers' ``Upsample2D``
+  makes its input contiguous in the channels-first layout at a batch of 64 or more (a workaround
+  for the eager NHWC nearest-neighbour kernel, diffusers issue 984). Compiled, the upsampling is
+  Inductor's own kernel, and the layout change only splits the rest of the UNet's up path between
+  two layouts: the convolutions and the norms after each upsampler then copy between them. The
+  values are the same (a nearest-neighbour upsampling copies them); run eagerly (not compiled), the
+  module keeps diffusers' forward.
+* **GroupNorm (+ SiLU) by one Triton path** (``fast``). Each ``ResnetBlock2D``'s two
+  ``norm → SiLU`` (the second with the time embedding's add before it), each transformer's input
+  GroupNorm and the output GroupNorm + SiLU run as :func:`group_norm_act`: statistics per
+  (sample, group) in one pass over the channels-last activation (a program per sample, range of
+  pixels and block of channels; every channel's partial mean and sum of squared deviations, merged
+  per group as Chan's parallel variance), then normalize, scale, shift and SiLU in a second pass. Off the GPU, for
+  other layouts and where triton is missing, the library's ops.
+
+The arithmetic is the library's: the time embedding's add rounded to the activation's dtype, the
+norm in float32 rounded once, the SiLU of that rounded value (within one float16 unit of
+``F.group_norm``; CPU tests run the kernels in triton's interpreter against float64).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+__all__ = ["UNET_FORMS", "check_unet_form", "prepare_unet", "group_norm_act", "group_norm_act_reference", "group_norm_act_triton",
+           "GroupNormAct"]
+
+UNET_FORMS = ("library", "nhwc-up", "fast")
+
+
+def check_unet_form(form: str, *, source: str = "unet_form") -> str:
+    """``form`` if it is ``auto`` or one of ``UNET_FORMS``; else a ``ValueError`` naming it and ``source``."""
+    if form != "auto" and form not in UNET_FORMS:
+        raise ValueError(f"{source} must be 'auto' or one of {', '.join(repr(f) for f in UNET_FORMS)}, got {form!r}")
+    return form
+
+
+# -- the kernels ---------------------------------------------------------------------------------
+
+@functools.cache
+def _kernels() -> tuple[Any, Any, Any]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gn_partial(x_ptr, t_ptr, mean_ptr, m2_ptr, HW, S, CB, C: tl.constexpr, R: tl.constexpr,
+                    BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr):
+        # Program (n, s, cb): pixels [s·R, s·R + R) of sample n, channels [cb·BC, cb·BC + BC). Each
+        # lane sums its values and squares shifted by the range's first pixel (no reduction across
+        # threads inside the loop, no cancellation for activations near that value); at the end, per
+        # channel, the mean and the sum of squared deviations of the range.
+        pid = tl.program_id(0)
+        cb = pid % CB
+        s = (pid // CB) % S
+        n = pid // (CB * S)
+        rows = tl.arange(0, BR)
+        cols = cb * BC + tl.arange(0, BC)
+        cm = cols < C
+        base = n.to(tl.int64) * HW * C
+        first = s * R
+        k = tl.load(x_ptr + base + first.to(tl.int64) * C + cols, mask=cm, other=0.0)
+        if HAS_T:
+            tv = tl.load(t_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32)
+            k = (k.to(tl.float32) + tv).to(x_ptr.dtype.element_ty)
+        k = k.to(tl.float32)
+        acc1 = tl.zeros((BR, BC), dtype=tl.float32)
+        acc2 = tl.zeros((BR, BC), dtype=tl.float32)
+        for r0 in range(0, R, BR):
+            p = first + r0 + rows
+            m = (p < HW)[:, None] & cm[None, :]
+            v = tl.load(x_ptr + base + p[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
+            if HAS_T:
+                v = (v.to(tl.float32) + tv[None, :]).to(x_ptr.dtype.element_ty)
+            d = tl.where(m, v.to(tl.float32) - k[None, :], 0.0)   # masked pixels out of the sums
+            acc1 += d
+            acc2 += d * d
+        cnt = tl.minimum(HW - first, R).to(tl.float32)
+        s1 = tl.sum(acc1, axis=0)
+        s2 = tl.sum(acc2, axis=0)
+        off = (n * S + s).to(tl.int64) * C + cols
+        tl.store(mean_ptr + off, k + s1 / cnt, mask=cm)
+        tl.store(m2_ptr + off, tl.maximum(s2 - s1 * s1 / cnt, 0.0), mask=cm)
+
+    @triton.jit
+    def _gn_finish(mean_ptr, m2_ptr, stat_ptr, HW, G, eps, S: tl.constexpr, C: tl.constexpr, CG: tl.constexpr,
+                   R: tl.constexpr, BS: tl.constexpr, BG: tl.constexpr):
+        # Program (n, g): the partials of the group's channels over every range of pixels merged.
+        pid = tl.program_id(0)
+        n = pid // G
+        g = pid % G
+        ss = tl.arange(0, BS)
+        cc = tl.arange(0, BG)
+        tot_mean = 0.0
+        tot_m2 = 0.0
+        tot_cnt = 0.0
+        for s0 in range(0, S, BS):
+            sv = s0 + ss
+            sm = sv < S
+            m = sm[:, None] & (cc < CG)[None, :]
+            off = (n * S + sv)[:, None].to(tl.int64) * C + g * CG + cc[None, :]
+            mu = tl.load(mean_ptr + off, mask=m, other=0.0)
+            q = tl.load(m2_ptr + off, mask=m, other=0.0)
+            cnt_s = tl.where(sm, tl.minimum(HW - sv * R, R), 0).to(tl.float32)
+            w = tl.where(m, cnt_s[:, None], 0.0)
+            nb = tl.sum(tl.sum(w, axis=1), axis=0)
+            nbs = tl.maximum(nb, 1.0)
+            bmean = tl.sum(tl.sum(w * mu, axis=1), axis=0) / nbs
+            dm = tl.where(m, mu - bmean, 0.0)
+            bm2 = tl.sum(tl.sum(q + w * dm * dm, axis=1), axis=0)
+            tot = tot_cnt + nb
+            tots = tl.maximum(tot, 1.0)
+            delta = bmean - tot_mean
+            tot_mean = tot_mean + delta * (nb / tots)
+            tot_m2 = tot_m2 + bm2 + delta * delta * (tot_cnt * nb / tots)
+            tot_cnt = tot
+        var = tot_m2 / tl.maximum(tot_cnt, 1.0)
+        tl.store(stat_ptr + pid * 2, tot_mean)
+        tl.store(stat_ptr + pid * 2 + 1, 1.0 / tl.sqrt(var + eps))
+
+    @triton.jit
+    def _gn_apply(x_ptr, t_ptr, w_ptr, b_ptr, stat_ptr, y_ptr, HW, G, CB, C: tl.constexpr, CG: tl.constexpr,
+                  BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr, SILU: tl.constexpr):
+        # Program (n, block of BR pixels, block of BC channels): (x [+ t] - mean) · rstd · w + b,
+        # rounded to x's dtype, then SiLU of that value in float32, rounded again (the library's
+        # norm, then its SiLU).
+        pid = tl.program_id(0)
+        nblk = tl.cdiv(HW, BR)
+        cb = pid % CB
+        pb = (pid // CB) % nblk
+        n = pid // (CB * nblk)
+        p = pb * BR + tl.arange(0, BR)
+        pm = p < HW
+        cols = cb * BC + tl.arange(0, BC)
+        cm = cols < C
+        m = pm[:, None] & cm[None, :]
+        off = n.to(tl.int64) * HW * C + p[:, None].to(tl.int64) * C + cols[None, :]
+        v = tl.load(x_ptr + off, mask=m, other=0.0)
+        if HAS_T:
+            tv = tl.load(t_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32)
+            v = (v.to(tl.float32) + tv[None, :]).to(x_ptr.dtype.element_ty)
+        v = v.to(tl.float32)
+        grp = n * G + cols // CG
+        mu = tl.load(stat_ptr + grp * 2, mask=cm, other=0.0)
+        rs = tl.load(stat_ptr + grp * 2 + 1, mask=cm, other=0.0)
+        wv = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        bv = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        y = ((v - mu[None, :]) * rs[None, :]) * wv[None, :] + bv[None, :]
+        if SILU:
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+
+    return _gn_partial, _gn_finish, _gn_apply
+
+
+def _is_channels_last(x: Any) -> bool:
+    import torch
+
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@functools.cache
+def _programs_target(device: Any) -> int:
+    """Two programs per multiprocessor on a GPU; 4 in triton's CPU interpreter."""
+    import torch
+
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        return 2 * int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 4
+
+
+def _rows_per_program(blocks: int, hw: int, target: int, br: int) -> int:
+    """Pixels per statistics program (``blocks`` programs per range of pixels): a power of two ≥
+    ``br`` giving ≥ ``target`` programs where the tensor allows it, at most 1,024."""
+    r = br
+    while r < 1024 and blocks * -(-hw // (2 * r)) >= target:
+        r *= 2
+    return r
+
+
+def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool,
+                          *, block_rows: int = 64, block_c: int = 64, warps: int = 4) -> Any:
+    """GroupNorm of ``x (+ t[:, :, None, None])`` with weight ``w`` and bias ``b`` (then SiLU when
+    ``silu``) by the Triton kernels: x [N, C, H, W] channels-last, t [N, C] or None, C divisible by
+    ``groups``. The output has x's layout."""
+    import torch
+    import triton
+
+    if not _is_channels_last(x):
+        raise ValueError(f"group_norm_act: x must be a channels-last [N, C, H, W] tensor, got shape "
+                         f"{tuple(x.shape)} strides {tuple(x.stride())}")
+    N, C, H, W = (int(s) for s in x.shape)
+    if groups < 1 or C % groups:
+        raise ValueError(f"group_norm_act: {C} channels do not split into {groups} groups")
+    if tuple(w.shape) != (C,) or tuple(b.shape) != (C,):
+        raise ValueError(f"group_norm_act: w and b must be [{C}], got {tuple(w.shape)} and {tuple(b.shape)}")
+    if t is not None and (tuple(t.shape) != (N, C) or t.dtype != x.dtype):
+        raise ValueError(f"group_norm_act: t must be [{N}, {C}] of {x.dtype}, got {tuple(t.shape)} {t.dtype}")
+    if block_rows < 1 or block_rows & (block_rows - 1) or block_c < 1 or block_c & (block_c - 1):
+        raise ValueError(f"group_norm_act: block sizes must be powers of two, got {block_rows}, {block_c}")
+    HW = H * W
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    CG = C // groups
+    CB = triton.cdiv(C, block_c)
+    R = _rows_per_program(N * CB, HW, _programs_target(x.device), block_rows)
+    S = triton.cdiv(HW, R)
+    dev = x.device
+    part_mean = torch.empty((N, S, C), dtype=torch.float32, device=dev)
+    part_m2 = torch.empty((N, S, C), dtype=torch.float32, device=dev)
+    stats = torch.empty((N, groups, 2), dtype=torch.float32, device=dev)
+    tt = t.contiguous() if t is not None else x   # a placeholder pointer where there is no t
+    partial, finish, apply = _kernels()
+    from .encoder_fast import _on_device
+
+    with _on_device(dev):
+        partial[(N * S * CB,)](x, tt, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=block_rows, BC=block_c,
+                               HAS_T=t is not None, num_warps=warps)
+        finish[(N * groups,)](part_mean, part_m2, stats, HW, groups, float(eps), S=S, C=C, CG=CG, R=R,
+                              BS=min(64, triton.next_power_of_2(S)), BG=triton.next_power_of_2(CG),
+                              num_warps=1)
+        apply[(N * triton.cdiv(HW, block_rows) * CB,)](x, tt, w.contiguous(), b.contiguous(), stats, y, HW,
+                                                       groups, CB, C=C, CG=CG, BR=block_rows, BC=block_c,
+                                                       HAS_T=t is not None, SILU=bool(silu), num_warps=warps)
+    return y
+
+
+def group_norm_act_reference(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool) -> Any:
+    """The library's ops for :func:`group_norm_act` (diffusers' own code)."""
+    import torch.nn.functional as F
+
+    h = x if t is None else x + t[:, :, None, None]
+    y = F.group_norm(h, int(groups), w, b, float(eps))
+    return F.silu(y) if silu else y
+
+
+@functools.cache
+def _op() -> Any:
+    """GroupNorm (+ SiLU) as a custom operator (opaque to ``torch.compile``, which keeps the rest of
+    the UNet compiled around it); the library's ops where the Triton kernels cannot run."""
+    import torch
+
+    @torch.library.custom_op("mi300x_cert::group_norm_act", mutates_args=(),
+                             schema="(Tensor x, Tensor? t, Tensor w, Tensor b, int groups, float eps, "
+                                    "bool silu) -> Tensor")
+    def _impl(x: torch.Tensor, t: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, groups: int,
+              eps: float, silu: bool) -> torch.Tensor:
+        if x.is_cuda and _is_channels_last(x) and _triton_ok(str(x.device)):
+            return group_norm_act_triton(x, t, w, b, groups, eps, silu)
+        return torch.empty_like(x).copy_(group_norm_act_reference(x, t, w, b, groups, eps, silu))
+
+    @_impl.register_fake
+    def _(x: torch.Tensor, t: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, groups: int,
+          eps: float, silu: bool) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    return _impl
+
+
+@functools.cache
+def _triton_ok(device: str) -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton ships with torch on GPUs
+        return False
+    return True
+
+
+def group_norm_act(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool) -> Any:
+    """GroupNorm(x + t) (+ SiLU) as the operator: the Triton kernels on a GPU for channels-last
+    activations, else the library."""
+    _op()
+    import torch
+
+    return torch.ops.mi300x_cert.group_norm_act(x, t, w, b, int(groups), float(eps), bool(silu))
+
+
+# Activations smaller than this keep the library's ops (compiled, Inductor fuses them with their
+# neighbours): at one image (UNet batch 2) every GroupNorm of SD v1-4 is below it, where the three
+# kernels' launches cost more than they save (docs/performance.md, run 69).
+KERNEL_MIN_ELEMENTS = 1 << 23
+
+
+def _gn(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool) -> Any:
+    """The registered operator for activations of at least ``KERNEL_MIN_ELEMENTS`` (registered
+    before any tracing: torch.compile would trace the registration itself), else the library's ops."""
+    import torch
+
+    if x.dim() != 4 or x.numel() < KERNEL_MIN_ELEMENTS:
+        return group_norm_act_reference(x, t, w, b, groups, eps, silu)
+    return torch.ops.mi300x_cert.group_norm_act(x, t, w, b, int(groups), float(eps), bool(silu))
+
+
+# -- the modules ---------------------------------------------------------------------------------
+
+@functools.cache
+def _module_class() -> Any:
+    import torch
+
+    class GroupNormAct(torch.nn.Module):
+        """A ``GroupNorm`` module (its own weights) computed by :func:`group_norm_act`, with the SiLU
+        after it when ``silu``; inputs that are not 4-D or small go to the library's ops."""
+
+        def __init__(self, norm: Any, silu: bool) -> None:
+            super().__init__()
+            _op()
+            self.norm = norm
+            self.silu = bool(silu)
+
+        def forward(self, x: Any) -> Any:
+            n = self.norm
+            return _gn(x, None, n.weight, n.bias, n.num_groups, n.eps, self.silu)
+
+    return GroupNormAct
+
+
+def GroupNormAct(norm: Any, silu: bool) -> Any:  # noqa: N802 - builds the module class lazily (torch)
+    """A module computing ``norm`` (a ``GroupNorm``) and then SiLU when ``silu``, by :func:`group_norm_act`."""
+    return _module_class()(norm, silu)
+
+
+def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwargs: Any) -> Any:
+    """``ResnetBlock2D.forward`` (eval, default time-embedding norm, no resampling) with each
+    norm → SiLU, and the time embedding's add before the second, as one :func:`group_norm_act`."""
+    n1, n2 = block.norm1, block.norm2
+    x = _gn(input_tensor, None, n1.weight, n1.bias, n1.num_groups, n1.eps, True)
+    x = block.conv1(x)
+    t = None
+    if block.time_emb_proj is not None and temb is not None:
+        if not block.skip_time_act:
+            temb = block.nonlinearity(temb)
+        t = block.time_emb_proj(temb)
+    x = _gn(x, t, n2.weight, n2.bias, n2.num_groups, n2.eps, True)
+    x = block.dropout(x)
+    x = block.conv2(x)
+    sc = block.conv_shortcut(input_tensor) if block.conv_shortcut is not None else input_tensor
+    return (sc + x) / block.output_scale_factor
+
+
+def _upsample_forward(up: Any, hidden_states: Any, output_size: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """``Upsample2D.forward`` (interpolation, no norm, no transposed convolution) without the
+    channels-first copy diffusers makes at a batch of 64 or more, where it is being compiled (run
+    eagerly, diffusers' own forward with its copies, which avoid the eager NHWC kernel's faults)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.compiler.is_compiling():
+        return type(up).forward(up, hidden_states, output_size, *args, **kwargs)
+    if int(hidden_states.shape[1]) != int(up.channels):
+        raise ValueError(f"Upsample2D: {up.channels} channels expected, got {int(hidden_states.shape[1])}")
+    if output_size is None:
+        hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
+    else:
+        hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+    if up.use_conv:
+        conv = up.conv if up.name == "conv" else up.Conv2d_0
+        hidden_states = conv(hidden_states)
+    return hidden_states
+
+
+def _resnet_ok(m: Any) -> bool:
+    import torch
+
+    return (type(m).__name__ == "ResnetBlock2D" and m.upsample is None and m.downsample is None
+            and getattr(m, "time_embedding_norm", "default") == "default"
+            and isinstance(m.nonlinearity, torch.nn.SiLU)
+            and all(isinstance(n, torch.nn.GroupNorm) and n.affine for n in (m.norm1, m.norm2)))
+
+
+def _upsample_ok(m: Any) -> bool:
+    return (type(m).__name__ == "Upsample2D" and m.norm is None and not m.use_conv_transpose
+            and getattr(m, "interpolate", True))
+
+
+def prepare_unet(module: Any, form: str) -> dict[str, int]:
+    """Set ``module``'s (a UNet's or a VAE's) submodules to run in ``form`` (one of ``UNET_FORMS``);
+    returns how many modules of each kind it changed. ``library`` changes nothing. The module must be
+    in eval mode (the resnets' dropout is left out)."""
+    import torch
+
+    if form not in UNET_FORMS:
+        raise ValueError(f"UNet form must be one of {UNET_FORMS}, got {form!r}")
+    counts = {"upsample": 0, "resnet": 0, "norm": 0}
+    if form == "library":
+        return counts
+    if module.training:
+        raise ValueError("prepare_unet: the module must be in eval mode")
+    if form == "fast":
+        _op()  # registered here, not while torch.compile traces the modules
+    for m in list(module.modules()):
+        if _upsample_ok(m):
+            m.forward = types.MethodType(_upsample_forward, m)
+            counts["upsample"] += 1
+        elif form == "fast" and _resnet_ok(m):
+            m.forward = types.MethodType(_resnet_forward, m)
+            counts["resnet"] += 1
+    if form == "fast":
+        for m in list(module.modules()):
+            # a transformer's input norm (its only use), and the model's output norm with its SiLU
+            if type(m).__name__ == "Transformer2DModel" and isinstance(getattr(m, "norm", None), torch.nn.GroupNorm):
+                m.norm = GroupNormAct(m.norm, silu=False)
+                counts["norm"] += 1
+            on, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
+            if isinstance(on, torch.nn.GroupNorm) and isinstance(act, torch.nn.SiLU):
+                m.conv_norm_out = GroupNormAct(on, silu=True)
+                m.conv_act = torch.nn.Identity()
+                counts["norm"] += 1
+    return counts
