@@ -1018,9 +1018,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
     if args.workload in ("sd", "all") and args.from_json is None:
-        bad = [v.strip() for v in args.sd_unet.split(",") if v.strip() and v.strip() not in ("auto", *UNET_FORMS)]
+        forms = [v.strip() for v in args.sd_unet.split(",") if v.strip()]
+        bad = [v for v in forms if v not in ("auto", *UNET_FORMS)]
         if bad:
             parser.error(f"--sd-unet: unknown {', '.join(bad)}; known: auto, {', '.join(UNET_FORMS)}")
+        if len(set(forms)) != len(forms):
+            parser.error(f"--sd-unet: name each form once, got {args.sd_unet!r}")
     if args.workload in ("whisper", "all") and args.from_json is None:
         # an unknown cross-attention or encoder form is a usage error before the card is touched
         for flag, val, known in (("--whisper-cross", args.whisper_cross, CROSS_FORMS),

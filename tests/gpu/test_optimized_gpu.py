@@ -516,6 +516,12 @@ def test_fast_unet_compiled_is_the_library_unet(monkeypatch):
                          seed=0, device="cuda", path="stock"))
     if getattr(wl, "_hook", None) is not None:
         wl._hook.remove()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():  # each norm its own weights (a synthetic model's are ones and zeros)
+        for m in wl.unet.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, device="cuda", generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, device="cuda", generator=g))
     unet = wl.unet.to(memory_format=torch.channels_last)
     fast = copy.deepcopy(unet)
     counts = unet_fast.prepare_unet(fast, "fast")

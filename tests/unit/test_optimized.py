@@ -1572,6 +1572,27 @@ for (N, C, H, W, G, silu, has_t, br, bc, off) in ((2, 64, 9, 7, 8, True, True, 1
     unit = float(ref.abs().max()) * 2.0 ** -10
     assert err <= err_lib + unit, ((N, C, H, W, G), err, err_lib, unit)
 
+# more ranges of pixels than the merge takes at once (64), the last one short: the merge across
+# its iterations (the programs' target raised, so each range is one tile of 16 pixels)
+uf._programs_target = lambda device: 1 << 20
+ramp = torch.linspace(0, 30, 33)[None, None, :, None]   # the later ranges' means differ from the first ones'
+x = (torch.randn(2, 24, 33, 35) * 2 + 7 + ramp).half().to(memory_format=torch.channels_last)
+t, w, b = torch.randn(2, 24).half(), (torch.rand(24) + 0.5).half(), torch.randn(24).half()
+assert -(-33 * 35 // 16) > 64
+got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, block_rows=16, block_c=16)
+h = x + t[:, :, None, None]
+ref = F.silu(F.group_norm(h.double(), 4, w.double(), b.double(), 1e-5).half().double())
+lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), 4, 1e-5, True).half().double()
+unit = float(ref.abs().max()) * 2.0 ** -10
+assert float((got.double() - ref).abs().max()) <= float((lib - ref).abs().max()) + unit
+# float32 activations far from zero: the sums are shifted by each range's first pixel (without the
+# shift the variance would cancel to nothing here)
+x = (torch.randn(2, 16, 20, 20, dtype=torch.float64) * 0.5 + 1e4).float().to(memory_format=torch.channels_last)
+w, b = torch.rand(16) + 0.5, torch.randn(16)
+got = uf.group_norm_act_triton(x, None, w, b, 4, 1e-6, False, block_rows=16, block_c=16)
+ref = F.group_norm(x.double(), 4, w.double(), b.double(), 1e-6)
+assert float((got.double() - ref).abs().max()) < 1e-2, float((got.double() - ref).abs().max())
+
 # one clear error per bad operand
 x = torch.randn(2, 8, 3, 3).half().to(memory_format=torch.channels_last)
 w = torch.ones(8).half()
@@ -1617,11 +1638,19 @@ def test_unet_group_norm_operator_schema_and_fake_tensors():
 
 
 def _tiny_unet_and_vae():
+    """The tiny SD UNet (channels-last) and VAE, every GroupNorm with its own random weight and bias
+    (a synthetic model's are ones and zeros, which cannot tell one norm from another)."""
     from mi300x_cert.workloads.sd import SDWorkload
 
     wl = SDWorkload(dict(SD, path="stock"))
     if getattr(wl, "_hook", None) is not None:
         wl._hook.remove()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for m in (*wl.unet.modules(), *wl.vae.modules()):
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
     return wl.unet.to(memory_format=torch.channels_last), wl.vae
 
 
@@ -1670,8 +1699,9 @@ def test_unet_forms_are_the_library_unet_eager_and_compiled(monkeypatch):
 
 
 def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents():
-    """The optimized SD path with the ``fast`` UNet form forced (CPU, compiled) gives the stock
-    latents and records the form and the modules it changed; ``auto`` is the library form off the
+    """The optimized SD path with the ``fast`` UNet form forced (CPU: the modules rewired, run
+    eagerly as the optimized path runs off the GPU) gives the stock latents and records the form and
+    the modules it changed; ``auto`` is the library form off the
     GPU; an unknown ``optimized_unet`` is one clear error before the workload is touched."""
     from mi300x_cert.workloads.optimized.sd_fast import attach_to_workload
     from mi300x_cert.workloads.sd import SDWorkload
@@ -1706,6 +1736,9 @@ def test_bench_rejects_an_unknown_unet_form_as_a_usage_error(capsys):
     with pytest.raises(SystemExit) as ex:
         bench.main(["--workload", "sd", "--sd-unet", "auto,turbo"])
     assert ex.value.code == 2 and "--sd-unet: unknown turbo; known: auto, library, nhwc-up, fast" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ex:
+        bench.main(["--workload", "sd", "--sd-unet", "auto,library,auto"])
+    assert ex.value.code == 2 and "--sd-unet: name each form once" in capsys.readouterr().err
     with pytest.raises(SystemExit) as ex:
         profile_main(["--unet-forms", "library,turbo"])
     assert ex.value.code == 2 and "--unet-forms" in capsys.readouterr().err

@@ -13,8 +13,9 @@ What changes (none of it changes the mathematics):
 * the VAE decode captured as a second graph;
 * where the UNet and VAE are compiled on an NVIDIA card, the ``fast`` UNet form of
   ``unet_fast.prepare_unet``: upsampling kept in the channels-last layout at every batch size, and
-  each GroupNorm (+ SiLU, + the time embedding's add) by its Triton kernels (``unet_form``:
-  ``auto``, or one of ``unet_fast.UNET_FORMS`` to force one).
+  the large GroupNorms (+ SiLU, + the time embedding's add) of the UNet and of the VAE's resnets
+  with the default time norm by its Triton kernels (``unet_form``: ``auto``, or one of
+  ``unet_fast.UNET_FORMS`` to force one).
 
 The scheduler code is diffusers' own (a fresh copy per capture), so the latents agree with the
 stock pipeline to fp16 rounding; ``tests/unit/test_optimized.py`` checks this on the tiny model.

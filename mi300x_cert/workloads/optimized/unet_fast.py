@@ -5,13 +5,14 @@
 * **Upsampling in the channels-last layout** (``nhwc-up`` and ``fast``). diffusers' ``Upsample2D``
   makes its input contiguous in the channels-first layout at a batch of 64 or more (a workaround
   for the eager NHWC nearest-neighbour kernel, diffusers issue 984). Compiled, the upsampling is
-  Inductor's own kernel, and the layout change only splits the rest of the UNet's up path between
-  two layouts: the convolutions and the norms after each upsampler then copy between them. The
-  values are the same (a nearest-neighbour upsampling copies them); run eagerly (not compiled), the
-  module keeps diffusers' forward.
+  Inductor's own kernel and the copy is not needed; keeping the layout measured no difference on an
+  H200 (docs/performance.md, run 69) but is exact (a nearest-neighbour upsampling copies the
+  values). Run eagerly (not compiled), the module keeps diffusers' forward.
 * **GroupNorm (+ SiLU) by one Triton path** (``fast``). Each ``ResnetBlock2D``'s two
-  ``norm → SiLU`` (the second with the time embedding's add before it), each transformer's input
-  GroupNorm and the output GroupNorm + SiLU run as :func:`group_norm_act`: statistics per
+  ``norm → SiLU`` (the second with the time embedding's add before it; resnets with diffusers'
+  default time-embedding norm only — the VAE decoder's up blocks use its ``group`` norm and keep
+  their forward), each transformer's input GroupNorm and the output GroupNorm + SiLU run as
+  :func:`group_norm_act` where the activation has at least ``KERNEL_MIN_ELEMENTS`` elements: statistics per
   (sample, group) in one pass over the channels-last activation (a program per sample, range of
   pixels and block of channels; every channel's partial mean and sum of squared deviations, merged
   per group as Chan's parallel variance), then normalize, scale, shift and SiLU in a second pass. Off the GPU, for
@@ -252,7 +253,8 @@ def _op() -> Any:
                                     "bool silu) -> Tensor")
     def _impl(x: torch.Tensor, t: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, groups: int,
               eps: float, silu: bool) -> torch.Tensor:
-        if x.is_cuda and _is_channels_last(x) and _triton_ok(str(x.device)):
+        if (x.is_cuda and _is_channels_last(x) and (t is None or t.dtype == x.dtype)
+                and _triton_ok(str(x.device))):
             return group_norm_act_triton(x, t, w, b, groups, eps, silu)
         return torch.empty_like(x).copy_(group_norm_act_reference(x, t, w, b, groups, eps, silu))
 
