@@ -12,11 +12,11 @@
   ``norm → SiLU`` (the second with the time embedding's add before it; resnets with diffusers'
   default time-embedding norm only — the VAE decoder's up blocks use its ``group`` norm and keep
   their forward), each transformer's input GroupNorm and the output GroupNorm + SiLU run as
-  :func:`group_norm_act` where the activation has at least ``KERNEL_MIN_ELEMENTS`` elements: statistics per
-  (sample, group) in one pass over the channels-last activation (a program per sample, range of
-  pixels and block of channels; every channel's partial mean and sum of squared deviations, merged
-  per group as Chan's parallel variance), then normalize, scale, shift and SiLU in a second pass. Off the GPU, for
-  other layouts and where triton is missing, the library's ops.
+  :func:`group_norm_act` where the activation has at least ``KERNEL_MIN_ELEMENTS`` elements:
+  statistics per (sample, group) in one pass over the channels-last activation (a program per
+  sample, range of pixels and block of channels; every channel's partial mean and sum of squared
+  deviations, merged per group as Chan's parallel variance), then normalize, scale, shift and SiLU
+  in a second pass. Off the GPU, for other layouts and where triton is missing, the library's ops.
 
 The arithmetic is the library's: the time embedding's add rounded to the activation's dtype, the
 norm in float32 rounded once, the SiLU of that rounded value (within one float16 unit of
@@ -29,8 +29,8 @@ import functools
 import types
 from typing import Any
 
-__all__ = ["UNET_FORMS", "check_unet_form", "prepare_unet", "group_norm_act", "group_norm_act_reference", "group_norm_act_triton",
-           "GroupNormAct"]
+__all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "check_unet_form", "prepare_unet", "group_norm_act",
+           "group_norm_act_reference", "group_norm_act_triton", "GroupNormAct"]
 
 UNET_FORMS = ("library", "nhwc-up", "fast")
 
