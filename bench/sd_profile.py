@@ -136,17 +136,15 @@ def norm_rows(unet: Any, batch: int) -> list[dict[str, Any]]:
     setting's output from the library's."""
     import torch
 
-    def graph_us(fn: Any) -> float:
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(10):
-                fn()
-        return event_time_us(lambda i: g.replay(), 10) / 10
+    from mi300x_cert.workloads.optimized.common import DeviceGraph, event_time_us
 
-    from mi300x_cert.workloads.optimized.common import event_time_us
+    def graph_us(fn: Any) -> float:
+        g = DeviceGraph(lambda: [fn() for _ in range(10)], "cuda", name="norms")
+        g.run()
+        if not g.captured:
+            raise RuntimeError(f"the norms' timing graph: {g.reason}")
+        return event_time_us(lambda i: g.graph.replay(), 10) / 10
+
     from mi300x_cert.workloads.optimized.unet_fast import group_norm_act_reference, group_norm_act_triton
 
     rows = []

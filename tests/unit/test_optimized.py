@@ -487,6 +487,18 @@ def test_fast_encoder_operators_schema_and_fake_tensors():
     assert tuple(out.shape) == (3, 4, 24) and tuple(h.shape) == tuple(o.shape) == (3, 4, 24)
 
 
+def _refuses(calls: Any) -> None:
+    """Each ``(fn, args, kwargs, words)`` of ``calls`` raises one ``ValueError`` whose message has
+    ``words`` (for the kernels' checks run in a fresh interpreter process, which import it)."""
+    for fn, args, kwargs, words in calls:
+        try:
+            fn(*args, **kwargs)
+        except ValueError as e:
+            assert words in str(e), (words, str(e))
+        else:
+            raise AssertionError(f"no error ({words!r} expected)")
+
+
 _LINEAR_GELU_CHECK = r"""
 import torch
 import torch.nn.functional as F
@@ -554,13 +566,9 @@ assert torch.equal(linear_gelu_triton(xv, w, b, (16, 16, 16, 1, 2, 4)), linear_g
 bad_calls += [(add_layer_norm_triton, args + (1e-5, False), msg) for args, msg in (
     ((torch.zeros(2, 8), torch.zeros(2, 9), torch.zeros(8), torch.zeros(8)), "one shape and dtype"),
     ((torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(9), torch.zeros(8)), "w and b must be [8]"))]
-for fn, args, msg in bad_calls:
-    try:
-        fn(*args)
-    except ValueError as e:
-        assert msg in str(e), e
-    else:
-        raise AssertionError(msg)
+from tests.unit.test_optimized import _refuses
+
+_refuses((fn, args, {}, msg) for fn, args, msg in bad_calls)
 print("LINEAR-GELU-OK")
 """
 
@@ -673,15 +681,12 @@ for M, K, N, cfg in ((200, 96, 80, (32, 32, 32, 4, 2)), (3 * 64, 64, 128, (64, 6
     m = GEGLU(K, N).double()
     with torch.no_grad():
         assert torch.allclose(m(x.double()), geglu_reference(x.double(), m.proj.weight, m.proj.bias))
-for bad, msg in (((torch.randn(4, 8), torch.randn(15, 8), torch.randn(15)), "weight must be"),
-                 ((torch.randn(4, 8), torch.randn(16, 8), torch.randn(8)), "bias must be"),
-                 ((torch.randn(4, 8), torch.randn(16, 8).half(), torch.randn(16).half()), "one dtype")):
-    try:
-        geglu(*bad)
-    except ValueError as e:
-        assert msg in str(e), e
-    else:
-        raise AssertionError(msg)
+from tests.unit.test_optimized import _refuses
+
+_refuses((geglu, bad, {}, msg) for bad, msg in (
+    ((torch.randn(4, 8), torch.randn(15, 8), torch.randn(15)), "weight must be"),
+    ((torch.randn(4, 8), torch.randn(16, 8), torch.randn(8)), "bias must be"),
+    ((torch.randn(4, 8), torch.randn(16, 8).half(), torch.randn(16).half()), "one dtype")))
 print("GEGLU-OK")
 """
 
@@ -1546,6 +1551,7 @@ _GROUP_NORM_CHECK = r"""
 import torch
 import torch.nn.functional as F
 from mi300x_cert.workloads.optimized import unet_fast as uf
+from tests.unit.test_optimized import _refuses
 
 torch.manual_seed(0)
 # tails in the pixels (63, 35) and the channels (96 in blocks of 64), the time embedding's add,
@@ -1602,12 +1608,8 @@ for kw, word in ((dict(x=x.contiguous()), "channels-last"), (dict(groups=3), "do
     a = dict(x=x, t=None, w=w, b=w, groups=4, eps=1e-5, silu=True)
     a.update(kw)
     br = a.pop("block_rows", 16)
-    try:
-        uf.group_norm_act_triton(a["x"], a["t"], a["w"], a["b"], a["groups"], a["eps"], a["silu"], block_rows=br)
-    except ValueError as e:
-        assert word in str(e), (word, str(e))
-    else:
-        raise AssertionError(f"no error for {kw}")
+    _refuses([(uf.group_norm_act_triton, (a["x"], a["t"], a["w"], a["b"], a["groups"], a["eps"], a["silu"]),
+               {"block_rows": br}, word)])
 print("GROUP-NORM-OK")
 """
 

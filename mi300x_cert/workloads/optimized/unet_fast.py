@@ -166,13 +166,12 @@ def _is_channels_last(x: Any) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-@functools.cache
 def _programs_target(device: Any) -> int:
     """Two programs per multiprocessor on a GPU; 4 in triton's CPU interpreter."""
-    import torch
-
     if getattr(device, "type", str(device).split(":")[0]) == "cuda":
-        return 2 * int(torch.cuda.get_device_properties(device).multi_processor_count)
+        from .hidden_attn_cuda import persist_blocks
+
+        return 2 * persist_blocks(device)
     return 4
 
 
@@ -248,13 +247,15 @@ def _op() -> Any:
     the UNet compiled around it); the library's ops where the Triton kernels cannot run."""
     import torch
 
+    from .whisper_fast import triton_available
+
     @torch.library.custom_op("mi300x_cert::group_norm_act", mutates_args=(),
                              schema="(Tensor x, Tensor? t, Tensor w, Tensor b, int groups, float eps, "
                                     "bool silu) -> Tensor")
     def _impl(x: torch.Tensor, t: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, groups: int,
               eps: float, silu: bool) -> torch.Tensor:
         if (x.is_cuda and _is_channels_last(x) and (t is None or t.dtype == x.dtype)
-                and _triton_ok(str(x.device))):
+                and triton_available(str(x.device))):
             return group_norm_act_triton(x, t, w, b, groups, eps, silu)
         return torch.empty_like(x).copy_(group_norm_act_reference(x, t, w, b, groups, eps, silu))
 
@@ -264,15 +265,6 @@ def _op() -> Any:
         return torch.empty_like(x)
 
     return _impl
-
-
-@functools.cache
-def _triton_ok(device: str) -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - triton ships with torch on GPUs
-        return False
-    return True
 
 
 def group_norm_act(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool) -> Any:
