@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -93,7 +94,30 @@ def variant_options(spec: str) -> dict[str, Any]:
     return {**NAMED_VARIANTS[name], **own}
 
 
-NORM_SETTINGS = ((64, 64, 4), (32, 64, 4), (64, 128, 4), (32, 128, 8), (128, 64, 8))  # (block_rows, block_c, warps)
+# group_norm_act_triton's launch settings timed per norm: the normalizing pass's tile (block_rows ×
+# block_c by warps), the statistics pass's (stat_rows pixels by stat_warps, summed per lane or per
+# tile, stat_programs programs per multiprocessor at least), and chunks of samples of at most
+# sample_chunk_bytes run in turn (0: the whole batch at once). Run 75 timed 8 settings of the
+# passes' tiles (bench/results/h200-run75-sd-norm-settings.json); the best three stay here, beside
+# the chunks.
+_BEST = dict(block_rows=64, block_c=64, warps=4, stat_rows=64, stat_warps=4, stat_tile_sum=False, stat_programs=2)
+NORM_SETTINGS = (
+    _BEST,
+    dict(_BEST, stat_rows=32, stat_programs=8),
+    dict(_BEST, stat_rows=128, stat_tile_sum=True, stat_programs=4),
+    dict(_BEST, sample_chunk_bytes=8 << 20),
+    dict(_BEST, sample_chunk_bytes=16 << 20),
+    dict(_BEST, sample_chunk_bytes=32 << 20),
+)
+
+
+def norm_setting_label(cfg: dict[str, Any]) -> str:
+    """``r64 c64 w4 · s128 w4 tile p8 · chunks of 16 MiB``: the normalizing pass's tile and warps,
+    the statistics pass's rows, warps, summation and programs per multiprocessor, the chunks."""
+    chunk = int(cfg.get("sample_chunk_bytes", 0))
+    return (f"r{cfg['block_rows']} c{cfg['block_c']} w{cfg['warps']} · s{cfg['stat_rows']} w{cfg['stat_warps']} "
+            f"{'tile' if cfg['stat_tile_sum'] else 'lanes'} p{cfg['stat_programs']}"
+            + (f" · chunks of {chunk >> 20} MiB" if chunk else ""))
 
 
 def norm_sites(unet: Any, batch: int) -> list[dict[str, Any]]:
@@ -165,11 +189,10 @@ def norm_rows(unet: Any, batch: int) -> list[dict[str, Any]]:
             us = graph_us(lambda: lib(x, t))
             row["library_us"] = us
             row["library_tb_per_s"] = moved / us / 1e6
-            for br, bc, warps in NORM_SETTINGS:
-                key = f"r{br} c{bc} w{warps}"
-                out = group_norm_act_triton(x, t, w, b, G, eps, silu, block_rows=br, block_c=bc, warps=warps)
-                us = graph_us(lambda: group_norm_act_triton(x, t, w, b, G, eps, silu, block_rows=br,
-                                                            block_c=bc, warps=warps))
+            for cfg in NORM_SETTINGS:
+                key = norm_setting_label(cfg)
+                out = group_norm_act_triton(x, t, w, b, G, eps, silu, **cfg)
+                us = graph_us(lambda: group_norm_act_triton(x, t, w, b, G, eps, silu, **cfg))
                 row.setdefault("kernel_us", {})[key] = us
                 row.setdefault("kernel_tb_per_s", {})[key] = moved / us / 1e6
                 row.setdefault("max_abs_vs_library", {})[key] = float((out.float() - ref.float()).abs().max())
@@ -240,8 +263,18 @@ def main(argv: list[str] | None = None) -> None:
     unet.fuse_qkv_projections()
     res["sdpa"] = pick_sdpa_backend((16, 8), 4096, 40, unet.dtype, "cuda")
     if a.norms:  # at the largest batch only (at small ones the calls time the host)
-        for row in norm_rows(unet, max(batches)):
+        from mi300x_cert.workloads.optimized.unet_fast import KERNEL_MIN_ELEMENTS
+
+        rows = norm_rows(unet, max(batches))
+        for row in rows:
             emit(row)
+        # per UNet evaluation (each site × its calls), over the norms the size rule gives the kernels
+        big = [r for r in rows if math.prod(r["norm_site"]["shape"]) >= KERNEL_MIN_ELEMENTS]
+        res["norm_totals_ms"] = {"sites": len(big), "calls": sum(r["norm_site"]["calls"] for r in big),
+                                 "library": sum(r["library_us"] * r["norm_site"]["calls"] for r in big) / 1e3,
+                                 **{k: sum(r["kernel_us"][k] * r["norm_site"]["calls"] for r in big) / 1e3
+                                    for k in (big[0]["kernel_us"] if big else {})}}
+        print(json.dumps({"norm_totals_ms": res["norm_totals_ms"]}), flush=True)
     import copy
 
     from mi300x_cert.workloads.optimized.unet_fast import prepare_unet

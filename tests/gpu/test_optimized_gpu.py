@@ -548,3 +548,32 @@ def test_fast_unet_compiled_is_the_library_unet(monkeypatch):
     # Inductor names its own kernels after the ops they feed too ("…_group_norm_act_…"): a library
     # norm would be "native_group_norm"
     assert not [n for n in calls if "native_group_norm" in n], calls
+
+    # the VAE decoder: its resnets (the up blocks' "group" time norm among them) and its output norm
+    # by the kernels, the mid block's attention norm the library's
+    with torch.no_grad():
+        for m in wl.vae.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, device="cuda", generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, device="cuda", generator=g))
+    vae = wl.vae.to(memory_format=torch.channels_last)
+    fast_vae = copy.deepcopy(vae)
+    counts = unet_fast.prepare_unet(fast_vae, "fast")
+    dec = fast_vae.decoder
+    dec_resnets = [m for m in dec.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert any(m.time_embedding_norm == "group" for m in dec_resnets), "the up blocks' norm"
+    z = torch.randn(4, 4, 16, 16, device="cuda", generator=g).half().to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    lib_dec = torch.compile(lambda z: vae.decode(z, return_dict=False)[0], fullgraph=True, dynamic=False)
+    fast_dec = torch.compile(lambda z: fast_vae.decode(z, return_dict=False)[0], fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        ref = lib_dec(z).float()
+        got = fast_dec(z).float()
+        rel = float((got - ref).norm() / ref.norm())
+        assert rel < 5e-3, rel
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fast_dec(z)
+            torch.cuda.synchronize()
+    calls = {e.key: e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA")}
+    assert sum(c for n, c in calls.items() if n.startswith("_gn_apply")) == 2 * len(dec_resnets) + 1, (counts, calls)
+

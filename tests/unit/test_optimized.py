@@ -1556,15 +1556,24 @@ from tests.unit.test_optimized import _refuses
 torch.manual_seed(0)
 # tails in the pixels (63, 35) and the channels (96 in blocks of 64), the time embedding's add,
 # several groups and launch settings, activations with a large common offset (the variance's
-# cancellation), ranges of pixels shorter and longer than a tile
-for (N, C, H, W, G, silu, has_t, br, bc, off) in ((2, 64, 9, 7, 8, True, True, 16, 32, 5.0),
-                                                  (3, 96, 5, 7, 32, False, False, 8, 64, 0.0),
-                                                  (1, 40, 16, 16, 4, True, False, 16, 16, 300.0),
-                                                  (2, 48, 12, 12, 6, True, True, 4, 16, -40.0)):
+# cancellation), ranges of pixels shorter and longer than a tile; the statistics summed per lane
+# and per tile, in tiles of the normalizing pass's size and others
+for (N, C, H, W, G, silu, has_t, br, sr, tile_sum, bc, off) in (
+        (2, 64, 9, 7, 8, True, True, 16, 16, False, 32, 5.0),
+        (2, 64, 9, 7, 8, True, True, 16, 8, True, 32, 5.0),
+        (3, 96, 5, 7, 32, False, False, 8, 8, False, 64, 0.0),
+        (3, 96, 5, 7, 32, False, False, 8, 32, True, 64, 0.0),
+        (1, 40, 16, 16, 4, True, False, 16, 16, False, 16, 300.0),
+        (1, 40, 16, 16, 4, True, False, 16, 4, True, 16, 300.0),
+        (2, 48, 12, 12, 6, True, True, 4, 4, False, 16, -40.0),
+        (2, 48, 12, 12, 6, True, True, 4, 16, True, 16, -40.0)):
     x = (torch.randn(N, C, H, W) * 3 + off).half().to(memory_format=torch.channels_last)
     t = torch.randn(N, C).half() if has_t else None
     w, b = (torch.rand(C) + 0.5).half(), torch.randn(C).half()
-    got = uf.group_norm_act_triton(x, t, w, b, G, 1e-5, silu, block_rows=br, block_c=bc)
+    # chunks of two samples (3 = 2 + 1) or of one, in turn; none for one sample
+    chunk = (2 * C * H * W * 2 if tile_sum else 1) if N > 1 else 0
+    got = uf.group_norm_act_triton(x, t, w, b, G, 1e-5, silu, block_rows=br, block_c=bc, stat_rows=sr,
+                                   stat_tile_sum=tile_sum, sample_chunk_bytes=chunk)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
     h = x if t is None else x + t[:, :, None, None]          # the library's add, in float16
     ref = F.group_norm(h.double(), G, w.double(), b.double(), 1e-5)
@@ -1580,36 +1589,46 @@ for (N, C, H, W, G, silu, has_t, br, bc, off) in ((2, 64, 9, 7, 8, True, True, 1
 
 # more ranges of pixels than the merge takes at once (64), the last one short: the merge across
 # its iterations (the programs' target raised, so each range is one tile of 16 pixels)
-uf._programs_target = lambda device: 1 << 20
+uf._programs_target = lambda device, per_sm=2: 1 << 20
 ramp = torch.linspace(0, 30, 33)[None, None, :, None]   # the later ranges' means differ from the first ones'
 x = (torch.randn(2, 24, 33, 35) * 2 + 7 + ramp).half().to(memory_format=torch.channels_last)
 t, w, b = torch.randn(2, 24).half(), (torch.rand(24) + 0.5).half(), torch.randn(24).half()
 assert -(-33 * 35 // 16) > 64
-got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, block_rows=16, block_c=16)
 h = x + t[:, :, None, None]
 ref = F.silu(F.group_norm(h.double(), 4, w.double(), b.double(), 1e-5).half().double())
 lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), 4, 1e-5, True).half().double()
 unit = float(ref.abs().max()) * 2.0 ** -10
-assert float((got.double() - ref).abs().max()) <= float((lib - ref).abs().max()) + unit
+for tile_sum in (False, True):
+    got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16,
+                                   stat_tile_sum=tile_sum)
+    assert float((got.double() - ref).abs().max()) <= float((lib - ref).abs().max()) + unit, tile_sum
 # float32 activations far from zero: the sums are shifted by each range's first pixel (without the
 # shift the variance would cancel to nothing here)
 x = (torch.randn(2, 16, 20, 20, dtype=torch.float64) * 0.5 + 1e4).float().to(memory_format=torch.channels_last)
 w, b = torch.rand(16) + 0.5, torch.randn(16)
-got = uf.group_norm_act_triton(x, None, w, b, 4, 1e-6, False, block_rows=16, block_c=16)
 ref = F.group_norm(x.double(), 4, w.double(), b.double(), 1e-6)
-assert float((got.double() - ref).abs().max()) < 1e-2, float((got.double() - ref).abs().max())
+for tile_sum in (False, True):
+    got = uf.group_norm_act_triton(x, None, w, b, 4, 1e-6, False, block_rows=16, block_c=16, stat_rows=16,
+                                   stat_tile_sum=tile_sum)
+    assert float((got.double() - ref).abs().max()) < 1e-2, (tile_sum, float((got.double() - ref).abs().max()))
 
 # one clear error per bad operand
 x = torch.randn(2, 8, 3, 3).half().to(memory_format=torch.channels_last)
 w = torch.ones(8).half()
 for kw, word in ((dict(x=x.contiguous()), "channels-last"), (dict(groups=3), "do not split into 3 groups"),
                  (dict(w=torch.ones(7).half()), "w and b must be [8]"),
-                 (dict(t=torch.ones(2, 7).half()), "t must be [2, 8]"), (dict(block_rows=24), "powers of two")):
+                 (dict(t=torch.ones(2, 7).half()), "t must be [2, 8]"),
+                 (dict(block_rows=24), "block_rows must be a power of two, got 24"),
+                 (dict(stat_rows=48), "stat_rows must be a power of two, got 48"),
+                 (dict(stat_warps=3), "stat_warps must be a power of two, got 3"),
+                 (dict(stat_programs=0), "stat_programs must be at least 1, got 0"),
+                 (dict(sample_chunk_bytes=-1), "sample_chunk_bytes must be 0 (no chunks) or more, got -1")):
     a = dict(x=x, t=None, w=w, b=w, groups=4, eps=1e-5, silu=True)
     a.update(kw)
-    br = a.pop("block_rows", 16)
+    launch = {k: a.pop(k) for k in ("block_rows", "stat_rows", "stat_warps", "stat_programs", "sample_chunk_bytes")
+              if k in a}
     _refuses([(uf.group_norm_act_triton, (a["x"], a["t"], a["w"], a["b"], a["groups"], a["eps"], a["silu"]),
-               {"block_rows": br}, word)])
+               {"block_rows": 16, **launch}, word)])
 print("GROUP-NORM-OK")
 """
 
@@ -1622,6 +1641,21 @@ def test_unet_group_norm_kernels_are_the_librarys_norm(tmp_path):
     pytest.importorskip("triton")
     r = _run_interpreted(tmp_path / "group_norm_check.py", _GROUP_NORM_CHECK)
     assert r.returncode == 0 and "GROUP-NORM-OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_unet_group_norm_statistics_ranges_fit_the_pixels():
+    """The statistics pass's range of pixels per program: doubled while enough programs remain, at
+    most 1,024 pixels, and never longer than the activation's pixels (a range past them would loop
+    over nothing: an 8×8 activation takes one tile, not sixteen)."""
+    from mi300x_cert.workloads.optimized.unet_fast import _rows_per_program
+
+    assert _rows_per_program(64 * 5, 64 * 64, 264, 64) == 1024      # SD's largest norm: 4 ranges
+    assert _rows_per_program(64 * 5, 64 * 64, 1 << 20, 64) == 64     # a high target keeps tiles
+    assert _rows_per_program(64 * 40, 8 * 8, 264, 64) == 64          # 8² pixels: one tile of 64
+    assert _rows_per_program(64 * 20, 16 * 16, 264, 64) == 256       # 16²: the whole image
+    assert _rows_per_program(64 * 20, 16 * 16, 264, 128) == 256
+    assert _rows_per_program(1, 300, 1, 16) == 512                   # a tail: the next power of two
+    assert _rows_per_program(1, 300, 4, 16) == 64                    # 5 ranges: ≥ 4 programs
 
 
 def test_unet_group_norm_operator_schema_and_fake_tensors():
@@ -1682,8 +1716,17 @@ def test_unet_forms_are_the_library_unet_eager_and_compiled(monkeypatch):
             assert unet_fast.prepare_unet(u, form) == want, form
             assert torch.equal(u(x, t, encoder_hidden_states=e, return_dict=False)[0], ref), form
         v = copy.deepcopy(vae)
-        assert unet_fast.prepare_unet(v, "fast")["resnet"] > 0
+        vae_resnets = [m for m in v.modules() if type(m).__name__ == "ResnetBlock2D"]
+        # the decoder's up blocks use diffusers' "group" time norm (no time projection): taken too
+        assert any(m.time_embedding_norm == "group" for m in vae_resnets)
+        assert unet_fast.prepare_unet(v, "fast")["resnet"] == len(vae_resnets)
         assert torch.equal(v.decode(x[:2], return_dict=False)[0], img)
+        # a default-norm resnet without a time projection but given a temb keeps diffusers' forward
+        # (which adds that temb as it is)
+        r = next(m for m in v.modules() if type(m).__name__ == "ResnetBlock2D" and m.time_embedding_norm == "default")
+        h = torch.randn(2, r.in_channels, 4, 4, generator=g)
+        te = torch.randn(2, r.out_channels, 1, 1, generator=g)
+        assert torch.equal(r(h, te), type(r).forward(r, h, te))
         monkeypatch.setattr(unet_fast, "KERNEL_MIN_ELEMENTS", 0)
         u = copy.deepcopy(unet)
         unet_fast.prepare_unet(u, "fast")

@@ -10,8 +10,9 @@
   values). Run eagerly (not compiled), the module keeps diffusers' forward.
 * **GroupNorm (+ SiLU) by one Triton path** (``fast``). Each ``ResnetBlock2D``'s two
   ``norm → SiLU`` (the second with the time embedding's add before it; resnets with diffusers'
-  default time-embedding norm only — the VAE decoder's up blocks use its ``group`` norm and keep
-  their forward), each transformer's input GroupNorm and the output GroupNorm + SiLU run as
+  default time-embedding norm, or its ``group`` norm without a time projection as the VAE decoder's
+  up blocks have, which computes the same), each transformer's input GroupNorm and the output
+  GroupNorm + SiLU run as
   :func:`group_norm_act` where the activation has at least ``KERNEL_MIN_ELEMENTS`` elements:
   statistics per (sample, group) in one pass over the channels-last activation (a program per
   sample, range of pixels and block of channels; every channel's partial mean and sum of squared
@@ -29,7 +30,8 @@ import functools
 import types
 from typing import Any
 
-__all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "check_unet_form", "prepare_unet", "group_norm_act",
+__all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "STAT_ROWS", "STAT_WARPS", "STAT_TILE_SUM", "STAT_PROGRAMS",
+           "check_unet_form", "prepare_unet", "group_norm_act",
            "group_norm_act_reference", "group_norm_act_triton", "GroupNormAct"]
 
 UNET_FORMS = ("library", "nhwc-up", "fast")
@@ -51,11 +53,13 @@ def _kernels() -> tuple[Any, Any, Any]:
 
     @triton.jit
     def _gn_partial(x_ptr, t_ptr, mean_ptr, m2_ptr, HW, S, CB, C: tl.constexpr, R: tl.constexpr,
-                    BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr):
-        # Program (n, s, cb): pixels [s·R, s·R + R) of sample n, channels [cb·BC, cb·BC + BC). Each
-        # lane sums its values and squares shifted by the range's first pixel (no reduction across
-        # threads inside the loop, no cancellation for activations near that value); at the end, per
-        # channel, the mean and the sum of squared deviations of the range.
+                    BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr, TILE_SUM: tl.constexpr):
+        # Program (n, s, cb): pixels [s·R, s·R + R) of sample n, channels [cb·BC, cb·BC + BC). The
+        # values are shifted by the range's first pixel (no cancellation for activations near that
+        # value) and summed with their squares per channel: per lane over the loop and across the
+        # tile's rows once at the end, or (TILE_SUM) across each tile's rows as it arrives (small
+        # accumulators: more programs resident, more loads in flight). At the end, per channel, the
+        # mean and the sum of squared deviations of the range.
         pid = tl.program_id(0)
         cb = pid % CB
         s = (pid // CB) % S
@@ -70,20 +74,30 @@ def _kernels() -> tuple[Any, Any, Any]:
             tv = tl.load(t_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32)
             k = (k.to(tl.float32) + tv).to(x_ptr.dtype.element_ty)
         k = k.to(tl.float32)
-        acc1 = tl.zeros((BR, BC), dtype=tl.float32)
-        acc2 = tl.zeros((BR, BC), dtype=tl.float32)
-        for r0 in range(0, R, BR):
+        cnt_i = tl.minimum(HW - first, R)
+        if TILE_SUM:
+            s1 = tl.zeros((BC,), dtype=tl.float32)
+            s2 = tl.zeros((BC,), dtype=tl.float32)
+        else:
+            acc1 = tl.zeros((BR, BC), dtype=tl.float32)
+            acc2 = tl.zeros((BR, BC), dtype=tl.float32)
+        for r0 in range(0, R, BR):   # R fits the pixels (_rows_per_program): only the last range has a tail
             p = first + r0 + rows
             m = (p < HW)[:, None] & cm[None, :]
             v = tl.load(x_ptr + base + p[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
             if HAS_T:
                 v = (v.to(tl.float32) + tv[None, :]).to(x_ptr.dtype.element_ty)
             d = tl.where(m, v.to(tl.float32) - k[None, :], 0.0)   # masked pixels out of the sums
-            acc1 += d
-            acc2 += d * d
-        cnt = tl.minimum(HW - first, R).to(tl.float32)
-        s1 = tl.sum(acc1, axis=0)
-        s2 = tl.sum(acc2, axis=0)
+            if TILE_SUM:
+                s1 += tl.sum(d, axis=0)
+                s2 += tl.sum(d * d, axis=0)
+            else:
+                acc1 += d
+                acc2 += d * d
+        if not TILE_SUM:
+            s1 = tl.sum(acc1, axis=0)
+            s2 = tl.sum(acc2, axis=0)
+        cnt = cnt_i.to(tl.float32)
         off = (n * S + s).to(tl.int64) * C + cols
         tl.store(mean_ptr + off, k + s1 / cnt, mask=cm)
         tl.store(m2_ptr + off, tl.maximum(s2 - s1 * s1 / cnt, 0.0), mask=cm)
@@ -166,32 +180,50 @@ def _is_channels_last(x: Any) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _programs_target(device: Any) -> int:
-    """Two programs per multiprocessor on a GPU; 4 in triton's CPU interpreter."""
+def _programs_target(device: Any, per_sm: int = 2) -> int:
+    """``per_sm`` programs per multiprocessor on a GPU; 4 in triton's CPU interpreter."""
     if getattr(device, "type", str(device).split(":")[0]) == "cuda":
         from .hidden_attn_cuda import persist_blocks
 
-        return 2 * persist_blocks(device)
+        return per_sm * persist_blocks(device)
     return 4
 
 
 def _rows_per_program(blocks: int, hw: int, target: int, br: int) -> int:
     """Pixels per statistics program (``blocks`` programs per range of pixels): a power of two ≥
-    ``br`` giving ≥ ``target`` programs where the tensor allows it, at most 1,024."""
+    ``br`` giving ≥ ``target`` programs where the tensor allows it, at most 1,024, and no longer than
+    the ``hw`` pixels need (a range past them would loop over nothing)."""
     r = br
-    while r < 1024 and blocks * -(-hw // (2 * r)) >= target:
+    while r < 1024 and r < hw and blocks * -(-hw // (2 * r)) >= target:
         r *= 2
     return r
 
 
+# The launch settings (docs/performance.md, run 75): the normalizing pass in tiles of 64 pixels ×
+# 64 channels by 4 warps; the statistics pass in tiles of STAT_ROWS pixels by STAT_WARPS warps,
+# summed across each tile's rows as it arrives (STAT_TILE_SUM), STAT_PROGRAMS programs per
+# multiprocessor at least where the tensor allows it.
+STAT_ROWS, STAT_WARPS, STAT_TILE_SUM, STAT_PROGRAMS = 64, 4, False, 2
+
+
 def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool,
-                          *, block_rows: int = 64, block_c: int = 64, warps: int = 4) -> Any:
+                          *, block_rows: int = 64, block_c: int = 64, warps: int = 4,
+                          stat_rows: int | None = None, stat_warps: int | None = None,
+                          stat_tile_sum: bool | None = None, stat_programs: int | None = None,
+                          sample_chunk_bytes: int = 0) -> Any:
     """GroupNorm of ``x (+ t[:, :, None, None])`` with weight ``w`` and bias ``b`` (then SiLU when
     ``silu``) by the Triton kernels: x [N, C, H, W] channels-last, t [N, C] or None, C divisible by
-    ``groups``. The output has x's layout."""
+    ``groups``. The output has x's layout. ``block_rows`` × ``block_c`` by ``warps`` is the
+    normalizing pass's tile; the ``stat_*`` settings (default: the module's ``STAT_*``) the
+    statistics pass's (same ``block_c``). ``sample_chunk_bytes`` > 0 runs both passes over chunks of
+    samples of at most that many bytes (at least one sample) in turn."""
     import torch
     import triton
 
+    stat_rows = STAT_ROWS if stat_rows is None else int(stat_rows)
+    stat_warps = STAT_WARPS if stat_warps is None else int(stat_warps)
+    stat_tile_sum = STAT_TILE_SUM if stat_tile_sum is None else bool(stat_tile_sum)
+    stat_programs = STAT_PROGRAMS if stat_programs is None else int(stat_programs)
     if not _is_channels_last(x):
         raise ValueError(f"group_norm_act: x must be a channels-last [N, C, H, W] tensor, got shape "
                          f"{tuple(x.shape)} strides {tuple(x.stride())}")
@@ -202,33 +234,48 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
         raise ValueError(f"group_norm_act: w and b must be [{C}], got {tuple(w.shape)} and {tuple(b.shape)}")
     if t is not None and (tuple(t.shape) != (N, C) or t.dtype != x.dtype):
         raise ValueError(f"group_norm_act: t must be [{N}, {C}] of {x.dtype}, got {tuple(t.shape)} {t.dtype}")
-    if block_rows < 1 or block_rows & (block_rows - 1) or block_c < 1 or block_c & (block_c - 1):
-        raise ValueError(f"group_norm_act: block sizes must be powers of two, got {block_rows}, {block_c}")
+    for name, v in (("block_rows", block_rows), ("block_c", block_c), ("stat_rows", stat_rows),
+                    ("warps", warps), ("stat_warps", stat_warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"group_norm_act: {name} must be a power of two, got {v}")
+    if stat_programs < 1:
+        raise ValueError(f"group_norm_act: stat_programs must be at least 1, got {stat_programs}")
+    if sample_chunk_bytes < 0:
+        raise ValueError(f"group_norm_act: sample_chunk_bytes must be 0 (no chunks) or more, got {sample_chunk_bytes}")
     HW = H * W
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
     CG = C // groups
     CB = triton.cdiv(C, block_c)
-    R = _rows_per_program(N * CB, HW, _programs_target(x.device), block_rows)
-    S = triton.cdiv(HW, R)
-    dev = x.device
-    part_mean = torch.empty((N, S, C), dtype=torch.float32, device=dev)
-    part_m2 = torch.empty((N, S, C), dtype=torch.float32, device=dev)
-    stats = torch.empty((N, groups, 2), dtype=torch.float32, device=dev)
+    per_sample = HW * C * x.element_size()
+    chunk = N if not sample_chunk_bytes else max(1, min(N, int(sample_chunk_bytes) // per_sample))
     tt = t.contiguous() if t is not None else x   # a placeholder pointer where there is no t
+    wc, bc_ = w.contiguous(), b.contiguous()
     partial, finish, apply = _kernels()
     from .encoder_fast import _on_device
 
+    # in chunks of samples (sample_chunk_bytes): the normalizing pass then reads what the statistics
+    # pass has just read, from the L2 cache where the chunk fits there
+    R = _rows_per_program(chunk * CB, HW, _programs_target(x.device, stat_programs), stat_rows)
+    S = triton.cdiv(HW, R)
+    dev = x.device
+    part_mean = torch.empty((chunk, S, C), dtype=torch.float32, device=dev)
+    part_m2 = torch.empty((chunk, S, C), dtype=torch.float32, device=dev)
+    stats = torch.empty((chunk, groups, 2), dtype=torch.float32, device=dev)
     with _on_device(dev):
-        partial[(N * S * CB,)](x, tt, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=block_rows, BC=block_c,
-                               HAS_T=t is not None, num_warps=warps)
-        finish[(N * groups,)](part_mean, part_m2, stats, HW, groups, float(eps), S=S, C=C, CG=CG, R=R,
-                              BS=min(64, triton.next_power_of_2(S)), BG=triton.next_power_of_2(CG),
-                              num_warps=1)
-        apply[(N * triton.cdiv(HW, block_rows) * CB,)](x, tt, w.contiguous(), b.contiguous(), stats, y, HW,
-                                                       groups, CB, C=C, CG=CG, BR=block_rows, BC=block_c,
-                                                       HAS_T=t is not None, SILU=bool(silu), num_warps=warps)
+        for n0 in range(0, N, chunk):
+            k = min(chunk, N - n0)
+            xs, ys = x[n0:n0 + k], y[n0:n0 + k]
+            ts = tt[n0:n0 + k] if t is not None else xs
+            partial[(k * S * CB,)](xs, ts, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=stat_rows, BC=block_c,
+                                   HAS_T=t is not None, TILE_SUM=stat_tile_sum, num_warps=stat_warps)
+            finish[(k * groups,)](part_mean, part_m2, stats, HW, groups, float(eps), S=S, C=C, CG=CG, R=R,
+                                  BS=min(64, triton.next_power_of_2(S)), BG=triton.next_power_of_2(CG),
+                                  num_warps=1)
+            apply[(k * triton.cdiv(HW, block_rows) * CB,)](xs, ts, wc, bc_, stats, ys, HW, groups, CB, C=C, CG=CG,
+                                                           BR=block_rows, BC=block_c, HAS_T=t is not None,
+                                                           SILU=bool(silu), num_warps=warps)
     return y
 
 
@@ -321,8 +368,12 @@ def GroupNormAct(norm: Any, silu: bool) -> Any:  # noqa: N802 - builds the modul
 
 
 def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwargs: Any) -> Any:
-    """``ResnetBlock2D.forward`` (eval, default time-embedding norm, no resampling) with each
-    norm → SiLU, and the time embedding's add before the second, as one :func:`group_norm_act`."""
+    """``ResnetBlock2D.forward`` (eval, default time-embedding norm or ``group`` without a time
+    projection, no resampling) with each norm → SiLU, and the time embedding's add before the
+    second, as one :func:`group_norm_act`."""
+    if block.time_emb_proj is None and temb is not None and block.time_embedding_norm == "default":
+        # diffusers adds such a temb as it is: its own forward
+        return type(block).forward(block, input_tensor, temb, *args, **kwargs)
     n1, n2 = block.norm1, block.norm2
     x = _gn(input_tensor, None, n1.weight, n1.bias, n1.num_groups, n1.eps, True)
     x = block.conv1(x)
@@ -362,8 +413,11 @@ def _upsample_forward(up: Any, hidden_states: Any, output_size: Any = None, *arg
 def _resnet_ok(m: Any) -> bool:
     import torch
 
+    # diffusers' "group" time norm (the VAE decoder's up blocks) has no time projection and computes
+    # norm2 alone: the default path without a time embedding
+    norm = getattr(m, "time_embedding_norm", "default")
     return (type(m).__name__ == "ResnetBlock2D" and m.upsample is None and m.downsample is None
-            and getattr(m, "time_embedding_norm", "default") == "default"
+            and (norm == "default" or (norm == "group" and m.time_emb_proj is None))
             and isinstance(m.nonlinearity, torch.nn.SiLU)
             and all(isinstance(n, torch.nn.GroupNorm) and n.affine for n in (m.norm1, m.norm2)))
 
