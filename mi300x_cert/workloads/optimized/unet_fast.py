@@ -374,14 +374,30 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
     if block.time_emb_proj is None and temb is not None and block.time_embedding_norm == "default":
         # diffusers adds such a temb as it is: its own forward
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
+    import torch
+
     n1, n2 = block.norm1, block.norm2
     x = _gn(input_tensor, None, n1.weight, n1.bias, n1.num_groups, n1.eps, True)
-    x = block.conv1(x)
     t = None
     if block.time_emb_proj is not None and temb is not None:
         if not block.skip_time_act:
             temb = block.nonlinearity(temb)
         t = block.time_emb_proj(temb)
+    c1 = block.conv1
+    if (torch.compiler.is_compiling() and type(c1) is torch.nn.Conv2d and c1.bias is not None
+            and x.dim() == 4 and int(x.shape[0]) * c1.out_channels * int(x.shape[2]) * int(x.shape[3]) >= KERNEL_MIN_ELEMENTS
+            and c1.stride == (1, 1) and c1.padding == tuple((k - 1) // 2 for k in c1.kernel_size)
+            and c1.dilation == (1, 1)):
+        # Compiled, Inductor runs the convolution without its bias and adds the bias in a kernel
+        # of its own that it fuses into what reads the result; the operator cannot take part in
+        # that fusion, so that add would be one more pass over the activation. The bias goes into
+        # the operator's per-channel add with the time embedding instead (same-size output:
+        # the size rule sends this norm to the kernels).
+        x = c1._conv_forward(x, c1.weight, None)
+        bias = c1.bias.float()[None, :]
+        t = (bias if t is None else t.float() + bias).expand(int(x.shape[0]), -1).to(x.dtype).contiguous()
+    else:
+        x = c1(x)
     x = _gn(x, t, n2.weight, n2.bias, n2.num_groups, n2.eps, True)
     x = block.dropout(x)
     x = block.conv2(x)
