@@ -95,29 +95,23 @@ def variant_options(spec: str) -> dict[str, Any]:
 
 
 # group_norm_act_triton's launch settings timed per norm: the normalizing pass's tile (block_rows ×
-# block_c by warps), the statistics pass's (stat_rows pixels by stat_warps, summed per lane or per
-# tile, stat_programs programs per multiprocessor at least), and chunks of samples of at most
-# sample_chunk_bytes run in turn (0: the whole batch at once). Run 75 timed 8 settings of the
-# passes' tiles (bench/results/h200-run75-sd-norm-settings.json); the best three stay here, beside
-# the chunks.
+# block_c by warps) and the statistics pass's (stat_rows pixels by stat_warps, summed per lane or per
+# tile, stat_programs programs per multiprocessor at least). Run 75 timed 8 settings
+# (bench/results/h200-run75-sd-norm-settings.json), run 76 the best three beside chunks of samples run
+# in turn (a bench-only form since removed: 1.5-2x slower); the best three stay here.
 _BEST = dict(block_rows=64, block_c=64, warps=4, stat_rows=64, stat_warps=4, stat_tile_sum=False, stat_programs=2)
 NORM_SETTINGS = (
     _BEST,
     dict(_BEST, stat_rows=32, stat_programs=8),
     dict(_BEST, stat_rows=128, stat_tile_sum=True, stat_programs=4),
-    dict(_BEST, sample_chunk_bytes=8 << 20),
-    dict(_BEST, sample_chunk_bytes=16 << 20),
-    dict(_BEST, sample_chunk_bytes=32 << 20),
 )
 
 
 def norm_setting_label(cfg: dict[str, Any]) -> str:
-    """``r64 c64 w4 · s128 w4 tile p8 · chunks of 16 MiB``: the normalizing pass's tile and warps,
-    the statistics pass's rows, warps, summation and programs per multiprocessor, the chunks."""
-    chunk = int(cfg.get("sample_chunk_bytes", 0))
+    """``r64 c64 w4 · s128 w4 tile p8``: the normalizing pass's tile and warps, then the statistics
+    pass's rows, warps, summation and programs per multiprocessor."""
     return (f"r{cfg['block_rows']} c{cfg['block_c']} w{cfg['warps']} · s{cfg['stat_rows']} w{cfg['stat_warps']} "
-            f"{'tile' if cfg['stat_tile_sum'] else 'lanes'} p{cfg['stat_programs']}"
-            + (f" · chunks of {chunk >> 20} MiB" if chunk else ""))
+            f"{'tile' if cfg['stat_tile_sum'] else 'lanes'} p{cfg['stat_programs']}")
 
 
 def norm_sites(unet: Any, batch: int) -> list[dict[str, Any]]:

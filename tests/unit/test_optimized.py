@@ -1570,10 +1570,8 @@ for (N, C, H, W, G, silu, has_t, br, sr, tile_sum, bc, off) in (
     x = (torch.randn(N, C, H, W) * 3 + off).half().to(memory_format=torch.channels_last)
     t = torch.randn(N, C).half() if has_t else None
     w, b = (torch.rand(C) + 0.5).half(), torch.randn(C).half()
-    # chunks of two samples (3 = 2 + 1) or of one, in turn; none for one sample
-    chunk = (2 * C * H * W * 2 if tile_sum else 1) if N > 1 else 0
     got = uf.group_norm_act_triton(x, t, w, b, G, 1e-5, silu, block_rows=br, block_c=bc, stat_rows=sr,
-                                   stat_tile_sum=tile_sum, sample_chunk_bytes=chunk)
+                                   stat_tile_sum=tile_sum)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
     h = x if t is None else x + t[:, :, None, None]          # the library's add, in float16
     ref = F.group_norm(h.double(), G, w.double(), b.double(), 1e-5)
@@ -1621,12 +1619,10 @@ for kw, word in ((dict(x=x.contiguous()), "channels-last"), (dict(groups=3), "do
                  (dict(block_rows=24), "block_rows must be a power of two, got 24"),
                  (dict(stat_rows=48), "stat_rows must be a power of two, got 48"),
                  (dict(stat_warps=3), "stat_warps must be a power of two, got 3"),
-                 (dict(stat_programs=0), "stat_programs must be at least 1, got 0"),
-                 (dict(sample_chunk_bytes=-1), "sample_chunk_bytes must be 0 (no chunks) or more, got -1")):
+                 (dict(stat_programs=0), "stat_programs must be at least 1, got 0")):
     a = dict(x=x, t=None, w=w, b=w, groups=4, eps=1e-5, silu=True)
     a.update(kw)
-    launch = {k: a.pop(k) for k in ("block_rows", "stat_rows", "stat_warps", "stat_programs", "sample_chunk_bytes")
-              if k in a}
+    launch = {k: a.pop(k) for k in ("block_rows", "stat_rows", "stat_warps", "stat_programs") if k in a}
     _refuses([(uf.group_norm_act_triton, (a["x"], a["t"], a["w"], a["b"], a["groups"], a["eps"], a["silu"]),
                {"block_rows": 16, **launch}, word)])
 print("GROUP-NORM-OK")

@@ -209,14 +209,12 @@ STAT_ROWS, STAT_WARPS, STAT_TILE_SUM, STAT_PROGRAMS = 64, 4, False, 2
 def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool,
                           *, block_rows: int = 64, block_c: int = 64, warps: int = 4,
                           stat_rows: int | None = None, stat_warps: int | None = None,
-                          stat_tile_sum: bool | None = None, stat_programs: int | None = None,
-                          sample_chunk_bytes: int = 0) -> Any:
+                          stat_tile_sum: bool | None = None, stat_programs: int | None = None) -> Any:
     """GroupNorm of ``x (+ t[:, :, None, None])`` with weight ``w`` and bias ``b`` (then SiLU when
     ``silu``) by the Triton kernels: x [N, C, H, W] channels-last, t [N, C] or None, C divisible by
     ``groups``. The output has x's layout. ``block_rows`` × ``block_c`` by ``warps`` is the
     normalizing pass's tile; the ``stat_*`` settings (default: the module's ``STAT_*``) the
-    statistics pass's (same ``block_c``). ``sample_chunk_bytes`` > 0 runs both passes over chunks of
-    samples of at most that many bytes (at least one sample) in turn."""
+    statistics pass's (same ``block_c``)."""
     import torch
     import triton
 
@@ -240,42 +238,31 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
             raise ValueError(f"group_norm_act: {name} must be a power of two, got {v}")
     if stat_programs < 1:
         raise ValueError(f"group_norm_act: stat_programs must be at least 1, got {stat_programs}")
-    if sample_chunk_bytes < 0:
-        raise ValueError(f"group_norm_act: sample_chunk_bytes must be 0 (no chunks) or more, got {sample_chunk_bytes}")
     HW = H * W
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
     CG = C // groups
     CB = triton.cdiv(C, block_c)
-    per_sample = HW * C * x.element_size()
-    chunk = N if not sample_chunk_bytes else max(1, min(N, int(sample_chunk_bytes) // per_sample))
+    R = _rows_per_program(N * CB, HW, _programs_target(x.device, stat_programs), stat_rows)
+    S = triton.cdiv(HW, R)
+    dev = x.device
+    part_mean = torch.empty((N, S, C), dtype=torch.float32, device=dev)
+    part_m2 = torch.empty((N, S, C), dtype=torch.float32, device=dev)
+    stats = torch.empty((N, groups, 2), dtype=torch.float32, device=dev)
     tt = t.contiguous() if t is not None else x   # a placeholder pointer where there is no t
-    wc, bc_ = w.contiguous(), b.contiguous()
     partial, finish, apply = _kernels()
     from .encoder_fast import _on_device
 
-    # in chunks of samples (sample_chunk_bytes): the normalizing pass then reads what the statistics
-    # pass has just read, from the L2 cache where the chunk fits there
-    R = _rows_per_program(chunk * CB, HW, _programs_target(x.device, stat_programs), stat_rows)
-    S = triton.cdiv(HW, R)
-    dev = x.device
-    part_mean = torch.empty((chunk, S, C), dtype=torch.float32, device=dev)
-    part_m2 = torch.empty((chunk, S, C), dtype=torch.float32, device=dev)
-    stats = torch.empty((chunk, groups, 2), dtype=torch.float32, device=dev)
     with _on_device(dev):
-        for n0 in range(0, N, chunk):
-            k = min(chunk, N - n0)
-            xs, ys = x[n0:n0 + k], y[n0:n0 + k]
-            ts = tt[n0:n0 + k] if t is not None else xs
-            partial[(k * S * CB,)](xs, ts, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=stat_rows, BC=block_c,
-                                   HAS_T=t is not None, TILE_SUM=stat_tile_sum, num_warps=stat_warps)
-            finish[(k * groups,)](part_mean, part_m2, stats, HW, groups, float(eps), S=S, C=C, CG=CG, R=R,
-                                  BS=min(64, triton.next_power_of_2(S)), BG=triton.next_power_of_2(CG),
-                                  num_warps=1)
-            apply[(k * triton.cdiv(HW, block_rows) * CB,)](xs, ts, wc, bc_, stats, ys, HW, groups, CB, C=C, CG=CG,
-                                                           BR=block_rows, BC=block_c, HAS_T=t is not None,
-                                                           SILU=bool(silu), num_warps=warps)
+        partial[(N * S * CB,)](x, tt, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=stat_rows, BC=block_c,
+                               HAS_T=t is not None, TILE_SUM=stat_tile_sum, num_warps=stat_warps)
+        finish[(N * groups,)](part_mean, part_m2, stats, HW, groups, float(eps), S=S, C=C, CG=CG, R=R,
+                              BS=min(64, triton.next_power_of_2(S)), BG=triton.next_power_of_2(CG),
+                              num_warps=1)
+        apply[(N * triton.cdiv(HW, block_rows) * CB,)](x, tt, w.contiguous(), b.contiguous(), stats, y, HW,
+                                                       groups, CB, C=C, CG=CG, BR=block_rows, BC=block_c,
+                                                       HAS_T=t is not None, SILU=bool(silu), num_warps=warps)
     return y
 
 
