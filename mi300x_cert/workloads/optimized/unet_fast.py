@@ -199,10 +199,10 @@ def _rows_per_program(blocks: int, hw: int, target: int, br: int) -> int:
     return r
 
 
-# The launch settings (docs/performance.md, run 75): the normalizing pass in tiles of 64 pixels ×
-# 64 channels by 4 warps; the statistics pass in tiles of STAT_ROWS pixels by STAT_WARPS warps,
-# summed across each tile's rows as it arrives (STAT_TILE_SUM), STAT_PROGRAMS programs per
-# multiprocessor at least where the tensor allows it.
+# The launch settings (docs/performance.md, runs 75-76: the fastest of those timed): the normalizing
+# pass in tiles of 64 pixels × 64 channels by 4 warps; the statistics pass in tiles of STAT_ROWS
+# pixels by STAT_WARPS warps, summed per lane (STAT_TILE_SUM True: across each tile's rows as it
+# arrives), STAT_PROGRAMS programs per multiprocessor at least where the tensor allows it.
 STAT_ROWS, STAT_WARPS, STAT_TILE_SUM, STAT_PROGRAMS = 64, 4, False, 2
 
 
