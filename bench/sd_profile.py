@@ -98,7 +98,7 @@ def variant_options(spec: str) -> dict[str, Any]:
 # block_c by warps) and the statistics pass's (stat_rows pixels by stat_warps, summed per lane or per
 # tile, stat_programs programs per multiprocessor at least). Run 75 timed 8 settings
 # (bench/results/h200-run75-sd-norm-settings.json), run 76 the best three beside chunks of samples run
-# in turn (a bench-only form since removed: 1.5-2x slower); the best three stay here.
+# in turn (a form since removed: 1.3-2x slower); the best three stay here.
 _BEST = dict(block_rows=64, block_c=64, warps=4, stat_rows=64, stat_warps=4, stat_tile_sum=False, stat_programs=2)
 NORM_SETTINGS = (
     _BEST,

@@ -471,6 +471,9 @@ def test_fast_encoder_compiled_is_the_library_encoder(form):
     (3, 960, 31, 33, 32, True, False, 1e-5, (64, 64, 4)),     # 30 channels per group, a tail of pixels
     (2, 640, 16, 16, 32, False, False, 1e-6, (32, 128, 8)),   # a transformer's input norm, another launch
     (5, 96, 7, 9, 8, True, True, 1e-5, (16, 64, 4)),          # tails in both the pixels and the channels
+    # the statistics summed per tile, more programs, other tiles (bench/sd_profile.py's settings)
+    (64, 640, 32, 32, 32, True, True, 1e-5, (64, 64, 4, dict(stat_rows=128, stat_tile_sum=True, stat_programs=4))),
+    (3, 960, 31, 33, 32, True, False, 1e-5, (64, 64, 4, dict(stat_rows=32, stat_warps=8, stat_programs=8))),
 ])
 def test_group_norm_act_kernel_is_the_librarys_norm(N, C, H, W, G, silu, time_add, eps, cfg):
     """The GroupNorm (+ time embedding, + SiLU) kernels on the card against float64 and against the
@@ -486,8 +489,9 @@ def test_group_norm_act_kernel_is_the_librarys_norm(N, C, H, W, G, silu, time_ad
     t = torch.randn(N, C, device="cuda", generator=g).half() if time_add else None
     w = (torch.rand(C, device="cuda", generator=g) + 0.5).half()
     b = torch.randn(C, device="cuda", generator=g).half()
-    br, bc, warps = cfg
-    got = group_norm_act_triton(x, t, w, b, G, eps, silu, block_rows=br, block_c=bc, warps=warps)
+    br, bc, warps, *stat = cfg
+    got = group_norm_act_triton(x, t, w, b, G, eps, silu, block_rows=br, block_c=bc, warps=warps,
+                                **(stat[0] if stat else {}))
     assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
     lib = group_norm_act_reference(x, t, w, b, G, eps, silu)
     h = x if t is None else x + t[:, :, None, None]          # the library's add, in float16

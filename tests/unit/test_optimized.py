@@ -1733,10 +1733,67 @@ def test_unet_forms_are_the_library_unet_eager_and_compiled(monkeypatch):
         got = torch.compile(u, fullgraph=True, dynamic=False)(x, t, encoder_hidden_states=e, return_dict=False)[0]
         assert not counters["graph_break"]
         assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+        # the VAE decoder compiled the same way, its up blocks' "group" resnets through the operator
+        # (this tiny VAE has one channel per group, where a convolution's bias cancels in the norm:
+        # the resnet test below checks the bias handed to a norm without a time embedding)
+        v = copy.deepcopy(vae)
+        unet_fast.prepare_unet(v, "fast")
+        torch._dynamo.reset()
+        got = torch.compile(lambda z: v.decode(z, return_dict=False)[0], fullgraph=True, dynamic=False)(x[:2])
+        assert not counters["graph_break"]
+        assert float((got - img).abs().max()) <= 1e-4 * float(img.abs().max())
     with pytest.raises(ValueError, match="UNet form must be one of .*got 'fastest'"):
         unet_fast.prepare_unet(copy.deepcopy(unet), "fastest")
     with pytest.raises(ValueError, match="eval mode"):
         unet_fast.prepare_unet(copy.deepcopy(unet).train(), "fast")
+
+
+@pytest.mark.parametrize("conv", ["plain", "1x1", "subclass", "same-padding", "no-bias", "group-norm"])
+def test_fast_resnet_compiled_with_any_first_convolution(monkeypatch, conv):
+    """A ``fast`` resnet compiled (the size rule at 0, so its norms take the operator; 4 channels
+    per group, so a per-channel bias changes the norm) computes diffusers' resnet whatever its first
+    convolution: a 3×3 or 1×1 one hands its bias to the norm (with the time embedding, or alone in a
+    resnet with the ``group`` time norm, as the VAE decoder's up blocks have), a subclass, a padding
+    given as a string or a convolution without a bias keeps the convolution as it is; the output
+    size the rule sees is the convolution's own."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    monkeypatch.setattr(unet_fast, "KERNEL_MIN_ELEMENTS", 0)
+    torch.manual_seed(3)
+    if conv == "group-norm":
+        block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=None, groups=4,
+                              time_embedding_norm="group").eval()
+    else:
+        block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4).eval()
+
+    class MyConv(torch.nn.Conv2d):
+        pass
+
+    make = {"plain": lambda: torch.nn.Conv2d(8, 16, 3, padding=1),
+            "1x1": lambda: torch.nn.Conv2d(8, 16, 1),
+            "subclass": lambda: MyConv(8, 16, 3, padding=1),
+            "same-padding": lambda: torch.nn.Conv2d(8, 16, 3, padding="same"),
+            "no-bias": lambda: torch.nn.Conv2d(8, 16, 3, padding=1, bias=False),
+            "group-norm": lambda: torch.nn.Conv2d(8, 16, 3, padding=1)}[conv]
+    block.conv1 = make()
+    with torch.no_grad():
+        if block.conv1.bias is not None:
+            block.conv1.bias.normal_()
+        for n in (block.norm1, block.norm2):
+            n.weight.uniform_(0.5, 1.5)
+            n.bias.normal_()
+    x = torch.randn(2, 8, 6, 5).to(memory_format=torch.channels_last)
+    temb = None if conv == "group-norm" else torch.randn(2, 12)
+    assert unet_fast._conv_out_numel(block.conv1, x) == (None if conv == "same-padding" else 2 * 16 * 6 * 5)
+    with torch.inference_mode():
+        ref = block(x, temb)
+        fast = copy.deepcopy(block)
+        assert unet_fast.prepare_unet(fast, "fast")["resnet"] == 1
+        torch._dynamo.reset()
+        got = torch.compile(fast, fullgraph=True, dynamic=False)(x, temb)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), conv
 
 
 def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents():

@@ -354,6 +354,17 @@ def GroupNormAct(norm: Any, silu: bool) -> Any:  # noqa: N802 - builds the modul
     return _module_class()(norm, silu)
 
 
+def _conv_out_numel(conv: Any, x: Any) -> int | None:
+    """Elements of ``conv(x)`` for a 2-D convolution with numeric padding; None for a padding given
+    as a string (such a convolution is left as it is)."""
+    if isinstance(conv.padding, str):
+        return None
+    n = int(x.shape[0]) * int(conv.out_channels)
+    for size, k, s, p, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        n *= max(0, (int(size) + 2 * p - d * (k - 1) - 1) // s + 1)
+    return n
+
+
 def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwargs: Any) -> Any:
     """``ResnetBlock2D.forward`` (eval, default time-embedding norm or ``group`` without a time
     projection, no resampling) with each norm → SiLU, and the time embedding's add before the
@@ -371,15 +382,14 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
             temb = block.nonlinearity(temb)
         t = block.time_emb_proj(temb)
     c1 = block.conv1
-    if (torch.compiler.is_compiling() and type(c1) is torch.nn.Conv2d and c1.bias is not None
-            and x.dim() == 4 and int(x.shape[0]) * c1.out_channels * int(x.shape[2]) * int(x.shape[3]) >= KERNEL_MIN_ELEMENTS
-            and c1.stride == (1, 1) and c1.padding == tuple((k - 1) // 2 for k in c1.kernel_size)
-            and c1.dilation == (1, 1)):
+    out_numel = _conv_out_numel(c1, x) if type(c1) is torch.nn.Conv2d and x.dim() == 4 else None
+    if (torch.compiler.is_compiling() and c1.bias is not None and out_numel is not None
+            and out_numel >= KERNEL_MIN_ELEMENTS):
         # Compiled, Inductor runs the convolution without its bias and adds the bias in a kernel
         # of its own that it fuses into what reads the result; the operator cannot take part in
         # that fusion, so that add would be one more pass over the activation. The bias goes into
-        # the operator's per-channel add with the time embedding instead (same-size output:
-        # the size rule sends this norm to the kernels).
+        # the operator's per-channel add with the time embedding instead (the output's size sends
+        # this norm to the kernels; elsewhere the convolution is diffusers' own).
         x = c1._conv_forward(x, c1.weight, None)
         bias = c1.bias.float()[None, :]
         t = (bias if t is None else t.float() + bias).expand(int(x.shape[0]), -1).to(x.dtype).contiguous()
