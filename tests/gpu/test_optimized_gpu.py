@@ -580,4 +580,3 @@ def test_fast_unet_compiled_is_the_library_unet(monkeypatch):
             torch.cuda.synchronize()
     calls = {e.key: e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA")}
     assert sum(c for n, c in calls.items() if n.startswith("_gn_apply")) == 2 * len(dec_resnets) + 1, (counts, calls)
-
