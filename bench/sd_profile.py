@@ -1,7 +1,8 @@
 """Where one compiled SD v1-4 UNet evaluation spends its time on this card, by kernel class.
 
     python bench/sd_profile.py [--batches 2,64] [--variants base,freeze,freeze+split_reductions=false]
-                               [--unet-forms library,nhwc-up,fast] [--norms] [--graph] [--out profile.json]
+                               [--unet-forms library,nhwc-up,fast] [--norms] [--graph]
+                               [--kernel-min-elements N] [--out profile.json]
 
 The UNet is prepared as the optimized path prepares it (channels-last, fused QKV, the attention
 kernel timed and put first) and compiled per variant (``base``: ``conv_1x1_as_mm``; ``freeze``:
@@ -16,8 +17,10 @@ the optimized path runs it: at batch 2 the eager call is bound by the host), and
 evaluation bucketed into convolution / matrix product / attention / Inductor-generated (norms,
 element-wise) / other, with the largest kernels by total time. ``--norms`` also times every distinct
 GroupNorm of the UNet (its shape at each batch, recorded from one eager call) compiled as the
-library's ops and by ``unet_fast``'s kernels in several launch settings. Prints one JSON object per
-measurement.
+library's ops and by ``unet_fast``'s kernels in several launch settings (summed per evaluation
+over the norms the size rule gives the kernels). ``--kernel-min-elements`` sets that size rule for
+the run (the ``fast`` form's threshold, recorded as ``kernel_min_elements``), to measure another
+rule before changing it. Prints one JSON object per measurement.
 """
 
 from __future__ import annotations
@@ -207,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
                          "against the kernels")
     ap.add_argument("--graph", action="store_true",
                     help="also time one evaluation captured as a device graph and replayed")
+    ap.add_argument("--kernel-min-elements", default=None,
+                    help="the fast form's size rule for this run: activations of at least this many elements "
+                         "take the GroupNorm kernels (default: unet_fast.KERNEL_MIN_ELEMENTS)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--time-limit", type=float, default=420.0)
     ap.add_argument("--out", default=None)
@@ -230,6 +236,16 @@ def main(argv: list[str] | None = None) -> None:
         batches = []
     if not batches or min(batches) < 1:
         ap.error(f"--batches: expected positive UNet batch sizes like 2,64, got {a.batches!r}")
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    if a.kernel_min_elements is not None:
+        try:
+            rule = int(a.kernel_min_elements)
+        except ValueError:
+            rule = -1
+        if rule < 0:
+            ap.error(f"--kernel-min-elements: expected a whole number of elements ≥ 0, got {a.kernel_min_elements!r}")
+        unet_fast.KERNEL_MIN_ELEMENTS = rule
     import torch
 
     from bench.cli import _sd_params, run_record
@@ -237,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     from mi300x_cert.workloads.sd import SDWorkload
 
     t_end = time.time() + a.time_limit
-    res: dict[str, Any] = {"conditions": run_record(argv), "model": a.model, "dtype": "float16", "rows": []}
+    res: dict[str, Any] = {"conditions": run_record(argv), "model": a.model, "dtype": "float16",
+                           "kernel_min_elements": unet_fast.KERNEL_MIN_ELEMENTS, "rows": []}
 
     def emit(row: dict[str, Any]) -> None:
         res["rows"].append(row)
@@ -257,13 +274,11 @@ def main(argv: list[str] | None = None) -> None:
     unet.fuse_qkv_projections()
     res["sdpa"] = pick_sdpa_backend((16, 8), 4096, 40, unet.dtype, "cuda")
     if a.norms:  # at the largest batch only (at small ones the calls time the host)
-        from mi300x_cert.workloads.optimized.unet_fast import KERNEL_MIN_ELEMENTS
-
         rows = norm_rows(unet, max(batches))
         for row in rows:
             emit(row)
         # per UNet evaluation (each site × its calls), over the norms the size rule gives the kernels
-        big = [r for r in rows if math.prod(r["norm_site"]["shape"]) >= KERNEL_MIN_ELEMENTS]
+        big = [r for r in rows if math.prod(r["norm_site"]["shape"]) >= unet_fast.KERNEL_MIN_ELEMENTS]
         res["norm_totals_ms"] = {"sites": len(big), "calls": sum(r["norm_site"]["calls"] for r in big),
                                  "library": sum(r["library_us"] * r["norm_site"]["calls"] for r in big) / 1e3,
                                  **{k: sum(r["kernel_us"][k] * r["norm_site"]["calls"] for r in big) / 1e3

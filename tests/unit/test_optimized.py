@@ -1477,8 +1477,8 @@ def test_encoder_bench_classifies_kernels_and_refuses_bad_arguments(capsys):
 
 def test_sd_profile_buckets_kernels_and_refuses_bad_variants(capsys, monkeypatch):
     """The SD profile's kernel classes by name, its variants' Inductor options (a named variant plus
-    ``+key=value`` items), and one usage error naming a bad variant, setting or batch before the
-    model is built (building it here fails the test)."""
+    ``+key=value`` items), and one usage error naming a bad variant, setting, batch or size rule
+    before the model is built (building it here fails the test); a good size rule set before."""
     pytest.importorskip("torch._inductor.config")
     from bench.sd_profile import bucket_of, main, variant_options
     from mi300x_cert.workloads import sd as sd_mod
@@ -1502,10 +1502,19 @@ def test_sd_profile_buckets_kernels_and_refuses_bad_variants(capsys, monkeypatch
                        (["--variants", "cdt+split_reductions"], "'split_reductions' is not key=value"),
                        (["--variants", "freeze, freeze"], "name each variant once"),
                        (["--variants", "freeze", "--batches", "2,x"], "--batches: expected positive"),
-                       (["--variants", "freeze", "--batches", "0"], "--batches: expected positive")):
+                       (["--variants", "freeze", "--batches", "0"], "--batches: expected positive"),
+                       (["--kernel-min-elements", "-1"], "--kernel-min-elements: expected a whole number of elements ≥ 0, got '-1'"),
+                       (["--kernel-min-elements", "2e6"], "got '2e6'")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and word in capsys.readouterr().err
+    # a good size rule is set for the run before the model is built
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    monkeypatch.setattr(unet_fast, "KERNEL_MIN_ELEMENTS", unet_fast.KERNEL_MIN_ELEMENTS)
+    with pytest.raises(AssertionError, match="the model was built"):
+        main(["--variants", "freeze", "--kernel-min-elements", "4194304"])
+    assert unet_fast.KERNEL_MIN_ELEMENTS == 4194304
 
 
 def test_bench_frees_a_variants_cycles_before_emptying_the_cache_and_resetting_the_peak():
