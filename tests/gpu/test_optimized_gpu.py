@@ -504,6 +504,14 @@ def test_group_norm_act_kernel_is_the_librarys_norm(N, C, H, W, G, silu, time_ad
     assert err_got <= err_lib + unit, (err_got, err_lib, unit)
 
 
+def _kernel_calls(fn):
+    """{kernel name: launches} on the card for one call of ``fn``, from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key: e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA")}
+
+
 def test_fast_unet_compiled_is_the_library_unet(monkeypatch):
     """The tiny SD UNet and VAE decoder in the ``fast`` form (upsampling kept channels-last, every
     GroupNorm by the kernels: the size rule lowered to 0 so the tiny model's norms all take them),
@@ -522,7 +530,7 @@ def test_fast_unet_compiled_is_the_library_unet(monkeypatch):
         wl._hook.remove()
     g = torch.Generator(device="cuda").manual_seed(1)
     with torch.no_grad():  # each norm its own weights (a synthetic model's are ones and zeros)
-        for m in wl.unet.modules():
+        for m in (*wl.unet.modules(), *wl.vae.modules()):
             if isinstance(m, torch.nn.GroupNorm):
                 m.weight.copy_(torch.rand(m.weight.shape, device="cuda", generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, device="cuda", generator=g))
@@ -543,10 +551,7 @@ def test_fast_unet_compiled_is_the_library_unet(monkeypatch):
         got = fast_fn(x, t, encoder_hidden_states=e, return_dict=False)[0].float()
         rel = float((got - ref).norm() / ref.norm())
         assert rel < 5e-3, rel
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            fast_fn(x, t, encoder_hidden_states=e, return_dict=False)
-            torch.cuda.synchronize()
-    calls = {e.key: e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA")}
+        calls = _kernel_calls(lambda: fast_fn(x, t, encoder_hidden_states=e, return_dict=False))
     n_norms = sum(1 for m in fast.modules() if isinstance(m, torch.nn.GroupNorm))
     assert sum(c for n, c in calls.items() if n.startswith("_gn_apply")) == n_norms, calls
     # Inductor names its own kernels after the ops they feed too ("…_group_norm_act_…"): a library
@@ -555,11 +560,6 @@ def test_fast_unet_compiled_is_the_library_unet(monkeypatch):
 
     # the VAE decoder: its resnets (the up blocks' "group" time norm among them) and its output norm
     # by the kernels, the mid block's attention norm the library's
-    with torch.no_grad():
-        for m in wl.vae.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, device="cuda", generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, device="cuda", generator=g))
     vae = wl.vae.to(memory_format=torch.channels_last)
     fast_vae = copy.deepcopy(vae)
     counts = unet_fast.prepare_unet(fast_vae, "fast")
@@ -575,8 +575,5 @@ def test_fast_unet_compiled_is_the_library_unet(monkeypatch):
         got = fast_dec(z).float()
         rel = float((got - ref).norm() / ref.norm())
         assert rel < 5e-3, rel
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            fast_dec(z)
-            torch.cuda.synchronize()
-    calls = {e.key: e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA")}
+        calls = _kernel_calls(lambda: fast_dec(z))
     assert sum(c for n, c in calls.items() if n.startswith("_gn_apply")) == 2 * len(dec_resnets) + 1, (counts, calls)

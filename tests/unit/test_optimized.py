@@ -914,15 +914,18 @@ def test_compile_module_passes_settings_for_this_compilation_only(monkeypatch):
     assert seen["mode"] == "default" and "options" not in seen
 
 
+class _Untouchable:
+    """A workload that fails the test when touched: attach must refuse a bad parameter first."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"workload touched: {name}")
+
+
 def test_sd_optimized_rejects_a_bad_inductor_setting_before_any_work():
     from mi300x_cert.workloads.optimized.sd_fast import attach_to_workload
 
-    class Never:  # attach must fail on the parameter before touching the workload
-        def __getattr__(self, name):
-            raise AssertionError(f"workload touched: {name}")
-
     with pytest.raises(ValueError, match="optimized_inductor: unknown Inductor setting 'fast_please'"):
-        attach_to_workload(Never(), {"optimized_inductor": "fast_please=true"})
+        attach_to_workload(_Untouchable(), {"optimized_inductor": "fast_please=true"})
 
 
 def test_bench_rejects_a_bad_inductor_setting_as_a_usage_error(capsys):
@@ -1825,12 +1828,8 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents():
     c = SDWorkload(dict(SD, path="optimized"))
     assert c.conditions()["optimized"]["unet_form"] == "library"
 
-    class Never:  # attach must fail on the parameter before touching the workload
-        def __getattr__(self, name):
-            raise AssertionError(f"workload touched: {name}")
-
     with pytest.raises(ValueError, match="optimized_unet must be 'auto' or one of 'library', 'nhwc-up', 'fast', got 'quick'"):
-        attach_to_workload(Never(), {"optimized_unet": "quick"})
+        attach_to_workload(_Untouchable(), {"optimized_unet": "quick"})
 
 
 def test_bench_rejects_an_unknown_unet_form_as_a_usage_error(capsys):
