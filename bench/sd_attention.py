@@ -18,7 +18,10 @@ padding); ``per_eval_ms`` weighs the shapes by their calls per UNet evaluation.
 tail masked: 83% of the padded form's products at d = 40); ``--check-parts`` checks, each case in a
 child process, which part splits triton compiles right on the card (with triton 3.6 on the H200,
 run 37: those with a 16-column part beside a 32-column one are wrong, and at the UNet's shape one
-faults). Bench-only: the UNet keeps SDPA (docs/performance.md, runs 34–37 and 39).
+faults). ``--pad-heads 48,64`` adds each SDPA kernel on heads padded with zero columns to those widths
+(:func:`pad_heads`; the scale stays 1/√d of the true head, the output's extra columns are zero and
+dropped), as a UNet whose QKV weights carry zero rows per head would hand them over; ``--configs none``
+leaves the Triton forms out. Bench-only: the UNet keeps SDPA (docs/performance.md, runs 34–37 and 39).
 """
 
 from __future__ import annotations
@@ -129,6 +132,20 @@ def diffusers_qkv(B: int, S: int, H: int, D: int, **kw: Any) -> Any:
     import torch
 
     return torch.randn(B, S, H * D, **kw).view(B, S, H, D).transpose(1, 2)
+
+
+def pad_heads(x: Any, width: int) -> Any:
+    """``x`` [B, H, S, D] → [B, H, S, width] in diffusers' strided layout ([B, S, H·width] viewed per
+    head), the columns past D zero: attention over such q, k, v with scale 1/√D gives the same scores,
+    and the output's columns past D are zero."""
+    import torch
+
+    B, H, S, D = (int(v) for v in x.shape)
+    if int(width) < D:
+        raise ValueError(f"pad_heads: width {width} is narrower than the head ({D} columns)")
+    base = torch.zeros(B, S, H, int(width), device=x.device, dtype=x.dtype)
+    base[..., :D] = x.transpose(1, 2)
+    return base.transpose(1, 2)
 
 
 def attention_reference(q: Any, k: Any, v: Any) -> Any:
@@ -285,7 +302,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 2], help="UNet batch (2 × images with CFG)")
     ap.add_argument("--configs", default=None, help="Triton configs block_m,block_n,warps,stages;… "
-                    "(default: ATTN_CONFIGS)")
+                    "(default: ATTN_CONFIGS; none: no Triton form)")
+    ap.add_argument("--pad-heads", default="", help="also each SDPA kernel on heads padded with zero columns to "
+                    "these widths, e.g. 48,64 (widths not above the head's are skipped)")
     ap.add_argument("--split", action="store_true",
                     help="also the two-part head forms (32+16 at D = 40; with triton 3.6 on the H200 they give "
                          "wrong results and can fault the context, which ends the run: run 35)")
@@ -314,7 +333,13 @@ def main() -> None:
     from bench.sd_levels import LEVELS, _time_ms, gemm_tflops, parse_configs
 
     dev, dt = "cuda", torch.float16
-    cfgs = parse_configs(a.configs, ATTN_CONFIGS)
+    cfgs = [] if a.configs == "none" else parse_configs(a.configs, ATTN_CONFIGS)
+    try:
+        pads = [int(w) for w in a.pad_heads.split(",") if w.strip()]
+        if any(w < 1 or w % 8 for w in pads):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--pad-heads: expected widths that are multiples of 8, e.g. 48,64; got {a.pad_heads!r}")
     res: dict[str, Any] = {**run_record(), "dtype": "fp16", "heads": HEADS, "levels": {}}
     res["gemm_tflops_fp16"] = gemm = gemm_tflops(dt)
     res["exp2_per_s"] = expr = exp2_rate(dev)
@@ -343,6 +368,11 @@ def main() -> None:
                 per_eval["bound"] = per_eval.get("bound", 0.0) + calls * bound_ms
                 cands: list[tuple[str, Any]] = [(name, lambda i, be=be: _sdpa(F, sdpa_kernel, be, ins[i % 2]))
                                                 for name, be in backends.items()]
+                for w in (w for w in pads if w > D):
+                    padded_ins = [tuple(pad_heads(x, w) for x in qkv) for qkv in ins]
+                    cands += [(f"{name} d{w}", lambda i, be=be, pi=padded_ins: _sdpa(
+                        F, sdpa_kernel, be, pi[i % 2], scale=1.0 / math.sqrt(D))[..., :D])
+                        for name, be in backends.items()]
                 outs = [torch.empty(B, HEADS, sq, D, device=dev, dtype=dt) for _ in range(2)]
                 split, padded = head_parts(D), padded_part(D)
                 forms = [padded] + ([split] if a.split and split != padded else [])
@@ -359,11 +389,11 @@ def main() -> None:
                             raise ValueError(f"wrong result: max relative error {rec['max_rel_err_vs_fp64']:.3g}")
                         us = _time_ms(fn, 10) * 1e3
                         rec.update(us=us, tflops=flop / (us * 1e-6) / 1e12, of_bound=bound_ms * 1e3 / us)
-                        if not name.startswith("triton"):
+                        if name in backends:
                             per_eval[name] = per_eval.get(name, 0.0) + calls * us / 1e3
                     except Exception as e:  # a kernel/config that does not take the shape: recorded, not fatal
                         rec["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
-                        if not name.startswith("triton"):
+                        if name in backends:
                             per_eval[name] = float("nan")
                     row["paths"][name] = rec
                     print(B, side, kind, name, json.dumps(rec), flush=True)
@@ -382,9 +412,9 @@ def main() -> None:
             json.dump(res, f, indent=1)
 
 
-def _sdpa(F: Any, sdpa_kernel: Any, backend: Any, qkv: Any) -> Any:
+def _sdpa(F: Any, sdpa_kernel: Any, backend: Any, qkv: Any, scale: float | None = None) -> Any:
     with sdpa_kernel([backend]):
-        return F.scaled_dot_product_attention(*qkv)
+        return F.scaled_dot_product_attention(*qkv, scale=scale)
 
 
 if __name__ == "__main__":

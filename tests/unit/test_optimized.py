@@ -769,6 +769,45 @@ def test_bench_sd_attention_kernel_is_attention(tmp_path):
     assert r.returncode == 0 and "ATTN-OK" in r.stdout, r.stderr[-3000:]
 
 
+def test_bench_sd_attention_pad_heads_keeps_the_attention():
+    """``--pad-heads``: q, k, v padded with zero columns in diffusers' strided layout give the same
+    attention at the true head's scale, the extra output columns zero; a width below the head is one
+    clear error."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from bench.sd_attention import attention_reference, diffusers_qkv, pad_heads
+
+    g = torch.Generator().manual_seed(0)
+    for D, width in ((40, 48), (40, 64), (80, 96), (8, 8)):
+        q, k, v = (diffusers_qkv(2, s, 3, D, generator=g, dtype=torch.float64) for s in (37, 53, 53))
+        qp, kp, vp = (pad_heads(x, width) for x in (q, k, v))
+        assert qp.shape == (2, 3, 37, width) and qp.stride() == (37 * 3 * width, width, 3 * width, 1)
+        assert torch.equal(qp[..., :D], q) and not qp[..., D:].any()
+        out = F.scaled_dot_product_attention(qp, kp, vp, scale=1.0 / math.sqrt(D))
+        assert torch.allclose(out[..., :D], attention_reference(q, k, v), rtol=0, atol=1e-12)
+        assert not out[..., D:].any()
+    with pytest.raises(ValueError, match="width 32 is narrower than the head \\(40 columns\\)"):
+        pad_heads(diffusers_qkv(1, 4, 2, 40), 32)
+
+
+@pytest.mark.parametrize("bad", ["44", "48,x", "0", "-8"])
+def test_bench_sd_attention_bad_pad_widths_are_usage_errors(monkeypatch, capsys, bad):
+    """A ``--pad-heads`` width that is not a positive multiple of 8 stops the bench with a usage
+    error naming the option and the value, before any kernel runs."""
+    import sys
+
+    from bench import sd_attention
+
+    monkeypatch.setattr(sys, "argv", ["sd_attention.py", "--pad-heads", bad, "--configs", "none"])
+    with pytest.raises(SystemExit) as ex:
+        sd_attention.main()
+    assert ex.value.code == 2
+    assert f"--pad-heads: expected widths that are multiples of 8, e.g. 48,64; got {bad!r}" in capsys.readouterr().err
+
+
 def test_bench_sd_attention_check_parts_sorts_children(monkeypatch):
     """``--check-parts`` runs each case in a child process and calls it right (within 2e-2 of
     float64), wrong, or a fault (non-zero exit, a hang, no error figure) with the child's own error
