@@ -1847,6 +1847,53 @@ def test_fast_resnet_compiled_with_any_first_convolution(monkeypatch, conv):
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), conv
 
 
+@pytest.mark.parametrize("rule", ["every size", "above this resnet"])
+def test_fast_resnet_size_rule_decides_the_operator(monkeypatch, rule):
+    """The size rule (``KERNEL_MIN_ELEMENTS``, 0 by default: every size since run 81) sends a
+    resnet's norms to the operator, and its first convolution's bias to the norm, only at or above
+    it: above this resnet's activations the compiled graph has no operator and the convolution
+    keeps its bias; either way the output is diffusers' resnet."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    assert unet_fast.KERNEL_MIN_ELEMENTS == 0
+    x = torch.randn(2, 8, 6, 5).to(memory_format=torch.channels_last)
+    if rule != "every size":
+        monkeypatch.setattr(unet_fast, "KERNEL_MIN_ELEMENTS", 2 * 16 * 6 * 5 + 1)
+    torch.manual_seed(4)
+    block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4).eval()
+    with torch.no_grad():
+        block.conv1.bias.normal_()
+        for n in (block.norm1, block.norm2):
+            n.weight.uniform_(0.5, 1.5)
+            n.bias.normal_()
+    temb = torch.randn(2, 12)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.inference_mode():
+        ref = block(x, temb)
+        fast = copy.deepcopy(block)
+        unet_fast.prepare_unet(fast, "fast")
+        torch._dynamo.reset()
+        got = torch.compile(fast, backend=record, fullgraph=True, dynamic=False)(x, temb)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    ops = [n for n in nodes if "group_norm_act" in str(n.target)]
+    conv1 = [n for n in nodes if "conv" in str(n.target) and "conv1" in str(n.args[1])]
+    assert len(conv1) == 1, [(str(n.target), [str(a) for a in n.args]) for n in nodes if "conv" in str(n.target)]
+    if rule == "every size":
+        assert len(ops) == 2
+        assert conv1[0].args[2] is None   # its bias went to the second norm
+    else:
+        assert not ops
+        assert "conv1" in str(conv1[0].args[2])
+
+
 def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents():
     """The optimized SD path with the ``fast`` UNet form forced (CPU: the modules rewired, run
     eagerly as the optimized path runs off the GPU) gives the stock latents and records the form and

@@ -311,9 +311,11 @@ def group_norm_act(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu
 
 
 # Activations smaller than this keep the library's ops (compiled, Inductor fuses them with their
-# neighbours): at one image (UNet batch 2) every GroupNorm of SD v1-4 is below it, where the three
-# kernels' launches cost more than they save (docs/performance.md, run 69).
-KERNEL_MIN_ELEMENTS = 1 << 23
+# neighbours). 0: every size. Set at 2²³ while each statistics program covered 1,024 pixels whatever
+# the activation had (at one image the kernels then cost more than they saved, run 69); since the
+# ranges fit the activation, the kernels at every size are faster at one image too (run 81: UNet
+# batch 2, 5.90 against 6.11 ms per evaluation replayed as a graph; docs/performance.md).
+KERNEL_MIN_ELEMENTS = 0
 
 
 def _gn(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool) -> Any:
