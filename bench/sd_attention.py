@@ -20,7 +20,8 @@ child process, which part splits triton compiles right on the card (with triton 
 run 37: those with a 16-column part beside a 32-column one are wrong, and at the UNet's shape one
 faults). ``--pad-heads 48,64`` adds each SDPA kernel on heads padded with zero columns to those widths
 (:func:`pad_heads`; the scale stays 1/√d of the true head, the output's extra columns are zero and
-dropped), as a UNet whose QKV weights carry zero rows per head would hand them over; ``--configs none``
+dropped; the layout is the unpadded case's, one tensor per q, k, v, not the fused QKV product's
+strides); ``--configs none``
 leaves the Triton forms out. Bench-only: the UNet keeps SDPA (docs/performance.md, runs 34–37 and 39).
 """
 
@@ -146,6 +147,24 @@ def pad_heads(x: Any, width: int) -> Any:
     base = torch.zeros(B, S, H, int(width), device=x.device, dtype=x.dtype)
     base[..., :D] = x.transpose(1, 2)
     return base.transpose(1, 2)
+
+
+def pad_widths(text: str) -> list[int]:
+    """``--pad-heads``: ``48,64`` → [48, 64] (each once, in order); a width that is not a positive
+    multiple of 8 is a ``ValueError`` naming the text."""
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        widths = [-1]
+    if any(w < 1 or w % 8 for w in widths):
+        raise ValueError(f"--pad-heads: expected widths that are positive multiples of 8, e.g. 48,64; got {text!r}")
+    return list(dict.fromkeys(widths))
+
+
+def sdpa_padded(F: Any, sdpa_kernel: Any, backend: Any, qkv_padded: Any, d: int) -> Any:
+    """SDPA by ``backend`` over heads padded with zero columns (:func:`pad_heads`) at the scale of the
+    true head of ``d`` columns; the output's first ``d`` columns (a view)."""
+    return _sdpa(F, sdpa_kernel, backend, qkv_padded, scale=1.0 / math.sqrt(d))[..., :d]
 
 
 def attention_reference(q: Any, k: Any, v: Any) -> Any:
@@ -314,6 +333,10 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # B,H,Sq,Sk,D,bm,bn,w,st,da,db: one case
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    try:
+        pads = pad_widths(a.pad_heads)
+    except ValueError as e:
+        ap.error(str(e))
     if a.one:
         v = [int(x) for x in a.one.split(",")]
         print(json.dumps(one_case(*v[:5], tuple(v[5:9]), tuple(v[9:11]))), flush=True)  # type: ignore[arg-type]
@@ -334,12 +357,6 @@ def main() -> None:
 
     dev, dt = "cuda", torch.float16
     cfgs = [] if a.configs == "none" else parse_configs(a.configs, ATTN_CONFIGS)
-    try:
-        pads = [int(w) for w in a.pad_heads.split(",") if w.strip()]
-        if any(w < 1 or w % 8 for w in pads):
-            raise ValueError
-    except ValueError:
-        ap.error(f"--pad-heads: expected widths that are multiples of 8, e.g. 48,64; got {a.pad_heads!r}")
     res: dict[str, Any] = {**run_record(), "dtype": "fp16", "heads": HEADS, "levels": {}}
     res["gemm_tflops_fp16"] = gemm = gemm_tflops(dt)
     res["exp2_per_s"] = expr = exp2_rate(dev)
@@ -370,9 +387,8 @@ def main() -> None:
                                                 for name, be in backends.items()]
                 for w in (w for w in pads if w > D):
                     padded_ins = [tuple(pad_heads(x, w) for x in qkv) for qkv in ins]
-                    cands += [(f"{name} d{w}", lambda i, be=be, pi=padded_ins: _sdpa(
-                        F, sdpa_kernel, be, pi[i % 2], scale=1.0 / math.sqrt(D))[..., :D])
-                        for name, be in backends.items()]
+                    cands += [(f"{name} d{w}", lambda i, be=be, pi=padded_ins: sdpa_padded(
+                        F, sdpa_kernel, be, pi[i % 2], D)) for name, be in backends.items()]
                 outs = [torch.empty(B, HEADS, sq, D, device=dev, dtype=dt) for _ in range(2)]
                 split, padded = head_parts(D), padded_part(D)
                 forms = [padded] + ([split] if a.split and split != padded else [])

@@ -778,7 +778,9 @@ def test_bench_sd_attention_pad_heads_keeps_the_attention():
     import torch
     import torch.nn.functional as F
 
-    from bench.sd_attention import attention_reference, diffusers_qkv, pad_heads
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bench.sd_attention import attention_reference, diffusers_qkv, pad_heads, sdpa_padded
 
     g = torch.Generator().manual_seed(0)
     for D, width in ((40, 48), (40, 64), (80, 96), (8, 8)):
@@ -787,25 +789,32 @@ def test_bench_sd_attention_pad_heads_keeps_the_attention():
         assert qp.shape == (2, 3, 37, width) and qp.stride() == (37 * 3 * width, width, 3 * width, 1)
         assert torch.equal(qp[..., :D], q) and not qp[..., D:].any()
         out = F.scaled_dot_product_attention(qp, kp, vp, scale=1.0 / math.sqrt(D))
-        assert torch.allclose(out[..., :D], attention_reference(q, k, v), rtol=0, atol=1e-12)
         assert not out[..., D:].any()
+        # the bench's own candidate (CPU: the math backend)
+        got = sdpa_padded(F, sdpa_kernel, SDPBackend.MATH, (qp, kp, vp), D)
+        assert got.shape == q.shape
+        assert torch.allclose(got, attention_reference(q, k, v), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="width 32 is narrower than the head \\(40 columns\\)"):
         pad_heads(diffusers_qkv(1, 4, 2, 40), 32)
 
 
 @pytest.mark.parametrize("bad", ["44", "48,x", "0", "-8"])
-def test_bench_sd_attention_bad_pad_widths_are_usage_errors(monkeypatch, capsys, bad):
+@pytest.mark.parametrize("mode", [[], ["--check-parts"]])
+def test_bench_sd_attention_bad_pad_widths_are_usage_errors(monkeypatch, capsys, bad, mode):
     """A ``--pad-heads`` width that is not a positive multiple of 8 stops the bench with a usage
-    error naming the option and the value, before any kernel runs."""
+    error naming the option and the value, before any kernel runs (``--check-parts`` too); good
+    widths are read once each, in order."""
     import sys
 
     from bench import sd_attention
 
-    monkeypatch.setattr(sys, "argv", ["sd_attention.py", "--pad-heads", bad, "--configs", "none"])
+    monkeypatch.setattr(sys, "argv", ["sd_attention.py", "--pad-heads", bad, "--configs", "none", *mode])
     with pytest.raises(SystemExit) as ex:
         sd_attention.main()
     assert ex.value.code == 2
-    assert f"--pad-heads: expected widths that are multiples of 8, e.g. 48,64; got {bad!r}" in capsys.readouterr().err
+    assert (f"--pad-heads: expected widths that are positive multiples of 8, e.g. 48,64; got {bad!r}"
+            in capsys.readouterr().err)
+    assert sd_attention.pad_widths(" 64,48,,64 ") == [64, 48] and sd_attention.pad_widths("") == []
 
 
 def test_bench_sd_attention_check_parts_sorts_children(monkeypatch):
