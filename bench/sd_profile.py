@@ -17,8 +17,8 @@ the optimized path runs it: at batch 2 the eager call is bound by the host), and
 evaluation bucketed into convolution / matrix product / attention / Inductor-generated (norms,
 element-wise) / other, with the largest kernels by total time. ``--norms`` also times every distinct
 GroupNorm of the UNet (its shape at each batch, recorded from one eager call) compiled as the
-library's ops and by ``unet_fast``'s kernels in several launch settings (summed per evaluation
-over the norms the size rule gives the kernels). ``--kernel-min-elements`` sets that size rule for
+library's ops and by ``unet_fast``'s kernels in several launch settings and in their one-kernel form
+(``norm_totals_ms``: per batch, summed per evaluation over the norms the size rule gives the kernels). ``--kernel-min-elements`` sets that size rule for
 the run (the ``fast`` form's threshold, recorded as ``kernel_min_elements``), to measure another
 rule before changing it. Prints one JSON object per measurement.
 """
@@ -36,7 +36,7 @@ from typing import Any
 
 BUCKETS = (  # first match wins: Inductor names its kernels after the ops they fuse ("convolution")
     ("inductor", re.compile(r"^triton_", re.I)),
-    ("norm-kernel", re.compile(r"^_gn_(partial|finish|apply)", re.I)),
+    ("norm-kernel", re.compile(r"^_gn_(partial|finish|apply|single)", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn_generated_fort_native_sdpa", re.I)),
     ("conv", re.compile(r"fprop|conv|implicit|dgrad|wgrad|nchw|nhwc", re.I)),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|ampere_|sm90_|Kernel2|splitK", re.I)),
@@ -107,12 +107,17 @@ NORM_SETTINGS = (
     _BEST,
     dict(_BEST, stat_rows=32, stat_programs=8),
     dict(_BEST, stat_rows=128, stat_tile_sum=True, stat_programs=4),
+    # the one-kernel form (a program per sample and group), in tiles of 2,048 or 4,096 elements
+    dict(single=True, single_tile=2048, single_warps=4),
+    dict(single=True, single_tile=4096, single_warps=8),
 )
 
 
 def norm_setting_label(cfg: dict[str, Any]) -> str:
     """``r64 c64 w4 · s128 w4 tile p8``: the normalizing pass's tile and warps, then the statistics
     pass's rows, warps, summation and programs per multiprocessor."""
+    if cfg.get("single"):
+        return f"one kernel t{cfg['single_tile']} w{cfg['single_warps']}"
     return (f"r{cfg['block_rows']} c{cfg['block_c']} w{cfg['warps']} · s{cfg['stat_rows']} w{cfg['stat_warps']} "
             f"{'tile' if cfg['stat_tile_sum'] else 'lanes'} p{cfg['stat_programs']}")
 
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unet-forms", default="library",
                     help="UNet forms (comma-separated) of unet_fast.prepare_unet: library,nhwc-up,fast")
     ap.add_argument("--norms", action="store_true",
-                    help="also time each distinct GroupNorm of the UNet at the largest batch: library compiled "
+                    help="also time each distinct GroupNorm of the UNet at each batch: library compiled "
                          "against the kernels")
     ap.add_argument("--graph", action="store_true",
                     help="also time one evaluation captured as a device graph and replayed")
@@ -273,16 +278,19 @@ def main(argv: list[str] | None = None) -> None:
     unet.to(memory_format=torch.channels_last)
     unet.fuse_qkv_projections()
     res["sdpa"] = pick_sdpa_backend((16, 8), 4096, 40, unet.dtype, "cuda")
-    if a.norms:  # at the largest batch only (at small ones the calls time the host)
-        rows = norm_rows(unet, max(batches))
-        for row in rows:
-            emit(row)
-        # per UNet evaluation (each site × its calls), over the norms the size rule gives the kernels
-        big = [r for r in rows if math.prod(r["norm_site"]["shape"]) >= unet_fast.KERNEL_MIN_ELEMENTS]
-        res["norm_totals_ms"] = {"sites": len(big), "calls": sum(r["norm_site"]["calls"] for r in big),
-                                 "library": sum(r["library_us"] * r["norm_site"]["calls"] for r in big) / 1e3,
-                                 **{k: sum(r["kernel_us"][k] * r["norm_site"]["calls"] for r in big) / 1e3
-                                    for k in (big[0]["kernel_us"] if big else {})}}
+    if a.norms:  # at every batch (replayed from a device graph: the host's launches are not timed)
+        res["norm_totals_ms"] = {}
+        for B in batches:
+            rows = norm_rows(unet, B)
+            for row in rows:
+                emit(row)
+            # per UNet evaluation (each site × its calls), over the norms the size rule gives the kernels
+            big = [r for r in rows if math.prod(r["norm_site"]["shape"]) >= unet_fast.KERNEL_MIN_ELEMENTS]
+            res["norm_totals_ms"][f"b{B}"] = {
+                "sites": len(big), "calls": sum(r["norm_site"]["calls"] for r in big),
+                "library": sum(r["library_us"] * r["norm_site"]["calls"] for r in big) / 1e3,
+                **{k: sum(r["kernel_us"][k] * r["norm_site"]["calls"] for r in big) / 1e3
+                   for k in (big[0]["kernel_us"] if big else {})}}
         print(json.dumps({"norm_totals_ms": res["norm_totals_ms"]}), flush=True)
     import copy
 

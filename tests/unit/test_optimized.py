@@ -1630,9 +1630,6 @@ for (N, C, H, W, G, silu, has_t, br, sr, tile_sum, bc, off) in (
     x = (torch.randn(N, C, H, W) * 3 + off).half().to(memory_format=torch.channels_last)
     t = torch.randn(N, C).half() if has_t else None
     w, b = (torch.rand(C) + 0.5).half(), torch.randn(C).half()
-    got = uf.group_norm_act_triton(x, t, w, b, G, 1e-5, silu, block_rows=br, block_c=bc, stat_rows=sr,
-                                   stat_tile_sum=tile_sum)
-    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
     h = x if t is None else x + t[:, :, None, None]          # the library's add, in float16
     ref = F.group_norm(h.double(), G, w.double(), b.double(), 1e-5)
     if silu:
@@ -1640,10 +1637,16 @@ for (N, C, H, W, G, silu, has_t, br, sr, tile_sum, bc, off) in (
     lib = uf.group_norm_act_reference(x.float(), None if t is None else t.float(), w.float(), b.float(), G, 1e-5, silu)
     if t is not None:  # the float32 library ops on the float16 sum, as the float16 library computes it
         lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), G, 1e-5, silu)
-    err = float((got.double() - ref).abs().max())
     err_lib = float((lib.half().double() - ref).abs().max())
     unit = float(ref.abs().max()) * 2.0 ** -10
-    assert err <= err_lib + unit, ((N, C, H, W, G), err, err_lib, unit)
+    # the three kernels, then the one-kernel form (a program per sample and group) in tiles of 64
+    # or 256 elements: several tiles of pixels, a tail, channels per group not a power of two
+    for form in (dict(block_rows=br, block_c=bc, stat_rows=sr, stat_tile_sum=tile_sum),
+                 dict(single=True, single_tile=256 if tile_sum else 64)):
+        got = uf.group_norm_act_triton(x, t, w, b, G, 1e-5, silu, **form)
+        assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
+        err = float((got.double() - ref).abs().max())
+        assert err <= err_lib + unit, ((N, C, H, W, G), form, err, err_lib, unit)
 
 # more ranges of pixels than the merge takes at once (64), the last one short: the merge across
 # its iterations (the programs' target raised, so each range is one tile of 16 pixels)
@@ -1656,19 +1659,40 @@ h = x + t[:, :, None, None]
 ref = F.silu(F.group_norm(h.double(), 4, w.double(), b.double(), 1e-5).half().double())
 lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), 4, 1e-5, True).half().double()
 unit = float(ref.abs().max()) * 2.0 ** -10
-for tile_sum in (False, True):
-    got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16,
-                                   stat_tile_sum=tile_sum)
-    assert float((got.double() - ref).abs().max()) <= float((lib - ref).abs().max()) + unit, tile_sum
+for form in (dict(stat_tile_sum=False), dict(stat_tile_sum=True), dict(single=True, single_tile=32)):
+    got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16, **form)
+    assert float((got.double() - ref).abs().max()) <= float((lib - ref).abs().max()) + unit, form
 # float32 activations far from zero: the sums are shifted by each range's first pixel (without the
 # shift the variance would cancel to nothing here)
 x = (torch.randn(2, 16, 20, 20, dtype=torch.float64) * 0.5 + 1e4).float().to(memory_format=torch.channels_last)
 w, b = torch.rand(16) + 0.5, torch.randn(16)
 ref = F.group_norm(x.double(), 4, w.double(), b.double(), 1e-6)
-for tile_sum in (False, True):
-    got = uf.group_norm_act_triton(x, None, w, b, 4, 1e-6, False, block_rows=16, block_c=16, stat_rows=16,
-                                   stat_tile_sum=tile_sum)
-    assert float((got.double() - ref).abs().max()) < 1e-2, (tile_sum, float((got.double() - ref).abs().max()))
+for form in (dict(stat_tile_sum=False), dict(stat_tile_sum=True), dict(single=True, single_tile=64)):
+    got = uf.group_norm_act_triton(x, None, w, b, 4, 1e-6, False, block_rows=16, block_c=16, stat_rows=16, **form)
+    assert float((got.double() - ref).abs().max()) < 1e-2, (form, float((got.double() - ref).abs().max()))
+# the default form by size: the one kernel at most SINGLE_MAX_PIXELS pixels and SINGLE_MAX_ELEMENTS
+# elements, else the three
+seen = []
+uf_kernels = uf._kernels
+
+
+def _counting():
+    ks = uf_kernels()
+    return tuple(type("K", (), {"__getitem__": lambda self, grid, k=k, i=i: (seen.append(i), k[grid])[1]})()
+                 for i, k in enumerate(ks))
+
+
+uf._kernels = _counting
+xs = torch.randn(2, 16, 4, 4).half().to(memory_format=torch.channels_last)
+ws = torch.ones(16).half()
+for pixels, limit, want in ((16, xs.numel(), [3]), (16, xs.numel() - 1, [0, 1, 2]), (15, xs.numel(), [0, 1, 2])):
+    uf.SINGLE_MAX_PIXELS, uf.SINGLE_MAX_ELEMENTS = pixels, limit
+    seen.clear()
+    a = uf.group_norm_act_triton(xs, None, ws, ws, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16)
+    assert seen == want, (pixels, limit, seen)
+    assert torch.equal(a, uf.group_norm_act_triton(xs, None, ws, ws, 4, 1e-5, True, block_rows=16, block_c=16,
+                                                   stat_rows=16, single=want == [3]))
+uf._kernels = uf_kernels
 
 # one clear error per bad operand
 x = torch.randn(2, 8, 3, 3).half().to(memory_format=torch.channels_last)
@@ -1679,10 +1703,13 @@ for kw, word in ((dict(x=x.contiguous()), "channels-last"), (dict(groups=3), "do
                  (dict(block_rows=24), "block_rows must be a power of two, got 24"),
                  (dict(stat_rows=48), "stat_rows must be a power of two, got 48"),
                  (dict(stat_warps=3), "stat_warps must be a power of two, got 3"),
-                 (dict(stat_programs=0), "stat_programs must be at least 1, got 0")):
+                 (dict(stat_programs=0), "stat_programs must be at least 1, got 0"),
+                 (dict(single_tile=48), "single_tile must be a power of two, got 48"),
+                 (dict(single_warps=6), "single_warps must be a power of two, got 6")):
     a = dict(x=x, t=None, w=w, b=w, groups=4, eps=1e-5, silu=True)
     a.update(kw)
-    launch = {k: a.pop(k) for k in ("block_rows", "stat_rows", "stat_warps", "stat_programs") if k in a}
+    launch = {k: a.pop(k) for k in ("block_rows", "stat_rows", "stat_warps", "stat_programs", "single_tile",
+                                     "single_warps") if k in a}
     _refuses([(uf.group_norm_act_triton, (a["x"], a["t"], a["w"], a["b"], a["groups"], a["eps"], a["silu"]),
                {"block_rows": 16, **launch}, word)])
 print("GROUP-NORM-OK")
@@ -1856,20 +1883,28 @@ def test_fast_resnet_compiled_with_any_first_convolution(monkeypatch, conv):
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), conv
 
 
-@pytest.mark.parametrize("rule", ["every size", "above this resnet"])
+@pytest.mark.parametrize("rule", ["every size", "above this resnet", "at its second norm", "the module's own"])
 def test_fast_resnet_size_rule_decides_the_operator(monkeypatch, rule):
-    """The size rule (``KERNEL_MIN_ELEMENTS``, 0 by default: every size since run 81) sends a
-    resnet's norms to the operator, and its first convolution's bias to the norm, only at or above
-    it: above this resnet's activations the compiled graph has no operator and the convolution
-    keeps its bias; either way the output is diffusers' resnet."""
+    """The size rule (``KERNEL_MIN_ELEMENTS``, 0 by default: every size since run 81; or the one
+    ``prepare_unet`` was given, as for a model the host calls each step) sends a resnet's norms to
+    the operator, and its first convolution's bias to the norm, only at or above it, the bias fold
+    decided on the convolution's own output: above this resnet's activations the compiled graph has
+    no operator and the convolution keeps its bias; at exactly its second norm's size (the first
+    norm's input is half that) only the second takes it, with the bias; either way the output is
+    diffusers' resnet."""
     from diffusers.models.resnet import ResnetBlock2D
 
     from mi300x_cert.workloads.optimized import unet_fast
 
     assert unet_fast.KERNEL_MIN_ELEMENTS == 0
     x = torch.randn(2, 8, 6, 5).to(memory_format=torch.channels_last)
-    if rule != "every size":
+    own = None
+    if rule == "above this resnet":
         monkeypatch.setattr(unet_fast, "KERNEL_MIN_ELEMENTS", 2 * 16 * 6 * 5 + 1)
+    elif rule == "at its second norm":
+        monkeypatch.setattr(unet_fast, "KERNEL_MIN_ELEMENTS", 2 * 16 * 6 * 5)
+    elif rule == "the module's own":
+        own = 2 * 16 * 6 * 5 + 1
     torch.manual_seed(4)
     block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4).eval()
     with torch.no_grad():
@@ -1887,7 +1922,7 @@ def test_fast_resnet_size_rule_decides_the_operator(monkeypatch, rule):
     with torch.inference_mode():
         ref = block(x, temb)
         fast = copy.deepcopy(block)
-        unet_fast.prepare_unet(fast, "fast")
+        unet_fast.prepare_unet(fast, "fast", min_elements=own)
         torch._dynamo.reset()
         got = torch.compile(fast, backend=record, fullgraph=True, dynamic=False)(x, temb)
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
@@ -1895,19 +1930,24 @@ def test_fast_resnet_size_rule_decides_the_operator(monkeypatch, rule):
     ops = [n for n in nodes if "group_norm_act" in str(n.target)]
     conv1 = [n for n in nodes if "conv" in str(n.target) and "conv1" in str(n.args[1])]
     assert len(conv1) == 1, [(str(n.target), [str(a) for a in n.args]) for n in nodes if "conv" in str(n.target)]
-    if rule == "every size":
-        assert len(ops) == 2
+    if rule in ("every size", "at its second norm"):
+        assert len(ops) == (2 if rule == "every size" else 1)
         assert conv1[0].args[2] is None   # its bias went to the second norm
     else:
         assert not ops
         assert "conv1" in str(conv1[0].args[2])
+    if rule == "every size":
+        with pytest.raises(ValueError, match="min_elements must be a whole number ≥ 0 or None, got -1"):
+            unet_fast.prepare_unet(copy.deepcopy(block), "fast", min_elements=-1)
 
 
-def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents():
+def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatch):
     """The optimized SD path with the ``fast`` UNet form forced (CPU: the modules rewired, run
-    eagerly as the optimized path runs off the GPU) gives the stock latents and records the form and
-    the modules it changed; ``auto`` is the library form off the
-    GPU; an unknown ``optimized_unet`` is one clear error before the workload is touched."""
+    eagerly as the optimized path runs off the GPU) gives the stock latents and records the form,
+    the modules it changed and its size rule (from 2²³ elements where the host calls the UNet each
+    step, every size where the loop is replayed as a device graph); ``auto`` is the library form off
+    the GPU; an unknown ``optimized_unet`` is one clear error before the workload is touched."""
+    from mi300x_cert.workloads.optimized import sd_fast, unet_fast
     from mi300x_cert.workloads.optimized.sd_fast import attach_to_workload
     from mi300x_cert.workloads.sd import SDWorkload
 
@@ -1920,6 +1960,16 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents():
     assert float((la - lb).norm() / la.norm()) < 1e-5
     opt = b.conditions()["optimized"]
     assert opt["unet_form"] == "fast" and opt["unet_form_modules"]["unet"]["resnet"] > 0, opt
+    assert not opt["whole_loop_graph"] and opt["unet_form_min_elements"] == unet_fast.EAGER_KERNEL_MIN_ELEMENTS
+    rules = {m._gn_min_elements for m in b.unet.modules() if hasattr(m, "_gn_min_elements")}
+    rules |= {m.min_elements for m in b.unet.modules() if type(m).__name__ == "GroupNormAct"}
+    assert rules == {unet_fast.EAGER_KERNEL_MIN_ELEMENTS}, rules
+    monkeypatch.setattr(sd_fast, "graphs_supported", lambda device: True)   # as on a GPU: the loop replayed
+    d = SDWorkload(dict(SD, path="optimized", optimized_unet="fast"))
+    opt = d.conditions()["optimized"]
+    assert opt["whole_loop_graph"] and opt["unet_form_min_elements"] == unet_fast.KERNEL_MIN_ELEMENTS == 0
+    assert {m._gn_min_elements for m in d.unet.modules() if hasattr(m, "_gn_min_elements")} == {None}
+    monkeypatch.undo()
     c = SDWorkload(dict(SD, path="optimized"))
     assert c.conditions()["optimized"]["unet_form"] == "library"
 
@@ -1943,4 +1993,4 @@ def test_bench_rejects_an_unknown_unet_form_as_a_usage_error(capsys):
     with pytest.raises(SystemExit) as ex:
         profile_main(["--unet-forms", "library,turbo"])
     assert ex.value.code == 2 and "--unet-forms" in capsys.readouterr().err
-    assert bucket_of("_gn_partial") == bucket_of("_gn_apply") == "norm-kernel"
+    assert bucket_of("_gn_partial") == bucket_of("_gn_apply") == bucket_of("_gn_single") == "norm-kernel"

@@ -13,8 +13,9 @@ What changes (none of it changes the mathematics):
 * the VAE decode captured as a second graph;
 * where the UNet and VAE are compiled on an NVIDIA card, the ``fast`` UNet form of
   ``unet_fast.prepare_unet``: upsampling kept in the channels-last layout at every batch size, and
-  the large GroupNorms (+ SiLU, + the time embedding's add) of the UNet and of the VAE's resnets
-  with the default time norm by its Triton kernels (``unet_form``: ``auto``, or one of
+  the GroupNorms (+ SiLU, + the time embedding's add) of the UNet and of the VAE's resnets by its
+  Triton kernels — at every size where the loop is replayed as a device graph, from 2²³ elements
+  on where the host calls the model each step (``unet_form``: ``auto``, or one of
   ``unet_fast.UNET_FORMS`` to force one).
 
 The scheduler code is diffusers' own (a fresh copy per capture), so the latents agree with the
@@ -66,7 +67,7 @@ class FastSD:
     ) -> None:
         import torch
 
-        from .unet_fast import check_unet_form, prepare_unet
+        from .unet_fast import EAGER_KERNEL_MIN_ELEMENTS, KERNEL_MIN_ELEMENTS, check_unet_form, prepare_unet
 
         check_unet_form(unet_form)
 
@@ -91,9 +92,15 @@ class FastSD:
             unet_form = "fast" if compile and on_gpu and not hip else "library"
         self.unet_form = unet_form
         self.notes["unet_form"] = unet_form
+        self.sched_name = type(scheduler).__name__
+        self.use_graphs = bool(graphs) and graphs_supported(device) and self.sched_name in GRAPH_SAFE_SCHEDULERS
         if unet_form != "library":
-            self.notes["unet_form_modules"] = {name: prepare_unet(m, unet_form)
+            # replayed as a device graph, the norms take the kernels at every size; called from the
+            # host each step, small activations keep the library's ops (their launches cost the host)
+            rule = None if self.use_graphs else EAGER_KERNEL_MIN_ELEMENTS
+            self.notes["unet_form_modules"] = {name: prepare_unet(m, unet_form, min_elements=rule)
                                                for name, m in (("unet", unet), ("vae", vae))}
+            self.notes["unet_form_min_elements"] = KERNEL_MIN_ELEMENTS if rule is None else rule
         if on_gpu and sdpa_choice == "auto":
             from .common import pick_sdpa_backend
 
@@ -110,8 +117,6 @@ class FastSD:
             self.notes["inductor"] = opts if on_gpu else {}
             self._unet_fn, self.compile_label = compile_module(unet, device=device, mode=compile_mode, options=opts)
             self._decode_fn, _ = compile_module(self._decode_eager, device=device, mode=compile_mode, options=opts)
-        self.sched_name = type(scheduler).__name__
-        self.use_graphs = bool(graphs) and graphs_supported(device) and self.sched_name in GRAPH_SAFE_SCHEDULERS
         self.notes["whole_loop_graph"] = self.use_graphs
         self._denoise_graphs = GraphCache(self._denoise_eager, self.device, warmup_runs=1, name="denoise")
         self._decode_graphs = GraphCache(self._decode_fn, self.device, warmup_runs=2, name="decode")

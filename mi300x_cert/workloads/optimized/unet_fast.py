@@ -31,6 +31,7 @@ import types
 from typing import Any
 
 __all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "STAT_ROWS", "STAT_WARPS", "STAT_TILE_SUM", "STAT_PROGRAMS",
+           "EAGER_KERNEL_MIN_ELEMENTS", "SINGLE_MAX_PIXELS", "SINGLE_MAX_ELEMENTS", "SINGLE_TILE", "SINGLE_WARPS",
            "check_unet_form", "prepare_unet", "group_norm_act",
            "group_norm_act_reference", "group_norm_act_triton", "GroupNormAct"]
 
@@ -47,7 +48,7 @@ def check_unet_form(form: str, *, source: str = "unet_form") -> str:
 # -- the kernels ---------------------------------------------------------------------------------
 
 @functools.cache
-def _kernels() -> tuple[Any, Any, Any]:
+def _kernels() -> tuple[Any, Any, Any, Any]:
     import triton
     import triton.language as tl
 
@@ -171,7 +172,64 @@ def _kernels() -> tuple[Any, Any, Any]:
             y = y / (1.0 + tl.exp(-y))
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
-    return _gn_partial, _gn_finish, _gn_apply
+    @triton.jit
+    def _gn_single(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, G, eps, HW: tl.constexpr, C: tl.constexpr,
+                   CG: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr, HAS_T: tl.constexpr,
+                   SILU: tl.constexpr):
+        # Program (n, g): the group's statistics and its normalizing pass in one launch, for
+        # activations too small to fill the card three launches over. Per channel of the group,
+        # values shifted by its first pixel and summed with their squares over all pixels; the
+        # channels' means and sums of squared deviations merged (Chan), then a second pass over the
+        # group's pixels (from the L2 cache) with the normalizing pass's arithmetic.
+        pid = tl.program_id(0)
+        n = pid // G
+        g = pid % G
+        rows = tl.arange(0, BR)
+        cc = tl.arange(0, BG)
+        cm = cc < CG
+        cols = g * CG + cc
+        base = n.to(tl.int64) * HW * C
+        if HAS_T:
+            tv = tl.load(t_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32)
+        k = tl.load(x_ptr + base + cols, mask=cm, other=0.0)
+        if HAS_T:
+            k = (k.to(tl.float32) + tv).to(x_ptr.dtype.element_ty)
+        k = k.to(tl.float32)
+        acc1 = tl.zeros((BR, BG), dtype=tl.float32)
+        acc2 = tl.zeros((BR, BG), dtype=tl.float32)
+        for r0 in range(0, HW, BR):
+            p = r0 + rows
+            m = (p < HW)[:, None] & cm[None, :]
+            v = tl.load(x_ptr + base + p[:, None].to(tl.int64) * C + cols[None, :], mask=m, other=0.0)
+            if HAS_T:
+                v = (v.to(tl.float32) + tv[None, :]).to(x_ptr.dtype.element_ty)
+            d = tl.where(m, v.to(tl.float32) - k[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+        s1 = tl.sum(acc1, axis=0)
+        s2 = tl.sum(acc2, axis=0)
+        mean_c = k + s1 / HW
+        m2_c = tl.maximum(s2 - s1 * s1 / HW, 0.0)
+        mu = tl.sum(tl.where(cm, mean_c, 0.0), axis=0) / CG
+        dm = tl.where(cm, mean_c - mu, 0.0)
+        m2 = tl.sum(tl.where(cm, m2_c, 0.0), axis=0) + HW * tl.sum(dm * dm, axis=0)
+        rs = 1.0 / tl.sqrt(m2 / (HW * CG) + eps)
+        wv = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        bv = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        for r0 in range(0, HW, BR):
+            p = r0 + rows
+            m = (p < HW)[:, None] & cm[None, :]
+            off = base + p[:, None].to(tl.int64) * C + cols[None, :]
+            v = tl.load(x_ptr + off, mask=m, other=0.0)
+            if HAS_T:
+                v = (v.to(tl.float32) + tv[None, :]).to(x_ptr.dtype.element_ty)
+            y = ((v.to(tl.float32) - mu) * rs) * wv[None, :] + bv[None, :]
+            if SILU:
+                y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+                y = y / (1.0 + tl.exp(-y))
+            tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+
+    return _gn_partial, _gn_finish, _gn_apply, _gn_single
 
 
 def _is_channels_last(x: Any) -> bool:
@@ -205,16 +263,30 @@ def _rows_per_program(blocks: int, hw: int, target: int, br: int) -> int:
 # arrives), STAT_PROGRAMS programs per multiprocessor at least where the tensor allows it.
 STAT_ROWS, STAT_WARPS, STAT_TILE_SUM, STAT_PROGRAMS = 64, 4, False, 2
 
+# Activations of at most SINGLE_MAX_PIXELS pixels and SINGLE_MAX_ELEMENTS elements take the
+# one-kernel form (a program per sample and group: statistics and the normalizing pass in one
+# launch) instead of the three kernels, in tiles of SINGLE_TILE elements (the group's channels
+# padded to a power of two × pixels) by SINGLE_WARPS warps. Measured per norm of SD's UNet on an
+# H200 (docs/performance.md, run 85): at one image the 30 calls at 16² and 8² take 147 µs against
+# 203 in three kernels; at 32² and at 32 images (2,048 programs of up to 4,096 pixels) the three
+# kernels are faster.
+SINGLE_MAX_PIXELS, SINGLE_MAX_ELEMENTS, SINGLE_TILE, SINGLE_WARPS = 256, 1 << 21, 4096, 8
+
 
 def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool,
                           *, block_rows: int = 64, block_c: int = 64, warps: int = 4,
                           stat_rows: int | None = None, stat_warps: int | None = None,
-                          stat_tile_sum: bool | None = None, stat_programs: int | None = None) -> Any:
+                          stat_tile_sum: bool | None = None, stat_programs: int | None = None,
+                          single: bool | None = None, single_tile: int | None = None,
+                          single_warps: int | None = None) -> Any:
     """GroupNorm of ``x (+ t[:, :, None, None])`` with weight ``w`` and bias ``b`` (then SiLU when
     ``silu``) by the Triton kernels: x [N, C, H, W] channels-last, t [N, C] or None, C divisible by
-    ``groups``. The output has x's layout. ``block_rows`` × ``block_c`` by ``warps`` is the
-    normalizing pass's tile; the ``stat_*`` settings (default: the module's ``STAT_*``) the
-    statistics pass's (same ``block_c``)."""
+    ``groups``. The output has x's layout. Three kernels (statistics per range of pixels, their
+    merge, the normalizing pass): ``block_rows`` × ``block_c`` by ``warps`` is the normalizing
+    pass's tile; the ``stat_*`` settings (default: the module's ``STAT_*``) the statistics pass's
+    (same ``block_c``). Or (``single``; default: at most ``SINGLE_MAX_PIXELS`` pixels and
+    ``SINGLE_MAX_ELEMENTS`` elements) one kernel, a program per sample and group, in tiles of
+    ``single_tile`` elements by ``single_warps`` warps (default ``SINGLE_TILE``, ``SINGLE_WARPS``)."""
     import torch
     import triton
 
@@ -222,6 +294,11 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     stat_warps = STAT_WARPS if stat_warps is None else int(stat_warps)
     stat_tile_sum = STAT_TILE_SUM if stat_tile_sum is None else bool(stat_tile_sum)
     stat_programs = STAT_PROGRAMS if stat_programs is None else int(stat_programs)
+    if single is None:
+        single = x.dim() == 4 and x.shape[2] * x.shape[3] <= SINGLE_MAX_PIXELS and x.numel() <= SINGLE_MAX_ELEMENTS
+    single = bool(single)
+    single_tile = SINGLE_TILE if single_tile is None else int(single_tile)
+    single_warps = SINGLE_WARPS if single_warps is None else int(single_warps)
     if not _is_channels_last(x):
         raise ValueError(f"group_norm_act: x must be a channels-last [N, C, H, W] tensor, got shape "
                          f"{tuple(x.shape)} strides {tuple(x.stride())}")
@@ -233,7 +310,8 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     if t is not None and (tuple(t.shape) != (N, C) or t.dtype != x.dtype):
         raise ValueError(f"group_norm_act: t must be [{N}, {C}] of {x.dtype}, got {tuple(t.shape)} {t.dtype}")
     for name, v in (("block_rows", block_rows), ("block_c", block_c), ("stat_rows", stat_rows),
-                    ("warps", warps), ("stat_warps", stat_warps)):
+                    ("warps", warps), ("stat_warps", stat_warps), ("single_tile", single_tile),
+                    ("single_warps", single_warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"group_norm_act: {name} must be a power of two, got {v}")
     if stat_programs < 1:
@@ -243,6 +321,17 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     if x.numel() == 0:
         return y
     CG = C // groups
+    tt = t.contiguous() if t is not None else x   # a placeholder pointer where there is no t
+    partial, finish, apply, one = _kernels()
+    from .encoder_fast import _on_device
+
+    if single:
+        bg = triton.next_power_of_2(CG)
+        with _on_device(x.device):
+            one[(N * groups,)](x, tt, w.contiguous(), b.contiguous(), y, groups, float(eps), HW=HW, C=C,
+                               CG=CG, BR=max(1, single_tile // bg), BG=bg, HAS_T=t is not None,
+                               SILU=bool(silu), num_warps=single_warps)
+        return y
     CB = triton.cdiv(C, block_c)
     R = _rows_per_program(N * CB, HW, _programs_target(x.device, stat_programs), stat_rows)
     S = triton.cdiv(HW, R)
@@ -250,10 +339,6 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     part_mean = torch.empty((N, S, C), dtype=torch.float32, device=dev)
     part_m2 = torch.empty((N, S, C), dtype=torch.float32, device=dev)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=dev)
-    tt = t.contiguous() if t is not None else x   # a placeholder pointer where there is no t
-    partial, finish, apply = _kernels()
-    from .encoder_fast import _on_device
-
     with _on_device(dev):
         partial[(N * S * CB,)](x, tt, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=stat_rows, BC=block_c,
                                HAS_T=t is not None, TILE_SUM=stat_tile_sum, num_warps=stat_warps)
@@ -316,14 +401,21 @@ def group_norm_act(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu
 # ranges fit the activation, the kernels at every size are faster at one image too (run 81: UNet
 # batch 2, 5.90 against 6.11 ms per evaluation replayed as a graph; docs/performance.md).
 KERNEL_MIN_ELEMENTS = 0
+# The rule where the model is called from the host each step instead of replayed as a device graph
+# (schedulers the loop cannot be captured with, graphs turned off): there each launch costs the
+# host's time, and at one image the kernels' launches took 47.1 ms per evaluation against the
+# library's 12.3 (run 81), so small activations keep the library's ops.
+EAGER_KERNEL_MIN_ELEMENTS = 1 << 23
 
 
-def _gn(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool) -> Any:
-    """The registered operator for activations of at least ``KERNEL_MIN_ELEMENTS`` (registered
-    before any tracing: torch.compile would trace the registration itself), else the library's ops."""
+def _gn(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool, min_elements: int | None = None) -> Any:
+    """The registered operator for activations of at least ``min_elements`` (default
+    ``KERNEL_MIN_ELEMENTS``; registered before any tracing: torch.compile would trace the
+    registration itself), else the library's ops."""
     import torch
 
-    if x.dim() != 4 or x.numel() < KERNEL_MIN_ELEMENTS:
+    rule = KERNEL_MIN_ELEMENTS if min_elements is None else min_elements
+    if x.dim() != 4 or x.numel() < rule:
         return group_norm_act_reference(x, t, w, b, groups, eps, silu)
     return torch.ops.mi300x_cert.group_norm_act(x, t, w, b, int(groups), float(eps), bool(silu))
 
@@ -336,24 +428,27 @@ def _module_class() -> Any:
 
     class GroupNormAct(torch.nn.Module):
         """A ``GroupNorm`` module (its own weights) computed by :func:`group_norm_act`, with the SiLU
-        after it when ``silu``; inputs that are not 4-D or small go to the library's ops."""
+        after it when ``silu``; inputs that are not 4-D or below the size rule (``min_elements``,
+        default ``KERNEL_MIN_ELEMENTS``) go to the library's ops."""
 
-        def __init__(self, norm: Any, silu: bool) -> None:
+        def __init__(self, norm: Any, silu: bool, min_elements: int | None = None) -> None:
             super().__init__()
             _op()
             self.norm = norm
             self.silu = bool(silu)
+            self.min_elements = min_elements
 
         def forward(self, x: Any) -> Any:
             n = self.norm
-            return _gn(x, None, n.weight, n.bias, n.num_groups, n.eps, self.silu)
+            return _gn(x, None, n.weight, n.bias, n.num_groups, n.eps, self.silu, self.min_elements)
 
     return GroupNormAct
 
 
-def GroupNormAct(norm: Any, silu: bool) -> Any:  # noqa: N802 - builds the module class lazily (torch)
-    """A module computing ``norm`` (a ``GroupNorm``) and then SiLU when ``silu``, by :func:`group_norm_act`."""
-    return _module_class()(norm, silu)
+def GroupNormAct(norm: Any, silu: bool, min_elements: int | None = None) -> Any:  # noqa: N802 - lazy class (torch)
+    """A module computing ``norm`` (a ``GroupNorm``) and then SiLU when ``silu``, by :func:`group_norm_act`
+    from ``min_elements`` elements on (default ``KERNEL_MIN_ELEMENTS``)."""
+    return _module_class()(norm, silu, min_elements)
 
 
 def _conv_out_numel(conv: Any, x: Any) -> int | None:
@@ -376,8 +471,9 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
         return type(block).forward(block, input_tensor, temb, *args, **kwargs)
     import torch
 
+    rule = getattr(block, "_gn_min_elements", None)
     n1, n2 = block.norm1, block.norm2
-    x = _gn(input_tensor, None, n1.weight, n1.bias, n1.num_groups, n1.eps, True)
+    x = _gn(input_tensor, None, n1.weight, n1.bias, n1.num_groups, n1.eps, True, rule)
     t = None
     if block.time_emb_proj is not None and temb is not None:
         if not block.skip_time_act:
@@ -386,7 +482,7 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
     c1 = block.conv1
     out_numel = _conv_out_numel(c1, x) if type(c1) is torch.nn.Conv2d and x.dim() == 4 else None
     if (torch.compiler.is_compiling() and c1.bias is not None and out_numel is not None
-            and out_numel >= KERNEL_MIN_ELEMENTS):
+            and out_numel >= (KERNEL_MIN_ELEMENTS if rule is None else rule)):
         # Compiled, Inductor runs the convolution without its bias and adds the bias in a kernel
         # of its own that it fuses into what reads the result; the operator cannot take part in
         # that fusion, so that add would be one more pass over the activation. The bias goes into
@@ -397,7 +493,7 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
         t = (bias if t is None else t.float() + bias).expand(int(x.shape[0]), -1).to(x.dtype).contiguous()
     else:
         x = c1(x)
-    x = _gn(x, t, n2.weight, n2.bias, n2.num_groups, n2.eps, True)
+    x = _gn(x, t, n2.weight, n2.bias, n2.num_groups, n2.eps, True, rule)
     x = block.dropout(x)
     x = block.conv2(x)
     sc = block.conv_shortcut(input_tensor) if block.conv_shortcut is not None else input_tensor
@@ -442,14 +538,19 @@ def _upsample_ok(m: Any) -> bool:
             and getattr(m, "interpolate", True))
 
 
-def prepare_unet(module: Any, form: str) -> dict[str, int]:
+def prepare_unet(module: Any, form: str, *, min_elements: int | None = None) -> dict[str, int]:
     """Set ``module``'s (a UNet's or a VAE's) submodules to run in ``form`` (one of ``UNET_FORMS``);
     returns how many modules of each kind it changed. ``library`` changes nothing. The module must be
-    in eval mode (the resnets' dropout is left out)."""
+    in eval mode (the resnets' dropout is left out). ``min_elements``: the size rule of its norms
+    (default: ``KERNEL_MIN_ELEMENTS`` as it is when they run; ``EAGER_KERNEL_MIN_ELEMENTS`` for a
+    model called from the host each step rather than replayed as a device graph)."""
     import torch
 
     if form not in UNET_FORMS:
         raise ValueError(f"UNet form must be one of {UNET_FORMS}, got {form!r}")
+    if min_elements is not None and (isinstance(min_elements, bool) or not isinstance(min_elements, int)
+                                     or min_elements < 0):
+        raise ValueError(f"prepare_unet: min_elements must be a whole number ≥ 0 or None, got {min_elements!r}")
     counts = {"upsample": 0, "resnet": 0, "norm": 0}
     if form == "library":
         return counts
@@ -463,16 +564,17 @@ def prepare_unet(module: Any, form: str) -> dict[str, int]:
             counts["upsample"] += 1
         elif form == "fast" and _resnet_ok(m):
             m.forward = types.MethodType(_resnet_forward, m)
+            m._gn_min_elements = min_elements
             counts["resnet"] += 1
     if form == "fast":
         for m in list(module.modules()):
             # a transformer's input norm (its only use), and the model's output norm with its SiLU
             if type(m).__name__ == "Transformer2DModel" and isinstance(getattr(m, "norm", None), torch.nn.GroupNorm):
-                m.norm = GroupNormAct(m.norm, silu=False)
+                m.norm = GroupNormAct(m.norm, silu=False, min_elements=min_elements)
                 counts["norm"] += 1
             on, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
             if isinstance(on, torch.nn.GroupNorm) and isinstance(act, torch.nn.SiLU):
-                m.conv_norm_out = GroupNormAct(on, silu=True)
+                m.conv_norm_out = GroupNormAct(on, silu=True, min_elements=min_elements)
                 m.conv_act = torch.nn.Identity()
                 counts["norm"] += 1
     return counts
