@@ -102,7 +102,8 @@ def variant_options(spec: str) -> dict[str, Any]:
 # tile, stat_programs programs per multiprocessor at least). Run 75 timed 8 settings
 # (bench/results/h200-run75-sd-norm-settings.json), run 76 the best three beside chunks of samples run
 # in turn (a form since removed: 1.3-2x slower); the best three stay here.
-_BEST = dict(block_rows=64, block_c=64, warps=4, stat_rows=64, stat_warps=4, stat_tile_sum=False, stat_programs=2)
+_BEST = dict(block_rows=64, block_c=64, warps=4, stat_rows=64, stat_warps=4, stat_tile_sum=False, stat_programs=2,
+             single=False)   # the three kernels at every size (not the default's choice by size)
 NORM_SETTINGS = (
     _BEST,
     dict(_BEST, stat_rows=32, stat_programs=8),

@@ -1977,6 +1977,18 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
         attach_to_workload(_Untouchable(), {"optimized_unet": "quick"})
 
 
+def test_sd_profile_norm_settings_name_their_form():
+    """The norms' settings the profile times: the first is the three kernels at every size (not the
+    default's choice by size), the one-kernel forms are named as such, each label once."""
+    from bench.sd_profile import NORM_SETTINGS, norm_setting_label
+
+    labels = [norm_setting_label(c) for c in NORM_SETTINGS]
+    assert NORM_SETTINGS[0]["single"] is False and labels[0] == "r64 c64 w4 · s64 w4 lanes p2"
+    assert [lb for lb in labels if lb.startswith("one kernel")] == ["one kernel t2048 w4", "one kernel t4096 w8"]
+    assert len(set(labels)) == len(labels)
+    assert all(c.get("single") is not None for c in NORM_SETTINGS)
+
+
 def test_bench_rejects_an_unknown_unet_form_as_a_usage_error(capsys):
     """An unknown ``--sd-unet`` (the bench) or ``--unet-forms`` (the SD profile) is a usage error
     naming it, before any GPU work; the profile puts the norm kernels in their own class."""
