@@ -1639,9 +1639,10 @@ for (N, C, H, W, G, silu, has_t, br, sr, tile_sum, bc, off) in (
         lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), G, 1e-5, silu)
     err_lib = float((lib.half().double() - ref).abs().max())
     unit = float(ref.abs().max()) * 2.0 ** -10
-    # the three kernels, then the one-kernel form (a program per sample and group) in tiles of 64
-    # or 256 elements: several tiles of pixels, a tail, channels per group not a power of two
-    for form in (dict(block_rows=br, block_c=bc, stat_rows=sr, stat_tile_sum=tile_sum),
+    # the three kernels (asked for: these small shapes would take the one kernel by default), then
+    # the one-kernel form (a program per sample and group) in tiles of 64 or 256 elements: several
+    # tiles of pixels, a tail, channels per group not a power of two
+    for form in (dict(block_rows=br, block_c=bc, stat_rows=sr, stat_tile_sum=tile_sum, single=False),
                  dict(single=True, single_tile=256 if tile_sum else 64)):
         got = uf.group_norm_act_triton(x, t, w, b, G, 1e-5, silu, **form)
         assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
@@ -1659,7 +1660,8 @@ h = x + t[:, :, None, None]
 ref = F.silu(F.group_norm(h.double(), 4, w.double(), b.double(), 1e-5).half().double())
 lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), 4, 1e-5, True).half().double()
 unit = float(ref.abs().max()) * 2.0 ** -10
-for form in (dict(stat_tile_sum=False), dict(stat_tile_sum=True), dict(single=True, single_tile=32)):
+for form in (dict(stat_tile_sum=False, single=False), dict(stat_tile_sum=True, single=False),
+             dict(single=True, single_tile=32)):
     got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16, **form)
     assert float((got.double() - ref).abs().max()) <= float((lib - ref).abs().max()) + unit, form
 # float32 activations far from zero: the sums are shifted by each range's first pixel (without the
@@ -1667,7 +1669,8 @@ for form in (dict(stat_tile_sum=False), dict(stat_tile_sum=True), dict(single=Tr
 x = (torch.randn(2, 16, 20, 20, dtype=torch.float64) * 0.5 + 1e4).float().to(memory_format=torch.channels_last)
 w, b = torch.rand(16) + 0.5, torch.randn(16)
 ref = F.group_norm(x.double(), 4, w.double(), b.double(), 1e-6)
-for form in (dict(stat_tile_sum=False), dict(stat_tile_sum=True), dict(single=True, single_tile=64)):
+for form in (dict(stat_tile_sum=False, single=False), dict(stat_tile_sum=True, single=False),
+             dict(single=True, single_tile=64)):
     got = uf.group_norm_act_triton(x, None, w, b, 4, 1e-6, False, block_rows=16, block_c=16, stat_rows=16, **form)
     assert float((got.double() - ref).abs().max()) < 1e-2, (form, float((got.double() - ref).abs().max()))
 # the default form by size: the one kernel at most SINGLE_MAX_PIXELS pixels and SINGLE_MAX_ELEMENTS
@@ -1685,14 +1688,18 @@ def _counting():
 uf._kernels = _counting
 xs = torch.randn(2, 16, 4, 4).half().to(memory_format=torch.channels_last)
 ws = torch.ones(16).half()
-for pixels, limit, want in ((16, xs.numel(), [3]), (16, xs.numel() - 1, [0, 1, 2]), (15, xs.numel(), [0, 1, 2])):
+for pixels, limit, tile, want in ((16, xs.numel(), 64, [3]), (16, xs.numel() - 1, 64, [0, 1, 2]),
+                                  (15, xs.numel(), 64, [0, 1, 2]), (16, xs.numel(), 2, [0, 1, 2])):
+    # (the last: a group of 4 channels wider than a tile of 2 elements keeps the three kernels)
     uf.SINGLE_MAX_PIXELS, uf.SINGLE_MAX_ELEMENTS = pixels, limit
     seen.clear()
-    a = uf.group_norm_act_triton(xs, None, ws, ws, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16)
-    assert seen == want, (pixels, limit, seen)
+    a = uf.group_norm_act_triton(xs, None, ws, ws, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16,
+                                 single_tile=tile)
+    assert seen == want, (pixels, limit, tile, seen)
     assert torch.equal(a, uf.group_norm_act_triton(xs, None, ws, ws, 4, 1e-5, True, block_rows=16, block_c=16,
                                                    stat_rows=16, single=want == [3]))
 uf._kernels = uf_kernels
+uf.SINGLE_MAX_PIXELS, uf.SINGLE_MAX_ELEMENTS = 256, 1 << 21
 
 # one clear error per bad operand
 x = torch.randn(2, 8, 3, 3).half().to(memory_format=torch.channels_last)
@@ -1939,6 +1946,50 @@ def test_fast_resnet_size_rule_decides_the_operator(monkeypatch, rule):
     if rule == "every size":
         with pytest.raises(ValueError, match="min_elements must be a whole number ≥ 0 or None, got -1"):
             unet_fast.prepare_unet(copy.deepcopy(block), "fast", min_elements=-1)
+
+
+def test_fast_norm_module_takes_its_own_rule_and_a_new_one():
+    """A transformer's input norm in the ``fast`` form (``GroupNormAct``) follows the size rule it
+    was prepared with: above its input's size the compiled graph has no operator, and preparing the
+    model again with another rule (here the module default, every size) sends it to the operator;
+    the output is the library's norm either way."""
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    class Transformer2DModel(torch.nn.Module):   # the name prepare_unet looks for
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = torch.nn.GroupNorm(4, 16, eps=1e-6)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    torch.manual_seed(6)
+    model = Transformer2DModel().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.normal_()
+    x = torch.randn(2, 16, 5, 3).to(memory_format=torch.channels_last)
+    ref = model(x)
+
+    def ops_after_prepare(**kw):
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        counts = unet_fast.prepare_unet(model, "fast", **kw)
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            got = torch.compile(model, backend=record, fullgraph=True, dynamic=False)(x)
+        assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+        return counts["norm"], sum(1 for gm in graphs for n in gm.graph.nodes
+                                   if n.op == "call_function" and "group_norm_act" in str(n.target))
+
+    assert ops_after_prepare(min_elements=x.numel() + 1) == (1, 0)
+    assert type(model.norm).__name__ == "GroupNormAct" and model.norm.min_elements == x.numel() + 1
+    assert ops_after_prepare() == (0, 1)   # prepared again: the rule given now, nothing new wrapped
+    assert model.norm.min_elements is None
 
 
 def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatch):

@@ -95,8 +95,10 @@ class FastSD:
         self.sched_name = type(scheduler).__name__
         self.use_graphs = bool(graphs) and graphs_supported(device) and self.sched_name in GRAPH_SAFE_SCHEDULERS
         if unet_form != "library":
-            # replayed as a device graph, the norms take the kernels at every size; called from the
-            # host each step, small activations keep the library's ops (their launches cost the host)
+            # where the loop is to be replayed as a device graph, the norms take the kernels at every
+            # size; called from the host each step, small activations keep the library's ops (their
+            # launches cost the host). Should a capture fail, the loop runs from the host with the
+            # every-size rule (recorded: denoise_graph / decode_graph).
             rule = None if self.use_graphs else EAGER_KERNEL_MIN_ELEMENTS
             self.notes["unet_form_modules"] = {name: prepare_unet(m, unet_form, min_elements=rule)
                                                for name, m in (("unet", unet), ("vae", vae))}

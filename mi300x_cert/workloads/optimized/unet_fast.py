@@ -13,11 +13,14 @@
   default time-embedding norm, or its ``group`` norm without a time projection as the VAE decoder's
   up blocks have, which computes the same), each transformer's input GroupNorm and the output
   GroupNorm + SiLU run as
-  :func:`group_norm_act` where the activation has at least ``KERNEL_MIN_ELEMENTS`` elements:
-  statistics per (sample, group) in one pass over the channels-last activation (a program per
-  sample, range of pixels and block of channels; every channel's partial mean and sum of squared
-  deviations, merged per group as Chan's parallel variance), then normalize, scale, shift and SiLU
-  in a second pass. Off the GPU, for other layouts and where triton is missing, the library's ops.
+  :func:`group_norm_act` where the activation has at least ``KERNEL_MIN_ELEMENTS`` elements (0:
+  every size; ``prepare_unet`` can give a model its own rule, as the optimized path does where the
+  host calls the model each step): statistics per (sample, group) in one pass over the
+  channels-last activation (a program per sample, range of pixels and block of channels; every
+  channel's partial mean and sum of squared deviations, merged per group as Chan's parallel
+  variance), then normalize, scale, shift and SiLU in a second pass; for small activations
+  (``SINGLE_MAX_PIXELS``, ``SINGLE_MAX_ELEMENTS``) both in one kernel, a program per sample and
+  group. Off the GPU, for other layouts and where triton is missing, the library's ops.
 
 The arithmetic is the library's: the time embedding's add rounded to the activation's dtype, the
 norm in float32 rounded once, the SiLU of that rounded value (within one float16 unit of
@@ -267,9 +270,9 @@ STAT_ROWS, STAT_WARPS, STAT_TILE_SUM, STAT_PROGRAMS = 64, 4, False, 2
 # one-kernel form (a program per sample and group: statistics and the normalizing pass in one
 # launch) instead of the three kernels, in tiles of SINGLE_TILE elements (the group's channels
 # padded to a power of two × pixels) by SINGLE_WARPS warps. Measured per norm of SD's UNet on an
-# H200 (docs/performance.md, run 85): at one image the 30 calls at 16² and 8² take 147 µs against
-# 203 in three kernels; at 32² and at 32 images (2,048 programs of up to 4,096 pixels) the three
-# kernels are faster.
+# H200 (docs/performance.md, run 85): at one image the 30 calls at 16² and 8² take 147 µs per
+# evaluation against 209 in three kernels; at 32² and at 32 images (2,048 programs of up to 4,096
+# pixels) the three kernels are faster.
 SINGLE_MAX_PIXELS, SINGLE_MAX_ELEMENTS, SINGLE_TILE, SINGLE_WARPS = 256, 1 << 21, 4096, 8
 
 
@@ -294,11 +297,13 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     stat_warps = STAT_WARPS if stat_warps is None else int(stat_warps)
     stat_tile_sum = STAT_TILE_SUM if stat_tile_sum is None else bool(stat_tile_sum)
     stat_programs = STAT_PROGRAMS if stat_programs is None else int(stat_programs)
-    if single is None:
-        single = x.dim() == 4 and x.shape[2] * x.shape[3] <= SINGLE_MAX_PIXELS and x.numel() <= SINGLE_MAX_ELEMENTS
-    single = bool(single)
     single_tile = SINGLE_TILE if single_tile is None else int(single_tile)
     single_warps = SINGLE_WARPS if single_warps is None else int(single_warps)
+    if single is None:   # by size; a group wider than the tile keeps the three kernels
+        single = (x.dim() == 4 and x.shape[2] * x.shape[3] <= SINGLE_MAX_PIXELS and x.numel() <= SINGLE_MAX_ELEMENTS
+                  and groups >= 1 and x.shape[1] % groups == 0
+                  and triton.next_power_of_2(max(1, x.shape[1] // groups)) <= single_tile)
+    single = bool(single)
     if not _is_channels_last(x):
         raise ValueError(f"group_norm_act: x must be a channels-last [N, C, H, W] tensor, got shape "
                          f"{tuple(x.shape)} strides {tuple(x.stride())}")
@@ -568,6 +573,9 @@ def prepare_unet(module: Any, form: str, *, min_elements: int | None = None) -> 
             counts["resnet"] += 1
     if form == "fast":
         for m in list(module.modules()):
+            if type(m).__name__ == "GroupNormAct":   # prepared before: the rule given now
+                m.min_elements = min_elements
+                continue
             # a transformer's input norm (its only use), and the model's output norm with its SiLU
             if type(m).__name__ == "Transformer2DModel" and isinstance(getattr(m, "norm", None), torch.nn.GroupNorm):
                 m.norm = GroupNormAct(m.norm, silu=False, min_elements=min_elements)
