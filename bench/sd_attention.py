@@ -21,8 +21,7 @@ run 37: those with a 16-column part beside a 32-column one are wrong, and at the
 faults). ``--pad-heads 48,64`` adds each SDPA kernel on heads padded with zero columns to those widths
 (:func:`pad_heads`; the scale stays 1/√d of the true head, the output's extra columns are zero and
 dropped; the layout is the unpadded case's, one tensor per q, k, v, not the fused QKV product's
-strides); ``--configs none``
-leaves the Triton forms out. Bench-only: the UNet keeps SDPA (docs/performance.md, runs 34–37 and 39).
+strides); ``--configs none`` leaves the Triton forms out. Bench-only: the UNet keeps SDPA (docs/performance.md, runs 34–37 and 39).
 """
 
 from __future__ import annotations

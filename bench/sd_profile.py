@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
             for row in rows:
                 emit(row)
             # per UNet evaluation (each site × its calls), over the norms the size rule gives the kernels
-            big = [r for r in rows if math.prod(r["norm_site"]["shape"]) >= unet_fast.KERNEL_MIN_ELEMENTS]
+            big = [r for r in rows if unet_fast.takes_kernels(math.prod(r["norm_site"]["shape"]))]
             res["norm_totals_ms"][f"b{B}"] = {
                 "sites": len(big), "calls": sum(r["norm_site"]["calls"] for r in big),
                 "library": sum(r["library_us"] * r["norm_site"]["calls"] for r in big) / 1e3,

@@ -67,7 +67,7 @@ class FastSD:
     ) -> None:
         import torch
 
-        from .unet_fast import EAGER_KERNEL_MIN_ELEMENTS, KERNEL_MIN_ELEMENTS, check_unet_form, prepare_unet
+        from .unet_fast import EAGER_KERNEL_MIN_ELEMENTS, check_unet_form, kernel_rule, prepare_unet
 
         check_unet_form(unet_form)
 
@@ -102,7 +102,7 @@ class FastSD:
             rule = None if self.use_graphs else EAGER_KERNEL_MIN_ELEMENTS
             self.notes["unet_form_modules"] = {name: prepare_unet(m, unet_form, min_elements=rule)
                                                for name, m in (("unet", unet), ("vae", vae))}
-            self.notes["unet_form_min_elements"] = KERNEL_MIN_ELEMENTS if rule is None else rule
+            self.notes["unet_form_min_elements"] = kernel_rule(rule)
         if on_gpu and sdpa_choice == "auto":
             from .common import pick_sdpa_backend
 

@@ -34,7 +34,7 @@ import types
 from typing import Any
 
 __all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "STAT_ROWS", "STAT_WARPS", "STAT_TILE_SUM", "STAT_PROGRAMS",
-           "EAGER_KERNEL_MIN_ELEMENTS", "SINGLE_MAX_PIXELS", "SINGLE_MAX_ELEMENTS", "SINGLE_TILE", "SINGLE_WARPS",
+           "EAGER_KERNEL_MIN_ELEMENTS", "kernel_rule", "takes_kernels", "SINGLE_MAX_PIXELS", "SINGLE_MAX_ELEMENTS", "SINGLE_TILE", "SINGLE_WARPS",
            "check_unet_form", "prepare_unet", "group_norm_act",
            "group_norm_act_reference", "group_norm_act_triton", "GroupNormAct"]
 
@@ -299,11 +299,6 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     stat_programs = STAT_PROGRAMS if stat_programs is None else int(stat_programs)
     single_tile = SINGLE_TILE if single_tile is None else int(single_tile)
     single_warps = SINGLE_WARPS if single_warps is None else int(single_warps)
-    if single is None:   # by size; a group wider than the tile keeps the three kernels
-        single = (x.dim() == 4 and x.shape[2] * x.shape[3] <= SINGLE_MAX_PIXELS and x.numel() <= SINGLE_MAX_ELEMENTS
-                  and groups >= 1 and x.shape[1] % groups == 0
-                  and triton.next_power_of_2(max(1, x.shape[1] // groups)) <= single_tile)
-    single = bool(single)
     if not _is_channels_last(x):
         raise ValueError(f"group_norm_act: x must be a channels-last [N, C, H, W] tensor, got shape "
                          f"{tuple(x.shape)} strides {tuple(x.stride())}")
@@ -326,16 +321,18 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     if x.numel() == 0:
         return y
     CG = C // groups
+    bg = triton.next_power_of_2(CG)
+    if single is None:   # by size; a group wider than the tile keeps the three kernels
+        single = HW <= SINGLE_MAX_PIXELS and x.numel() <= SINGLE_MAX_ELEMENTS and bg <= single_tile
     tt = t.contiguous() if t is not None else x   # a placeholder pointer where there is no t
+    w, b = w.contiguous(), b.contiguous()
     partial, finish, apply, one = _kernels()
     from .encoder_fast import _on_device
 
     if single:
-        bg = triton.next_power_of_2(CG)
         with _on_device(x.device):
-            one[(N * groups,)](x, tt, w.contiguous(), b.contiguous(), y, groups, float(eps), HW=HW, C=C,
-                               CG=CG, BR=max(1, single_tile // bg), BG=bg, HAS_T=t is not None,
-                               SILU=bool(silu), num_warps=single_warps)
+            one[(N * groups,)](x, tt, w, b, y, groups, float(eps), HW=HW, C=C, CG=CG, BR=max(1, single_tile // bg),
+                               BG=bg, HAS_T=t is not None, SILU=bool(silu), num_warps=single_warps)
         return y
     CB = triton.cdiv(C, block_c)
     R = _rows_per_program(N * CB, HW, _programs_target(x.device, stat_programs), stat_rows)
@@ -350,7 +347,7 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
         finish[(N * groups,)](part_mean, part_m2, stats, HW, groups, float(eps), S=S, C=C, CG=CG, R=R,
                               BS=min(64, triton.next_power_of_2(S)), BG=triton.next_power_of_2(CG),
                               num_warps=1)
-        apply[(N * triton.cdiv(HW, block_rows) * CB,)](x, tt, w.contiguous(), b.contiguous(), stats, y, HW,
+        apply[(N * triton.cdiv(HW, block_rows) * CB,)](x, tt, w, b, stats, y, HW,
                                                        groups, CB, C=C, CG=CG, BR=block_rows, BC=block_c,
                                                        HAS_T=t is not None, SILU=bool(silu), num_warps=warps)
     return y
@@ -413,14 +410,24 @@ KERNEL_MIN_ELEMENTS = 0
 EAGER_KERNEL_MIN_ELEMENTS = 1 << 23
 
 
+def kernel_rule(min_elements: int | None = None) -> int:
+    """The size rule in force: ``min_elements`` where a model was given its own, else
+    ``KERNEL_MIN_ELEMENTS`` as it is now."""
+    return KERNEL_MIN_ELEMENTS if min_elements is None else int(min_elements)
+
+
+def takes_kernels(numel: int, min_elements: int | None = None) -> bool:
+    """Whether an activation of ``numel`` elements goes to the kernels under the rule (:func:`kernel_rule`)."""
+    return numel >= kernel_rule(min_elements)
+
+
 def _gn(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool, min_elements: int | None = None) -> Any:
-    """The registered operator for activations of at least ``min_elements`` (default
-    ``KERNEL_MIN_ELEMENTS``; registered before any tracing: torch.compile would trace the
-    registration itself), else the library's ops."""
+    """The registered operator for activations that take the kernels (:func:`takes_kernels`;
+    registered before any tracing: torch.compile would trace the registration itself), else the
+    library's ops."""
     import torch
 
-    rule = KERNEL_MIN_ELEMENTS if min_elements is None else min_elements
-    if x.dim() != 4 or x.numel() < rule:
+    if x.dim() != 4 or not takes_kernels(x.numel(), min_elements):
         return group_norm_act_reference(x, t, w, b, groups, eps, silu)
     return torch.ops.mi300x_cert.group_norm_act(x, t, w, b, int(groups), float(eps), bool(silu))
 
@@ -487,7 +494,7 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
     c1 = block.conv1
     out_numel = _conv_out_numel(c1, x) if type(c1) is torch.nn.Conv2d and x.dim() == 4 else None
     if (torch.compiler.is_compiling() and c1.bias is not None and out_numel is not None
-            and out_numel >= (KERNEL_MIN_ELEMENTS if rule is None else rule)):
+            and takes_kernels(out_numel, rule)):
         # Compiled, Inductor runs the convolution without its bias and adds the bias in a kernel
         # of its own that it fuses into what reads the result; the operator cannot take part in
         # that fusion, so that add would be one more pass over the activation. The bias goes into
