@@ -1890,6 +1890,20 @@ def test_fast_resnet_compiled_with_any_first_convolution(monkeypatch, conv):
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), conv
 
 
+def _compiled_calls(module, *args):
+    """``module(*args)`` compiled in one graph (dynamo reset first) and the function calls of the
+    graph dynamo hands over (a recording backend: the ops as traced, before Inductor)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=record, fullgraph=True, dynamic=False)(*args)
+    return out, [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+
+
 @pytest.mark.parametrize("rule", ["every size", "above this resnet", "at its second norm", "the module's own"])
 def test_fast_resnet_size_rule_decides_the_operator(monkeypatch, rule):
     """The size rule (``KERNEL_MIN_ELEMENTS``, 0 by default: every size since run 81; or the one
@@ -1920,20 +1934,12 @@ def test_fast_resnet_size_rule_decides_the_operator(monkeypatch, rule):
             n.weight.uniform_(0.5, 1.5)
             n.bias.normal_()
     temb = torch.randn(2, 12)
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     with torch.inference_mode():
         ref = block(x, temb)
         fast = copy.deepcopy(block)
         unet_fast.prepare_unet(fast, "fast", min_elements=own)
-        torch._dynamo.reset()
-        got = torch.compile(fast, backend=record, fullgraph=True, dynamic=False)(x, temb)
+        got, nodes = _compiled_calls(fast, x, temb)
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
-    nodes = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
     ops = [n for n in nodes if "group_norm_act" in str(n.target)]
     conv1 = [n for n in nodes if "conv" in str(n.target) and "conv1" in str(n.args[1])]
     assert len(conv1) == 1, [(str(n.target), [str(a) for a in n.args]) for n in nodes if "conv" in str(n.target)]
@@ -1973,19 +1979,11 @@ def test_fast_norm_module_takes_its_own_rule_and_a_new_one():
         ref = model(x)
 
     def ops_after_prepare(**kw):
-        graphs = []
-
-        def record(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
         counts = unet_fast.prepare_unet(model, "fast", **kw)
-        torch._dynamo.reset()
         with torch.inference_mode():
-            got = torch.compile(model, backend=record, fullgraph=True, dynamic=False)(x)
+            got, nodes = _compiled_calls(model, x)
         assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
-        return counts["norm"], sum(1 for gm in graphs for n in gm.graph.nodes
-                                   if n.op == "call_function" and "group_norm_act" in str(n.target))
+        return counts["norm"], sum(1 for n in nodes if "group_norm_act" in str(n.target))
 
     assert ops_after_prepare(min_elements=x.numel() + 1) == (1, 0)
     assert type(model.norm).__name__ == "GroupNormAct" and model.norm.min_elements == x.numel() + 1
