@@ -323,6 +323,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                         row["unet_evals"] = r.get("unet_evals")
                 if card:
                     row["energy"] = energy_row(card, b * args.repeats, "image", statistics.mean(lats))
+                row["phases_s"] = sd_phases(wl, b, args.repeats)
                 med = statistics.median(lats)
                 evals = row.get("unet_evals") or 51
                 tflop_img = flops["unet_pair_tflop"] * evals + flops["vae_decode_tflop"]
@@ -345,6 +346,14 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
             torch._dynamo.reset()  # its memory goes back at the next variant's release_gpu_memory
             res.add("sd", row, quiet=("latencies_s", "optimized", "latents"))
     _sd_equality(res)
+
+
+def sd_phases(wl: Any, b: int, repeats: int) -> dict[str, float]:
+    """Where a batch's time goes: the medians over ``repeats`` more batches (after the timed ones,
+    outside the energy window) of the text encoder, the denoising loop and the VAE decode, each
+    synchronised (``SDWorkload.time_phases``), in seconds per batch."""
+    runs = [wl.time_phases(b, i) for i in range(max(1, repeats))]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def _sd_latent_digest(wl: Any, b: int) -> dict[str, Any]:
@@ -883,6 +892,7 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
                            f"{_fmt(frac, 0)} | {_fmt(r.get('warmup_s'), 0)} | {_fmt(r.get('peak_mem_gib'), 1)} | {vs_s} |")
             out.append("")
             out += _energy_lines(sd, "image")
+            out += _phase_lines(sd)
         wh = [r for r in d.get("whisper", []) if "tokens_per_s" in r]
         if wh:
             out += ["### Whisper large-v3 architecture (synthetic weights), greedy, forced new tokens", "",
@@ -957,6 +967,13 @@ def _energy_lines(rows: list[dict[str, Any]], unit: str) -> list[str]:
                      f"{'mJ' if unit == 'token' else 'J'} per {unit}, {_fmt(e.get('mean_power_w'), 0)} W{frac}, "
                      f"SM clock {_fmt(e.get('sm_clock_mhz_median'), 0)} MHz ({e.get('clock_reasons_most_seen') or 'no clock reason'})")
     return ["Energy of the timed batches (the card's energy counter; `--energy`): " + "; ".join(parts) + ".", ""] if parts else []
+
+
+def _phase_lines(rows: list[dict[str, Any]]) -> list[str]:
+    parts = [f"b{r['batch']} {r['variant']}: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in r["phases_s"].items())
+             for r in rows if r.get("phases_s")]
+    return ["Where a batch's time goes (ms per batch; medians of more batches, the device synchronised "
+            "between the text encoder, the denoising loop and the VAE decode): " + "; ".join(parts) + ".", ""] if parts else []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ One batch = ``batch_size`` prompts → images, in three replaceable steps (the o
 them or the modules behind them)::
 
     ids = self.tokenize(prompts)                 # host: CLIP tokenizer, or hash ids (synthetic)
-    cond, uncond = self.encode_prompts(ids)      # device: CLIP text encoder
+    cond, uncond = self.encode_prompts(ids)      # device: CLIP text encoder (text_embeddings)
     latents = self.denoise(cond, uncond, g)      # device: StableDiffusionPipeline(..., output_type="latent")
     images = self.decode(latents)                # device: VAE decode → float images in [-1, 1]
     pil = self.to_pil(images)                    # host: → uint8 → host copy → PIL
@@ -206,12 +206,20 @@ class SDWorkload(Workload):
             ids = torch.tensor(hash_tokenize(texts, self.vocab_size, self.max_length), dtype=torch.long)
         return ids.to(self.device)
 
+    def text_embeddings(self, ids: Any) -> Any:
+        """CLIP text encoder: token ids → its last hidden state (the optimized path replays this as a
+        device graph)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.text_encoder(ids)[0]
+
     def encode_prompts(self, ids: Any) -> tuple[Any, Any]:
         """CLIP text encoder → (prompt_embeds, negative_prompt_embeds or None)."""
         import torch
 
         with torch.inference_mode():
-            emb = self.text_encoder(ids)[0].to(self.dtype)
+            emb = self.text_embeddings(ids).to(self.dtype)
         if self.do_cfg:
             b = emb.shape[0] // 2
             return emb[:b], emb[b:]
@@ -268,6 +276,27 @@ class SDWorkload(Workload):
         cond, uncond = self.encode_prompts(ids)
         latents = self.denoise(cond, uncond, latents0)
         return self.decode(latents)
+
+    def time_phases(self, batch_size: int, batch_index: int) -> dict[str, float]:
+        """One batch of :meth:`compute` with the device synchronised around each of its three device
+        steps: seconds of ``encode`` (text encoder), ``denoise`` (the loop) and ``decode`` (VAE).
+        Where the time of an image goes; the synchronisations add a little to the sum, so
+        :meth:`run_batch`'s ``latency_s`` stays the figure."""
+        inputs = self.prepare(self._check_batch(batch_size), batch_index)
+        ids, latents0 = inputs
+        clock = [0.0] * 4
+        device_sync(self.device)
+        clock[0] = time.perf_counter()
+        cond, uncond = self.encode_prompts(ids)
+        device_sync(self.device)
+        clock[1] = time.perf_counter()
+        latents = self.denoise(cond, uncond, latents0)
+        device_sync(self.device)
+        clock[2] = time.perf_counter()
+        self.decode(latents)
+        device_sync(self.device)
+        clock[3] = time.perf_counter()
+        return {name: clock[i + 1] - clock[i] for i, name in enumerate(("encode", "denoise", "decode"))}
 
     def collect(self, outputs: Any, inputs: Any, batch_size: int) -> dict[str, Any]:
         self.last_images = self.to_pil(outputs)

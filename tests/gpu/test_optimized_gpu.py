@@ -24,6 +24,17 @@ def test_sd_tiny_optimized_matches_stock_with_graphs(tmp_path, monkeypatch):
     for _ in range(2):  # first call captures, second replays
         lb = b.denoise(cond, uncond, lat0)
     assert b.fast.notes["denoise_graph"] == "captured"
+    for _ in range(2):  # the text encoder: captured, then replayed, the eager module's bits
+        cb, ub = b.encode_prompts(ids)
+    assert b.fast.notes["encode_graph"] == "captured"
+    with torch.inference_mode():
+        ref = b.text_encoder(ids)[0]
+    assert torch.equal(torch.cat([cb, ub]), ref)
+    g = torch.Generator().manual_seed(1)   # other token ids through the same graph
+    ids2 = torch.randint(1, b.vocab_size, tuple(ids.shape), generator=g).to(ids.device)
+    assert not torch.equal(ids2, ids)
+    with torch.inference_mode():
+        assert torch.equal(torch.cat(b.encode_prompts(ids2)), b.text_encoder(ids2)[0])
     rel = float((la.float() - lb.float()).norm() / la.float().norm())
     assert rel < 2e-2, rel
     ia, ib = a.decode(la), b.decode(lb)

@@ -52,6 +52,31 @@ def test_sd_optimized_same_latents_and_images_and_recorded():
     json.dumps(cb, default=str)  # conditions stay JSON-able for the result rows
 
 
+def test_sd_optimized_text_encoder_is_replayed_and_the_same(monkeypatch):
+    """The optimized path runs the workload's own text encoder through ``FastSD.encode`` (a device
+    graph where graphs are supported; here, off the GPU, the graph cache runs it eagerly and says
+    so): the same embeddings as stock, bit for bit. The bench's phases split a batch into the three
+    device steps. Without a text encoder, ``encode`` is one clear error."""
+    from bench.cli import sd_phases
+    from mi300x_cert.workloads.optimized import sd_fast
+    from mi300x_cert.workloads.sd import SDWorkload
+
+    monkeypatch.setattr(sd_fast, "graphs_supported", lambda device: True)   # FastSD plans the graph
+    a = SDWorkload(dict(SD, path="stock"))
+    b = SDWorkload(dict(SD, path="optimized"))
+    assert b.text_embeddings == b.fast.encode
+    ids = a.tokenize(a.select_prompts(2, 5))
+    (ca, ua), (cb, ub) = a.encode_prompts(ids), b.encode_prompts(ids)
+    assert torch.equal(ca, cb) and torch.equal(ua, ub) and cb.shape == (2, 77, a.text_encoder.config.hidden_size)
+    assert b.fast.notes["encode_graph"] == "device graphs unsupported here (eager)"   # through the cache
+    phases = sd_phases(b, 2, 2)
+    assert list(phases) == ["encode", "denoise", "decode"] and all(v > 0 for v in phases.values()), phases
+    fast = sd_fast.FastSD(b.unet, b.vae, b.scheduler, steps=2, guidance=7.5, scaling_factor=0.18215,
+                          device="cpu", compile=False)
+    with pytest.raises(ValueError, match="no text encoder was given"):
+        fast.encode(ids)
+
+
 def test_sd_optimized_loop_reproduces_pndm_multistep_state():
     """The optimized loop is a different code path from the pipeline: check each step count."""
     from mi300x_cert.workloads.sd import SDWorkload
@@ -153,6 +178,10 @@ def test_bench_renders_markdown_from_json():
     # forced UNet forms (and settings) are rows of the optimized path, after its default row
     assert md.index("| 32 | optimized | ") < md.index("| 32 | optimized-library-unet | 0.240 | 1.25 |")
     assert "| 32 | optimized+freezing=false-library-unet | 0.250 | 1.20 |" in md
+    assert "Where a batch's time goes" not in md   # rows without phases: no line
+    data["sd"][1]["phases_s"] = {"encode": 0.0012, "denoise": 6.0, "decode": 0.25}
+    md = render_markdown([data])
+    assert "b32 optimized: encode 1.2, denoise 6000.0, decode 250.0." in md
 
 
 def test_bench_whisper_rows_against_the_runs_ceilings():

@@ -10,7 +10,9 @@ What changes (none of it changes the mathematics):
   the scheduler's own ``step`` — captured as ONE device graph per batch size. The scheduler's
   per-step coefficients are host scalars, so replaying the graph reproduces PNDM's multistep state
   (its ``ets`` history) exactly as captured; no host synchronisation remains inside the loop;
-* the VAE decode captured as a second graph;
+* the VAE decode captured as a second graph, and the CLIP text encoder (the workload's own eager
+  module, not compiled: the same bits) as a third, so its ≈ 200 small operations are not launched
+  one by one from the host;
 * where the UNet and VAE are compiled on an NVIDIA card, the ``fast`` UNet form of
   ``unet_fast.prepare_unet``: upsampling kept in the channels-last layout at every batch size, and
   the GroupNorms (+ SiLU, + the time embedding's add) of the UNet and of the VAE's resnets by its
@@ -64,6 +66,7 @@ class FastSD:
         latent_side: int | None = None,
         inductor: Any = None,
         unet_form: str = "auto",
+        text_encode: Any = None,
     ) -> None:
         import torch
 
@@ -120,6 +123,10 @@ class FastSD:
             self._unet_fn, self.compile_label = compile_module(unet, device=device, mode=compile_mode, options=opts)
             self._decode_fn, _ = compile_module(self._decode_eager, device=device, mode=compile_mode, options=opts)
         self.notes["whole_loop_graph"] = self.use_graphs
+        # the text encoder needs no scheduler: replayed wherever graphs are asked for and supported
+        self._text_encode = text_encode
+        self._text_graph = bool(graphs) and graphs_supported(device) and text_encode is not None
+        self._encode_graphs = GraphCache(self._encode_eager, self.device, warmup_runs=2, name="encode")
         self._denoise_graphs = GraphCache(self._denoise_eager, self.device, warmup_runs=1, name="denoise")
         self._decode_graphs = GraphCache(self._decode_fn, self.device, warmup_runs=2, name="decode")
         self.unet_evals = self._plan_len()
@@ -157,10 +164,27 @@ class FastSD:
             lat = sched.step(noise, t, lat, return_dict=False)[0]
         return lat
 
+    def _encode_eager(self, ids: Any) -> Any:
+        return self._text_encode(ids)
+
     def _decode_eager(self, latents: Any) -> Any:
         return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
 
     # -- public ---------------------------------------------------------------------------------
+    def encode(self, ids: Any) -> Any:
+        """``text_encode(ids)`` (the workload's text encoder), replayed as a device graph per batch
+        shape; a copy of the graph's output is returned (the next replay overwrites it)."""
+        import torch
+
+        if self._text_encode is None:
+            raise ValueError("FastSD.encode: no text encoder was given (text_encode=None)")
+        with torch.inference_mode():
+            if not self._text_graph:
+                return self._text_encode(ids)
+            out = self._encode_graphs.run(ids)
+            self.notes["encode_graph"] = self._encode_graphs.reason
+            return out
+
     def denoise(self, cond: Any, uncond: Any, latents: Any) -> Any:
         import torch
 
@@ -209,6 +233,7 @@ def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastSD:
         latent_side=int(workload.height) // int(workload.vae_scale_factor),
         inductor=inductor,
         unet_form=unet_form,
+        text_encode=workload.text_embeddings,
     )
 
     def denoise(cond: Any, uncond: Any, latents: Any) -> Any:
@@ -216,6 +241,7 @@ def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastSD:
         return fast.denoise(cond, uncond, latents)
 
     workload.denoise = denoise
+    workload.text_embeddings = fast.encode
     workload.decode = fast.decode
     workload.fast = fast
     workload.compile_mode = fast.compile_label
