@@ -324,6 +324,8 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                 if card:
                     row["energy"] = energy_row(card, b * args.repeats, "image", statistics.mean(lats))
                 row["phases_s"] = sd_phases(wl, b, args.repeats)
+                if getattr(args, "sd_profile", False) and path == "optimized":
+                    row["profile"] = sd_batch_profile(wl, b)
                 med = statistics.median(lats)
                 evals = row.get("unet_evals") or 51
                 tflop_img = flops["unet_pair_tflop"] * evals + flops["vae_decode_tflop"]
@@ -354,6 +356,17 @@ def sd_phases(wl: Any, b: int, repeats: int) -> dict[str, float]:
     synchronised (``SDWorkload.time_phases``), in seconds per batch."""
     runs = [wl.time_phases(b, i) for i in range(max(1, repeats))]
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def sd_batch_profile(wl: Any, b: int) -> dict[str, Any]:
+    """One more batch (text encoder, loop, VAE, as timed) under the profiler: device ms per batch by
+    kernel class (``bench/sd_profile.py``'s classes; ``other`` holds the scheduler's, the
+    guidance's and the batch's own element-wise kernels, copies and memsets) and its largest
+    kernels."""
+    from bench.sd_profile import profile_buckets
+
+    inputs = wl.prepare(b, 0)
+    return profile_buckets(lambda: wl.compute(inputs), reps=1)
 
 
 def _sd_latent_digest(wl: Any, b: int) -> dict[str, Any]:
@@ -1007,6 +1020,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--telemetry-batches", type=int, default=6)
     p.add_argument("--telemetry-rounds", type=int, default=4)
     p.add_argument("--rate-hz", type=float, default=10.0)
+    p.add_argument("--sd-profile", action="store_true",
+                   help="profile one more batch of each SD optimized row: device ms per batch by kernel class "
+                        "(profile in the row's JSON)")
     p.add_argument("--energy", action="store_true",
                    help="measure the timed batches of each SD and Whisper row (not +overlap or recipe rows) with the "
                         "card's energy counter (NVML): joules per image or token, mean power against the enforced "

@@ -51,8 +51,8 @@ def bucket_of(name: str) -> str:
 
 
 def profile_buckets(fn: Any, reps: int = 3) -> dict[str, Any]:
-    """Run ``fn`` ``reps`` times under the profiler; device time per evaluation by bucket and the
-    top kernels."""
+    """Run ``fn`` ``reps`` times under the profiler; device time and kernel calls per evaluation by
+    bucket, the top kernels and the top ones of no class (``other``)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -70,15 +70,19 @@ def profile_buckets(fn: Any, reps: int = 3) -> dict[str, Any]:
             us = ev.cuda_time
         per_kernel.setdefault(ev.name, []).append(float(us))
     buckets: dict[str, float] = {}
+    calls: dict[str, float] = {}
     kernels = []
     for name, ts in per_kernel.items():
         b = bucket_of(name)
         buckets[b] = buckets.get(b, 0.0) + sum(ts) / reps / 1e3
+        calls[b] = calls.get(b, 0.0) + len(ts) / reps
         kernels.append({"name": name[:120], "bucket": b, "ms_per_eval": sum(ts) / reps / 1e3,
                         "calls_per_eval": len(ts) / reps})
     kernels.sort(key=lambda k: -k["ms_per_eval"])
     return {"ms_by_bucket": {k: round(v, 3) for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])},
-            "ms_total": round(sum(buckets.values()), 3), "top": kernels[:40]}
+            "calls_by_bucket": {k: calls[k] for k in sorted(calls, key=lambda k: -buckets[k])},
+            "ms_total": round(sum(buckets.values()), 3), "top": kernels[:40],
+            "top_other": [k for k in kernels if k["bucket"] == "other"][:15]}
 
 
 NAMED_VARIANTS = {

@@ -9,14 +9,17 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")]
 
 
-def test_sd_tiny_optimized_matches_stock_with_graphs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("unet_form", ["auto", "fast"])
+def test_sd_tiny_optimized_matches_stock_with_graphs(tmp_path, monkeypatch, unet_form):
+    """``fast``: the norm kernels called in the captured loop, the time table's rows as its time input."""
     monkeypatch.setenv("MI300X_CERT_COMPILE_CACHE", str(tmp_path / "cc"))
     from mi300x_cert.workloads.sd import SDWorkload
 
     p = dict(model="synthetic:sd-tiny", height=64, width=64, steps=10, guidance=7.5, dtype="float16",
-             seed=0, device="cuda", optimized_compile=False)
+             seed=0, device="cuda", optimized_compile=False, optimized_unet=unet_form)
     a = SDWorkload(dict(p, path="stock"))
     b = SDWorkload(dict(p, path="optimized"))
+    assert b.fast.notes["time_table"] is (unet_form == "fast")
     ids = a.tokenize(a.select_prompts(2, 0))
     cond, uncond = a.encode_prompts(ids)
     lat0 = a.initial_latents(2, 0)
@@ -519,6 +522,12 @@ def test_group_norm_act_kernel_is_the_librarys_norm(N, C, H, W, G, silu, time_ad
     err_lib = float((lib.double() - ref).abs().max())
     unit = float(ref.abs().max()) * 2.0 ** -10
     assert err_got <= err_lib + unit, (err_got, err_lib, unit)
+    if t is not None:   # t read in place: a time-table row expanded over the batch, the same bits
+        row = t[:1].expand(N, -1)
+        form = {"single": False, **(stat[0] if stat else {})}
+        same = group_norm_act_triton(x, row, w, b, G, eps, silu, block_rows=br, block_c=bc, warps=warps, **form)
+        assert torch.equal(same, group_norm_act_triton(x, row.contiguous(), w, b, G, eps, silu, block_rows=br,
+                                                       block_c=bc, warps=warps, **form))
 
 
 def _kernel_calls(fn):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 from typing import Any
 
 import pytest
@@ -1678,6 +1679,17 @@ for (N, C, H, W, G, silu, has_t, br, sr, tile_sum, bc, off) in (
         err = float((got.double() - ref).abs().max())
         assert err <= err_lib + unit, ((N, C, H, W, G), form, err, err_lib, unit)
 
+# t read in place: a row expanded over the batch (a sample stride of 0, as the time table hands it)
+# and columns of a wider table give the bits of the same values made contiguous, in both forms
+x = (torch.randn(3, 32, 6, 5) * 2 + 1).half().to(memory_format=torch.channels_last)
+w, b = (torch.rand(32) + 0.5).half(), torch.randn(32).half()
+table = torch.randn(4, 100).half()
+for t in (table[1:2, 10:42].expand(3, -1), table[:3, 50:82]):
+    assert t.stride() in ((0, 1), (100, 1))
+    for form in (dict(single=False, block_rows=16, block_c=16, stat_rows=16), dict(single=True, single_tile=64)):
+        got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, **form)
+        assert torch.equal(got, uf.group_norm_act_triton(x, t.contiguous(), w, b, 4, 1e-5, True, **form)), form
+
 # more ranges of pixels than the merge takes at once (64), the last one short: the merge across
 # its iterations (the programs' target raised, so each range is one tile of 16 pixels)
 uf._programs_target = lambda device, per_sm=2: 1 << 20
@@ -1807,6 +1819,60 @@ def _tiny_unet_and_vae():
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g))
     return wl.unet.to(memory_format=torch.channels_last), wl.vae
+
+
+def test_fast_unet_time_table_is_the_time_embedding():
+    """``unet_fast.time_table``: for the plan's timesteps, every resnet's time term once; the UNet
+    handed a row (expanded to its batch) computes what it computes from the timestep, none of the
+    time products runs, and a timestep still works; a UNet not in the ``fast`` form is left as it
+    is (``None``); rows for another batch are one clear error."""
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    unet, _ = _tiny_unet_and_vae()
+    assert unet_fast.time_table(unet, torch.tensor([999, 500, 1])) is None   # library form
+    assert "get_time_embed" not in vars(unet) and not hasattr(unet.time_embedding, "_time_rows_width")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # the time products' own random weights, so a wrong column shows
+        for m in unet.modules():
+            if hasattr(m, "time_emb_proj") and m.time_emb_proj is not None:
+                m.time_emb_proj.weight.copy_(torch.randn(m.time_emb_proj.weight.shape, generator=g))
+    x = torch.randn(2, 4, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    e = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.inference_mode():
+        refs = [unet(x, torch.tensor(t), encoder_hidden_states=e, return_dict=False)[0] for t in (999, 500, 1)]
+    unet_fast.prepare_unet(unet, "fast")
+    rows = unet_fast.time_table(unet, torch.tensor([999, 500, 1]))
+    takers = [m for m in unet.modules() if hasattr(m, "time_emb_proj")]
+    assert rows.shape == (3, sum(m.time_emb_proj.out_features * (1 + (m.conv1.bias is not None)) for m in takers))
+    calls = []
+    hooks = [m.time_emb_proj.register_forward_hook(lambda *a: calls.append(1)) for m in takers]
+    hooks.append(unet.time_embedding.linear_1.register_forward_hook(lambda *a: calls.append(1)))
+    with torch.inference_mode():
+        for i, ref in enumerate(refs):
+            out = unet(x, rows[i:i + 1].expand(2, -1), encoder_hidden_states=e, return_dict=False)[0]
+            assert float((out - ref).abs().max() / ref.abs().max()) < 1e-6, i
+        assert not calls   # no time product ran
+        again = unet(x, torch.tensor(500), encoder_hidden_states=e, return_dict=False)[0]
+    assert calls and float((again - refs[1]).abs().max() / refs[1].abs().max()) < 1e-6
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="time-table rows for 1 samples, the UNet has 2"), torch.inference_mode():
+        unet(x, rows[:1], encoder_hidden_states=e, return_dict=False)
+    # compiled: every first convolution's bias comes from the table's folded columns (no bias, no
+    # time product, no add of a bias in the graph), the same output
+    with torch.inference_mode():
+        got, nodes = _compiled_calls(lambda a, r: unet(a, r, encoder_hidden_states=e, return_dict=False)[0],
+                                     x, rows[1:2].expand(2, -1))
+    torch._dynamo.reset()
+    assert float((got - refs[1]).abs().max() / refs[1].abs().max()) < 1e-5
+    named = [" ".join(str(a) for a in n.args) for n in nodes]
+    assert not [a for a in named if "time_emb" in a], named
+    convs = [n for n, a in zip(nodes, named) if "conv1" in a and "conv" in str(n.target)]
+    assert len(convs) == len(takers) and all(n.args[2] is None for n in convs)
+    # each second norm's time term: columns of the rows as given, no arithmetic on them
+    terms = [n.args[1] for n in nodes if "group_norm_act" in str(n.target) and n.args[1] is not None]
+    assert len(terms) == len(takers), terms
+    assert all(a.target is operator.getitem and a.args[0].op == "placeholder" for a in terms), terms
 
 
 def test_unet_forms_are_the_library_unet_eager_and_compiled(monkeypatch):
@@ -2040,6 +2106,16 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
     opt = b.conditions()["optimized"]
     assert opt["unet_form"] == "fast" and opt["unet_form_modules"]["unet"]["resnet"] > 0, opt
     assert not opt["whole_loop_graph"] and opt["unet_form_min_elements"] == unet_fast.EAGER_KERNEL_MIN_ELEMENTS
+    # the time table: made for the plan, its rows the only time input of the loop
+    assert opt["time_table"] is True and b.fast._time_rows.shape[0] == b.fast.unet_evals
+    calls = []
+    for m in b.unet.modules():
+        if getattr(m, "time_emb_proj", None) is not None:
+            m.time_emb_proj.register_forward_hook(lambda *a: calls.append(1))
+    assert float((b.denoise(cond, uncond, lat0) - la).norm() / la.norm()) < 1e-5 and not calls
+    b.fast._table_ts = b.fast._table_ts.flip(0)   # a scheduler's plan other than the table's
+    with pytest.raises(RuntimeError, match="not the plan the time table was made for"):
+        b.denoise(cond, uncond, lat0)
     rules = {m._gn_min_elements for m in b.unet.modules() if hasattr(m, "_gn_min_elements")}
     rules |= {m.min_elements for m in b.unet.modules() if type(m).__name__ == "GroupNormAct"}
     assert rules == {unet_fast.EAGER_KERNEL_MIN_ELEMENTS}, rules
@@ -2050,7 +2126,7 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
     assert {m._gn_min_elements for m in d.unet.modules() if hasattr(m, "_gn_min_elements")} == {None}
     monkeypatch.undo()
     c = SDWorkload(dict(SD, path="optimized"))
-    assert c.conditions()["optimized"]["unet_form"] == "library"
+    assert c.conditions()["optimized"]["unet_form"] == "library" and c.conditions()["optimized"]["time_table"] is False
 
     with pytest.raises(ValueError, match="optimized_unet must be 'auto' or one of 'library', 'nhwc-up', 'fast', got 'quick'"):
         attach_to_workload(_Untouchable(), {"optimized_unet": "quick"})

@@ -13,6 +13,9 @@ What changes (none of it changes the mathematics):
 * the VAE decode captured as a second graph, and the CLIP text encoder (the workload's own eager
   module, not compiled: the same bits) as a third, so its ≈ 200 small operations are not launched
   one by one from the host;
+* in the ``fast`` UNet form, the time embedding of the whole plan computed once
+  (``unet_fast.time_table``: every resnet's time term depends on the timestep alone), each step
+  handing the UNet its row;
 * where the UNet and VAE are compiled on an NVIDIA card, the ``fast`` UNet form of
   ``unet_fast.prepare_unet``: upsampling kept in the channels-last layout at every batch size, and
   the GroupNorms (+ SiLU, + the time embedding's add) of the UNet and of the VAE's resnets by its
@@ -70,7 +73,7 @@ class FastSD:
     ) -> None:
         import torch
 
-        from .unet_fast import EAGER_KERNEL_MIN_ELEMENTS, check_unet_form, kernel_rule, prepare_unet
+        from .unet_fast import EAGER_KERNEL_MIN_ELEMENTS, check_unet_form, kernel_rule, prepare_unet, time_table
 
         check_unet_form(unet_form)
 
@@ -106,6 +109,15 @@ class FastSD:
             self.notes["unet_form_modules"] = {name: prepare_unet(m, unet_form, min_elements=rule)
                                                for name, m in (("unet", unet), ("vae", vae))}
             self.notes["unet_form_min_elements"] = kernel_rule(rule)
+        # the plan's time embedding, once (the `fast` form's resnets read their columns of its rows)
+        self._time_rows: Any = None
+        self._table_ts: Any = None
+        if unet_form == "fast":
+            plan = type(scheduler).from_config(scheduler.config)
+            plan.set_timesteps(self.steps, device="cpu")
+            self._table_ts = plan.timesteps.clone()
+            self._time_rows = time_table(unet, self._table_ts)
+        self.notes["time_table"] = self._time_rows is not None
         if on_gpu and sdpa_choice == "auto":
             from .common import pick_sdpa_backend
 
@@ -153,11 +165,16 @@ class FastSD:
             ts_dev = self._ts_dev[key] = sched.timesteps.to(latents.device)
         do_cfg = self.guidance > 1.0
         emb = torch.cat([uncond, cond]) if do_cfg else cond
+        rows = self._time_rows
+        if rows is not None and not torch.equal(sched.timesteps, self._table_ts):
+            raise RuntimeError("FastSD: the scheduler's timesteps are not the plan the time table was made for")
         lat = latents * sched.init_noise_sigma
         for i, t in enumerate(sched.timesteps):
             inp = torch.cat([lat] * 2) if do_cfg else lat
             inp = sched.scale_model_input(inp, t)
-            noise = self._unet_fn(inp, ts_dev[i], encoder_hidden_states=emb, return_dict=False)[0]
+            # the time table's row for this step (a view: no work in the loop), else the timestep
+            t_in = ts_dev[i] if rows is None else rows[i:i + 1].expand(int(inp.shape[0]), -1)
+            noise = self._unet_fn(inp, t_in, encoder_hidden_states=emb, return_dict=False)[0]
             if do_cfg:
                 n_u, n_t = noise.chunk(2)
                 noise = n_u + self.guidance * (n_t - n_u)

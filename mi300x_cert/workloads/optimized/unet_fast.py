@@ -35,7 +35,7 @@ from typing import Any
 
 __all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "STAT_ROWS", "STAT_WARPS", "STAT_TILE_SUM", "STAT_PROGRAMS",
            "EAGER_KERNEL_MIN_ELEMENTS", "kernel_rule", "takes_kernels", "SINGLE_MAX_PIXELS", "SINGLE_MAX_ELEMENTS", "SINGLE_TILE", "SINGLE_WARPS",
-           "check_unet_form", "prepare_unet", "group_norm_act",
+           "check_unet_form", "prepare_unet", "time_table", "group_norm_act",
            "group_norm_act_reference", "group_norm_act_triton", "GroupNormAct"]
 
 UNET_FORMS = ("library", "nhwc-up", "fast")
@@ -56,7 +56,7 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def _gn_partial(x_ptr, t_ptr, mean_ptr, m2_ptr, HW, S, CB, C: tl.constexpr, R: tl.constexpr,
+    def _gn_partial(x_ptr, t_ptr, t_sn, mean_ptr, m2_ptr, HW, S, CB, C: tl.constexpr, R: tl.constexpr,
                     BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr, TILE_SUM: tl.constexpr):
         # Program (n, s, cb): pixels [s·R, s·R + R) of sample n, channels [cb·BC, cb·BC + BC). The
         # values are shifted by the range's first pixel (no cancellation for activations near that
@@ -75,7 +75,7 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
         first = s * R
         k = tl.load(x_ptr + base + first.to(tl.int64) * C + cols, mask=cm, other=0.0)
         if HAS_T:
-            tv = tl.load(t_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32)
+            tv = tl.load(t_ptr + n * t_sn + cols, mask=cm, other=0.0).to(tl.float32)
             k = (k.to(tl.float32) + tv).to(x_ptr.dtype.element_ty)
         k = k.to(tl.float32)
         cnt_i = tl.minimum(HW - first, R)
@@ -143,7 +143,7 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
         tl.store(stat_ptr + pid * 2 + 1, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
-    def _gn_apply(x_ptr, t_ptr, w_ptr, b_ptr, stat_ptr, y_ptr, HW, G, CB, C: tl.constexpr, CG: tl.constexpr,
+    def _gn_apply(x_ptr, t_ptr, t_sn, w_ptr, b_ptr, stat_ptr, y_ptr, HW, G, CB, C: tl.constexpr, CG: tl.constexpr,
                   BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr, SILU: tl.constexpr):
         # Program (n, block of BR pixels, block of BC channels): (x [+ t] - mean) · rstd · w + b,
         # rounded to x's dtype, then SiLU of that value in float32, rounded again (the library's
@@ -161,7 +161,7 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
         off = n.to(tl.int64) * HW * C + p[:, None].to(tl.int64) * C + cols[None, :]
         v = tl.load(x_ptr + off, mask=m, other=0.0)
         if HAS_T:
-            tv = tl.load(t_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32)
+            tv = tl.load(t_ptr + n * t_sn + cols, mask=cm, other=0.0).to(tl.float32)
             v = (v.to(tl.float32) + tv[None, :]).to(x_ptr.dtype.element_ty)
         v = v.to(tl.float32)
         grp = n * G + cols // CG
@@ -176,7 +176,7 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gn_single(x_ptr, t_ptr, w_ptr, b_ptr, y_ptr, G, eps, HW: tl.constexpr, C: tl.constexpr,
+    def _gn_single(x_ptr, t_ptr, t_sn, w_ptr, b_ptr, y_ptr, G, eps, HW: tl.constexpr, C: tl.constexpr,
                    CG: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr, HAS_T: tl.constexpr,
                    SILU: tl.constexpr):
         # Program (n, g): the group's statistics and its normalizing pass in one launch, for
@@ -193,7 +193,7 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
         cols = g * CG + cc
         base = n.to(tl.int64) * HW * C
         if HAS_T:
-            tv = tl.load(t_ptr + n * C + cols, mask=cm, other=0.0).to(tl.float32)
+            tv = tl.load(t_ptr + n * t_sn + cols, mask=cm, other=0.0).to(tl.float32)
         k = tl.load(x_ptr + base + cols, mask=cm, other=0.0)
         if HAS_T:
             k = (k.to(tl.float32) + tv).to(x_ptr.dtype.element_ty)
@@ -324,14 +324,21 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     bg = triton.next_power_of_2(CG)
     if single is None:   # by size; a group wider than the tile keeps the three kernels
         single = HW <= SINGLE_MAX_PIXELS and x.numel() <= SINGLE_MAX_ELEMENTS and bg <= single_tile
-    tt = t.contiguous() if t is not None else x   # a placeholder pointer where there is no t
+    # t read in place where its channels are contiguous (a time-table row expanded over the batch
+    # has a sample stride of 0); x is a placeholder pointer where there is no t
+    if t is None:
+        tt, t_sn = x, 0
+    elif t.stride(1) == 1:
+        tt, t_sn = t, int(t.stride(0))
+    else:
+        tt, t_sn = t.contiguous(), C
     w, b = w.contiguous(), b.contiguous()
     partial, finish, apply, one = _kernels()
     from .encoder_fast import _on_device
 
     if single:
         with _on_device(x.device):
-            one[(N * groups,)](x, tt, w, b, y, groups, float(eps), HW=HW, C=C, CG=CG, BR=max(1, single_tile // bg),
+            one[(N * groups,)](x, tt, t_sn, w, b, y, groups, float(eps), HW=HW, C=C, CG=CG, BR=max(1, single_tile // bg),
                                BG=bg, HAS_T=t is not None, SILU=bool(silu), num_warps=single_warps)
         return y
     CB = triton.cdiv(C, block_c)
@@ -342,12 +349,12 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     part_m2 = torch.empty((N, S, C), dtype=torch.float32, device=dev)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=dev)
     with _on_device(dev):
-        partial[(N * S * CB,)](x, tt, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=stat_rows, BC=block_c,
+        partial[(N * S * CB,)](x, tt, t_sn, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=stat_rows, BC=block_c,
                                HAS_T=t is not None, TILE_SUM=stat_tile_sum, num_warps=stat_warps)
         finish[(N * groups,)](part_mean, part_m2, stats, HW, groups, float(eps), S=S, C=C, CG=CG, R=R,
                               BS=min(64, triton.next_power_of_2(S)), BG=triton.next_power_of_2(CG),
                               num_warps=1)
-        apply[(N * triton.cdiv(HW, block_rows) * CB,)](x, tt, w, b, stats, y, HW,
+        apply[(N * triton.cdiv(HW, block_rows) * CB,)](x, tt, t_sn, w, b, stats, y, HW,
                                                        groups, CB, C=C, CG=CG, BR=block_rows, BC=block_c,
                                                        HAS_T=t is not None, SILU=bool(silu), num_warps=warps)
     return y
@@ -487,7 +494,11 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
     n1, n2 = block.norm1, block.norm2
     x = _gn(input_tensor, None, n1.weight, n1.bias, n1.num_groups, n1.eps, True, rule)
     t = None
-    if block.time_emb_proj is not None and temb is not None:
+    cols = getattr(block, "_time_cols", None)
+    from_table = cols is not None and temb is not None and temb.dim() == 2 and int(temb.shape[-1]) == cols[2]
+    if from_table:
+        t = temb[:, cols[0]:cols[0] + cols[1]]   # a row of the time table: this resnet's term, ready
+    elif block.time_emb_proj is not None and temb is not None:
         if not block.skip_time_act:
             temb = block.nonlinearity(temb)
         t = block.time_emb_proj(temb)
@@ -501,8 +512,11 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
         # the operator's per-channel add with the time embedding instead (the output's size sends
         # this norm to the kernels; elsewhere the convolution is diffusers' own).
         x = c1._conv_forward(x, c1.weight, None)
-        bias = c1.bias.float()[None, :]
-        t = (bias if t is None else t.float() + bias).expand(int(x.shape[0]), -1).to(x.dtype).contiguous()
+        if from_table and cols[3] is not None:   # the table's columns with the bias added: a view, no work
+            t = temb[:, cols[3]:cols[3] + cols[1]]
+        else:
+            bias = c1.bias.float()[None, :]
+            t = (bias if t is None else t.float() + bias).expand(int(x.shape[0]), -1).to(x.dtype).contiguous()
     else:
         x = c1(x)
     x = _gn(x, t, n2.weight, n2.bias, n2.num_groups, n2.eps, True, rule)
@@ -510,6 +524,85 @@ def _resnet_forward(block: Any, input_tensor: Any, temb: Any, *args: Any, **kwar
     x = block.conv2(x)
     sc = block.conv_shortcut(input_tensor) if block.conv_shortcut is not None else input_tensor
     return (sc + x) / block.output_scale_factor
+
+
+# -- the time table ------------------------------------------------------------------------------
+
+def _get_time_embed(unet: Any, sample: Any, timestep: Any) -> Any:
+    """``UNet2DConditionModel.get_time_embed``, passing a batch of time-table rows through."""
+    import torch
+
+    width = getattr(unet.time_embedding, "_time_rows_width", None)
+    if torch.is_tensor(timestep) and timestep.dim() == 2 and int(timestep.shape[-1]) == width:
+        if int(timestep.shape[0]) != int(sample.shape[0]):
+            raise ValueError(f"time-table rows for {int(timestep.shape[0])} samples, the UNet has {int(sample.shape[0])}")
+        return timestep
+    return type(unet).get_time_embed(unet, sample=sample, timestep=timestep)
+
+
+def _time_embedding_forward(te: Any, sample: Any, condition: Any = None) -> Any:
+    """``TimestepEmbedding.forward``; time-table rows are already past it."""
+    if sample.dim() == 2 and int(sample.shape[-1]) == te._time_rows_width != int(te.linear_1.in_features):
+        return sample
+    return type(te).forward(te, sample, condition)
+
+
+def _is_fast_resnet(m: Any) -> bool:
+    return getattr(getattr(m, "forward", None), "__func__", None) is _resnet_forward
+
+
+def time_table(unet: Any, timesteps: Any) -> Any:
+    """The time embedding of a whole denoising plan, computed once (``fast`` form of a
+    ``UNet2DConditionModel``). Every resnet's time term — ``time_emb_proj(SiLU(time_embedding(
+    time_proj(t))))`` — depends on the timestep alone, so for the plan's ``timesteps`` it is computed
+    here, each resnet's side by side in one row per timestep (in the UNet's dtype, on its device),
+    and again with the resnet's first convolution's bias added (float32, rounded once), as the
+    compiled resnet adds it where it folds that bias into its norm. Called with such a row (expanded to its batch) in place of the timestep, the UNet passes
+    it through its time embedding and each resnet reads its own columns: the two products of the
+    time embedding and one product per resnet (with their SiLUs) leave every evaluation. Called with
+    a timestep, the UNet computes as before.
+
+    Returns the rows [len(timesteps), width], or ``None`` (the UNet unchanged) where another module
+    takes the time embedding (class or added embeddings, a time activation, a resnet not in the
+    ``fast`` form or without a time projection)."""
+    import torch
+
+    if type(unet).__name__ != "UNet2DConditionModel" or not hasattr(unet, "time_embedding"):
+        return None
+    if (getattr(unet, "class_embedding", None) is not None or getattr(unet, "add_embedding", None) is not None
+            or getattr(unet, "time_embed_act", None) is not None
+            or getattr(unet.config, "time_cond_proj_dim", None) is not None):
+        return None
+    takers = [m for m in unet.modules() if hasattr(m, "time_emb_proj")]
+    if not takers or any(not _is_fast_resnet(m) or m.time_emb_proj is None
+                         or getattr(m, "time_embedding_norm", "default") != "default" for m in takers):
+        return None
+    param = next(unet.parameters())
+    with torch.inference_mode():
+        ts = torch.as_tensor(timesteps).to(param.device)
+        probe = torch.empty((int(ts.shape[0]), 1), device=param.device, dtype=unet.dtype)
+        emb = type(unet.time_embedding).forward(unet.time_embedding,
+                                                type(unet).get_time_embed(unet, sample=probe, timestep=ts))
+        terms = [m.time_emb_proj(emb if m.skip_time_act else m.nonlinearity(emb)) for m in takers]
+        # with the first convolution's bias added as the compiled resnet folds it (float32, rounded
+        # once), for where the fold applies
+        folded = [None if m.conv1.bias is None else (term.float() + m.conv1.bias.float()[None, :]).to(term.dtype)
+                  for m, term in zip(takers, terms)]
+        rows = torch.cat([*terms, *(f for f in folded if f is not None)], dim=1).contiguous()
+    width, off = int(rows.shape[1]), 0
+    if width == int(unet.time_embedding.linear_1.in_features):
+        return None   # could not tell a row from a timestep's embedding
+    offsets = []
+    for term in terms:
+        offsets.append(off)
+        off += int(term.shape[1])
+    for m, term, f, start in zip(takers, terms, folded, offsets):
+        m._time_cols = (start, int(term.shape[1]), width, None if f is None else off)
+        off += 0 if f is None else int(f.shape[1])
+    unet.time_embedding._time_rows_width = width
+    unet.time_embedding.forward = types.MethodType(_time_embedding_forward, unet.time_embedding)
+    unet.get_time_embed = types.MethodType(_get_time_embed, unet)
+    return rows
 
 
 def _upsample_forward(up: Any, hidden_states: Any, output_size: Any = None, *args: Any, **kwargs: Any) -> Any:
