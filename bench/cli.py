@@ -323,9 +323,7 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
                         row["unet_evals"] = r.get("unet_evals")
                 if card:
                     row["energy"] = energy_row(card, b * args.repeats, "image", statistics.mean(lats))
-                row["phases_s"] = sd_phases(wl, b, args.repeats)
-                if getattr(args, "sd_profile", False) and path == "optimized":
-                    row["profile"] = sd_batch_profile(wl, b)
+                _sd_extras(row, wl, b, args, path, deadline)
                 med = statistics.median(lats)
                 evals = row.get("unet_evals") or 51
                 tflop_img = flops["unet_pair_tflop"] * evals + flops["vae_decode_tflop"]
@@ -348,6 +346,24 @@ def bench_sd(args: argparse.Namespace, res: Results, deadline: float) -> None:
             torch._dynamo.reset()  # its memory goes back at the next variant's release_gpu_memory
             res.add("sd", row, quiet=("latencies_s", "optimized", "latents"))
     _sd_equality(res)
+
+
+def _sd_extras(row: dict[str, Any], wl: Any, b: int, args: argparse.Namespace, path: str, deadline: float) -> None:
+    """The row's phases and (``--sd-profile``, optimized rows) its profile, each in its own try: a
+    failure there is recorded beside the row's timed figures (``phases_error``, ``profile_error``),
+    and past the run's time limit they are left out (``phases_skipped``)."""
+    if time.time() > deadline:
+        row["phases_skipped"] = "time limit"
+        return
+    try:
+        row["phases_s"] = sd_phases(wl, b, args.repeats)
+    except Exception as e:
+        row["phases_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if getattr(args, "sd_profile", False) and path == "optimized":
+        try:
+            row["profile"] = sd_batch_profile(wl, b)
+        except Exception as e:
+            row["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def sd_phases(wl: Any, b: int, repeats: int) -> dict[str, float]:

@@ -69,6 +69,12 @@ def profile_buckets(fn: Any, reps: int = 3) -> dict[str, Any]:
         if us is None:
             us = ev.cuda_time
         per_kernel.setdefault(ev.name, []).append(float(us))
+    return bucket_kernels(per_kernel, reps)
+
+
+def bucket_kernels(per_kernel: dict[str, list[float]], reps: int) -> dict[str, Any]:
+    """{kernel name: its launches' device µs} over ``reps`` runs → per run: ms and launches by
+    bucket (largest first), the total, the 40 largest kernels and the 15 largest of no class."""
     buckets: dict[str, float] = {}
     calls: dict[str, float] = {}
     kernels = []

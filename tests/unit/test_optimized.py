@@ -1556,6 +1556,48 @@ def test_encoder_bench_classifies_kernels_and_refuses_bad_arguments(capsys):
         assert e.value.code == 2 and word in capsys.readouterr().err
 
 
+def test_sd_profile_sums_kernels_per_run_by_class():
+    """``bucket_kernels``: per run (launches over ``reps``), ms and launches by class, largest first,
+    the total, the largest kernels, and the largest of no class (memsets, the scheduler's ops)."""
+    from bench.sd_profile import bucket_kernels
+
+    got = bucket_kernels({"nvjet_sm90_hsh_x_bias_TNN": [30.0, 30.0, 30.0, 30.0],
+                          "triton_poi_fused_add_0": [5.0, 5.0],
+                          "Memset (Unknown)": [1.0] * 6,
+                          "void at::native::vectorized_elementwise_kernel<add>": [2.0, 2.0]}, reps=2)
+    assert got["ms_by_bucket"] == {"gemm": 0.06, "other": 0.005, "inductor": 0.005}
+    assert got["calls_by_bucket"] == {"gemm": 2.0, "other": 4.0, "inductor": 1.0}
+    assert got["ms_total"] == 0.07 and got["top"][0]["name"] == "nvjet_sm90_hsh_x_bias_TNN"
+    assert [k["name"] for k in got["top_other"]] == ["Memset (Unknown)", "void at::native::vectorized_elementwise_kernel<add>"]
+    assert got["top_other"][0]["calls_per_eval"] == 3.0 and got["top_other"][0]["ms_per_eval"] == 0.003
+
+
+def test_bench_sd_phases_and_profile_never_cost_the_row(monkeypatch):
+    """A row's phases and profile run in their own try: a failure is recorded beside the timed
+    figures, and past the time limit they are left out."""
+    import argparse
+    import time
+
+    import bench.cli as cli
+
+    class Wl:
+        def time_phases(self, b, i):
+            return {"encode": 0.001, "denoise": 0.2 + i, "decode": 0.01}
+
+    args = argparse.Namespace(repeats=3, sd_profile=True)
+    monkeypatch.setattr(cli, "sd_batch_profile", lambda wl, b: (_ for _ in ()).throw(RuntimeError("no CUPTI")))
+    row: dict = {"per_image_s": 0.3}
+    cli._sd_extras(row, Wl(), 1, args, "optimized", time.time() + 60)
+    assert row["phases_s"] == {"encode": 0.001, "denoise": 1.2, "decode": 0.01}   # medians of 3
+    assert row["profile_error"] == "RuntimeError: no CUPTI" and row["per_image_s"] == 0.3
+    row = {}
+    cli._sd_extras(row, object(), 1, args, "stock", time.time() + 60)
+    assert row["phases_error"].startswith("AttributeError") and "profile" not in row and "profile_error" not in row
+    row = {}
+    cli._sd_extras(row, Wl(), 1, args, "optimized", time.time() - 1)
+    assert row == {"phases_skipped": "time limit"}
+
+
 def test_sd_profile_buckets_kernels_and_refuses_bad_variants(capsys, monkeypatch):
     """The SD profile's kernel classes by name, its variants' Inductor options (a named variant plus
     ``+key=value`` items), and one usage error naming a bad variant, setting, batch or size rule
@@ -1824,13 +1866,23 @@ def _tiny_unet_and_vae():
 def test_fast_unet_time_table_is_the_time_embedding():
     """``unet_fast.time_table``: for the plan's timesteps, every resnet's time term once; the UNet
     handed a row (expanded to its batch) computes what it computes from the timestep, none of the
-    time products runs, and a timestep still works; a UNet not in the ``fast`` form is left as it
-    is (``None``); rows for another batch are one clear error."""
+    time products runs, and a timestep still works; a UNet not in the ``fast`` form, or one whose
+    rows would be as wide as a time embedding (a row told from one by its width), is left as it is
+    (``None``, and the reason); rows for another batch are one clear error."""
+    from diffusers import UNet2DConditionModel
+
     from mi300x_cert.workloads.optimized import unet_fast
 
     unet, _ = _tiny_unet_and_vae()
     assert unet_fast.time_table(unet, torch.tensor([999, 500, 1])) is None   # library form
     assert "get_time_embed" not in vars(unet) and not hasattr(unet.time_embedding, "_time_rows_width")
+    assert unet_fast.time_table_refusal(unet) == (
+        "down_blocks.0.resnets.0 takes the time embedding and is not a resnet of the fast form")
+    width = sum(m.time_emb_proj.out_features * 2 for m in unet.modules() if hasattr(m, "time_emb_proj"))
+    wide = UNet2DConditionModel(**{**unet.config, "time_embedding_dim": width}).eval()
+    unet_fast.prepare_unet(wide, "fast")
+    assert unet_fast.time_table_refusal(wide) == f"the table's width ({width}) is a time embedding's"
+    assert unet_fast.time_table(wide, torch.tensor([1])) is None and "get_time_embed" not in vars(wide)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():   # the time products' own random weights, so a wrong column shows
         for m in unet.modules():
@@ -2126,7 +2178,8 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
     assert {m._gn_min_elements for m in d.unet.modules() if hasattr(m, "_gn_min_elements")} == {None}
     monkeypatch.undo()
     c = SDWorkload(dict(SD, path="optimized"))
-    assert c.conditions()["optimized"]["unet_form"] == "library" and c.conditions()["optimized"]["time_table"] is False
+    assert c.conditions()["optimized"]["unet_form"] == "library"
+    assert c.conditions()["optimized"]["time_table"] == "only the fast UNet form takes it"
 
     with pytest.raises(ValueError, match="optimized_unet must be 'auto' or one of 'library', 'nhwc-up', 'fast', got 'quick'"):
         attach_to_workload(_Untouchable(), {"optimized_unet": "quick"})

@@ -43,11 +43,12 @@ GRAPH_SAFE_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler")
 
 
 class FastSD:
-    """Denoise + decode for one set of SD modules (unet, vae, scheduler) with the optimizations above.
+    """Encode + denoise + decode for one set of SD modules (unet, vae, scheduler; the text encoder
+    as ``text_encode``) with the optimizations above.
 
-    ``denoise(cond, uncond, latents)`` and ``decode(latents)`` compute what the stock pipeline
-    computes for ``prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents`` and
-    ``vae.decode(latents / scaling_factor)``.
+    ``encode(ids)``, ``denoise(cond, uncond, latents)`` and ``decode(latents)`` compute what the
+    stock pipeline computes for ``text_encode(ids)``, ``prompt_embeds=cond,
+    negative_prompt_embeds=uncond, latents=latents`` and ``vae.decode(latents / scaling_factor)``.
     """
 
     def __init__(
@@ -73,7 +74,8 @@ class FastSD:
     ) -> None:
         import torch
 
-        from .unet_fast import EAGER_KERNEL_MIN_ELEMENTS, check_unet_form, kernel_rule, prepare_unet, time_table
+        from .unet_fast import (EAGER_KERNEL_MIN_ELEMENTS, check_unet_form, kernel_rule, prepare_unet, time_table,
+                                time_table_refusal)
 
         check_unet_form(unet_form)
 
@@ -112,12 +114,13 @@ class FastSD:
         # the plan's time embedding, once (the `fast` form's resnets read their columns of its rows)
         self._time_rows: Any = None
         self._table_ts: Any = None
-        if unet_form == "fast":
+        why = "only the fast UNet form takes it" if unet_form != "fast" else time_table_refusal(unet)
+        if why is None:
             plan = type(scheduler).from_config(scheduler.config)
             plan.set_timesteps(self.steps, device="cpu")
             self._table_ts = plan.timesteps.clone()
             self._time_rows = time_table(unet, self._table_ts)
-        self.notes["time_table"] = self._time_rows is not None
+        self.notes["time_table"] = True if self._time_rows is not None else why   # True, or why not
         if on_gpu and sdpa_choice == "auto":
             from .common import pick_sdpa_backend
 
@@ -167,7 +170,10 @@ class FastSD:
         emb = torch.cat([uncond, cond]) if do_cfg else cond
         rows = self._time_rows
         if rows is not None and not torch.equal(sched.timesteps, self._table_ts):
-            raise RuntimeError("FastSD: the scheduler's timesteps are not the plan the time table was made for")
+            raise RuntimeError(
+                f"FastSD: the scheduler's timesteps ({len(sched.timesteps)}, from {sched.timesteps[:3].tolist()}) are "
+                f"not the plan the time table was made for ({len(self._table_ts)}, from "
+                f"{self._table_ts[:3].tolist()}); optimized_unet: library runs without the table")
         lat = latents * sched.init_noise_sigma
         for i, t in enumerate(sched.timesteps):
             inp = torch.cat([lat] * 2) if do_cfg else lat
@@ -229,7 +235,8 @@ class FastSD:
 
 
 def attach_to_workload(workload: Any, params: dict[str, Any]) -> FastSD:
-    """Swap ``denoise`` / ``decode`` of a stock ``SDWorkload`` for the FastSD versions."""
+    """Swap ``text_embeddings`` / ``denoise`` / ``decode`` of a stock ``SDWorkload`` for the FastSD
+    versions."""
     t0 = time.perf_counter()
     inductor = params.get("optimized_inductor")
     inductor_settings(inductor)  # a bad key (parameter or $MI300X_CERT_INDUCTOR) fails before any work

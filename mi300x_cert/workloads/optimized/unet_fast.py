@@ -35,7 +35,7 @@ from typing import Any
 
 __all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "STAT_ROWS", "STAT_WARPS", "STAT_TILE_SUM", "STAT_PROGRAMS",
            "EAGER_KERNEL_MIN_ELEMENTS", "kernel_rule", "takes_kernels", "SINGLE_MAX_PIXELS", "SINGLE_MAX_ELEMENTS", "SINGLE_TILE", "SINGLE_WARPS",
-           "check_unet_form", "prepare_unet", "time_table", "group_norm_act",
+           "check_unet_form", "prepare_unet", "time_table", "time_table_refusal", "group_norm_act",
            "group_norm_act_reference", "group_norm_act_triton", "GroupNormAct"]
 
 UNET_FORMS = ("library", "nhwc-up", "fast")
@@ -338,7 +338,8 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
 
     if single:
         with _on_device(x.device):
-            one[(N * groups,)](x, tt, t_sn, w, b, y, groups, float(eps), HW=HW, C=C, CG=CG, BR=max(1, single_tile // bg),
+            one[(N * groups,)](x, tt, t_sn, w, b, y, groups, float(eps), HW=HW, C=C, CG=CG,
+                               BR=max(1, single_tile // bg),
                                BG=bg, HAS_T=t is not None, SILU=bool(silu), num_warps=single_warps)
         return y
     CB = triton.cdiv(C, block_c)
@@ -535,7 +536,8 @@ def _get_time_embed(unet: Any, sample: Any, timestep: Any) -> Any:
     width = getattr(unet.time_embedding, "_time_rows_width", None)
     if torch.is_tensor(timestep) and timestep.dim() == 2 and int(timestep.shape[-1]) == width:
         if int(timestep.shape[0]) != int(sample.shape[0]):
-            raise ValueError(f"time-table rows for {int(timestep.shape[0])} samples, the UNet has {int(sample.shape[0])}")
+            raise ValueError(f"time-table rows for {int(timestep.shape[0])} samples, "
+                             f"the UNet has {int(sample.shape[0])}")
         return timestep
     return type(unet).get_time_embed(unet, sample=sample, timestep=timestep)
 
@@ -551,32 +553,57 @@ def _is_fast_resnet(m: Any) -> bool:
     return getattr(getattr(m, "forward", None), "__func__", None) is _resnet_forward
 
 
+def _time_takers(unet: Any) -> list[tuple[str, Any]]:
+    return [(name, m) for name, m in unet.named_modules() if hasattr(m, "time_emb_proj")]
+
+
+def time_table_refusal(unet: Any) -> str | None:
+    """Why :func:`time_table` would leave ``unet`` as it is, or ``None`` where it makes the table."""
+    if type(unet).__name__ != "UNet2DConditionModel" or not hasattr(unet, "time_embedding"):
+        return f"not a UNet2DConditionModel ({type(unet).__name__})"
+    for attr, what in (("class_embedding", "a class embedding"), ("add_embedding", "an added embedding"),
+                       ("time_embed_act", "an activation after its time embedding")):
+        if getattr(unet, attr, None) is not None:
+            return f"the UNet has {what}"
+    if getattr(unet.config, "time_cond_proj_dim", None) is not None:
+        return "the UNet takes a timestep condition"
+    takers = _time_takers(unet)
+    if not takers:
+        return "no module of the UNet takes the time embedding"
+    for name, m in takers:
+        if not _is_fast_resnet(m):
+            return f"{name} takes the time embedding and is not a resnet of the fast form"
+        if m.time_emb_proj is None or getattr(m, "time_embedding_norm", "default") != "default":
+            return f"{name} has no time projection or another time-embedding norm"
+    width = sum(int(m.time_emb_proj.out_features) * (1 + (m.conv1.bias is not None)) for _, m in takers)
+    te = unet.time_embedding
+    if width in (int(te.linear_1.in_features), int(te.linear_2.out_features)):
+        # a row is told from a timestep's embedding by its width
+        return f"the table's width ({width}) is a time embedding's"
+    return None
+
+
 def time_table(unet: Any, timesteps: Any) -> Any:
     """The time embedding of a whole denoising plan, computed once (``fast`` form of a
     ``UNet2DConditionModel``). Every resnet's time term — ``time_emb_proj(SiLU(time_embedding(
     time_proj(t))))`` — depends on the timestep alone, so for the plan's ``timesteps`` it is computed
     here, each resnet's side by side in one row per timestep (in the UNet's dtype, on its device),
     and again with the resnet's first convolution's bias added (float32, rounded once), as the
-    compiled resnet adds it where it folds that bias into its norm. Called with such a row (expanded to its batch) in place of the timestep, the UNet passes
-    it through its time embedding and each resnet reads its own columns: the two products of the
-    time embedding and one product per resnet (with their SiLUs) leave every evaluation. Called with
-    a timestep, the UNet computes as before.
+    compiled resnet adds it where it folds that bias into its norm. Called with such a row
+    (expanded to its batch) in place of the timestep, the UNet passes it through its time embedding
+    and each resnet reads its own columns: the two products of the time embedding and one product
+    per resnet (with their SiLUs) leave every evaluation. Called with a timestep, the UNet computes
+    as before.
 
-    Returns the rows [len(timesteps), width], or ``None`` (the UNet unchanged) where another module
-    takes the time embedding (class or added embeddings, a time activation, a resnet not in the
-    ``fast`` form or without a time projection)."""
+    Returns the rows [len(timesteps), width], or ``None`` (the UNet unchanged) where
+    :func:`time_table_refusal` gives a reason (another module takes the time embedding: class or
+    added embeddings, a time activation, a resnet not in the ``fast`` form or without a time
+    projection; or the rows' width is a time embedding's, so a row could not be told from one)."""
     import torch
 
-    if type(unet).__name__ != "UNet2DConditionModel" or not hasattr(unet, "time_embedding"):
+    if time_table_refusal(unet) is not None:
         return None
-    if (getattr(unet, "class_embedding", None) is not None or getattr(unet, "add_embedding", None) is not None
-            or getattr(unet, "time_embed_act", None) is not None
-            or getattr(unet.config, "time_cond_proj_dim", None) is not None):
-        return None
-    takers = [m for m in unet.modules() if hasattr(m, "time_emb_proj")]
-    if not takers or any(not _is_fast_resnet(m) or m.time_emb_proj is None
-                         or getattr(m, "time_embedding_norm", "default") != "default" for m in takers):
-        return None
+    takers = [m for _, m in _time_takers(unet)]
     param = next(unet.parameters())
     with torch.inference_mode():
         ts = torch.as_tensor(timesteps).to(param.device)
@@ -590,8 +617,6 @@ def time_table(unet: Any, timesteps: Any) -> Any:
                   for m, term in zip(takers, terms)]
         rows = torch.cat([*terms, *(f for f in folded if f is not None)], dim=1).contiguous()
     width, off = int(rows.shape[1]), 0
-    if width == int(unet.time_embedding.linear_1.in_features):
-        return None   # could not tell a row from a timestep's embedding
     offsets = []
     for term in terms:
         offsets.append(off)
