@@ -11,8 +11,8 @@ What changes (none of it changes the mathematics):
   per-step coefficients are host scalars, so replaying the graph reproduces PNDM's multistep state
   (its ``ets`` history) exactly as captured; no host synchronisation remains inside the loop;
 * the VAE decode captured as a second graph, and the CLIP text encoder (the workload's own eager
-  module, not compiled: the same bits) as a third, so its ≈ 200 small operations are not launched
-  one by one from the host;
+  module, not compiled: the same bits) as a third, so its small operations are not launched one
+  by one from the host;
 * in the ``fast`` UNet form, the time embedding of the whole plan computed once
   (``unet_fast.time_table``: every resnet's time term depends on the timestep alone), each step
   handing the UNet its row;
