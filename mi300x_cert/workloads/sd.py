@@ -271,11 +271,22 @@ class SDWorkload(Workload):
         return self.tokenize(prompts), self.initial_latents(batch_size, batch_index)
 
     def compute(self, inputs: Any) -> Any:
+        return self._steps(inputs)
+
+    def _steps(self, inputs: Any, mark: Any = None) -> Any:
+        """The batch's three device steps; ``mark(step)`` after each where given (:meth:`time_phases`)."""
         ids, latents0 = inputs
         self._unet_calls = 0
         cond, uncond = self.encode_prompts(ids)
+        if mark:
+            mark("encode")
         latents = self.denoise(cond, uncond, latents0)
-        return self.decode(latents)
+        if mark:
+            mark("denoise")
+        images = self.decode(latents)
+        if mark:
+            mark("decode")
+        return images
 
     def time_phases(self, batch_size: int, batch_index: int) -> dict[str, float]:
         """One batch of :meth:`compute` with the device synchronised around each of its three device
@@ -283,20 +294,15 @@ class SDWorkload(Workload):
         Where the time of an image goes; the synchronisations add a little to the sum, so
         :meth:`run_batch`'s ``latency_s`` stays the figure."""
         inputs = self.prepare(self._check_batch(batch_size), batch_index)
-        ids, latents0 = inputs
-        clock = [0.0] * 4
-        device_sync(self.device)
-        clock[0] = time.perf_counter()
-        cond, uncond = self.encode_prompts(ids)
-        device_sync(self.device)
-        clock[1] = time.perf_counter()
-        latents = self.denoise(cond, uncond, latents0)
-        device_sync(self.device)
-        clock[2] = time.perf_counter()
-        self.decode(latents)
-        device_sync(self.device)
-        clock[3] = time.perf_counter()
-        return {name: clock[i + 1] - clock[i] for i, name in enumerate(("encode", "denoise", "decode"))}
+        marks: list[tuple[str, float]] = []
+
+        def mark(step: str) -> None:
+            device_sync(self.device)
+            marks.append((step, time.perf_counter()))
+
+        mark("start")
+        self._steps(inputs, mark)
+        return {step: t - marks[i][1] for i, (step, t) in enumerate(marks[1:])}
 
     def collect(self, outputs: Any, inputs: Any, batch_size: int) -> dict[str, Any]:
         self.last_images = self.to_pil(outputs)

@@ -193,6 +193,15 @@ class FastSD:
     def _decode_eager(self, latents: Any) -> Any:
         return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
 
+    def _replay(self, graphs: GraphCache, use_graph: bool, eager: Any, *inputs: Any, clone: bool = True) -> Any:
+        """``eager(*inputs)``, or where ``use_graph`` its replay from ``graphs`` (captured on first
+        use), the capture state noted as ``<graphs.name>_graph``."""
+        if not use_graph:
+            return eager(*inputs)
+        out = graphs.run(*inputs, clone=clone)
+        self.notes[f"{graphs.name}_graph"] = graphs.reason
+        return out
+
     # -- public ---------------------------------------------------------------------------------
     def encode(self, ids: Any) -> Any:
         """``text_encode(ids)`` (the workload's text encoder), replayed as a device graph per batch
@@ -202,11 +211,7 @@ class FastSD:
         if self._text_encode is None:
             raise ValueError("FastSD.encode: no text encoder was given (text_encode=None)")
         with torch.inference_mode():
-            if not self._text_graph:
-                return self._text_encode(ids)
-            out = self._encode_graphs.run(ids)
-            self.notes["encode_graph"] = self._encode_graphs.reason
-            return out
+            return self._replay(self._encode_graphs, self._text_graph, self._text_encode, ids)
 
     def denoise(self, cond: Any, uncond: Any, latents: Any) -> Any:
         import torch
@@ -214,21 +219,14 @@ class FastSD:
         with torch.inference_mode():
             if uncond is None:
                 uncond = torch.zeros_like(cond)  # unused when guidance <= 1
-            if not self.use_graphs:
-                return self._denoise_eager(cond, uncond, latents)
-            out = self._denoise_graphs.run(cond, uncond, latents, clone=False)
-            self.notes["denoise_graph"] = self._denoise_graphs.reason
-            return out
+            return self._replay(self._denoise_graphs, self.use_graphs, self._denoise_eager, cond, uncond, latents,
+                                clone=False)
 
     def decode(self, latents: Any) -> Any:
         import torch
 
         with torch.inference_mode():
-            if not self.use_graphs:
-                return self._decode_fn(latents)
-            out = self._decode_graphs.run(latents)
-            self.notes["decode_graph"] = self._decode_graphs.reason
-            return out
+            return self._replay(self._decode_graphs, self.use_graphs, self._decode_fn, latents)
 
     def generate(self, cond: Any, uncond: Any, latents: Any) -> Any:
         return self.decode(self.denoise(cond, uncond, latents))
