@@ -1927,6 +1927,65 @@ def test_fast_unet_time_table_is_the_time_embedding():
     assert all(a.target is operator.getitem and a.args[0].op == "placeholder" for a in terms), terms
 
 
+def test_fast_unet_kv_table_is_the_cross_attention():
+    """``unet_fast.kv_table``: every cross-attention's keys and values of the encoder states, made
+    once (``kv_rows``); the UNet handed the table computes what it computes from the states, its
+    K/V projections take their columns (no product), and states still work; a UNet without the
+    fused projections, or whose table would be as wide as an encoder state, is left as it is
+    (``None``, and the reason). Compiled, the graph has one product fewer per cross-attention."""
+    from diffusers import UNet2DConditionModel
+
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    unet, _ = _tiny_unet_and_vae()
+    first = next(n for n, m in unet.named_modules() if type(m).__name__ == "Attention" and m.is_cross_attention)
+    assert unet_fast.kv_table_refusal(unet) == f"{first} runs AttnProcessor2_0, not the fused projections' processor"
+    assert unet_fast.kv_table(unet) is None
+    assert not [m for m in unet.modules() if "forward" in vars(m)]
+    assert unet_fast.kv_table_refusal(torch.nn.Linear(2, 2)) == "not a UNet2DConditionModel (Linear)"
+    unet.fuse_qkv_projections()
+    takers = [m for m in unet.modules() if type(m).__name__ == "Attention" and m.is_cross_attention]
+    width = sum(m.to_kv.out_features for m in takers)
+    wide = UNet2DConditionModel(**{**unet.config, "cross_attention_dim": width}).eval()
+    wide.fuse_qkv_projections()
+    assert unet_fast.kv_table_refusal(wide) == f"the table's width ({width}) is an encoder state's"
+    assert unet_fast.kv_table(wide) is None and not [m for m in wide.modules() if "forward" in vars(m)]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():   # the projections' own random weights, so a wrong column shows
+        for m in takers:
+            m.to_kv.weight.copy_(torch.randn(m.to_kv.weight.shape, generator=g) * 0.2)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    e = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor(500)
+    with torch.inference_mode():
+        ref = unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
+        layers = unet_fast.kv_table(unet)
+        assert layers == [m.to_kv for m in takers]
+        table = unet_fast.kv_rows(layers, e)
+        assert table.shape == (2, 77, width)
+        assert torch.equal(table[..., :layers[0].out_features], layers[0](e))   # its own product
+        seen = []
+        hooks = [lin.register_forward_hook(lambda mod, a, out: seen.append(int(a[0].shape[-1]))) for lin in layers]
+        out = unet(x, t, encoder_hidden_states=table, return_dict=False)[0]
+        assert float((out - ref).abs().max() / ref.abs().max()) < 1e-6
+        assert seen == [width] * len(layers)   # every projection handed the table, none computed
+        seen.clear()
+        again = unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
+        assert seen == [unet.config.cross_attention_dim] * len(layers) and torch.equal(again, ref)
+    for h in hooks:
+        h.remove()
+    # compiled: one linear fewer per cross-attention than with the states, the same output
+    def products(states):
+        with torch.inference_mode():
+            got, nodes = _compiled_calls(lambda a, s: unet(a, t, encoder_hidden_states=s, return_dict=False)[0],
+                                         x, states)
+        torch._dynamo.reset()
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+        return sum("linear" in str(n.target) for n in nodes)
+
+    assert products(e) - products(table) == len(layers)
+
+
 def test_unet_forms_are_the_library_unet_eager_and_compiled(monkeypatch):
     """``prepare_unet``: each form computes the library UNet's and VAE's function — eagerly bit for
     bit at a batch of 64 (where diffusers' upsampler copies to channels-first), compiled in one graph
@@ -2160,11 +2219,18 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
     assert not opt["whole_loop_graph"] and opt["unet_form_min_elements"] == unet_fast.EAGER_KERNEL_MIN_ELEMENTS
     # the time table: made for the plan, its rows the only time input of the loop
     assert opt["time_table"] is True and b.fast._time_rows.shape[0] == b.fast.unet_evals
+    # the K/V table: made once per batch, the loop's K/V projections handed only its rows
+    assert opt["kv_table"] is True
+    width = b.fast._kv_layers[0]._kv_cols[2]
+    seen = []
+    for lin in b.fast._kv_layers:
+        lin.register_forward_hook(lambda mod, a, out: seen.append(int(a[0].shape[-1])))
     calls = []
     for m in b.unet.modules():
         if getattr(m, "time_emb_proj", None) is not None:
             m.time_emb_proj.register_forward_hook(lambda *a: calls.append(1))
     assert float((b.denoise(cond, uncond, lat0) - la).norm() / la.norm()) < 1e-5 and not calls
+    assert seen == [width] * (len(b.fast._kv_layers) * b.fast.unet_evals)
     b.fast._table_ts = b.fast._table_ts.flip(0)   # a scheduler's plan other than the table's
     with pytest.raises(RuntimeError, match="not the plan the time table was made for"):
         b.denoise(cond, uncond, lat0)
@@ -2180,6 +2246,11 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
     c = SDWorkload(dict(SD, path="optimized"))
     assert c.conditions()["optimized"]["unet_form"] == "library"
     assert c.conditions()["optimized"]["time_table"] == "only the fast UNet form takes it"
+    assert c.conditions()["optimized"]["kv_table"] is True   # any form
+    e = SDWorkload(dict(SD, path="optimized"))
+    unfused = sd_fast.FastSD(e.unet, e.vae, e.scheduler, steps=2, guidance=7.5, scaling_factor=0.18215,
+                             device="cpu", compile=False, fuse_qkv=False)
+    assert unfused.notes["kv_table"] == "the projections are not fused (fuse_qkv off)"
 
     with pytest.raises(ValueError, match="optimized_unet must be 'auto' or one of 'library', 'nhwc-up', 'fast', got 'quick'"):
         attach_to_workload(_Untouchable(), {"optimized_unet": "quick"})

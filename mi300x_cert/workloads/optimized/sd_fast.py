@@ -16,6 +16,8 @@ What changes (none of it changes the mathematics):
 * in the ``fast`` UNet form, the time embedding of the whole plan computed once
   (``unet_fast.time_table``: every resnet's time term depends on the timestep alone), each step
   handing the UNet its row;
+* every cross-attention's keys and values computed once per batch (``unet_fast.kv_table``: the text
+  embeddings do not change over the loop), the UNet handed the table in place of the embeddings;
 * where the UNet and VAE are compiled on an NVIDIA card, the ``fast`` UNet form of
   ``unet_fast.prepare_unet``: upsampling kept in the channels-last layout at every batch size, and
   the GroupNorms (+ SiLU, + the time embedding's add) of the UNet and of the VAE's resnets by its
@@ -74,8 +76,8 @@ class FastSD:
     ) -> None:
         import torch
 
-        from .unet_fast import (EAGER_KERNEL_MIN_ELEMENTS, check_unet_form, kernel_rule, prepare_unet, time_table,
-                                time_table_refusal)
+        from .unet_fast import (EAGER_KERNEL_MIN_ELEMENTS, check_unet_form, kernel_rule, kv_table, kv_table_refusal,
+                                prepare_unet, time_table, time_table_refusal)
 
         check_unet_form(unet_form)
 
@@ -121,6 +123,13 @@ class FastSD:
             self._table_ts = plan.timesteps.clone()
             self._time_rows = time_table(unet, self._table_ts)
         self.notes["time_table"] = True if self._time_rows is not None else why   # True, or why not
+        # every cross-attention's keys and values of the (step-invariant) text embeddings, once per
+        # batch (any UNet form: the fused projections' processor reads its columns of the table)
+        self._kv_layers: Any = None
+        why = "the projections are not fused (fuse_qkv off)" if not fuse_qkv else kv_table_refusal(unet)
+        if why is None:
+            self._kv_layers = kv_table(unet)
+        self.notes["kv_table"] = True if self._kv_layers is not None else why   # True, or why not
         if on_gpu and sdpa_choice == "auto":
             from .common import pick_sdpa_backend
 
@@ -157,6 +166,8 @@ class FastSD:
         """The stock pipeline's loop (StableDiffusionPipeline.__call__ with latents given)."""
         import torch
 
+        from .unet_fast import kv_rows
+
         # The scheduler runs on host scalars (timesteps on the CPU, coefficients as Python/CPU
         # values): no device->host read in the loop, so the loop can be captured as one graph.
         # The UNet gets the same timestep values as device tensors, staged once.
@@ -168,6 +179,8 @@ class FastSD:
             ts_dev = self._ts_dev[key] = sched.timesteps.to(latents.device)
         do_cfg = self.guidance > 1.0
         emb = torch.cat([uncond, cond]) if do_cfg else cond
+        if self._kv_layers is not None:   # the cross-attentions' keys and values, once for the loop
+            emb = kv_rows(self._kv_layers, emb)
         rows = self._time_rows
         if rows is not None and not torch.equal(sched.timesteps, self._table_ts):
             raise RuntimeError(

@@ -35,7 +35,8 @@ from typing import Any
 
 __all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "STAT_ROWS", "STAT_WARPS", "STAT_TILE_SUM", "STAT_PROGRAMS",
            "EAGER_KERNEL_MIN_ELEMENTS", "kernel_rule", "takes_kernels", "SINGLE_MAX_PIXELS", "SINGLE_MAX_ELEMENTS", "SINGLE_TILE", "SINGLE_WARPS",
-           "check_unet_form", "prepare_unet", "time_table", "time_table_refusal", "group_norm_act",
+           "check_unet_form", "prepare_unet", "time_table", "time_table_refusal", "kv_table", "kv_table_refusal",
+           "kv_rows", "group_norm_act",
            "group_norm_act_reference", "group_norm_act_triton", "GroupNormAct"]
 
 UNET_FORMS = ("library", "nhwc-up", "fast")
@@ -628,6 +629,90 @@ def time_table(unet: Any, timesteps: Any) -> Any:
     unet.time_embedding.forward = types.MethodType(_time_embedding_forward, unet.time_embedding)
     unet.get_time_embed = types.MethodType(_get_time_embed, unet)
     return rows
+
+
+# -- the cross-attention K/V table ---------------------------------------------------------------
+
+# the blocks of SD's UNet: no other module of theirs takes the encoder states than the
+# transformers' cross-attentions
+_KV_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _kv_forward(lin: Any, x: Any) -> Any:
+    """A cross-attention's fused K/V projection (``Attention.to_kv``); a K/V table's rows are past
+    it already: its own columns of them."""
+    off, out, width = lin._kv_cols
+    if int(x.shape[-1]) == width != int(lin.in_features):
+        return x[..., off:off + out]
+    return type(lin).forward(lin, x)
+
+
+def _kv_takers(unet: Any) -> list[tuple[str, Any]]:
+    return [(name, m) for name, m in unet.named_modules()
+            if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)]
+
+
+def kv_table_refusal(unet: Any) -> str | None:
+    """Why :func:`kv_table` would leave ``unet`` as it is, or ``None`` where it takes the table."""
+    if type(unet).__name__ != "UNet2DConditionModel":
+        return f"not a UNet2DConditionModel ({type(unet).__name__})"
+    if getattr(unet, "encoder_hid_proj", None) is not None:
+        return "the UNet projects its encoder states"
+    blocks = [*(("down_blocks", b) for b in unet.down_blocks), ("mid_block", unet.mid_block),
+              *(("up_blocks", b) for b in unet.up_blocks)]
+    for where, b in blocks:
+        if b is not None and type(b).__name__ not in _KV_BLOCKS:
+            return f"a block of {where} is a {type(b).__name__}, not one of SD's"
+    for name, m in unet.named_modules():
+        if getattr(m, "caption_projection", None) is not None:
+            return f"{name} projects its encoder states"
+    takers = _kv_takers(unet)
+    if not takers:
+        return "no module of the UNet attends to the encoder states"
+    for name, m in takers:
+        proc = type(getattr(m, "processor", None)).__name__
+        if proc != "FusedAttnProcessor2_0":
+            return f"{name} runs {proc}, not the fused projections' processor"
+        if getattr(m, "to_kv", None) is None:
+            return f"{name} has no fused K/V projection"
+        if getattr(m, "norm_cross", None) or getattr(m, "added_kv_proj_dim", None) is not None:
+            return f"{name} normalizes or adds to its encoder states"
+    width = sum(int(m.to_kv.out_features) for _, m in takers)
+    if width in {int(m.to_kv.in_features) for _, m in takers}:
+        # a table's row is told from an encoder state by its width
+        return f"the table's width ({width}) is an encoder state's"
+    return None
+
+
+def kv_table(unet: Any) -> list[Any] | None:
+    """The keys and values of every cross-attention of ``unet``, computed once per batch of encoder
+    states (SD's text embeddings do not change over the denoising loop): each cross-attention's
+    fused K/V projection (``to_kv``; fused projections and diffusers' ``FusedAttnProcessor2_0``)
+    is set to take its own columns of a K/V table's rows where it is handed them in place of the
+    encoder states, and computes its product as before where it is handed encoder states. Returns
+    the projections in the table's column order (:func:`kv_rows` makes the table), or ``None`` (the
+    UNet unchanged) where :func:`kv_table_refusal` gives a reason (another module takes the encoder
+    states, a processor other than the fused one, no fused projection, or the table as wide as an
+    encoder state, so a table could not be told from one)."""
+    if kv_table_refusal(unet) is not None:
+        return None
+    layers = [m.to_kv for _, m in _kv_takers(unet)]
+    width = sum(int(lin.out_features) for lin in layers)
+    off = 0
+    for lin in layers:
+        lin._kv_cols = (off, int(lin.out_features), width)
+        lin.forward = types.MethodType(_kv_forward, lin)
+        off += int(lin.out_features)
+    return layers
+
+
+def kv_rows(layers: list[Any], states: Any) -> Any:
+    """The K/V table of ``states`` [N, tokens, dim] for the projections :func:`kv_table` returned:
+    [N, tokens, Σ their widths], each cross-attention's keys and values side by side (its own
+    product, as it computes it)."""
+    import torch
+
+    return torch.cat([type(lin).forward(lin, states) for lin in layers], dim=-1)
 
 
 def _upsample_forward(up: Any, hidden_states: Any, output_size: Any = None, *args: Any, **kwargs: Any) -> Any:
