@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("unet_form", ["auto", "fast"])
 def test_sd_tiny_optimized_matches_stock_with_graphs(tmp_path, monkeypatch, unet_form):
-    """``fast``: the norm kernels called in the captured loop, the time table's rows as its time input."""
+    """``fast``: the norm kernels called in the captured loop, the time table's rows as its time input;
+    either form: the K/V table's rows as its encoder states."""
     monkeypatch.setenv("MI300X_CERT_COMPILE_CACHE", str(tmp_path / "cc"))
     from mi300x_cert.workloads.sd import SDWorkload
 
@@ -20,6 +21,7 @@ def test_sd_tiny_optimized_matches_stock_with_graphs(tmp_path, monkeypatch, unet
     a = SDWorkload(dict(p, path="stock"))
     b = SDWorkload(dict(p, path="optimized"))
     assert (b.fast.notes["time_table"] is True) is (unet_form == "fast")
+    assert b.fast.notes["kv_table"] is True
     ids = a.tokenize(a.select_prompts(2, 0))
     cond, uncond = a.encode_prompts(ids)
     lat0 = a.initial_latents(2, 0)
