@@ -113,11 +113,13 @@ def variant_options(spec: str) -> dict[str, Any]:
 # (bench/results/h200-run75-sd-norm-settings.json), run 76 the best three beside chunks of samples run
 # in turn (a form since removed: 1.3-2x slower); the best three stay here.
 _BEST = dict(block_rows=64, block_c=64, warps=4, stat_rows=64, stat_warps=4, stat_tile_sum=False, stat_programs=2,
-             single=False)   # the three kernels at every size (not the default's choice by size)
+             single=False, merge=False)   # the three kernels at every size (not the default's choice by size)
 NORM_SETTINGS = (
     _BEST,
     dict(_BEST, stat_rows=32, stat_programs=8),
     dict(_BEST, stat_rows=128, stat_tile_sum=True, stat_programs=4),
+    # two kernels: the statistics per whole group, merged by the normalizing pass
+    dict(_BEST, merge=True),
     # the one-kernel form (a program per sample and group), in tiles of 2,048 or 4,096 elements
     dict(single=True, single_tile=2048, single_warps=4),
     dict(single=True, single_tile=4096, single_warps=8),
@@ -129,7 +131,7 @@ def norm_setting_label(cfg: dict[str, Any]) -> str:
     pass's rows, warps, summation and programs per multiprocessor."""
     if cfg.get("single"):
         return f"one kernel t{cfg['single_tile']} w{cfg['single_warps']}"
-    return (f"r{cfg['block_rows']} c{cfg['block_c']} w{cfg['warps']} · s{cfg['stat_rows']} w{cfg['stat_warps']} "
+    return (("two kernels · " if cfg.get("merge") else "") + f"r{cfg['block_rows']} c{cfg['block_c']} w{cfg['warps']} · s{cfg['stat_rows']} w{cfg['stat_warps']} "
             f"{'tile' if cfg['stat_tile_sum'] else 'lanes'} p{cfg['stat_programs']}")
 
 

@@ -496,6 +496,13 @@ def test_fast_encoder_compiled_is_the_library_encoder(form):
     (2, 320, 64, 64, 32, True, True, 1e-5, (64, 64, 4, dict(single=True))),
     (3, 960, 31, 33, 32, True, False, 1e-5, (64, 64, 4, dict(single=True))),
     (2, 2560, 8, 8, 32, False, False, 1e-6, (64, 64, 4, dict(single=True, single_tile=4096, single_warps=8))),
+    # two kernels (statistics per whole group, merged by the normalizing pass): one image's largest
+    # norm with the time embedding, 40 channels per group (128 lanes), 30 with a tail of pixels, and
+    # 32 images' largest norm (more programs than the rule gives it)
+    (2, 320, 64, 64, 32, True, True, 1e-5, (64, 64, 4, dict(merge=True))),
+    (2, 1280, 32, 32, 32, True, True, 1e-5, (64, 64, 4, dict(merge=True))),
+    (3, 960, 31, 33, 32, True, False, 1e-5, (64, 64, 4, dict(merge=True))),
+    (64, 320, 64, 64, 32, True, True, 1e-5, (64, 64, 4, dict(merge=True))),
 ])
 def test_group_norm_act_kernel_is_the_librarys_norm(N, C, H, W, G, silu, time_add, eps, cfg):
     """The GroupNorm (+ time embedding, + SiLU) kernels on the card against float64 and against the
@@ -512,9 +519,10 @@ def test_group_norm_act_kernel_is_the_librarys_norm(N, C, H, W, G, silu, time_ad
     w = (torch.rand(C, device="cuda", generator=g) + 0.5).half()
     b = torch.randn(C, device="cuda", generator=g).half()
     br, bc, warps, *stat = cfg
-    # the three kernels unless a case asks for the one-kernel form (small shapes would take it by default)
-    got = group_norm_act_triton(x, t, w, b, G, eps, silu, block_rows=br, block_c=bc, warps=warps,
-                                **{"single": False, **(stat[0] if stat else {})})
+    # the three kernels unless a case asks for the one- or two-kernel form (small shapes would take
+    # them by default)
+    form = {"single": False, "merge": False, **(stat[0] if stat else {})}
+    got = group_norm_act_triton(x, t, w, b, G, eps, silu, block_rows=br, block_c=bc, warps=warps, **form)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
     lib = group_norm_act_reference(x, t, w, b, G, eps, silu)
     h = x if t is None else x + t[:, :, None, None]          # the library's add, in float16
@@ -527,7 +535,6 @@ def test_group_norm_act_kernel_is_the_librarys_norm(N, C, H, W, G, silu, time_ad
     assert err_got <= err_lib + unit, (err_got, err_lib, unit)
     if t is not None:   # t read in place: a time-table row expanded over the batch, the same bits
         row = t[:1].expand(N, -1)
-        form = {"single": False, **(stat[0] if stat else {})}
         same = group_norm_act_triton(x, row, w, b, G, eps, silu, block_rows=br, block_c=bc, warps=warps, **form)
         assert torch.equal(same, group_norm_act_triton(x, row.contiguous(), w, b, G, eps, silu, block_rows=br,
                                                        block_c=bc, warps=warps, **form))

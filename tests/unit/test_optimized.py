@@ -1711,11 +1711,12 @@ for (N, C, H, W, G, silu, has_t, br, sr, tile_sum, bc, off) in (
         lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), G, 1e-5, silu)
     err_lib = float((lib.half().double() - ref).abs().max())
     unit = float(ref.abs().max()) * 2.0 ** -10
-    # the three kernels (asked for: these small shapes would take the one kernel by default), then
-    # the one-kernel form (a program per sample and group) in tiles of 64 or 256 elements: several
-    # tiles of pixels, a tail, channels per group not a power of two
-    for form in (dict(block_rows=br, block_c=bc, stat_rows=sr, stat_tile_sum=tile_sum, single=False),
-                 dict(single=True, single_tile=256 if tile_sum else 64)):
+    # the three kernels (asked for: these small shapes would take the one kernel by default), the
+    # two (statistics per whole group, merged by the normalizing pass; a normalizing block's
+    # channels across groups), then the one-kernel form (a program per sample and group) in tiles of
+    # 64 or 256 elements: several tiles of pixels, a tail, channels per group not a power of two
+    three = dict(block_rows=br, block_c=bc, stat_rows=sr, stat_tile_sum=tile_sum, single=False, merge=False)
+    for form in (three, dict(three, merge=True), dict(single=True, single_tile=256 if tile_sum else 64)):
         got = uf.group_norm_act_triton(x, t, w, b, G, 1e-5, silu, **form)
         assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float16
         err = float((got.double() - ref).abs().max())
@@ -1728,7 +1729,9 @@ w, b = (torch.rand(32) + 0.5).half(), torch.randn(32).half()
 table = torch.randn(4, 100).half()
 for t in (table[1:2, 10:42].expand(3, -1), table[:3, 50:82]):
     assert t.stride() in ((0, 1), (100, 1))
-    for form in (dict(single=False, block_rows=16, block_c=16, stat_rows=16), dict(single=True, single_tile=64)):
+    for form in (dict(single=False, merge=False, block_rows=16, block_c=16, stat_rows=16),
+                 dict(single=False, merge=True, block_rows=16, block_c=16, stat_rows=16),
+                 dict(single=True, single_tile=64)):
         got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, **form)
         assert torch.equal(got, uf.group_norm_act_triton(x, t.contiguous(), w, b, 4, 1e-5, True, **form)), form
 
@@ -1743,7 +1746,8 @@ h = x + t[:, :, None, None]
 ref = F.silu(F.group_norm(h.double(), 4, w.double(), b.double(), 1e-5).half().double())
 lib = uf.group_norm_act_reference(h.float(), None, w.float(), b.float(), 4, 1e-5, True).half().double()
 unit = float(ref.abs().max()) * 2.0 ** -10
-for form in (dict(stat_tile_sum=False, single=False), dict(stat_tile_sum=True, single=False),
+for form in (dict(stat_tile_sum=False, single=False, merge=False), dict(stat_tile_sum=True, single=False, merge=False),
+             dict(stat_tile_sum=False, single=False, merge=True), dict(stat_tile_sum=True, single=False, merge=True),
              dict(single=True, single_tile=32)):
     got = uf.group_norm_act_triton(x, t, w, b, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16, **form)
     assert float((got.double() - ref).abs().max()) <= float((lib - ref).abs().max()) + unit, form
@@ -1752,12 +1756,12 @@ for form in (dict(stat_tile_sum=False, single=False), dict(stat_tile_sum=True, s
 x = (torch.randn(2, 16, 20, 20, dtype=torch.float64) * 0.5 + 1e4).float().to(memory_format=torch.channels_last)
 w, b = torch.rand(16) + 0.5, torch.randn(16)
 ref = F.group_norm(x.double(), 4, w.double(), b.double(), 1e-6)
-for form in (dict(stat_tile_sum=False, single=False), dict(stat_tile_sum=True, single=False),
-             dict(single=True, single_tile=64)):
+for form in (dict(stat_tile_sum=False, single=False, merge=False), dict(stat_tile_sum=True, single=False, merge=False),
+             dict(single=False, merge=True), dict(single=True, single_tile=64)):
     got = uf.group_norm_act_triton(x, None, w, b, 4, 1e-6, False, block_rows=16, block_c=16, stat_rows=16, **form)
     assert float((got.double() - ref).abs().max()) < 1e-2, (form, float((got.double() - ref).abs().max()))
 # the default form by size: the one kernel at most SINGLE_MAX_PIXELS pixels and SINGLE_MAX_ELEMENTS
-# elements, else the three
+# elements, else two at most MERGE_MAX_ELEMENTS elements, else the three
 seen = []
 uf_kernels = uf._kernels
 
@@ -1771,18 +1775,20 @@ def _counting():
 uf._kernels = _counting
 xs = torch.randn(2, 16, 4, 4).half().to(memory_format=torch.channels_last)
 ws = torch.ones(16).half()
-for pixels, limit, tile, want in ((16, xs.numel(), 64, [3]), (16, xs.numel() - 1, 64, [0, 1, 2]),
-                                  (15, xs.numel(), 64, [0, 1, 2]), (16, xs.numel(), 2, [0, 1, 2])):
-    # (the last: a group of 4 channels wider than a tile of 2 elements keeps the three kernels)
-    uf.SINGLE_MAX_PIXELS, uf.SINGLE_MAX_ELEMENTS = pixels, limit
+n = xs.numel()
+for pixels, limit, tile, merge_limit, want in (
+        (16, n, 64, n, [3]), (16, n - 1, 64, 0, [0, 1, 2]), (16, n - 1, 64, n, [0, 2]), (16, n - 1, 64, n - 1, [0, 1, 2]),
+        (15, n, 64, 0, [0, 1, 2]), (16, n, 2, 0, [0, 1, 2]), (16, n, 2, n, [0, 2])):
+    # (a group of 4 channels wider than a tile of 2 elements keeps the two or three kernels)
+    uf.SINGLE_MAX_PIXELS, uf.SINGLE_MAX_ELEMENTS, uf.MERGE_MAX_ELEMENTS = pixels, limit, merge_limit
     seen.clear()
     a = uf.group_norm_act_triton(xs, None, ws, ws, 4, 1e-5, True, block_rows=16, block_c=16, stat_rows=16,
                                  single_tile=tile)
-    assert seen == want, (pixels, limit, tile, seen)
+    assert seen == want, (pixels, limit, tile, merge_limit, seen)
     assert torch.equal(a, uf.group_norm_act_triton(xs, None, ws, ws, 4, 1e-5, True, block_rows=16, block_c=16,
-                                                   stat_rows=16, single=want == [3]))
+                                                   stat_rows=16, single=want == [3], merge=want == [0, 2]))
 uf._kernels = uf_kernels
-uf.SINGLE_MAX_PIXELS, uf.SINGLE_MAX_ELEMENTS = 256, 1 << 21
+uf.SINGLE_MAX_PIXELS, uf.SINGLE_MAX_ELEMENTS, uf.MERGE_MAX_ELEMENTS = 256, 1 << 21, 1 << 23
 
 # one clear error per bad operand
 x = torch.randn(2, 8, 3, 3).half().to(memory_format=torch.channels_last)
@@ -2258,11 +2264,13 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
 
 def test_sd_profile_norm_settings_name_their_form():
     """The norms' settings the profile times: the first is the three kernels at every size (not the
-    default's choice by size), the one-kernel forms are named as such, each label once."""
+    default's choice by size), the two- and one-kernel forms are named as such, each label once."""
     from bench.sd_profile import NORM_SETTINGS, norm_setting_label
 
     labels = [norm_setting_label(c) for c in NORM_SETTINGS]
-    assert NORM_SETTINGS[0]["single"] is False and labels[0] == "r64 c64 w4 · s64 w4 lanes p2"
+    assert NORM_SETTINGS[0]["single"] is False and NORM_SETTINGS[0]["merge"] is False
+    assert labels[0] == "r64 c64 w4 · s64 w4 lanes p2"
+    assert [lb for lb in labels if lb.startswith("two kernels")] == ["two kernels · r64 c64 w4 · s64 w4 lanes p2"]
     assert [lb for lb in labels if lb.startswith("one kernel")] == ["one kernel t2048 w4", "one kernel t4096 w8"]
     assert len(set(labels)) == len(labels)
     assert all(c.get("single") is not None for c in NORM_SETTINGS)

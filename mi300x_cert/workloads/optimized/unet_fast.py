@@ -18,7 +18,9 @@
   host calls the model each step): statistics per (sample, group) in one pass over the
   channels-last activation (a program per sample, range of pixels and block of channels; every
   channel's partial mean and sum of squared deviations, merged per group as Chan's parallel
-  variance), then normalize, scale, shift and SiLU in a second pass; for small activations
+  variance), then normalize, scale, shift and SiLU in a second pass; up to
+  ``MERGE_MAX_ELEMENTS`` the statistics programs take whole groups and each normalizing program
+  merges its groups' partials itself (two launches, not three); for small activations
   (``SINGLE_MAX_PIXELS``, ``SINGLE_MAX_ELEMENTS``) both in one kernel, a program per sample and
   group. Off the GPU, for other layouts and where triton is missing, the library's ops.
 
@@ -33,7 +35,7 @@ import functools
 import types
 from typing import Any
 
-__all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "STAT_ROWS", "STAT_WARPS", "STAT_TILE_SUM", "STAT_PROGRAMS",
+__all__ = ["UNET_FORMS", "KERNEL_MIN_ELEMENTS", "MERGE_MAX_ELEMENTS", "STAT_ROWS", "STAT_WARPS", "STAT_TILE_SUM", "STAT_PROGRAMS",
            "EAGER_KERNEL_MIN_ELEMENTS", "kernel_rule", "takes_kernels", "SINGLE_MAX_PIXELS", "SINGLE_MAX_ELEMENTS", "SINGLE_TILE", "SINGLE_WARPS",
            "check_unet_form", "prepare_unet", "time_table", "time_table_refusal", "kv_table", "kv_table_refusal",
            "kv_rows", "group_norm_act",
@@ -57,21 +59,30 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def _gn_partial(x_ptr, t_ptr, t_sn, mean_ptr, m2_ptr, HW, S, CB, C: tl.constexpr, R: tl.constexpr,
-                    BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr, TILE_SUM: tl.constexpr):
-        # Program (n, s, cb): pixels [s·R, s·R + R) of sample n, channels [cb·BC, cb·BC + BC). The
-        # values are shifted by the range's first pixel (no cancellation for activations near that
-        # value) and summed with their squares per channel: per lane over the loop and across the
-        # tile's rows once at the end, or (TILE_SUM) across each tile's rows as it arrives (small
-        # accumulators: more programs resident, more loads in flight). At the end, per channel, the
-        # mean and the sum of squared deviations of the range.
+    def _gn_partial(x_ptr, t_ptr, t_sn, mean_ptr, m2_ptr, HW, S, CB, G, C: tl.constexpr, R: tl.constexpr,
+                    BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr, TILE_SUM: tl.constexpr,
+                    GROUPED: tl.constexpr = False, CG: tl.constexpr = 1, GB: tl.constexpr = 1,
+                    GBP: tl.constexpr = 1):
+        # Program (n, s, cb): pixels [s·R, s·R + R) of sample n, channels [cb·BC, cb·BC + BC) (or,
+        # GROUPED, the GB whole groups [cb·GB, cb·GB + GB) in BC lanes). The values are shifted by
+        # the range's first pixel (no cancellation for activations near that value) and summed with
+        # their squares per channel: per lane over the loop and across the tile's rows once at the
+        # end, or (TILE_SUM) across each tile's rows as it arrives (small accumulators: more
+        # programs resident, more loads in flight). At the end, per channel (or, GROUPED, per group:
+        # its channels merged as Chan's parallel variance), the mean and the sum of squared
+        # deviations of the range.
         pid = tl.program_id(0)
         cb = pid % CB
         s = (pid // CB) % S
         n = pid // (CB * S)
         rows = tl.arange(0, BR)
-        cols = cb * BC + tl.arange(0, BC)
-        cm = cols < C
+        lane = tl.arange(0, BC)
+        if GROUPED:
+            cols = cb * (GB * CG) + lane
+            cm = (lane < GB * CG) & (cols < C)
+        else:
+            cols = cb * BC + lane
+            cm = cols < C
         base = n.to(tl.int64) * HW * C
         first = s * R
         k = tl.load(x_ptr + base + first.to(tl.int64) * C + cols, mask=cm, other=0.0)
@@ -103,9 +114,23 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
             s1 = tl.sum(acc1, axis=0)
             s2 = tl.sum(acc2, axis=0)
         cnt = cnt_i.to(tl.float32)
-        off = (n * S + s).to(tl.int64) * C + cols
-        tl.store(mean_ptr + off, k + s1 / cnt, mask=cm)
-        tl.store(m2_ptr + off, tl.maximum(s2 - s1 * s1 / cnt, 0.0), mask=cm)
+        mean_c = k + s1 / cnt
+        m2_c = tl.maximum(s2 - s1 * s1 / cnt, 0.0)
+        if GROUPED:
+            gi = tl.arange(0, GBP)
+            memb = (gi[:, None] == (lane // CG)[None, :]) & cm[None, :]     # [group, lane]
+            gmean = tl.sum(tl.where(memb, mean_c[None, :], 0.0), axis=1) / CG
+            dm = tl.where(memb, mean_c[None, :] - gmean[:, None], 0.0)
+            gm2 = tl.sum(tl.where(memb, m2_c[None, :], 0.0) + cnt * dm * dm, axis=1)
+            g = cb * GB + gi
+            gm = (gi < GB) & (g < G)
+            off = (n * S + s).to(tl.int64) * G + g
+            tl.store(mean_ptr + off, gmean, mask=gm)
+            tl.store(m2_ptr + off, gm2, mask=gm)
+        else:
+            off = (n * S + s).to(tl.int64) * C + cols
+            tl.store(mean_ptr + off, mean_c, mask=cm)
+            tl.store(m2_ptr + off, m2_c, mask=cm)
 
     @triton.jit
     def _gn_finish(mean_ptr, m2_ptr, stat_ptr, HW, G, eps, S: tl.constexpr, C: tl.constexpr, CG: tl.constexpr,
@@ -144,11 +169,16 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
         tl.store(stat_ptr + pid * 2 + 1, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
-    def _gn_apply(x_ptr, t_ptr, t_sn, w_ptr, b_ptr, stat_ptr, y_ptr, HW, G, CB, C: tl.constexpr, CG: tl.constexpr,
-                  BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr, SILU: tl.constexpr):
+    def _gn_apply(x_ptr, t_ptr, t_sn, w_ptr, b_ptr, stat_ptr, m2_ptr, y_ptr, HW, G, CB, eps, S: tl.constexpr,
+                  R: tl.constexpr, C: tl.constexpr,
+                  CG: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HAS_T: tl.constexpr, SILU: tl.constexpr,
+                  MERGE: tl.constexpr = False, BS: tl.constexpr = 1, GW: tl.constexpr = 1):
         # Program (n, block of BR pixels, block of BC channels): (x [+ t] - mean) · rstd · w + b,
         # rounded to x's dtype, then SiLU of that value in float32, rounded again (the library's
-        # norm, then its SiLU).
+        # norm, then its SiLU). MERGE: the (mean, rstd) of the block's groups merged here from the
+        # grouped statistics pass's partials [N, S, G] (means at stat_ptr, sums of squared
+        # deviations at m2_ptr), as the merge kernel merges them (one launch fewer); else read
+        # from the merge kernel's [N, G, 2] at stat_ptr.
         pid = tl.program_id(0)
         nblk = tl.cdiv(HW, BR)
         cb = pid % CB
@@ -165,9 +195,41 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
             tv = tl.load(t_ptr + n * t_sn + cols, mask=cm, other=0.0).to(tl.float32)
             v = (v.to(tl.float32) + tv[None, :]).to(x_ptr.dtype.element_ty)
         v = v.to(tl.float32)
-        grp = n * G + cols // CG
-        mu = tl.load(stat_ptr + grp * 2, mask=cm, other=0.0)
-        rs = tl.load(stat_ptr + grp * 2 + 1, mask=cm, other=0.0)
+        if MERGE:
+            g_lo = (cb * BC) // CG
+            gw = tl.arange(0, GW)
+            gg = g_lo + gw
+            gmask = gg < G
+            ss = tl.arange(0, BS)
+            tot_mean = tl.zeros((GW,), dtype=tl.float32)
+            tot_m2 = tl.zeros((GW,), dtype=tl.float32)
+            tot_cnt = 0.0
+            for s0 in range(0, S, BS):
+                sv = s0 + ss
+                sm = sv < S
+                mm = sm[:, None] & gmask[None, :]
+                soff = (n * S + sv)[:, None].to(tl.int64) * G + gg[None, :]
+                gmu = tl.load(stat_ptr + soff, mask=mm, other=0.0)
+                gq = tl.load(m2_ptr + soff, mask=mm, other=0.0)
+                cnt_s = tl.where(sm, tl.minimum(HW - sv * R, R), 0).to(tl.float32) * CG
+                nb = tl.sum(cnt_s, axis=0)
+                bmean = tl.sum(cnt_s[:, None] * gmu, axis=0) / tl.maximum(nb, 1.0)
+                dm = tl.where(mm, gmu - bmean[None, :], 0.0)
+                bm2 = tl.sum(gq + cnt_s[:, None] * dm * dm, axis=0)
+                tot = tot_cnt + nb
+                tots = tl.maximum(tot, 1.0)
+                delta = bmean - tot_mean
+                tot_mean = tot_mean + delta * (nb / tots)
+                tot_m2 = tot_m2 + bm2 + delta * delta * (tot_cnt * nb / tots)
+                tot_cnt = tot
+            rs_g = 1.0 / tl.sqrt(tot_m2 / tl.maximum(tot_cnt, 1.0) + eps)
+            memb = ((cols // CG - g_lo)[:, None] == gw[None, :])
+            mu = tl.sum(tl.where(memb, tot_mean[None, :], 0.0), axis=1)
+            rs = tl.sum(tl.where(memb, rs_g[None, :], 0.0), axis=1)
+        else:
+            grp = n * G + cols // CG
+            mu = tl.load(stat_ptr + grp * 2, mask=cm, other=0.0)
+            rs = tl.load(stat_ptr + grp * 2 + 1, mask=cm, other=0.0)
         wv = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
         bv = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
         y = ((v - mu[None, :]) * rs[None, :]) * wv[None, :] + bv[None, :]
@@ -276,13 +338,20 @@ STAT_ROWS, STAT_WARPS, STAT_TILE_SUM, STAT_PROGRAMS = 64, 4, False, 2
 # pixels) the three kernels are faster.
 SINGLE_MAX_PIXELS, SINGLE_MAX_ELEMENTS, SINGLE_TILE, SINGLE_WARPS = 256, 1 << 21, 4096, 8
 
+# Other activations of at most MERGE_MAX_ELEMENTS elements take two kernels instead of three: the
+# statistics pass per range of pixels and whole group, merged by each normalizing program for its
+# own few groups (the merge kernel's launch gone; each program reads S partials of its groups).
+# Larger ones keep the merge kernel, where the partials every normalizing program would read add up
+# (SD's UNet at 32 images: 20,480 programs).
+MERGE_MAX_ELEMENTS = 1 << 23
+
 
 def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool,
                           *, block_rows: int = 64, block_c: int = 64, warps: int = 4,
                           stat_rows: int | None = None, stat_warps: int | None = None,
                           stat_tile_sum: bool | None = None, stat_programs: int | None = None,
                           single: bool | None = None, single_tile: int | None = None,
-                          single_warps: int | None = None) -> Any:
+                          single_warps: int | None = None, merge: bool | None = None) -> Any:
     """GroupNorm of ``x (+ t[:, :, None, None])`` with weight ``w`` and bias ``b`` (then SiLU when
     ``silu``) by the Triton kernels: x [N, C, H, W] channels-last, t [N, C] or None, C divisible by
     ``groups``. The output has x's layout. Three kernels (statistics per range of pixels, their
@@ -290,7 +359,9 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     pass's tile; the ``stat_*`` settings (default: the module's ``STAT_*``) the statistics pass's
     (same ``block_c``). Or (``single``; default: at most ``SINGLE_MAX_PIXELS`` pixels and
     ``SINGLE_MAX_ELEMENTS`` elements) one kernel, a program per sample and group, in tiles of
-    ``single_tile`` elements by ``single_warps`` warps (default ``SINGLE_TILE``, ``SINGLE_WARPS``)."""
+    ``single_tile`` elements by ``single_warps`` warps (default ``SINGLE_TILE``, ``SINGLE_WARPS``).
+    ``merge`` (default: at most ``MERGE_MAX_ELEMENTS`` elements): of the three kernels, two — the
+    statistics per range and whole group, merged by the normalizing pass."""
     import torch
     import triton
 
@@ -343,23 +414,54 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
                                BR=max(1, single_tile // bg),
                                BG=bg, HAS_T=t is not None, SILU=bool(silu), num_warps=single_warps)
         return y
+    if merge is None:   # by size: where the launches, not the bytes, cost the time
+        merge = x.numel() <= MERGE_MAX_ELEMENTS
     CB = triton.cdiv(C, block_c)
-    R = _rows_per_program(N * CB, HW, _programs_target(x.device, stat_programs), stat_rows)
-    S = triton.cdiv(HW, R)
     dev = x.device
+    grid_apply = (N * triton.cdiv(HW, block_rows) * CB,)
+    if merge:
+        # the statistics pass per range and group (whole groups per program), merged by the
+        # normalizing pass itself: two launches
+        lanes = _group_lanes(CG, block_c)
+        GB = lanes // CG
+        CBg = triton.cdiv(groups, GB)
+        R = _rows_per_program(N * CBg, HW, _programs_target(dev, stat_programs), stat_rows)
+        S = triton.cdiv(HW, R)
+        part_mean = torch.empty((N, S, groups), dtype=torch.float32, device=dev)
+        part_m2 = torch.empty((N, S, groups), dtype=torch.float32, device=dev)
+        with _on_device(dev):
+            partial[(N * S * CBg,)](x, tt, t_sn, part_mean, part_m2, HW, S, CBg, groups, C=C, R=R, BR=stat_rows,
+                                    BC=lanes, HAS_T=t is not None, TILE_SUM=stat_tile_sum, GROUPED=True, CG=CG,
+                                    GB=GB, GBP=triton.next_power_of_2(GB), num_warps=stat_warps)
+            apply[grid_apply](x, tt, t_sn, w, b, part_mean, part_m2, y, HW, groups, CB, float(eps), S=S, R=R, C=C, CG=CG,
+                              BR=block_rows, BC=block_c, HAS_T=t is not None, SILU=bool(silu), MERGE=True,
+                              BS=min(64, triton.next_power_of_2(S)),
+                              GW=triton.next_power_of_2(min(groups, block_c // CG + 2)), num_warps=warps)
+        return y
+    R = _rows_per_program(N * CB, HW, _programs_target(dev, stat_programs), stat_rows)
+    S = triton.cdiv(HW, R)
     part_mean = torch.empty((N, S, C), dtype=torch.float32, device=dev)
     part_m2 = torch.empty((N, S, C), dtype=torch.float32, device=dev)
     stats = torch.empty((N, groups, 2), dtype=torch.float32, device=dev)
     with _on_device(dev):
-        partial[(N * S * CB,)](x, tt, t_sn, part_mean, part_m2, HW, S, CB, C=C, R=R, BR=stat_rows, BC=block_c,
-                               HAS_T=t is not None, TILE_SUM=stat_tile_sum, num_warps=stat_warps)
+        partial[(N * S * CB,)](x, tt, t_sn, part_mean, part_m2, HW, S, CB, groups, C=C, R=R, BR=stat_rows,
+                               BC=block_c, HAS_T=t is not None, TILE_SUM=stat_tile_sum, num_warps=stat_warps)
         finish[(N * groups,)](part_mean, part_m2, stats, HW, groups, float(eps), S=S, C=C, CG=CG, R=R,
                               BS=min(64, triton.next_power_of_2(S)), BG=triton.next_power_of_2(CG),
                               num_warps=1)
-        apply[(N * triton.cdiv(HW, block_rows) * CB,)](x, tt, t_sn, w, b, stats, y, HW,
-                                                       groups, CB, C=C, CG=CG, BR=block_rows, BC=block_c,
-                                                       HAS_T=t is not None, SILU=bool(silu), num_warps=warps)
+        apply[grid_apply](x, tt, t_sn, w, b, stats, stats, y, HW, groups, CB, float(eps), S=1, R=1, C=C, CG=CG,
+                          BR=block_rows, BC=block_c, HAS_T=t is not None, SILU=bool(silu), num_warps=warps)
     return y
+
+
+def _group_lanes(cg: int, block_c: int) -> int:
+    """Lanes of a grouped statistics program: the least power of two ≥ ``block_c`` (at most four
+    times it) in which whole groups of ``cg`` channels fill at least three quarters; a group wider
+    than that, its own power of two."""
+    lanes = block_c
+    while lanes < 4 * block_c and (lanes // cg) * cg * 4 < lanes * 3:
+        lanes *= 2
+    return max(lanes, 1 << (cg - 1).bit_length())
 
 
 def group_norm_act_reference(x: Any, t: Any, w: Any, b: Any, groups: int, eps: float, silu: bool) -> Any:
