@@ -1992,6 +1992,48 @@ def test_fast_unet_kv_table_is_the_cross_attention():
     assert products(e) - products(table) == len(layers)
 
 
+@pytest.mark.parametrize("change,why", [
+    (dict(encoder_hid_dim=16), "the UNet projects its encoder states"),
+    (dict(addition_embed_type="text", addition_embed_type_num_heads=4),
+     "the UNet's added embedding reads its encoder states"),
+    (dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"),
+     "a block of mid_block is a UNetMidBlock2DSimpleCrossAttn, not one of SD's"),
+    (dict(down_block_types=["SimpleCrossAttnDownBlock2D", "DownBlock2D"]),
+     "a block of down_blocks is a SimpleCrossAttnDownBlock2D, not one of SD's"),
+    ("wrapped", "'s K/V projection is a WrappedLinear, not a Linear"),
+    ("no to_kv", " has no fused K/V projection"),
+])
+def test_fast_unet_kv_table_refuses_what_else_reads_the_encoder_states(change, why):
+    """Where a module other than the cross-attentions' fused K/V projections reads the encoder
+    states (an encoder projection, an added text embedding, blocks other than SD's), or a K/V
+    projection is not a plain product (a wrapper whose scale may change per call) or not fused, the
+    table is refused with the reason and no module is changed."""
+    from diffusers import UNet2DConditionModel
+
+    from mi300x_cert.workloads.optimized import unet_fast
+
+    unet, _ = _tiny_unet_and_vae()
+    if isinstance(change, dict):
+        unet = UNet2DConditionModel(**{**unet.config, **change}).eval()
+    else:
+        unet.fuse_qkv_projections()
+        name, attn = next((n, m) for n, m in unet.named_modules()
+                          if type(m).__name__ == "Attention" and m.is_cross_attention)
+        if change == "wrapped":
+            class WrappedLinear(torch.nn.Linear):
+                pass
+
+            wrapped = WrappedLinear(attn.to_kv.in_features, attn.to_kv.out_features, bias=False)
+            wrapped.load_state_dict(attn.to_kv.state_dict())
+            attn.to_kv = wrapped
+        else:
+            del attn.to_kv
+        why = name + why
+    assert unet_fast.kv_table_refusal(unet) == why
+    assert unet_fast.kv_table(unet) is None
+    assert not [m for m in unet.modules() if "forward" in vars(m)]
+
+
 def test_unet_forms_are_the_library_unet_eager_and_compiled(monkeypatch):
     """``prepare_unet``: each form computes the library UNet's and VAE's function — eagerly bit for
     bit at a batch of 64 (where diffusers' upsampler copies to channels-first), compiled in one graph
@@ -2211,6 +2253,7 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
     the GPU; an unknown ``optimized_unet`` is one clear error before the workload is touched."""
     from mi300x_cert.workloads.optimized import sd_fast, unet_fast
     from mi300x_cert.workloads.optimized.sd_fast import attach_to_workload
+    from mi300x_cert.workloads.optimized.unet_fast import kv_rows
     from mi300x_cert.workloads.sd import SDWorkload
 
     a = SDWorkload(dict(SD, path="stock"))
@@ -2235,8 +2278,11 @@ def test_sd_optimized_unet_form_recorded_checked_and_the_same_latents(monkeypatc
     for m in b.unet.modules():
         if getattr(m, "time_emb_proj", None) is not None:
             m.time_emb_proj.register_forward_hook(lambda *a: calls.append(1))
+    made = []
+    monkeypatch.setattr(unet_fast, "kv_rows", lambda layers, states: made.append(1) or kv_rows(layers, states))
     assert float((b.denoise(cond, uncond, lat0) - la).norm() / la.norm()) < 1e-5 and not calls
-    assert seen == [width] * (len(b.fast._kv_layers) * b.fast.unet_evals)
+    assert seen == [width] * (len(b.fast._kv_layers) * b.fast.unet_evals) and made == [1]   # once per batch
+    monkeypatch.undo()
     b.fast._table_ts = b.fast._table_ts.flip(0)   # a scheduler's plan other than the table's
     with pytest.raises(RuntimeError, match="not the plan the time table was made for"):
         b.denoise(cond, uncond, lat0)

@@ -124,7 +124,8 @@ class FastSD:
             self._time_rows = time_table(unet, self._table_ts)
         self.notes["time_table"] = True if self._time_rows is not None else why   # True, or why not
         # every cross-attention's keys and values of the (step-invariant) text embeddings, once per
-        # batch (any UNet form: the fused projections' processor reads its columns of the table)
+        # batch (any UNet form with the fused projections: each cross-attention's to_kv takes its
+        # columns of the table)
         self._kv_layers: Any = None
         why = "the projections are not fused (fuse_qkv off)" if not fuse_qkv else kv_table_refusal(unet)
         if why is None:

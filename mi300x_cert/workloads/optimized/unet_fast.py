@@ -177,8 +177,9 @@ def _kernels() -> tuple[Any, Any, Any, Any]:
         # rounded to x's dtype, then SiLU of that value in float32, rounded again (the library's
         # norm, then its SiLU). MERGE: the (mean, rstd) of the block's groups merged here from the
         # grouped statistics pass's partials [N, S, G] (means at stat_ptr, sums of squared
-        # deviations at m2_ptr), as the merge kernel merges them (one launch fewer); else read
-        # from the merge kernel's [N, G, 2] at stat_ptr.
+        # deviations at m2_ptr; already merged across each group's channels) over the ranges of
+        # pixels (Chan), as _gn_finish merges its per-channel partials (one launch fewer); else
+        # read from _gn_finish's [N, G, 2] at stat_ptr.
         pid = tl.program_id(0)
         nblk = tl.cdiv(HW, BR)
         cb = pid % CB
@@ -357,7 +358,8 @@ def group_norm_act_triton(x: Any, t: Any, w: Any, b: Any, groups: int, eps: floa
     ``groups``. The output has x's layout. Three kernels (statistics per range of pixels, their
     merge, the normalizing pass): ``block_rows`` × ``block_c`` by ``warps`` is the normalizing
     pass's tile; the ``stat_*`` settings (default: the module's ``STAT_*``) the statistics pass's
-    (same ``block_c``). Or (``single``; default: at most ``SINGLE_MAX_PIXELS`` pixels and
+    (same ``block_c``; in the two-kernel form whole groups in ``_group_lanes(C // groups, block_c)``
+    lanes). Or (``single``; default: at most ``SINGLE_MAX_PIXELS`` pixels and
     ``SINGLE_MAX_ELEMENTS`` elements) one kernel, a program per sample and group, in tiles of
     ``single_tile`` elements by ``single_warps`` warps (default ``SINGLE_TILE``, ``SINGLE_WARPS``).
     ``merge`` (default: at most ``MERGE_MAX_ELEMENTS`` elements): of the three kernels, two — the
@@ -735,8 +737,9 @@ def time_table(unet: Any, timesteps: Any) -> Any:
 
 # -- the cross-attention K/V table ---------------------------------------------------------------
 
-# the blocks of SD's UNet: no other module of theirs takes the encoder states than the
-# transformers' cross-attentions
+# the blocks of SD's UNet: no module of theirs but the transformers' cross-attentions takes the
+# encoder states (at the UNet's own level, an added text embedding and an encoder projection do:
+# refused by kv_table_refusal)
 _KV_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D")
 
 
@@ -756,10 +759,14 @@ def _kv_takers(unet: Any) -> list[tuple[str, Any]]:
 
 def kv_table_refusal(unet: Any) -> str | None:
     """Why :func:`kv_table` would leave ``unet`` as it is, or ``None`` where it takes the table."""
+    import torch
+
     if type(unet).__name__ != "UNet2DConditionModel":
         return f"not a UNet2DConditionModel ({type(unet).__name__})"
     if getattr(unet, "encoder_hid_proj", None) is not None:
         return "the UNet projects its encoder states"
+    if unet.config.get("addition_embed_type") in ("text", "text_image"):
+        return "the UNet's added embedding reads its encoder states"
     blocks = [*(("down_blocks", b) for b in unet.down_blocks), ("mid_block", unet.mid_block),
               *(("up_blocks", b) for b in unet.up_blocks)]
     for where, b in blocks:
@@ -777,6 +784,9 @@ def kv_table_refusal(unet: Any) -> str | None:
             return f"{name} runs {proc}, not the fused projections' processor"
         if getattr(m, "to_kv", None) is None:
             return f"{name} has no fused K/V projection"
+        if type(m.to_kv) is not torch.nn.Linear:   # e.g. a LoRA wrapper, whose scale may change per call
+            return f"{name}'s K/V projection is a {type(m.to_kv).__name__}, not a Linear"
+        # (SD's blocks give their cross-attentions no norm of the encoder states; kept as a guard)
         if getattr(m, "norm_cross", None) or getattr(m, "added_kv_proj_dim", None) is not None:
             return f"{name} normalizes or adds to its encoder states"
     width = sum(int(m.to_kv.out_features) for _, m in takers)
