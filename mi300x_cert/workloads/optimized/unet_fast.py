@@ -804,8 +804,9 @@ def kv_table(unet: Any) -> list[Any] | None:
     encoder states, and computes its product as before where it is handed encoder states. Returns
     the projections in the table's column order (:func:`kv_rows` makes the table), or ``None`` (the
     UNet unchanged) where :func:`kv_table_refusal` gives a reason (another module takes the encoder
-    states, a processor other than the fused one, no fused projection, or the table as wide as an
-    encoder state, so a table could not be told from one)."""
+    states: an encoder projection, an added text embedding, a block other than SD's; a processor
+    other than the fused one; no fused projection, or one that is not a plain ``Linear``; or the
+    table as wide as an encoder state, so a table could not be told from one)."""
     if kv_table_refusal(unet) is not None:
         return None
     layers = [m.to_kv for _, m in _kv_takers(unet)]
