@@ -1736,7 +1736,8 @@ for t in (table[1:2, 10:42].expand(3, -1), table[:3, 50:82]):
         assert torch.equal(got, uf.group_norm_act_triton(x, t.contiguous(), w, b, 4, 1e-5, True, **form)), form
 
 # more ranges of pixels than the merge takes at once (64), the last one short: the merge across
-# its iterations (the programs' target raised, so each range is one tile of 16 pixels)
+# its iterations, the merge kernel's and (two kernels) the normalizing pass's (the programs' target
+# raised, so each range is one tile of 16 pixels)
 uf._programs_target = lambda device, per_sm=2: 1 << 20
 ramp = torch.linspace(0, 30, 33)[None, None, :, None]   # the later ranges' means differ from the first ones'
 x = (torch.randn(2, 24, 33, 35) * 2 + 7 + ramp).half().to(memory_format=torch.channels_last)
