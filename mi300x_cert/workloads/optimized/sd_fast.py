@@ -118,9 +118,7 @@ class FastSD:
         self._table_ts: Any = None
         why = "only the fast UNet form takes it" if unet_form != "fast" else time_table_refusal(unet)
         if why is None:
-            plan = type(scheduler).from_config(scheduler.config)
-            plan.set_timesteps(self.steps, device="cpu")
-            self._table_ts = plan.timesteps.clone()
+            self._table_ts = self._plan_timesteps()
             self._time_rows = time_table(unet, self._table_ts)
         self.notes["time_table"] = True if self._time_rows is not None else why   # True, or why not
         # every cross-attention's keys and values of the (step-invariant) text embeddings, once per
@@ -151,17 +149,18 @@ class FastSD:
         # the text encoder needs no scheduler: replayed wherever graphs are asked for and supported
         self._text_encode = text_encode
         self._text_graph = bool(graphs) and graphs_supported(device) and text_encode is not None
-        self._encode_graphs = GraphCache(self._encode_eager, self.device, warmup_runs=2, name="encode")
+        self._encode_graphs = GraphCache(text_encode, self.device, warmup_runs=2, name="encode")
         self._denoise_graphs = GraphCache(self._denoise_eager, self.device, warmup_runs=1, name="denoise")
         self._decode_graphs = GraphCache(self._decode_fn, self.device, warmup_runs=2, name="decode")
-        self.unet_evals = self._plan_len()
+        self.unet_evals = int(len(self._plan_timesteps()))
         self._ts_dev: dict[str, Any] = {}
 
     # -- the function -------------------------------------------------------------------------
-    def _plan_len(self) -> int:
+    def _plan_timesteps(self) -> Any:
+        """The scheduler's timesteps for ``steps`` (a fresh copy of it planned on the host)."""
         s = type(self.scheduler).from_config(self.scheduler.config)
         s.set_timesteps(self.steps, device="cpu")
-        return int(len(s.timesteps))
+        return s.timesteps.clone()
 
     def _denoise_eager(self, cond: Any, uncond: Any, latents: Any) -> Any:
         """The stock pipeline's loop (StableDiffusionPipeline.__call__ with latents given)."""
@@ -200,9 +199,6 @@ class FastSD:
                 noise = n_u + self.guidance * (n_t - n_u)
             lat = sched.step(noise, t, lat, return_dict=False)[0]
         return lat
-
-    def _encode_eager(self, ids: Any) -> Any:
-        return self._text_encode(ids)
 
     def _decode_eager(self, latents: Any) -> Any:
         return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
