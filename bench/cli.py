@@ -981,9 +981,29 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+POWER_BOUND_FRACTION = 0.9  # rows drawing at least this share of the power limit get its bound
+
+
+def power_bound(joules_per_unit: float | None, limit_w: float | None, unit: str,
+                mean_power_w: float | None = None) -> str:
+    """The rate the card's power limit allows for the same joules per unit: ``≤ N tok/s`` for
+    tokens, ``≥ S s per image`` for images. Only for work that ran at ≥ ``POWER_BOUND_FRACTION``
+    of the limit, where the limit binds ("" otherwise, or without a positive energy and limit): a
+    row far below it spent part of its joules idle, waiting on the host. A bound for that work at
+    that clock: energy per operation falls a little at lower clocks."""
+    if not joules_per_unit or not limit_w or joules_per_unit <= 0 or limit_w <= 0:
+        return ""
+    if not mean_power_w or mean_power_w < POWER_BOUND_FRACTION * limit_w:
+        return ""
+    if unit == "token":
+        return f"≤ {limit_w / joules_per_unit:,.0f} tok/s"
+    return f"≥ {joules_per_unit / limit_w:.4f} s per {unit}"
+
+
 def _energy_lines(rows: list[dict[str, Any]], unit: str) -> list[str]:
     """One sentence for the rows measured with ``--energy``: joules per unit, the mean power
-    against the card's power limit, the SM clock and the clock reason seen most."""
+    against the card's power limit, the SM clock and the clock reason seen most, and the rate the
+    power limit allows for those joules (:func:`power_bound`)."""
     parts = []
     for r in rows:
         e = r.get("energy") or {}
@@ -992,10 +1012,15 @@ def _energy_lines(rows: list[dict[str, Any]], unit: str) -> list[str]:
             continue
         lim = e.get("power_limit_w")
         frac = f" = {100 * e['mean_power_w'] / lim:.0f}% of the {lim:.0f} W limit" if lim and e.get("mean_power_w") else ""
+        bound = power_bound(per, lim, unit, e.get("mean_power_w"))
         parts.append(f"b{r['batch']} {r['variant']}: {_fmt(per * (1e3 if unit == 'token' else 1), 1 if unit == 'token' else 2)} "
                      f"{'mJ' if unit == 'token' else 'J'} per {unit}, {_fmt(e.get('mean_power_w'), 0)} W{frac}, "
-                     f"SM clock {_fmt(e.get('sm_clock_mhz_median'), 0)} MHz ({e.get('clock_reasons_most_seen') or 'no clock reason'})")
-    return ["Energy of the timed batches (the card's energy counter; `--energy`): " + "; ".join(parts) + ".", ""] if parts else []
+                     f"SM clock {_fmt(e.get('sm_clock_mhz_median'), 0)} MHz ({e.get('clock_reasons_most_seen') or 'no clock reason'})"
+                     + (f", at the limit {bound}" if bound else ""))
+    head = ("Energy of the timed batches (the card's energy counter; `--energy`; \"at the limit\", for rows at "
+            f"≥ {100 * POWER_BOUND_FRACTION:.0f}% of the power limit: the rate that limit allows for the same "
+            "joules per item)")
+    return [head + ": " + "; ".join(parts) + ".", ""] if parts else []
 
 
 def _phase_lines(rows: list[dict[str, Any]]) -> list[str]:

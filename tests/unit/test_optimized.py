@@ -1122,8 +1122,27 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
           {"variant": "stock", "batch": 32, "per_image_s": 0.3, "tflops": 280.0, "steps": 50, "unet_evals": 51,
            "tflop_per_image": 84.5, "dtype": "float16"}]
     text = bench.render_markdown([{"conditions": {}, "sd": sd}])
-    assert ("Energy of the timed batches (the card's energy counter; `--energy`): b32 optimized: 150.00 J per image, "
-            "690 W = 99% of the 700 W limit, SM clock 1600 MHz (sw_power_cap).") in text
+    assert ("b32 optimized: 150.00 J per image, 690 W = 99% of the 700 W limit, SM clock 1600 MHz (sw_power_cap), "
+            "at the limit ≥ 0.2143 s per image.") in text  # 150 J at 700 W
+    assert "for rows at ≥ 90% of the power limit" in text
+    # the power limit's bound: only where the row ran near the limit (a row far below it spent
+    # joules waiting on the host), in the unit's own direction
+    assert bench.power_bound(0.058, 700.0, "token", 692.0) == "≤ 12,069 tok/s"
+    assert bench.power_bound(150.0, 700.0, "image", 690.0) == "≥ 0.2143 s per image"
+    assert bench.power_bound(150.0, 700.0, "image", 620.0) == ""  # 89% of the limit
+    assert bench.power_bound(150.0, 700.0, "image", 630.0) != ""  # 90%
+    assert bench.power_bound(None, 700.0, "image", 690.0) == bench.power_bound(150.0, None, "image", 690.0) == ""
+    assert bench.power_bound(150.0, 700.0, "image", None) == bench.power_bound(0.0, 700.0, "image", 690.0) == ""
+    wh = [{"variant": "optimized", "batch": 1024, "tokens_per_s": 11900.0, "batch_latency_s": 11.0, "tokens": 131072,
+           "energy": {"joules_per_token": 0.058, "mean_power_w": 692.0, "power_limit_w": 700.0,
+                      "sm_clock_mhz_median": 1830.0, "clock_reasons_most_seen": "sw_power_cap"}},
+          {"variant": "optimized", "batch": 64, "tokens_per_s": 6300.0, "batch_latency_s": 1.3, "tokens": 8192,
+           "energy": {"joules_per_token": 0.0807, "mean_power_w": 511.0, "power_limit_w": 700.0,
+                      "sm_clock_mhz_median": 1980.0, "clock_reasons_most_seen": "sw_power_cap"}}]
+    wtext = bench.render_markdown([{"conditions": {}, "whisper": wh}]).split("Energy of the timed batches")[1]
+    assert "b1024 optimized: 58.0 mJ per token, 692 W = 99% of the 700 W limit, SM clock 1830 MHz (sw_power_cap), " \
+           "at the limit ≤ 12,069 tok/s;" in wtext
+    assert "b64 optimized: 80.7 mJ per token, 511 W = 73% of the 700 W limit, SM clock 1980 MHz (sw_power_cap)." in wtext
     assert "b32 stock:" not in text.split("Energy of the timed batches")[1]
     assert "Energy of" not in bench.render_markdown([{"conditions": {}, "sd": sd[1:]}])
     assert bench.build_parser().parse_args(["--energy"]).energy is True
