@@ -1004,7 +1004,7 @@ def _energy_lines(rows: list[dict[str, Any]], unit: str) -> list[str]:
     """One sentence for the rows measured with ``--energy``: joules per unit, the mean power
     against the card's power limit, the SM clock and the clock reason seen most, and the rate the
     power limit allows for those joules (:func:`power_bound`)."""
-    parts = []
+    parts, bounded = [], False
     for r in rows:
         e = r.get("energy") or {}
         per = e.get(f"joules_per_{unit}")
@@ -1013,13 +1013,14 @@ def _energy_lines(rows: list[dict[str, Any]], unit: str) -> list[str]:
         lim = e.get("power_limit_w")
         frac = f" = {100 * e['mean_power_w'] / lim:.0f}% of the {lim:.0f} W limit" if lim and e.get("mean_power_w") else ""
         bound = power_bound(per, lim, unit, e.get("mean_power_w"))
+        bounded = bounded or bool(bound)
         parts.append(f"b{r['batch']} {r['variant']}: {_fmt(per * (1e3 if unit == 'token' else 1), 1 if unit == 'token' else 2)} "
                      f"{'mJ' if unit == 'token' else 'J'} per {unit}, {_fmt(e.get('mean_power_w'), 0)} W{frac}, "
                      f"SM clock {_fmt(e.get('sm_clock_mhz_median'), 0)} MHz ({e.get('clock_reasons_most_seen') or 'no clock reason'})"
                      + (f", at the limit {bound}" if bound else ""))
-    head = ("Energy of the timed batches (the card's energy counter; `--energy`; \"at the limit\", for rows at "
-            f"≥ {100 * POWER_BOUND_FRACTION:.0f}% of the power limit: the rate that limit allows for the same "
-            "joules per item)")
+    head = "Energy of the timed batches (the card's energy counter; `--energy`" + (
+        f"; \"at the limit\", for rows at ≥ {100 * POWER_BOUND_FRACTION:.0f}% of the power limit: the rate that limit "
+        "allows for the same joules per item" if bounded else "") + ")"
     return [head + ": " + "; ".join(parts) + ".", ""] if parts else []
 
 

@@ -1143,6 +1143,9 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
     assert "b1024 optimized: 58.0 mJ per token, 692 W = 99% of the 700 W limit, SM clock 1830 MHz (sw_power_cap), " \
            "at the limit ≤ 12,069 tok/s;" in wtext
     assert "b64 optimized: 80.7 mJ per token, 511 W = 73% of the 700 W limit, SM clock 1980 MHz (sw_power_cap)." in wtext
+    below = bench.render_markdown([{"conditions": {}, "whisper": wh[1:]}])  # no row near the limit: no bound, no gloss
+    assert "Energy of the timed batches (the card's energy counter; `--energy`): b64 optimized:" in below
+    assert "at the limit" not in below
     assert "b32 stock:" not in text.split("Energy of the timed batches")[1]
     assert "Energy of" not in bench.render_markdown([{"conditions": {}, "sd": sd[1:]}])
     assert bench.build_parser().parse_args(["--energy"]).energy is True
