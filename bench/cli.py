@@ -984,26 +984,23 @@ def render_markdown(datas: list[dict[str, Any]]) -> str:
 POWER_BOUND_FRACTION = 0.9  # rows drawing at least this share of the power limit get its bound
 
 
-def power_bound(joules_per_unit: float | None, limit_w: float | None, unit: str,
-                mean_power_w: float | None = None) -> str:
-    """The rate the card's power limit allows for the same joules per unit: ``≤ N tok/s`` for
-    tokens, ``≥ S s per image`` for images. Only for work that ran at ≥ ``POWER_BOUND_FRACTION``
-    of the limit, where the limit binds ("" otherwise, or without a positive energy and limit): a
-    row far below it spent part of its joules idle, waiting on the host. A bound for that work at
-    that clock: energy per operation falls a little at lower clocks."""
-    if not joules_per_unit or not limit_w or joules_per_unit <= 0 or limit_w <= 0:
-        return ""
-    if not mean_power_w or mean_power_w < POWER_BOUND_FRACTION * limit_w:
-        return ""
-    if unit == "token":
-        return f"≤ {limit_w / joules_per_unit:,.0f} tok/s"
-    return f"≥ {joules_per_unit / limit_w:.4f} s per {unit}"
+def power_bound(joules_per_unit: float | None, limit_w: float | None, mean_power_w: float | None) -> float | None:
+    """Seconds per unit (image, token) the card's power limit allows for the same joules per unit:
+    joules / limit. Only for work drawn near the limit — at least ``POWER_BOUND_FRACTION`` of it,
+    as the rendered whole percent shows it — else None (a row far below the limit spent part of
+    its joules waiting on the host), and None without a positive energy, limit and mean power. A
+    bound for that work at that clock: energy per operation falls a little at lower clocks."""
+    if not joules_per_unit or not limit_w or not mean_power_w or min(joules_per_unit, limit_w, mean_power_w) <= 0:
+        return None
+    if round(100 * mean_power_w / limit_w) < round(100 * POWER_BOUND_FRACTION):
+        return None
+    return joules_per_unit / limit_w
 
 
 def _energy_lines(rows: list[dict[str, Any]], unit: str) -> list[str]:
     """One sentence for the rows measured with ``--energy``: joules per unit, the mean power
-    against the card's power limit, the SM clock and the clock reason seen most, and the rate the
-    power limit allows for those joules (:func:`power_bound`)."""
+    against the card's power limit, the SM clock and the clock reason seen most, and for rows near
+    the limit the rate it allows for those joules (:func:`power_bound`)."""
     parts, bounded = [], False
     for r in rows:
         e = r.get("energy") or {}
@@ -1012,15 +1009,18 @@ def _energy_lines(rows: list[dict[str, Any]], unit: str) -> list[str]:
             continue
         lim = e.get("power_limit_w")
         frac = f" = {100 * e['mean_power_w'] / lim:.0f}% of the {lim:.0f} W limit" if lim and e.get("mean_power_w") else ""
-        bound = power_bound(per, lim, unit, e.get("mean_power_w"))
-        bounded = bounded or bool(bound)
+        bound = power_bound(per, lim, e.get("mean_power_w"))
+        at_limit = ""
+        if bound is not None:
+            bounded = True
+            at_limit = f", at the limit ≤ {1 / bound:.0f} tok/s" if unit == "token" else f", at the limit ≥ {bound:.4f} s per {unit}"
         parts.append(f"b{r['batch']} {r['variant']}: {_fmt(per * (1e3 if unit == 'token' else 1), 1 if unit == 'token' else 2)} "
                      f"{'mJ' if unit == 'token' else 'J'} per {unit}, {_fmt(e.get('mean_power_w'), 0)} W{frac}, "
                      f"SM clock {_fmt(e.get('sm_clock_mhz_median'), 0)} MHz ({e.get('clock_reasons_most_seen') or 'no clock reason'})"
-                     + (f", at the limit {bound}" if bound else ""))
+                     + at_limit)
     head = "Energy of the timed batches (the card's energy counter; `--energy`" + (
         f"; \"at the limit\", for rows at ≥ {100 * POWER_BOUND_FRACTION:.0f}% of the power limit: the rate that limit "
-        "allows for the same joules per item" if bounded else "") + ")"
+        f"allows for the same joules per {unit}" if bounded else "") + ")"
     return [head + ": " + "; ".join(parts) + ".", ""] if parts else []
 
 

@@ -1124,15 +1124,16 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
     text = bench.render_markdown([{"conditions": {}, "sd": sd}])
     assert ("b32 optimized: 150.00 J per image, 690 W = 99% of the 700 W limit, SM clock 1600 MHz (sw_power_cap), "
             "at the limit ≥ 0.2143 s per image.") in text  # 150 J at 700 W
-    assert "for rows at ≥ 90% of the power limit" in text
-    # the power limit's bound: only where the row ran near the limit (a row far below it spent
-    # joules waiting on the host), in the unit's own direction
-    assert bench.power_bound(0.058, 700.0, "token", 692.0) == "≤ 12,069 tok/s"
-    assert bench.power_bound(150.0, 700.0, "image", 690.0) == "≥ 0.2143 s per image"
-    assert bench.power_bound(150.0, 700.0, "image", 620.0) == ""  # 89% of the limit
-    assert bench.power_bound(150.0, 700.0, "image", 630.0) != ""  # 90%
-    assert bench.power_bound(None, 700.0, "image", 690.0) == bench.power_bound(150.0, None, "image", 690.0) == ""
-    assert bench.power_bound(150.0, 700.0, "image", None) == bench.power_bound(0.0, 700.0, "image", 690.0) == ""
+    assert "for rows at ≥ 90% of the power limit: the rate that limit allows for the same joules per image)" in text
+    # the power limit's bound, seconds per unit: only where the row ran near the limit (a row far
+    # below it spent joules waiting on the host), by the whole percent the sentence shows
+    assert bench.power_bound(0.058, 700.0, 692.0) == pytest.approx(0.058 / 700.0)
+    assert bench.power_bound(150.0, 700.0, 690.0) == pytest.approx(150.0 / 700.0)
+    assert bench.power_bound(150.0, 700.0, 626.0) is None  # shown as 89%
+    assert bench.power_bound(150.0, 700.0, 627.0) is not None  # shown as 90% (89.6)
+    for bad in ((None, 700.0, 690.0), (150.0, None, 690.0), (150.0, 700.0, None), (0.0, 700.0, 690.0),
+                (-1.0, 700.0, 690.0), (150.0, -700.0, 690.0)):
+        assert bench.power_bound(*bad) is None, bad
     wh = [{"variant": "optimized", "batch": 1024, "tokens_per_s": 11900.0, "batch_latency_s": 11.0, "tokens": 131072,
            "energy": {"joules_per_token": 0.058, "mean_power_w": 692.0, "power_limit_w": 700.0,
                       "sm_clock_mhz_median": 1830.0, "clock_reasons_most_seen": "sw_power_cap"}},
@@ -1140,13 +1141,14 @@ def test_bench_energy_meter_and_its_sentence(monkeypatch):
            "energy": {"joules_per_token": 0.0807, "mean_power_w": 511.0, "power_limit_w": 700.0,
                       "sm_clock_mhz_median": 1980.0, "clock_reasons_most_seen": "sw_power_cap"}}]
     wtext = bench.render_markdown([{"conditions": {}, "whisper": wh}]).split("Energy of the timed batches")[1]
+    assert wtext.startswith(" (the card's energy counter; `--energy`; \"at the limit\", for rows at ≥ 90% of the power "
+                            "limit: the rate that limit allows for the same joules per token): ")
     assert "b1024 optimized: 58.0 mJ per token, 692 W = 99% of the 700 W limit, SM clock 1830 MHz (sw_power_cap), " \
-           "at the limit ≤ 12,069 tok/s;" in wtext
+           "at the limit ≤ 12069 tok/s;" in wtext
     assert "b64 optimized: 80.7 mJ per token, 511 W = 73% of the 700 W limit, SM clock 1980 MHz (sw_power_cap)." in wtext
     below = bench.render_markdown([{"conditions": {}, "whisper": wh[1:]}])  # no row near the limit: no bound, no gloss
     assert "Energy of the timed batches (the card's energy counter; `--energy`): b64 optimized:" in below
     assert "at the limit" not in below
-    assert "b32 stock:" not in text.split("Energy of the timed batches")[1]
     assert "Energy of" not in bench.render_markdown([{"conditions": {}, "sd": sd[1:]}])
     assert bench.build_parser().parse_args(["--energy"]).energy is True
     # a row's energy: joules over all its items, its batches' mean time beside them
