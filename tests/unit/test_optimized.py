@@ -881,6 +881,51 @@ def test_bench_sd_attention_check_parts_sorts_children(monkeypatch):
     assert seen[2][seen[2].index("--one") + 1] == "64,8,4096,4096,40,128,64,4,3,32,16"
 
 
+def test_bench_cudnn_plans_layouts_knobs_and_usage_errors(monkeypatch, capsys):
+    """The cuDNN-plans bench builds q, k, v in the product's layouts (strided views, no copies), walks
+    every knob combination in order up to its limit, reads a knob under either attribute spelling,
+    and refuses an unknown case as a usage error before it imports the frontend."""
+    import sys
+    import types
+
+    from bench import cudnn_attention_plans as plans
+
+    # SD: column blocks of one fused QKV product, row stride 3·H·D
+    q, k, v = plans.qkv_views(2, 8, 16, 40, 3 * 320, True, dtype=torch.float32)
+    assert q.shape == (2, 8, 16, 40) and q.stride() == (16 * 960, 40, 960, 1)
+    assert k.data_ptr() == q.data_ptr() + 320 * 4 and v.data_ptr() == q.data_ptr() + 640 * 4
+    assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    # Whisper's encoder: three products, row stride H·D
+    q, k, v = plans.qkv_views(2, 20, 15, 64, 1280, False, dtype=torch.float32)
+    assert q.stride() == (15 * 1280, 64, 1280, 1) and q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    for fused, row in ((True, 320), (False, 3 * 1280)):
+        with pytest.raises(ValueError, match="row stride"):
+            plans.qkv_views(1, 8 if fused else 20, 4, 40 if fused else 64, row, fused)
+    for name, (B, H, S, D, row, fused) in plans.CASES.items():
+        assert row == (3 if fused else 1) * H * D, name
+
+    assert plans.knob_combinations([], 5) == [{}]
+    assert plans.knob_combinations([("a", 0, 2, 1), ("b", 1, 5, 2)], 100) == [
+        {"a": a, "b": b} for a in (0, 1, 2) for b in (1, 3, 5)]
+    assert plans.knob_combinations([("a", 0, 36, 1)], 37)[-1] == {"a": 36}
+    assert len(plans.knob_combinations([("a", 0, 36, 1)], 32)) == 32
+    assert plans.knob_combinations([("a", 3, 4, 0)], 9) == [{"a": 3}, {"a": 4}]   # a stride ≤ 0 is 1
+    kn = types.SimpleNamespace(type="KERNEL_CFG", min_value=0, max_value=36, stride=1)
+    assert plans.knob_fields(kn) == ("KERNEL_CFG", 0, 36, 1)
+    kn = types.SimpleNamespace(knob_type="TILE", min_value=1, max_value=4)
+    assert plans.knob_fields(kn) == ("TILE", 1, 4, 1)
+
+    assert plans.parse_cases(" sd-64 ,whisper-enc,sd-64") == ["sd-64", "whisper-enc"]
+    for bad in ("sd-65", "", "sd-64,nope"):
+        with pytest.raises(ValueError, match="--cases: unknown"):
+            plans.parse_cases(bad)
+    monkeypatch.setitem(sys.modules, "cudnn", None)   # importing it would fail: the usage error comes first
+    monkeypatch.setattr(sys, "argv", ["cudnn_attention_plans.py", "--cases", "sd-99"])
+    with pytest.raises(SystemExit) as e:
+        plans.main()
+    assert e.value.code == 2 and "unknown sd-99" in capsys.readouterr().err
+
+
 def test_bench_whisper_recipe_runs_in_a_child_and_a_crash_is_a_row(monkeypatch):
     """The Whisper compile recipe can take its process down (a segmentation fault was measured):
     the bench runs it in a child process; a crash becomes an error row naming the signal, a
