@@ -6,15 +6,20 @@ value of its knobs (tile shapes and kernel configurations) for the same graph. T
 graph for each shape below through the frontend's Python package (``nvidia-cudnn-frontend``, imported
 as ``cudnn``; not a dependency of the product), creates the plans of the heuristics' modes A, B and
 fallback and then every knob combination of every engine (up to ``--max-plans`` per engine), builds
-each plan that cuDNN supports, checks its output against PyTorch's cuDNN attention on the same
-tensors, and times it beside PyTorch's call in the same run (event-timed medians, two inputs
-alternated). A plan that fails to build, run or agree is recorded with its reason, not fatal.
+each plan that cuDNN supports, checks its output on both inputs against PyTorch's cuDNN attention
+on the same tensors (the output buffers filled with NaN first, so a plan that writes nothing
+cannot pass on an earlier plan's output), and times it (event-timed medians, two inputs
+alternated; a plan that disagrees is timed too, marked, and never the best). Last, PyTorch's call
+and the fastest plan that agrees are timed again in alternating rounds (``final``), so the two
+stand side by side in one card state. A plan that fails to build or run is recorded with its
+reason, not fatal; so is a knob value the engine refuses.
 
 Shapes (the layouts are the product's: strided views of the projections' outputs, no copies):
 
 - ``sd-64``: SD v1-4's 64² self-attention at 32 images (UNet batch 64): 8 heads of 40 columns over
   4,096 positions; q, k and v are column blocks of the fused QKV product (row stride 3 × 320).
 - ``sd-32``: the 32² level: 8 heads of 80 over 1,024 positions (row stride 3 × 640).
+- ``sd-16``: the 16² level: 8 heads of 160 over 256 positions (row stride 3 × 1,280).
 - ``whisper-enc``: Whisper large-v3's encoder at a chunk of 128 clips: 20 heads of 64 over 1,500
   positions; q, k and v each their own projection's output (row stride 1,280).
 
@@ -89,6 +94,45 @@ def knob_fields(kn: Any) -> tuple[Any, int, int, int]:
     return kt, int(getattr(kn, "min_value")), int(getattr(kn, "max_value")), int(getattr(kn, "stride", 1) or 1)
 
 
+AGREE = 2e-2   # the largest difference from PyTorch's output, as a share of its largest value
+
+
+def err_of_largest(out: Any, ref: Any) -> float:
+    """max |out − ref| / max |ref| in float32; NaN when ``out`` holds a NaN (never ≤ any tolerance)."""
+    d = (out.float() - ref.float()).abs()
+    if bool(d.isnan().any()):
+        return float("nan")
+    return float(d.max()) / max(float(ref.float().abs().max()), 1e-30)
+
+
+def check_plan(call: Any, outs: list[Any], refs: list[Any], sync: Any, timer: Any) -> dict[str, Any]:
+    """One plan: ``outs`` (its output buffers, one per input) filled with NaN, ``call(i)`` run on each
+    input and compared with ``refs[i]`` (:func:`err_of_largest`; the worst of the inputs), then
+    timed by ``timer(call)`` (µs) whether it agrees or not: ``agrees`` says which."""
+    for o in outs:
+        o.fill_(float("nan"))
+    errs = []
+    for i, ref in enumerate(refs):
+        out = call(i)
+        sync()
+        errs.append(err_of_largest(out, ref))
+    worst = float("nan") if any(math.isnan(e) for e in errs) else max(errs)
+    rec: dict[str, Any] = {"err_of_largest": worst, "agrees": bool(worst <= AGREE)}
+    rec["us"] = float(timer(call))
+    return rec
+
+
+def finite_json(x: Any) -> Any:
+    """``x`` with every non-finite float as a string (``"nan"``, ``"inf"``), so the file is standard JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x
+
+
 def _timed_us(fn: Any, n: int) -> float:
     import torch
 
@@ -146,9 +190,8 @@ def run_case(name: str, cudnn: Any, handle: Any, max_plans: int, reps: int, time
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(*ins[i % 2], scale=scale)
 
-    ref = torch_call(0)
+    refs = [torch_call(i).clone() for i in range(2)]
     torch.cuda.synchronize()
-    ref_scale = float(ref.float().abs().max())
     t_torch = _timed_us(torch_call, reps)
     rec["torch_cudnn_us"] = t_torch
     rec["torch_cudnn_tflops"] = flop / (t_torch * 1e-6) / 1e12
@@ -156,6 +199,7 @@ def run_case(name: str, cudnn: Any, handle: Any, max_plans: int, reps: int, time
 
     outs = [torch.empty(B, S, H, D, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(2)]
     t0 = time.monotonic()
+    best: dict[str, Any] = {}
 
     def try_plans(label: str, make: Any) -> None:
         """``make(graph)`` creates the plans on a fresh graph; each plan is built, checked, timed."""
@@ -193,13 +237,10 @@ def run_case(name: str, cudnn: Any, handle: Any, max_plans: int, reps: int, time
                     gr.g.execute_plan_at_index(packs[i % 2], work, idx, handle=handle)
                     return outs[i % 2]
 
-                out = call(0)
-                torch.cuda.synchronize()
-                p["max_abs_diff_vs_torch"] = err = float((out.float() - ref.float()).abs().max()) / max(ref_scale, 1e-30)
-                if not err <= 2e-2:
-                    raise ValueError(f"disagrees with PyTorch's cuDNN attention: {err:.3g} of its largest value")
-                us = _timed_us(call, reps)
-                p.update(us=us, tflops=flop / (us * 1e-6) / 1e12, vs_torch=t_torch / us)
+                p.update(check_plan(call, outs, refs, torch.cuda.synchronize, lambda f: _timed_us(f, reps)))
+                p.update(tflops=flop / (p["us"] * 1e-6) / 1e12, vs_torch=t_torch / p["us"])
+                if p["agrees"] and p["us"] < best.get("us", math.inf):
+                    best.update(us=p["us"], call=call, name=p["name"], source=p["source"])
             except Exception as e:
                 p["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
             rec["plans"].append(p)
@@ -229,24 +270,29 @@ def run_case(name: str, cudnn: Any, handle: Any, max_plans: int, reps: int, time
         info["combinations_tried"] = len(combos)
         engines.append(info)
 
-        def make(g: Any, e_id: int = e_id, combos: Any = combos) -> None:
-            made = 0
+        def make(g: Any, e_id: int = e_id, combos: Any = combos, info: Any = info) -> None:
+            info["refused"] = refused = []
             for c in combos:
                 try:
                     g.create_execution_plan(e_id, c)
-                    made += 1
-                except Exception:
-                    pass
-            if not made:
+                except Exception as e:
+                    refused.append({"knobs": {str(k): v for k, v in c.items()}, "why": f"{type(e).__name__}: {str(e)[:120]}"})
+            info["accepted"] = len(combos) - len(refused)
+            if not info["accepted"]:
                 raise RuntimeError(f"engine {e_id}: no knob combination was accepted")
 
         try_plans(f"engine {e_id}", make)
     rec["engines"] = engines
-    ok = [p for p in rec["plans"] if "us" in p]
-    if ok:
-        best = min(ok, key=lambda p: p["us"])
-        rec["best"] = {"name": best["name"], "source": best["source"], "us": best["us"], "vs_torch": best["vs_torch"]}
-        print(name, "best", json.dumps(rec["best"]), flush=True)
+    wrong = [p for p in rec["plans"] if p.get("agrees") is False]
+    if best:
+        rec["best"] = {k: best[k] for k in ("name", "source", "us")}
+        rec["best"]["vs_torch"] = t_torch / best["us"]
+        # PyTorch's call and the best plan again, in alternating rounds: one card state for both
+        rounds = [(_timed_us(torch_call, reps), _timed_us(best["call"], reps)) for _ in range(3)]
+        tt, tb = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
+        rec["final"] = {"rounds_us": rounds, "torch_us": tt, "best_us": tb, "torch_over_best": tt / tb}
+        rec["wrong_faster_than_best"] = sorted({p["name"] for p in wrong if p["us"] < best["us"]})
+        print(name, "best", json.dumps(rec["best"]), "final", json.dumps(rec["final"]), flush=True)
     return rec
 
 
@@ -281,7 +327,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         if a.out:
             with open(a.out, "w") as f:
-                json.dump(res, f, indent=1)
+                json.dump(finite_json(res), f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

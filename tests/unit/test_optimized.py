@@ -885,6 +885,7 @@ def test_bench_cudnn_plans_layouts_knobs_and_usage_errors(monkeypatch, capsys):
     """The cuDNN-plans bench builds q, k, v in the product's layouts (strided views, no copies), walks
     every knob combination in order up to its limit, reads a knob under either attribute spelling,
     and refuses an unknown case as a usage error before it imports the frontend."""
+    import math
     import sys
     import types
 
@@ -914,6 +915,38 @@ def test_bench_cudnn_plans_layouts_knobs_and_usage_errors(monkeypatch, capsys):
     assert plans.knob_fields(kn) == ("KERNEL_CFG", 0, 36, 1)
     kn = types.SimpleNamespace(knob_type="TILE", min_value=1, max_value=4)
     assert plans.knob_fields(kn) == ("TILE", 1, 4, 1)
+
+    # a plan is checked on both inputs, on buffers filled with NaN first, and timed either way
+    refs = [torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)]
+    outs = [torch.zeros(2, 3, 5, 4), torch.zeros(2, 3, 5, 4)]
+    timed = []
+
+    def timer(f):
+        timed.append(f)
+        return 7.0
+
+    def right(i):
+        outs[i].copy_(refs[i])
+        return outs[i]
+
+    def silent(i):   # writes nothing: the buffer still holds what the last plan left
+        return outs[i]
+
+    def first_only(i):
+        outs[i].copy_(refs[0])
+        return outs[i]
+
+    rec = plans.check_plan(right, outs, refs, lambda: None, timer)
+    assert rec == {"err_of_largest": 0.0, "agrees": True, "us": 7.0}
+    rec = plans.check_plan(silent, outs, refs, lambda: None, timer)   # outs hold the right answer until the fill
+    assert rec["agrees"] is False and math.isnan(rec["err_of_largest"]) and rec["us"] == 7.0
+    rec = plans.check_plan(first_only, outs, refs, lambda: None, timer)
+    assert rec["agrees"] is False and rec["err_of_largest"] > plans.AGREE
+    assert timed == [right, silent, first_only]
+    near = refs[0] + plans.AGREE / 2 * refs[0].abs().max()
+    assert 0 < plans.err_of_largest(near, refs[0]) <= plans.AGREE
+    assert plans.finite_json({"a": [float("nan"), 1.5], "b": float("inf"), "c": (float("-inf"),)}) == {
+        "a": ["nan", 1.5], "b": "inf", "c": ["-inf"]}
 
     assert plans.parse_cases(" sd-64 ,whisper-enc,sd-64") == ["sd-64", "whisper-enc"]
     for bad in ("sd-65", "", "sd-64,nope"):
