@@ -945,6 +945,14 @@ def test_bench_cudnn_plans_layouts_knobs_and_usage_errors(monkeypatch, capsys):
     assert timed == [right, silent, first_only]
     near = refs[0] + plans.AGREE / 2 * refs[0].abs().max()
     assert 0 < plans.err_of_largest(near, refs[0]) <= plans.AGREE
+    # the best is the fastest plan that agrees; wrong plans are never it, and are named if faster
+    recs = [{"name": "a", "agrees": True, "us": 9.0}, {"name": "w", "agrees": False, "us": 3.0},
+            {"name": "f", "failed": "compile"}, {"name": "b", "agrees": True, "us": 5.0},
+            {"name": "n", "agrees": True, "us": float("nan")}, {"name": "b2", "agrees": True, "us": 5.0},
+            {"name": "w", "agrees": False, "us": 4.0}, {"name": "slow", "agrees": False, "us": 50.0}]
+    assert plans.fastest_agreeing(recs) == (3, ["w"])
+    assert plans.fastest_agreeing([r for r in recs if r.get("agrees") is not True]) == (None, ["slow", "w"])
+    assert plans.fastest_agreeing([]) == (None, [])
     assert plans.finite_json({"a": [float("nan"), 1.5], "b": float("inf"), "c": (float("-inf"),)}) == {
         "a": ["nan", 1.5], "b": "inf", "c": ["-inf"]}
 
